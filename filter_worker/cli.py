@@ -1,0 +1,130 @@
+"""``filter-worker`` command line: run, classify, demo.
+
+Exit codes tell an orchestrator what happened: 0 stopped cleanly, 1 stopped on a runtime failure
+(offsets stay at the last acknowledged record, so a restart resumes safely), 2 bad configuration,
+3 the model could not be loaded. Bad configuration and model errors are one sentence, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from filter_worker import __version__
+from filter_worker.config import ConfigError, Settings, load_settings
+from filter_worker.model import ModelLoadError
+
+EXIT_CONFIG = 2
+EXIT_MODEL = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="filter-worker", description="Streaming spam/abuse filter for Kafka.")
+    parser.add_argument("--version", action="version", version=f"filter-worker {__version__}")
+    parser.add_argument("--config", metavar="FILE", help="TOML settings file (environment variables override it)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("run", help="consume, classify and route until SIGTERM/SIGINT")
+
+    classify = commands.add_parser("classify", help="print one JSON decision per text, without Kafka")
+    classify.add_argument("texts", nargs="*", help="texts to classify")
+    classify.add_argument("--file", metavar="PATH", help="one text per line; '-' reads standard input")
+    classify.add_argument("--model", help="hub id or local directory (overrides FILTER_MODEL__NAME)")
+
+    demo = commands.add_parser("demo", help="embedded broker + sample traffic + worker, then a summary")
+    demo.add_argument("--model", help="hub id or local directory (overrides FILTER_MODEL__NAME)")
+    demo.add_argument("--messages", type=int, default=400, help="sample messages to produce (default 400)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(load_settings(args.config))
+        if args.command == "classify":
+            return _classify(args)
+        if args.command == "demo":
+            from filter_worker.demo import run_demo
+
+            return run_demo(_settings_with_model(args), args.messages)
+    except ConfigError as exc:
+        print(f"filter-worker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ModelLoadError as exc:
+        print(f"filter-worker: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _settings_with_model(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    if args.model:
+        settings.model.name = args.model
+    return settings
+
+
+def _run(settings: Settings) -> int:
+    from filter_worker.logs import configure
+    from filter_worker.model import Classifier
+    from filter_worker.worker import Worker
+
+    configure(settings.log)
+    classifier = Classifier.load(settings.model)
+    worker = Worker(settings, classifier)
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return worker.run()
+
+
+def _read_texts(args: argparse.Namespace) -> list[str]:
+    texts = list(args.texts)
+    if args.file == "-":
+        texts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    elif args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise ConfigError(f"--file {args.file}: no such file")
+        texts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ConfigError("classify needs texts as arguments or --file PATH ('-' for standard input)")
+    return texts
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from filter_worker.model import Classifier
+    from filter_worker.routing import Router
+
+    settings = _settings_with_model(args)
+    texts = _read_texts(args)
+    classifier = Classifier.load(settings.model)
+    router = Router(settings.routing.rules, classifier.labels)
+    probs, truncated = classifier.classify(texts, settings.batch.max_size, settings.batch.max_tokens)
+    for text, row, cut in zip(texts, probs, truncated, strict=True):
+        decision = router.decide(row)
+        line = {
+            "text": text,
+            "action": decision.action,
+            "rule": decision.rule,
+            "label": decision.label,
+            "score": round(decision.score, 6),
+            "scores": {k: round(v, 6) for k, v in decision.scores.items()},
+            "truncated": cut,
+            "model": classifier.identity,
+        }
+        sys.stdout.write(orjson.dumps(line).decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

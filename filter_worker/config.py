@@ -1,0 +1,270 @@
+"""Settings: environment variables (``FILTER_`` prefix, ``__`` between levels) over an optional TOML file.
+
+Everything is validated before the worker touches Kafka or loads a model, and every error names the
+environment variable to fix, because the person reading it is an operator looking at a pod's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsError,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "FILTER_"
+DEFAULT_MODEL = "tabularisai/multilingual-sentiment-analysis"
+
+# librdkafka properties whose values are secrets: never logged, never echoed in errors.
+_SECRET_PROPERTY = re.compile(r"(password|secret|token|private\.key|\.pem$|jaas)", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """A setting is wrong; the message names it. Start-up stops with exit code 2."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """Connection and group settings; ``properties`` passes any librdkafka property through."""
+
+    bootstrap_servers: str = "localhost:9092"
+    group_id: str = "filter-worker"
+    # Eager "range" by default: incremental cooperative rebalancing has had commit pitfalls in
+    # librdkafka (commits racing partial revocations), and eager revocation makes "commit what is
+    # done, drop the rest" exact. Operators with many partitions per pod may choose cooperative-sticky.
+    assignment_strategy: Literal["range", "roundrobin", "cooperative-sticky"] = "range"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = Field(45_000, ge=1_000)
+    max_poll_interval_ms: int = Field(300_000, ge=1_000)
+    commit_interval_ms: int = Field(1_000, ge=10)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    properties: dict[str, SecretStr] = Field(default_factory=dict)
+    consumer_properties: dict[str, SecretStr] = Field(default_factory=dict)
+    producer_properties: dict[str, SecretStr] = Field(default_factory=dict)
+
+    @field_validator("properties", "consumer_properties", "producer_properties", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): v if isinstance(v, SecretStr) else str(v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+            raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
+        return self
+
+    def client_properties(self) -> dict[str, str]:
+        """librdkafka properties shared by consumer, producer and admin client (secrets included)."""
+        props: dict[str, str] = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            props["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username is not None:
+            props["sasl.username"] = self.sasl_username
+        if self.sasl_password is not None:
+            props["sasl.password"] = self.sasl_password.get_secret_value()
+        props.update({k: v.get_secret_value() for k, v in self.properties.items()})
+        return props
+
+    def redacted_properties(self) -> dict[str, str]:
+        """The same properties, safe to log: secret values replaced."""
+        return {k: ("***" if _SECRET_PROPERTY.search(k) else v) for k, v in self.client_properties().items()}
+
+
+def _split_topics(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class TopicSettings(_Section):
+    input: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["messages"], min_length=1)
+    allow: str = "messages.allow"
+    quarantine: str = "messages.quarantine"
+    drop: str = "messages.drop"
+    dead_letter: str = "messages.dlq"
+
+    _split = field_validator("input", mode="before")(_split_topics)
+
+    @model_validator(mode="after")
+    def _no_loops(self) -> TopicSettings:
+        outputs = {self.allow, self.quarantine, self.drop, self.dead_letter}
+        looped = outputs.intersection(self.input)
+        if looped:
+            raise ValueError(f"input topics must not also be output topics: {sorted(looped)}")
+        return self
+
+    def outputs(self) -> dict[str, str]:
+        return {"allow": self.allow, "quarantine": self.quarantine, "drop": self.drop, "dead_letter": self.dead_letter}
+
+
+class ModelSettings(_Section):
+    name: str = DEFAULT_MODEL
+    revision: str | None = None
+    device: str = "auto"
+    max_length: int = Field(512, ge=8)
+    trust_remote_code: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+
+class BatchSettings(_Section):
+    max_size: int = Field(32, ge=1, le=4096)
+    max_wait_ms: int = Field(50, ge=0)
+    max_tokens: int = Field(16_384, ge=8)
+
+
+class MessageSettings(_Section):
+    format: Literal["json", "text"] = "json"
+    text_field: str = "text"
+
+    @field_validator("text_field")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value or any(not part for part in value.split(".")):
+            raise ValueError("must be a dotted path such as 'text' or 'payload.body'")
+        return value
+
+
+class Rule(_Section):
+    """One routing rule: if the summed probability of ``labels`` reaches ``min_score``, take ``action``."""
+
+    action: Literal["drop", "quarantine", "allow"]
+    labels: list[str] = Field(min_length=1)
+    min_score: float = Field(ge=0.0, le=1.0)
+    name: str | None = None
+
+
+# Defaults for abuse filtering with the default (sentiment) model: only confident, very hostile text is
+# dropped; clearly negative text is held for review; everything else flows. Sentiment is a proxy for
+# abuse, so the cost of a wrong drop (a lost legitimate message) is kept low with a high threshold.
+DEFAULT_RULES: tuple[Rule, ...] = (
+    Rule(action="drop", labels=["Very Negative"], min_score=0.9, name="very-negative"),
+    Rule(action="quarantine", labels=["Very Negative", "Negative"], min_score=0.75, name="negative"),
+)
+
+
+class RoutingSettings(_Section):
+    rules: list[Rule] = Field(default_factory=lambda: [r.model_copy() for r in DEFAULT_RULES])
+
+
+class OutputSettings(_Section):
+    embed: bool = False
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "console"] = "auto"
+    include_text: bool = False
+
+
+class Settings(BaseSettings):
+    """All settings. Sources, strongest first: environment, TOML file (``--config``), defaults."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    message: MessageSettings = Field(default_factory=MessageSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    shutdown_timeout_s: float = Field(30.0, gt=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def env_name(loc: tuple[int | str, ...]) -> str:
+    """``("batch", "max_size")`` -> ``FILTER_BATCH__MAX_SIZE``: the variable an operator sets.
+
+    Deeper parts (a rule's index and field) live inside that variable's JSON value, so they are
+    shown in the dotted location instead.
+    """
+    names: list[str] = []
+    for part in loc:
+        if not isinstance(part, str) or len(names) == 2:
+            break
+        names.append(part.upper())
+    return ENV_PREFIX + "__".join(names)
+
+
+def _bad_json_variables() -> list[str]:
+    """Names of FILTER_ variables that look like JSON but do not parse."""
+    bad = []
+    for key, value in os.environ.items():
+        if key.startswith(ENV_PREFIX) and value.lstrip()[:1] in ("[", "{"):
+            try:
+                json.loads(value)
+            except ValueError:
+                bad.append(key)
+    return sorted(bad)
+
+
+def _describe(error: ValidationError) -> str:
+    # Input values are left out on purpose: they may be secrets.
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        lines.append(f"{env_name(loc)} ({where}): {item['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build validated settings or raise ``ConfigError`` naming every bad setting.
+
+    ``overrides`` are for programmatic callers (tests, the demo) and win over everything.
+    """
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConfigError(f"--config {config_file}: no such file")
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    try:
+        return _FileSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:
+        bad = _bad_json_variables()
+        if bad:
+            raise ConfigError(f"invalid configuration: {', '.join(bad)} is not valid JSON") from None
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    except ValueError as exc:  # malformed TOML
+        raise ConfigError(f"invalid configuration in {config_file}: {exc}") from None

@@ -1,0 +1,149 @@
+"""Forward passes on their own thread, with failures isolated to the records that cause them.
+
+The Kafka loop must keep polling while the model computes (heartbeats, delivery reports, the next
+batch's decoding and tokenization), so forward passes run on one background thread fed by a bounded
+queue. torch releases the GIL inside its kernels, so the two really overlap.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from filter_worker.batching import plan_batches
+
+T = TypeVar("T")
+Predict = Callable[[Sequence[Sequence[int]]], np.ndarray]
+
+
+def infer_resilient(predict: Predict, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray | None, list[str | None]]:
+    """Run ``predict`` on ``rows``; on an exception, halve and retry down to single rows.
+
+    Returns probabilities (a row of NaN where a record failed on its own) and per-row error texts.
+    A CUDA out-of-memory on a big batch thus costs a few smaller passes instead of the whole batch.
+    """
+    errors: list[str | None] = [None] * len(rows)
+    probs: np.ndarray | None = None
+
+    def run(indices: list[int]) -> None:
+        nonlocal probs
+        try:
+            out = predict([rows[i] for i in indices])
+        except Exception as exc:  # noqa: BLE001 - any model failure is contained here
+            if len(indices) == 1:
+                errors[indices[0]] = f"{type(exc).__name__}: {exc}"
+                _release_cached_memory()
+                return
+            half = len(indices) // 2
+            run(indices[:half])
+            run(indices[half:])
+            return
+        if probs is None:
+            probs = np.full((len(rows), out.shape[1]), np.nan, dtype=np.float32)
+        probs[indices] = out
+
+    run(list(range(len(rows))))
+    return probs, errors
+
+
+def _release_cached_memory() -> None:
+    """After an out-of-memory error, give cached CUDA blocks back so smaller batches can fit."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+@dataclass(slots=True)
+class Result(Generic[T]):
+    """Probabilities for ``items`` in their order; ``errors[i]`` set where item i could not be classified."""
+
+    items: list[T]
+    probs: np.ndarray | None
+    errors: list[str | None]
+    padded_tokens: int
+    real_tokens: int
+
+
+class InferenceThread(Generic[T]):
+    """Runs work items (lists of records with token ids) through the model, one at a time, in order."""
+
+    def __init__(
+        self,
+        predict: Predict,
+        ids_of: Callable[[T], Sequence[int]],
+        max_size: int,
+        max_tokens: int,
+        capacity: int = 2,
+    ) -> None:
+        self._predict = predict
+        self._ids_of = ids_of
+        self._max_size = max_size
+        self._max_tokens = max_tokens
+        self._capacity = capacity
+        self._inbox: queue.Queue[list[T] | None] = queue.Queue()
+        self._outbox: queue.Queue[Result[T] | BaseException] = queue.Queue()
+        self._in_flight = 0  # submitted minus collected; touched only by the submitting thread
+        self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def has_capacity(self) -> bool:
+        return self._in_flight < self._capacity
+
+    def submit(self, items: list[T]) -> None:
+        self._in_flight += 1
+        self._inbox.put(items)
+
+    def completed(self, timeout_s: float = 0.0) -> Iterator[Result[T]]:
+        """Yield finished work; waits up to ``timeout_s`` for the first one. Re-raises a thread crash."""
+        block = timeout_s > 0
+        while self._in_flight:
+            try:
+                result = self._outbox.get(block=block, timeout=timeout_s if block else None)
+            except queue.Empty:
+                return
+            block = False
+            self._in_flight -= 1
+            if isinstance(result, BaseException):
+                raise result
+            yield result
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=5)
+
+    def _serve(self) -> None:
+        while (items := self._inbox.get()) is not None:
+            try:
+                self._outbox.put(self._run(items))
+            except BaseException as exc:  # noqa: BLE001 - handed to the Kafka loop, which stops the worker
+                self._outbox.put(exc)
+
+    def _run(self, items: list[T]) -> Result[T]:
+        rows = [self._ids_of(item) for item in items]
+        lengths = [len(r) for r in rows]
+        probs: np.ndarray | None = None
+        errors: list[str | None] = [None] * len(items)
+        padded = 0
+        for group in plan_batches(lengths, self._max_size, self._max_tokens):
+            padded += len(group) * max(lengths[i] for i in group)
+            group_probs, group_errors = infer_resilient(self._predict, [rows[i] for i in group])
+            if group_probs is not None:
+                if probs is None:
+                    probs = np.full((len(items), group_probs.shape[1]), np.nan, dtype=np.float32)
+                probs[group] = group_probs
+            for i, error in zip(group, group_errors, strict=True):
+                errors[i] = error
+        return Result(items, probs, errors, padded, sum(lengths))

@@ -1,0 +1,159 @@
+"""The model wrapper: load a sequence classifier, tokenize, run forward passes, return probabilities.
+
+This is the only module that imports torch and transformers. Tokenization and the forward pass are
+separate calls because the worker tokenizes on its Kafka thread (to know lengths for batching) and
+runs forward passes on the inference thread.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from filter_worker.batching import plan_batches
+from filter_worker.config import ModelSettings
+
+# A token covers at least one character, so cutting far beyond max_length characters never changes
+# the first max_length tokens in practice, and bounds the cost of a megabyte-long message.
+_CHARS_PER_TOKEN_BOUND = 64
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded; the message says what to do about it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tokenized:
+    ids: list[int]
+    truncated: bool
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"FILTER_MODEL__DEVICE={requested} but no CUDA device is available")
+    return requested
+
+
+class Classifier:
+    """A loaded classifier. Thread use: ``tokenize`` on one thread and ``predict`` on another is safe."""
+
+    def __init__(self, tokenizer: object, model: object, name: str, revision: str, device: str, max_length: int) -> None:
+        self._tokenizer = tokenizer
+        self._model = model
+        self.name = name
+        self.revision = revision
+        self.device = device
+        self.max_length = max_length
+        id2label = model.config.id2label  # type: ignore[attr-defined]
+        self.labels: list[str] = [id2label[i] for i in range(len(id2label))]
+        self._pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # type: ignore[attr-defined]
+
+    @classmethod
+    def load(cls, settings: ModelSettings) -> Classifier:
+        """Load tokenizer and weights (safetensors only) from a local directory or the hub."""
+        import torch
+        import transformers
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        device = resolve_device(settings.device)
+        local = Path(settings.name).is_dir()
+        kwargs: dict[str, object] = {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
+        if not local and not _hub_reachable():
+            # Without this, the hub client retries for most of a minute before failing; a model
+            # already in the local cache still loads.
+            kwargs["local_files_only"] = True
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(settings.name, **kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(settings.name, use_safetensors=True, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(_load_failure(settings.name, local, exc)) from exc
+        if not getattr(tokenizer, "is_fast", False):
+            raise ModelLoadError(f"model '{settings.name}' has no fast (Rust) tokenizer; tokenizer.json is required")
+        model.to(device).eval()
+        torch.set_grad_enabled(False)
+        positions = getattr(model.config, "max_position_embeddings", settings.max_length)
+        revision = settings.revision or getattr(model.config, "_commit_hash", None) or ("local" if local else "main")
+        return cls(tokenizer, model, settings.name, revision, device, min(settings.max_length, positions))
+
+    @property
+    def identity(self) -> str:
+        """``name@revision``: what the ``filter.model`` header carries."""
+        return f"{self.name}@{self.revision}"
+
+    def tokenize(self, texts: Sequence[str]) -> list[Tokenized]:
+        """Token ids per text, truncated to ``max_length``; ``truncated`` says whether text was cut."""
+        limit = self.max_length * _CHARS_PER_TOKEN_BOUND
+        clipped = [t[:limit] for t in texts]
+        encoded = self._tokenizer(  # type: ignore[operator]
+            clipped, truncation=True, max_length=self.max_length, return_offsets_mapping=True, return_attention_mask=False
+        )
+        result = []
+        for text, original, ids, offsets in zip(clipped, texts, encoded["input_ids"], encoded["offset_mapping"], strict=True):
+            cut = len(original) > len(text)
+            if not cut and len(ids) >= self.max_length:
+                last_end = max((end for _, end in offsets), default=0)
+                cut = last_end < len(text.rstrip())
+            result.append(Tokenized(ids, cut))
+        return result
+
+    def predict(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """One forward pass over token-id rows (padded here); returns probabilities, shape (rows, labels)."""
+        import torch
+
+        width = max(len(row) for row in batch)
+        ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for i, row in enumerate(batch):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        with torch.inference_mode():
+            logits = self._model(  # type: ignore[operator]
+                input_ids=torch.from_numpy(ids).to(self.device), attention_mask=torch.from_numpy(mask).to(self.device)
+            ).logits
+            return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+    def classify(self, texts: Sequence[str], max_size: int = 32, max_tokens: int = 16_384) -> tuple[np.ndarray, list[bool]]:
+        """Probabilities for every text in input order, plus truncation flags; batched by length."""
+        tokens = self.tokenize(texts)
+        lengths = [len(t.ids) for t in tokens]
+        probs = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        for group in plan_batches(lengths, max_size, max_tokens):
+            probs[group] = self.predict([tokens[i].ids for i in group])
+        return probs, [t.truncated for t in tokens]
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def _load_failure(name: str, local: bool, exc: Exception) -> str:
+    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "safetensors" in str(exc).lower():
+        return f"model '{name}' has no safetensors weights; only safetensors are loaded (pickle files can run code)"
+    if local:
+        return f"could not load the model in directory '{name}': {cause}"
+    return (
+        f"could not load model '{name}' from the Hugging Face Hub ({cause}); on a machine without hub access, "
+        f"download it elsewhere (huggingface-cli download {name} --local-dir DIR), copy DIR here and pass "
+        "--model DIR (or set FILTER_MODEL__NAME=DIR)"
+    )

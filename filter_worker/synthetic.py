@@ -1,0 +1,153 @@
+"""DistilBERT classifiers built offline: random weights, or weights set so keywords decide the label.
+
+Tests, the benchmark and air-gapped trials need a model without reaching a model hub. These are real
+``transformers`` checkpoints (safetensors weights, a WordPiece tokenizer trained on the built-in
+multilingual samples), loaded through exactly the code path a downloaded model takes.
+
+- ``build_model``: random weights; predictions are meaningless, but shapes and speed are real when
+  ``size="base"`` (the shape of distilbert-base-multilingual-cased). For benchmarks.
+- ``build_keyword_model``: weights set by hand so that chosen words push a text towards chosen labels
+  and everything else is the default label. For tests that must know the right answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+from filter_worker.samples import corpus
+
+DEFAULT_LABELS: tuple[str, ...] = ("Very Negative", "Negative", "Neutral", "Positive", "Very Positive")
+
+# distilbert-base-multilingual-cased, the architecture of the default model.
+_BASE = {"dim": 768, "n_layers": 6, "n_heads": 12, "hidden_dim": 3072, "vocab_size": 119547}
+_TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64, "vocab_size": 0}
+
+
+def _train_tokenizer(out: Path, texts: list[str]) -> int:
+    """Train and save a WordPiece tokenizer with BERT's special tokens; returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=False)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    backend.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials))
+    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    tokenizer.save_pretrained(out)
+    return backend.get_vocab_size()
+
+
+def _config(shape: dict[str, int], labels: Sequence[str]) -> object:
+    from transformers import DistilBertConfig
+
+    return DistilBertConfig(
+        **shape,
+        max_position_embeddings=512,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+
+
+def build_model(
+    path: str | Path,
+    size: Literal["tiny", "base"] = "tiny",
+    labels: Sequence[str] = DEFAULT_LABELS,
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight sequence classifier to ``path`` and return the path.
+
+    Tiny sizes its vocabulary to the trained tokenizer; base keeps the real multilingual vocabulary
+    size so the embedding matrix has its true shape.
+    """
+    import torch
+    from transformers import DistilBertForSequenceClassification
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = _train_tokenizer(out, list(corpus()))
+    shape = dict(_BASE if size == "base" else _TINY)
+    shape["vocab_size"] = max(shape["vocab_size"], vocab)
+    torch.manual_seed(seed)
+    model = DistilBertForSequenceClassification(_config(shape, labels)).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_keyword_model(
+    path: str | Path,
+    keywords: Mapping[str, Sequence[str]],
+    labels: Sequence[str] = DEFAULT_LABELS,
+    default_label: str = "Neutral",
+) -> Path:
+    """Write a classifier whose label is decided by keywords: ``{"Very Negative": ["idiot"], ...}``.
+
+    A text with no keyword gets ``default_label`` with probability ~0.9; one keyword of label L gives
+    L a probability above 0.95 in short texts. How it works: attention is made uniform, so the first
+    token's state is the mean of the token embeddings; keyword tokens carry a large component on
+    "their" label's dimension, every other token carries none; the head reads those dimensions.
+    """
+    import torch
+    from transformers import DistilBertForSequenceClassification
+
+    n = len(labels)
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = [label for label in [*keywords, default_label] if label not in index]
+    if unknown:
+        raise ValueError(f"unknown labels {unknown}; labels are {list(labels)}")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    words = [w for group in keywords.values() for w in group]
+    # Repetition makes every keyword a whole-word token of the trained vocabulary.
+    vocab = _train_tokenizer(out, [*corpus(), *(" ".join(words) for _ in range(50))])
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    shape = dict(_TINY, n_layers=1, vocab_size=vocab)
+    dim = shape["dim"]
+    model = DistilBertForSequenceClassification(_config(shape, labels)).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        # Every token: a constant pattern outside the label dimensions (so layer norms are defined).
+        background = torch.zeros(dim)
+        background[n:] = torch.linspace(-1.0, 1.0, dim - n)
+        params["distilbert.embeddings.word_embeddings.weight"][:] = background
+        for label, group in keywords.items():
+            for word in group:
+                token = tokenizer.convert_tokens_to_ids(word)
+                if token == tokenizer.unk_token_id:
+                    raise ValueError(f"keyword {word!r} is not a single token")
+                params["distilbert.embeddings.word_embeddings.weight"][token, index[label]] = 40.0
+        for name in ("distilbert.embeddings.LayerNorm", "distilbert.transformer.layer.0.sa_layer_norm",
+                     "distilbert.transformer.layer.0.output_layer_norm"):
+            params[f"{name}.weight"].fill_(1.0)
+        layer = "distilbert.transformer.layer.0.attention"
+        params[f"{layer}.v_lin.weight"].copy_(torch.eye(dim))
+        params[f"{layer}.out_lin.weight"].copy_(torch.eye(dim) * 100.0)  # q, k stay zero: uniform attention
+        params["pre_classifier.weight"].copy_(torch.eye(dim))
+        params["classifier.weight"][:, :n].copy_(torch.eye(n) * 8.0)
+        params["classifier.bias"][index[default_label]] = 3.5
+    model.save_pretrained(out, safe_serialization=True)
+    return out

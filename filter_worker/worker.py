@@ -1,0 +1,334 @@
+"""The Kafka loop: consume -> decode -> tokenize -> batch -> infer -> route -> publish -> commit.
+
+One thread owns the consumer, the producer's callbacks, the offset tracker and the batch buffer, so
+none of them needs a lock; forward passes run on the inference thread. A record's offset is committed
+only after the broker acknowledged its output (delivery report without error), and only when every
+earlier record of its partition was acknowledged too. Rebalances commit what is done for revoked
+partitions and drop their unfinished work: the new owner reads it again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from filter_worker import kafka_io
+from filter_worker.batching import BatchBuffer
+from filter_worker.config import Settings
+from filter_worker.decode import DecodeFailure, decode
+from filter_worker.inference import InferenceThread, Result
+from filter_worker.logs import get_logger
+from filter_worker.model import Classifier
+from filter_worker.offsets import OffsetTracker
+from filter_worker.records import InputRecord, OutputRecord, dead_letter, routed
+from filter_worker.routing import Router
+
+log = get_logger("filter_worker.worker")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+# How long the loop waits for new records when it also has results to collect.
+_BUSY_POLL_S = 0.005
+_IDLE_POLL_S = 0.1
+# Records buffered ahead of the model per batch slot before partitions are paused.
+_BUFFER_BATCHES = 4
+
+
+class FatalError(Exception):
+    """Something the worker must not continue past (a failed delivery, a fatal client error)."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    record: InputRecord
+    ids: list[int]
+    truncated: bool
+    generation: int
+    embed_into: dict[str, Any] | None
+
+
+class Worker:
+    """One consumer-group member. ``run`` blocks until ``stop`` or a fatal error; returns an exit code."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        classifier: Classifier,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._classifier = classifier
+        self._router = Router(settings.routing.rules, classifier.labels)
+        self._clock = clock
+        self._stop = threading.Event()
+        self._tracker = OffsetTracker()
+        batch = settings.batch
+        self._buffer: BatchBuffer[_Pending] = BatchBuffer(batch.max_size, batch.max_tokens, batch.max_wait_ms / 1000, clock)
+        self._max_buffered = batch.max_size * _BUFFER_BATCHES
+        self._paused = False
+        self._failure: FatalError | None = None
+        self._last_commit = clock()
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._inference: InferenceThread[_Pending] | None = None
+        self._topics = settings.topics.outputs()
+
+    def stop(self) -> None:
+        """Ask the loop to finish; safe from signal handlers and other threads."""
+        self._stop.set()
+
+    def run(self) -> int:
+        settings = self._settings
+        log.info(
+            "worker starting",
+            model=self._classifier.identity,
+            device=self._classifier.device,
+            input=settings.topics.input,
+            group=settings.kafka.group_id,
+            kafka=settings.kafka.redacted_properties(),
+        )
+        self._producer = Producer({**kafka_io.producer_config(settings.kafka), "error_cb": self._client_error})
+        self._consumer = Consumer({**kafka_io.consumer_config(settings.kafka), "error_cb": self._client_error})
+        self._inference = InferenceThread(
+            self._classifier.predict, lambda p: p.ids, settings.batch.max_size, settings.batch.max_tokens
+        )
+        self._consumer.subscribe(
+            settings.topics.input, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        code = EXIT_OK
+        try:
+            while not self._stop.is_set():
+                self._step()
+            log.info("stopping: finishing in-flight work", in_flight=self._tracker.in_flight())
+            self._drain()
+        except FatalError as exc:
+            log.error("worker failed; offsets stay at the last acknowledged record", error=str(exc))
+            code = EXIT_FAILED
+        finally:
+            self._close()
+        return code
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        assert self._consumer is not None and self._producer is not None
+        self._raise_failure()
+        self._apply_backpressure()
+        messages = self._consumer.consume(num_messages=self._settings.batch.max_size, timeout=self._poll_timeout())
+        self._ingest(messages)
+        self._dispatch()
+        self._collect(timeout_s=0.0)
+        self._producer.poll(0)
+        self._raise_failure()
+        self._maybe_commit()
+
+    def _poll_timeout(self) -> float:
+        assert self._inference is not None
+        if self._inference.in_flight or self._paused:
+            return _BUSY_POLL_S
+        due = self._buffer.time_to_due()
+        return _IDLE_POLL_S if due is None else min(due, _IDLE_POLL_S)
+
+    def _ingest(self, messages: list[Any]) -> None:
+        texts: list[str] = []
+        accepted: list[tuple[InputRecord, int, dict[str, Any] | None]] = []
+        msg_settings = self._settings.message
+        for message in messages:
+            if message.error():
+                self._consumer_error(message.error())
+                continue
+            record = kafka_io.to_input_record(message)
+            tp = (record.topic, record.partition)
+            generation = self._tracker.generation(tp)
+            if generation is None:  # revoked while this message was in the fetch queue
+                continue
+            self._tracker.track(tp, record.offset)
+            decoded = decode(record.value, msg_settings.format, msg_settings.text_field)
+            if isinstance(decoded, DecodeFailure):
+                log.warning(
+                    "dead-lettering record", topic=record.topic, partition=record.partition, offset=record.offset,
+                    error=decoded.error, reason=decoded.reason,
+                )
+                self._publish(dead_letter(record, decoded, self._topics["dead_letter"]), record, generation)
+                continue
+            texts.append(decoded.text)
+            embed = None
+            if self._settings.output.embed:
+                embed = decoded.document if decoded.document is not None else {"text": decoded.text}
+            accepted.append((record, generation, embed))
+        if not texts:
+            return
+        for (record, generation, embed), tokens in zip(accepted, self._classifier.tokenize(texts), strict=True):
+            self._buffer.add(_Pending(record, tokens.ids, tokens.truncated, generation, embed), len(tokens.ids))
+
+    def _dispatch(self) -> None:
+        assert self._inference is not None
+        while self._buffer.due() and self._inference.has_capacity():
+            self._inference.submit(self._buffer.take())
+
+    def _collect(self, timeout_s: float) -> None:
+        assert self._inference is not None
+        for result in self._inference.completed(timeout_s):
+            self._route(result)
+
+    def _route(self, result: Result[_Pending]) -> None:
+        for i, pending in enumerate(result.items):
+            record = pending.record
+            if not self._tracker.is_current((record.topic, record.partition), pending.generation):
+                continue  # partition revoked since; its new owner classifies this record again
+            error = result.errors[i]
+            if error is not None or result.probs is None:
+                failure = DecodeFailure("model_error", f"the model failed on this record: {error}")
+                log.error("dead-lettering record", topic=record.topic, partition=record.partition,
+                          offset=record.offset, error=failure.error, reason=failure.reason)
+                self._publish(dead_letter(record, failure, self._topics["dead_letter"]), record, pending.generation)
+                continue
+            decision = self._router.decide(result.probs[i])
+            out = routed(
+                record, decision, self._topics[decision.action], self._classifier.identity, pending.truncated,
+                pending.embed_into,
+            )
+            self._publish(out, record, pending.generation)
+
+    def _publish(self, out: OutputRecord, source: InputRecord, generation: int) -> None:
+        assert self._producer is not None
+        tp = (source.topic, source.partition)
+        offset = source.offset
+
+        def delivered(err: KafkaError | None, _msg: Any) -> None:
+            if err is not None:
+                self._failure = self._failure or FatalError(
+                    f"delivery of {source.source} to {out.topic} failed: {err.str()}"
+                )
+                return
+            self._tracker.ack(tp, offset, generation)
+
+        while True:
+            try:
+                self._producer.produce(**kafka_io.produce_kwargs(out), on_delivery=delivered)
+                return
+            except BufferError:  # local queue full: serve delivery reports, then retry
+                self._producer.poll(0.05)
+            except KafkaException as exc:
+                raise FatalError(f"could not produce {source.source} to {out.topic}: {exc}") from exc
+
+    def _apply_backpressure(self) -> None:
+        """Pause fetching while the buffer is full, so memory stays bounded when the model is slower."""
+        assert self._consumer is not None
+        if not self._paused and len(self._buffer) >= self._max_buffered:
+            self._consumer.pause(self._assignment())
+            self._paused = True
+        elif self._paused and len(self._buffer) < self._max_buffered // 2:
+            self._consumer.resume(self._assignment())
+            self._paused = False
+
+    def _assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(t, p) for t, p in self._tracker.assigned()]
+
+    # -- commits ----------------------------------------------------------------------------------
+
+    def _maybe_commit(self) -> None:
+        if self._clock() - self._last_commit >= self._settings.kafka.commit_interval_ms / 1000:
+            self._commit()
+
+    def _commit(self, tps: list[tuple[str, int]] | None = None) -> None:
+        assert self._consumer is not None
+        self._last_commit = self._clock()
+        offsets = self._tracker.committable(tps)
+        if not offsets:
+            return
+        try:
+            results = self._consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
+            )
+        except KafkaException as exc:
+            # Typically a rebalance in progress; the next commit (or the revoke handler) retries.
+            log.warning("commit failed; will retry", error=str(exc))
+            return
+        done = {(r.topic, r.partition): r.offset for r in results or [] if r.error is None}
+        self._tracker.committed(done)
+        log.debug("committed", offsets={f"{t}/{p}": o for (t, p), o in done.items()})
+
+    # -- rebalances -------------------------------------------------------------------------------
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            self._tracker.assign((p.topic, p.partition))
+        if self._paused:  # new partitions start unpaused; keep the whole assignment consistent
+            self._consumer.pause(partitions)  # type: ignore[union-attr]
+        log.info("partitions assigned", partitions=[f"{p.topic}/{p.partition}" for p in partitions])
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Commit what was published for the revoked partitions, then forget their unfinished work."""
+        assert self._producer is not None
+        tps = [(p.topic, p.partition) for p in partitions]
+        revoked = set(tps)
+        dropped = self._buffer.discard(lambda p: (p.record.topic, p.record.partition) not in revoked)
+        remaining = self._producer.flush(self._settings.shutdown_timeout_s)
+        self._commit(tps)
+        for tp in tps:
+            self._tracker.revoke(tp)
+        log.info(
+            "partitions revoked", partitions=[f"{t}/{p}" for t, p in tps], dropped_unfinished=dropped,
+            undelivered=remaining,
+        )
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Lost (session expired): another member may own them already, so nothing is committed."""
+        tps = {(p.topic, p.partition) for p in partitions}
+        self._buffer.discard(lambda p: (p.record.topic, p.record.partition) not in tps)
+        for tp in tps:
+            self._tracker.revoke(tp)
+        log.warning("partitions lost", partitions=[f"{t}/{p}" for t, p in sorted(tps)])
+
+    # -- errors and shutdown ----------------------------------------------------------------------
+
+    def _client_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._failure = self._failure or FatalError(f"fatal Kafka client error: {err.str()}")
+        else:
+            log.warning("kafka client error", code=err.name(), error=err.str())
+
+    def _consumer_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.fatal():
+            raise FatalError(f"fatal consumer error: {err.str()}")
+        log.warning("consumer error", code=err.name(), error=err.str())
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _drain(self) -> None:
+        """Finish the batches already in the model, publish them, wait for acknowledgements, commit.
+
+        Records still waiting in the buffer are abandoned: they are not committed, so the next owner
+        of their partitions reads them again.
+        """
+        assert self._inference is not None and self._producer is not None
+        deadline = self._clock() + self._settings.shutdown_timeout_s
+        while self._inference.in_flight and self._clock() < deadline:
+            self._collect(timeout_s=min(0.1, max(0.0, deadline - self._clock())))
+            self._producer.poll(0)
+        self._producer.flush(max(0.0, deadline - self._clock()))
+        self._raise_failure()
+        self._commit()
+
+    def _close(self) -> None:
+        if self._inference is not None:
+            self._inference.close()
+        if self._producer is not None:
+            self._producer.flush(1.0)
+        if self._consumer is not None:
+            try:
+                self._commit()
+            finally:
+                self._consumer.close()
+        log.info("worker stopped")
