@@ -330,5 +330,7 @@ class Worker:
             try:
                 self._commit()
             finally:
-                self._consumer.close()
+                self._consumer.close()  # leaves the group now instead of after a session timeout
+        # Drop the clients so their connections close here, not whenever they are garbage-collected.
+        self._consumer = self._producer = None
         log.info("worker stopped")

@@ -1,0 +1,153 @@
+"""Test-side Kafka helpers: produce inputs, read every output back, read committed offsets."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from filter_worker import kafka_io
+from filter_worker.config import Settings, load_settings
+
+
+@dataclass(frozen=True)
+class Produced:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    timestamp_ms: int
+
+
+@dataclass(frozen=True)
+class Output:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+    header_list: tuple[tuple[str, bytes], ...]
+    timestamp_ms: int
+
+    @property
+    def source(self) -> tuple[int, int]:
+        _, partition, offset = self.headers["filter.source"].decode().rsplit("/", 2)
+        return int(partition), int(offset)
+
+
+def worker_settings(bootstrap: str, model: str, partitions_topic_prefix: str | None = None, **overrides: object) -> Settings:
+    """Settings for a test worker on fresh, uniquely named topics."""
+    prefix = partitions_topic_prefix or f"t{uuid.uuid4().hex[:8]}"
+    env = {
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"{prefix}-group", "session_timeout_ms": 6000,
+                  "commit_interval_ms": 200},
+        "topics": {"input": [f"{prefix}.in"], "allow": f"{prefix}.allow", "quarantine": f"{prefix}.quarantine",
+                   "drop": f"{prefix}.drop", "dead_letter": f"{prefix}.dlq"},
+        "model": {"name": model},
+        "batch": {"max_size": 16, "max_wait_ms": 20},
+        "shutdown_timeout_s": 10,
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        if field:
+            env.setdefault(section, {})[field] = value  # type: ignore[index]
+        else:
+            env[section] = value
+    return load_settings(**env)
+
+
+def create_topics(settings: Settings, input_partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers})
+    kafka_io.create_topics(admin, settings.topics.input, input_partitions)
+    kafka_io.create_topics(admin, settings.topics.outputs().values(), 1)
+
+
+def produce(
+    bootstrap: str,
+    topic: str,
+    values: Iterable[bytes | None],
+    key_prefix: str = "k",
+    headers: Sequence[tuple[str, bytes]] = (("trace-id", b"abc"),),
+) -> list[Produced]:
+    """Produce values round-robin over partitions (by key) and return where each landed."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 10})
+    landed: list[Produced] = []
+    errors: list[str] = []
+
+    def report(err: object, msg: object) -> None:
+        if err is not None:
+            errors.append(str(err))
+            return
+        landed.append(
+            Produced(msg.partition(), msg.offset(), msg.key(), msg.value(), tuple(msg.headers() or ()),  # type: ignore[attr-defined]
+                     msg.timestamp()[1])  # type: ignore[attr-defined]
+        )
+
+    for i, value in enumerate(values):
+        while True:
+            try:
+                producer.produce(topic, key=f"{key_prefix}{i}".encode(), value=value, headers=list(headers),
+                                 on_delivery=report)
+                break
+            except BufferError:
+                producer.poll(0.1)
+    assert producer.flush(60) == 0
+    assert not errors, errors
+    return landed
+
+
+def read_outputs(settings: Settings, expected: int, timeout_s: float = 120.0, settle_s: float = 1.0) -> list[Output]:
+    """Read all four output topics from the beginning until ``expected`` records (then ``settle_s`` more)."""
+    reader = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": f"reader-{uuid.uuid4().hex}",
+                       "enable.auto.commit": False})
+    reader.assign([TopicPartition(t, 0, OFFSET_BEGINNING) for t in settings.topics.outputs().values()])
+    outputs: list[Output] = []
+    deadline = time.monotonic() + timeout_s
+    settled_at: float | None = None
+    try:
+        while time.monotonic() < deadline:
+            for message in reader.consume(500, 0.2):
+                assert message.error() is None, message.error()
+                header_list = tuple(message.headers() or ())
+                outputs.append(Output(message.topic(), message.key(), message.value(), dict(header_list), header_list,
+                                      message.timestamp()[1]))
+            if len(outputs) >= expected:
+                settled_at = settled_at or time.monotonic()
+                if time.monotonic() - settled_at >= settle_s:
+                    break
+    finally:
+        reader.close()
+    return outputs
+
+
+def committed_offsets(settings: Settings, partitions: int) -> dict[int, int]:
+    """The group's committed offsets per input partition (-1001 when none)."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": settings.kafka.group_id,
+                         "enable.auto.commit": False})
+    try:
+        topic = settings.topics.input[0]
+        result = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return {tp.partition: tp.offset for tp in result}
+    finally:
+        consumer.close()
+
+
+def end_offsets(produced: Iterable[Produced]) -> dict[int, int]:
+    """One past the last produced offset per partition (from delivery reports, not watermarks)."""
+    ends: dict[int, int] = {}
+    for record in produced:
+        ends[record.partition] = max(ends.get(record.partition, 0), record.offset + 1)
+    return ends
+
+
+def wait_for_commits(settings: Settings, ends: dict[int, int], timeout_s: float = 30.0) -> dict[int, int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        committed = committed_offsets(settings, max(ends) + 1)
+        if all(committed.get(p, -1) >= end for p, end in ends.items()) or time.monotonic() > deadline:
+            return committed
+        time.sleep(0.3)
