@@ -15,21 +15,30 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
-def plan_batches(lengths: Sequence[int], max_size: int, max_tokens: int) -> list[list[int]]:
+def plan_batches(
+    lengths: Sequence[int], max_size: int, max_tokens: int, min_efficiency: float = 0.5
+) -> list[list[int]]:
     """Group indices into forward batches of at most ``max_size`` rows and ``max_tokens`` padded tokens.
 
-    Indices are taken in ascending length order, so each batch holds similar lengths. A single row
-    longer than the budget still gets a batch of its own: it must be classified, not dropped.
+    Indices are taken in ascending length order, so each batch holds similar lengths, and a batch is
+    closed early when the next (longer) row would make less than ``min_efficiency`` of its padded
+    tokens real: a few long messages then form their own batch instead of widening a full batch of
+    short ones. A single row longer than the budget still gets a batch of its own: it must be
+    classified, not dropped.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
     current: list[int] = []
+    real = 0
     for index in order:
         # Ascending order: the newest row is the longest, so it sets the padded width.
-        if current and (len(current) >= max_size or (len(current) + 1) * lengths[index] > max_tokens):
+        width = lengths[index]
+        padded = (len(current) + 1) * width
+        if current and (len(current) >= max_size or padded > max_tokens or real + width < min_efficiency * padded):
             batches.append(current)
-            current = []
+            current, real = [], 0
         current.append(index)
+        real += width
     if current:
         batches.append(current)
     return batches

@@ -36,8 +36,10 @@ EXIT_FAILED = 1
 # How long the loop waits for new records when it also has results to collect.
 _BUSY_POLL_S = 0.005
 _IDLE_POLL_S = 0.1
-# Records buffered ahead of the model per batch slot before partitions are paused.
-_BUFFER_BATCHES = 4
+# Batches' worth of records buffered ahead of the model before partitions are paused. Pausing makes
+# librdkafka drop its prefetched records and fetch them again on resume, so it should be rare: it is
+# the bound on memory when the model is slower than the input, not a pacing mechanism.
+_BUFFER_BATCHES = 32
 
 
 class FatalError(Exception):

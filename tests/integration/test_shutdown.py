@@ -1,0 +1,97 @@
+"""A worker process stopped with SIGTERM mid-stream and restarted loses nothing and repeats nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+
+from tests.integration.kafka_helpers import (
+    committed_offsets,
+    create_topics,
+    end_offsets,
+    produce,
+    read_outputs,
+    wait_for_commits,
+    worker_settings,
+)
+
+
+def worker_env(settings, **extra: str) -> dict[str, str]:
+    topics = settings.topics
+    env = {
+        **os.environ,
+        "FILTER_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "FILTER_KAFKA__GROUP_ID": settings.kafka.group_id,
+        "FILTER_KAFKA__SESSION_TIMEOUT_MS": "6000",
+        "FILTER_KAFKA__COMMIT_INTERVAL_MS": "200",
+        "FILTER_TOPICS__INPUT": ",".join(topics.input),
+        "FILTER_TOPICS__ALLOW": topics.allow,
+        "FILTER_TOPICS__QUARANTINE": topics.quarantine,
+        "FILTER_TOPICS__DROP": topics.drop,
+        "FILTER_TOPICS__DEAD_LETTER": topics.dead_letter,
+        "FILTER_MODEL__NAME": settings.model.name,
+        "FILTER_BATCH__MAX_SIZE": "8",
+        "FILTER_LOG__FORMAT": "json",
+        **extra,
+    }
+    return env
+
+
+def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "filter_worker", "run"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_for_outputs(settings, at_least: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len(read_outputs(settings, expected=at_least, timeout_s=1, settle_s=0)) >= at_least:
+            return
+    raise AssertionError(f"fewer than {at_least} outputs after {timeout_s}s")
+
+
+def test_sigterm_mid_stream_then_restart_loses_nothing(bootstrap_servers, keyword_model):
+    settings = worker_settings(bootstrap_servers, str(keyword_model))
+    create_topics(settings, input_partitions=4)
+    values = [orjson.dumps({"text": f"message {i} " + ("idiot" if i % 7 == 0 else "ok")}) for i in range(6000)]
+    produced = produce(bootstrap_servers, settings.topics.input[0], values)
+    env = worker_env(settings)
+
+    first = start_worker(env)
+    try:
+        wait_for_outputs(settings, at_least=300)
+        first.send_signal(signal.SIGTERM)
+        log = first.communicate(timeout=60)[0].decode()
+    finally:
+        first.kill()
+    assert first.returncode == 0, log
+    assert "worker stopped" in log
+
+    partial = read_outputs(settings, expected=len(produced), timeout_s=2, settle_s=0)
+    assert 0 < len(partial) < len(produced), "SIGTERM should have landed mid-stream"
+    committed = committed_offsets(settings, partitions=4)
+    # Graceful stop: everything published was acknowledged and committed before leaving the group.
+    published_per_partition: dict[int, int] = {}
+    for out in partial:
+        partition, offset = out.source
+        published_per_partition[partition] = max(published_per_partition.get(partition, 0), offset + 1)
+    for partition, end in published_per_partition.items():
+        assert committed[partition] >= end
+
+    second = start_worker(env)
+    try:
+        outputs = read_outputs(settings, expected=len(produced), timeout_s=180)
+        ends = wait_for_commits(settings, end_offsets(produced))
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.communicate(timeout=60)
+    assert second.returncode == 0
+    sources = [o.source for o in outputs]
+    assert set(sources) == {(p.partition, p.offset) for p in produced}
+    assert len(sources) == len(set(sources)), "a graceful stop must not repeat records"
+    assert ends == end_offsets(produced)

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import random
+
+from filter_worker.batching import BatchBuffer, padded_tokens, plan_batches
+
+
+def test_batches_respect_size_and_token_budget_and_cover_every_index():
+    rng = random.Random(3)
+    lengths = [rng.choice([8, 10, 12, 14, 300]) for _ in range(200)]
+    batches = plan_batches(lengths, max_size=32, max_tokens=1024)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for batch in batches:
+        assert len(batch) <= 32
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 1024
+
+
+def test_length_sorting_cuts_padding():
+    lengths = [300 if i % 32 == 0 else 10 for i in range(128)]
+    arrival_order = [list(range(i, i + 32)) for i in range(0, 128, 32)]
+    planned = plan_batches(lengths, max_size=32, max_tokens=100_000)
+    assert padded_tokens(lengths, planned) < padded_tokens(lengths, arrival_order) / 4
+
+
+def test_a_row_longer_than_the_budget_gets_its_own_batch():
+    assert plan_batches([5, 600, 5], max_size=8, max_tokens=100) == [[0, 2], [1]]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_buffer_is_due_on_count_tokens_or_wait():
+    clock = Clock()
+    buf: BatchBuffer[str] = BatchBuffer(max_size=3, max_tokens=50, max_wait_s=0.0625, clock=clock)
+    assert not buf.due() and buf.time_to_due() is None
+    buf.add("a", 10)
+    buf.add("b", 10)
+    assert not buf.due()
+    assert abs(buf.time_to_due() - 0.0625) < 1e-9
+    clock.now += 0.0625
+    assert buf.due()
+    clock.now -= 0.0625
+    buf.add("c", 10)
+    assert buf.due()  # count
+    assert buf.take() == ["a", "b", "c"] and len(buf) == 0
+    buf.add("big", 60)
+    assert buf.due()  # tokens
+
+
+def test_take_keeps_overflow_with_its_original_age_and_discard_filters():
+    clock = Clock()
+    buf: BatchBuffer[int] = BatchBuffer(max_size=2, max_tokens=10**6, max_wait_s=1.0, clock=clock)
+    for i in range(5):
+        buf.add(i, 1)
+    assert buf.take() == [0, 1]
+    clock.now += 0.5
+    assert abs(buf.time_to_due() - 0.5) < 1e-9  # item 2 arrived at t=100, not at take time
+    assert buf.discard(lambda i: i != 3) == 1
+    assert buf.take() == [2, 4]

@@ -1,0 +1,72 @@
+"""The console script as a user runs it: real processes, real output, real exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+
+def cli(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FILTER_")}
+    return subprocess.run([sys.executable, "-m", "filter_worker", *args], input=stdin, capture_output=True, text=True,
+                          env={**clean, **env}, timeout=180)
+
+
+def test_classify_prints_one_json_decision_per_text(keyword_model, tmp_path):
+    lines = tmp_path / "texts.txt"
+    lines.write_text("what a loser\n\nthe update is broken\n", encoding="utf-8")
+    result = cli("classify", "a wonderful day", "--file", str(lines), "--model", str(keyword_model))
+    assert result.returncode == 0, result.stderr
+    decisions = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert [d["text"] for d in decisions] == ["a wonderful day", "what a loser", "the update is broken"]
+    assert [d["action"] for d in decisions] == ["allow", "drop", "quarantine"]
+    assert decisions[1]["label"] == "Very Negative" and decisions[1]["rule"] == "very-negative"
+    assert set(decisions[0]["scores"]) == {"Very Negative", "Negative", "Neutral", "Positive", "Very Positive"}
+    assert decisions[0]["truncated"] is False
+
+
+def test_classify_reads_stdin_and_uses_rules_from_the_environment(keyword_model):
+    rules = '[{"action": "quarantine", "labels": ["Very Positive"], "min_score": 0.5, "name": "too-happy"}]'
+    result = cli("classify", "--file", "-", stdin="a wonderful day\n", FILTER_MODEL__NAME=str(keyword_model),
+                 FILTER_ROUTING__RULES=rules)
+    assert result.returncode == 0, result.stderr
+    decision = orjson.loads(result.stdout)
+    assert (decision["action"], decision["rule"]) == ("quarantine", "too-happy")
+
+
+def test_unknown_rule_label_exits_2_listing_the_model_labels(keyword_model):
+    rules = '[{"action": "drop", "labels": ["toxic"], "min_score": 0.5}]'
+    result = cli("classify", "x", "--model", str(keyword_model), FILTER_ROUTING__RULES=rules)
+    assert result.returncode == 2
+    assert "FILTER_ROUTING__RULES" in result.stderr and "'Very Negative'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["run"], ["classify", "x"], ["demo"]])
+def test_bad_configuration_exits_2_naming_the_setting(command):
+    result = cli(*command, FILTER_BATCH__MAX_WAIT_MS="soon")
+    assert result.returncode == 2
+    assert "FILTER_BATCH__MAX_WAIT_MS" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_without_hub_access_says_how_to_use_a_local_model():
+    result = cli("demo", HF_ENDPOINT="http://127.0.0.1:9")
+    assert result.returncode == 3
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("filter-worker:")]
+    assert len(error_lines) == 1 and "--model DIR" in error_lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.integration
+def test_demo_runs_end_to_end_on_a_local_model(keyword_model):
+    result = cli("demo", "--model", str(keyword_model), "--messages", "300")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "routed 309 of 309 records" in out
+    for action in ("allow", "quarantine", "drop", "dead_letter"):
+        assert f"  {action}" in out
+    assert "invalid_json" in out and "MISSING" not in out

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import pytest
+
+from filter_worker.config import DEFAULT_MODEL, ConfigError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("FILTER_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_match_the_documented_ones():
+    s = load_settings()
+    assert s.kafka.bootstrap_servers == "localhost:9092"
+    assert s.kafka.group_id == "filter-worker"
+    assert s.kafka.assignment_strategy == "range"
+    assert s.topics.input == ["messages"]
+    assert (s.topics.allow, s.topics.quarantine, s.topics.drop, s.topics.dead_letter) == (
+        "messages.allow", "messages.quarantine", "messages.drop", "messages.dlq")
+    assert s.model.name == DEFAULT_MODEL and s.model.max_length == 512 and s.model.device == "auto"
+    assert s.model.trust_remote_code is False
+    assert s.message.format == "json" and s.message.text_field == "text"
+    assert [r.action for r in s.routing.rules] == ["drop", "quarantine"]
+
+
+def test_input_topics_accept_comma_and_json_lists(monkeypatch):
+    monkeypatch.setenv("FILTER_TOPICS__INPUT", " a, b ,c")
+    assert load_settings().topics.input == ["a", "b", "c"]
+    monkeypatch.setenv("FILTER_TOPICS__INPUT", '["x", "y"]')
+    assert load_settings().topics.input == ["x", "y"]
+
+
+def test_env_overrides_toml_file(tmp_path, monkeypatch):
+    config = tmp_path / "filter.toml"
+    config.write_text('[batch]\nmax_size = 7\nmax_wait_ms = 5\n[kafka]\ngroup_id = "from-file"\n')
+    monkeypatch.setenv("FILTER_BATCH__MAX_SIZE", "9")
+    s = load_settings(config)
+    assert s.batch.max_size == 9 and s.batch.max_wait_ms == 5 and s.kafka.group_id == "from-file"
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "named"),
+    [
+        ("FILTER_BATCH__MAX_SIZE", "0", "FILTER_BATCH__MAX_SIZE"),
+        ("FILTER_MODEL__DEVICE", "gpu", "FILTER_MODEL__DEVICE"),
+        ("FILTER_MESSAGE__FORMAT", "xml", "FILTER_MESSAGE__FORMAT"),
+        ("FILTER_MESSAGE__TEXT_FIELD", "a..b", "FILTER_MESSAGE__TEXT_FIELD"),
+        ("FILTER_KAFKA__ASSIGNMENT_STRATEGY", "sticky", "FILTER_KAFKA__ASSIGNMENT_STRATEGY"),
+        ("FILTER_ROUTING__RULES", '[{"action": "nuke", "labels": ["x"], "min_score": 0.5}]', "routing.rules[0].action"),
+        ("FILTER_ROUTING__RULES", '[{"action": "drop", "labels": [], "min_score": 0.5}]', "routing.rules[0].labels"),
+        ("FILTER_ROUTING__RULES", '[{"action": "drop", "labels": ["x"], "min_score": 1.5}]', "routing.rules[0].min_score"),
+        ("FILTER_ROUTING__RULES", '[{"action": "drop"', "FILTER_ROUTING__RULES is not valid JSON"),
+        ("FILTER_TOPICS__ALLOW", "messages", "must not also be output topics"),
+        ("FILTER_SHUTDOWN_TIMEOUT_S", "-1", "FILTER_SHUTDOWN_TIMEOUT_S"),
+    ],
+)
+def test_bad_settings_stop_startup_naming_the_setting(monkeypatch, var, value, named):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert named in str(err.value)
+
+
+def test_unknown_setting_is_rejected(tmp_path):
+    config = tmp_path / "filter.toml"
+    config.write_text("[batch]\nmax_sise = 3\n")
+    with pytest.raises(ConfigError, match="max_sise"):
+        load_settings(config)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(tmp_path / "absent.toml")
+
+
+def test_sasl_requires_a_mechanism(monkeypatch):
+    monkeypatch.setenv("FILTER_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    with pytest.raises(ConfigError, match="sasl_mechanism"):
+        load_settings()
+
+
+def test_secrets_never_appear_in_logs_or_errors(monkeypatch):
+    monkeypatch.setenv("FILTER_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("FILTER_KAFKA__SASL_MECHANISM", "PLAIN")
+    monkeypatch.setenv("FILTER_KAFKA__SASL_USERNAME", "svc")
+    monkeypatch.setenv("FILTER_KAFKA__SASL_PASSWORD", "hunter2-sasl")
+    monkeypatch.setenv("FILTER_KAFKA__PROPERTIES", '{"ssl.key.password": "hunter2-key", "linger.ms": 7}')
+    s = load_settings()
+    props = s.kafka.client_properties()
+    assert props["sasl.password"] == "hunter2-sasl" and props["ssl.key.password"] == "hunter2-key"
+    assert props["linger.ms"] == "7"
+    shown = repr(s) + str(s.kafka.redacted_properties()) + s.model_dump_json()
+    assert "hunter2" not in shown
+    assert s.kafka.redacted_properties()["linger.ms"] == "7"
+
+    monkeypatch.setenv("FILTER_BATCH__MAX_SIZE", "-3")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "hunter2" not in str(err.value)

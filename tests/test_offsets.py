@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from filter_worker.offsets import OffsetTracker
+
+TP = ("in", 0)
+
+
+def test_watermark_waits_for_the_lowest_unacknowledged_offset():
+    t = OffsetTracker()
+    gen = t.assign(TP)
+    assert t.watermark(TP) is None and t.committable() == {}
+    for offset in (10, 11, 12, 13):
+        t.track(TP, offset)
+    assert t.watermark(TP) == 10
+    t.ack(TP, 12, gen)
+    t.ack(TP, 11, gen)
+    assert t.watermark(TP) == 10
+    t.ack(TP, 10, gen)
+    assert t.watermark(TP) == 13
+    t.ack(TP, 13, gen)
+    assert t.watermark(TP) == 14 and t.in_flight() == 0
+
+
+def test_random_acknowledgement_order_never_commits_past_a_gap():
+    rng = random.Random(5)
+    t = OffsetTracker()
+    gen = t.assign(TP)
+    offsets = list(range(0, 400, 2))  # gaps, as after compaction or transaction markers
+    for o in offsets:
+        t.track(TP, o)
+    acked: set[int] = set()
+    for o in rng.sample(offsets, len(offsets)):
+        t.ack(TP, o, gen)
+        acked.add(o)
+        mark = t.watermark(TP)
+        assert all(x in acked for x in offsets if x < mark)
+        unacked = [x for x in offsets if x not in acked]
+        assert mark == (unacked[0] if unacked else offsets[-1] + 1)
+
+
+def test_committable_reports_only_moved_watermarks():
+    t = OffsetTracker()
+    gen = t.assign(TP)
+    other = ("in", 1)
+    gen1 = t.assign(other)
+    t.track(TP, 0)
+    t.track(other, 5)
+    t.ack(TP, 0, gen)
+    assert t.committable() == {TP: 1, other: 5}
+    t.committed({TP: 1, other: 5})
+    assert t.committable() == {}
+    t.ack(other, 5, gen1)
+    assert t.committable() == {other: 6}
+    assert t.committable([TP]) == {}
+
+
+def test_acknowledgements_from_an_old_assignment_are_ignored():
+    t = OffsetTracker()
+    old = t.assign(TP)
+    t.track(TP, 0)
+    t.revoke(TP)
+    t.ack(TP, 0, old)  # late: partition gone
+    new = t.assign(TP)
+    assert new != old and not t.is_current(TP, old) and t.is_current(TP, new)
+    t.track(TP, 0)
+    t.ack(TP, 0, old)
+    assert t.watermark(TP) == 0
+    t.ack(TP, 0, new)
+    assert t.watermark(TP) == 1
+
+
+def test_out_of_order_consumption_is_a_bug_not_silently_accepted():
+    t = OffsetTracker()
+    t.assign(TP)
+    t.track(TP, 5)
+    with pytest.raises(ValueError):
+        t.track(TP, 5)
