@@ -40,6 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="embedded broker + sample traffic + worker, then a summary")
     demo.add_argument("--model", help="hub id or local directory (overrides FILTER_MODEL__NAME)")
     demo.add_argument("--messages", type=int, default=400, help="sample messages to produce (default 400)")
+
+    model = commands.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
+    synth = model.add_parser("synth", help="write an offline stand-in model (no hub access needed)")
+    synth.add_argument("path", help="directory to write the model to")
+    synth.add_argument(
+        "--kind", choices=["keyword", "random-base"], default="keyword",
+        help="keyword: labels decided by built-in keywords, to try the demo offline; random-base: random "
+        "weights in the shape of distilbert-base-multilingual-cased, for benchmarks",
+    )
     return parser
 
 
@@ -54,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from filter_worker.demo import run_demo
 
             return run_demo(_settings_with_model(args), args.messages)
+        if args.command == "model":
+            return _synth(args)
     except ConfigError as exc:
         print(f"filter-worker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -85,6 +96,17 @@ def _run(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     return worker.run()
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from filter_worker.synthetic import DEMO_KEYWORDS, build_keyword_model, build_model
+
+    if args.kind == "keyword":
+        path = build_keyword_model(args.path, DEMO_KEYWORDS)
+    else:
+        path = build_model(args.path, size="base")
+    print(f"wrote a {args.kind} model to {path}; use it with --model {path} or FILTER_MODEL__NAME={path}")
+    return 0
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:

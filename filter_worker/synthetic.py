@@ -20,6 +20,14 @@ from filter_worker.samples import corpus
 
 DEFAULT_LABELS: tuple[str, ...] = ("Very Negative", "Negative", "Neutral", "Positive", "Very Positive")
 
+# Keywords of the offline demo model (``filter-worker model synth``), taken from the built-in samples
+# so the demo shows every action without the real model.
+DEMO_KEYWORDS: dict[str, list[str]] = {
+    "Very Negative": ["idiot", "loser", "worthless", "Vollidiot", "idiota", "nul", "inútil"],
+    "Negative": ["annoying", "broke", "déçu", "delusione", "rozczarowany", "Berbat", "garbage", "Slechtste"],
+    "Very Positive": ["Thanks", "Great", "Merci", "Danke", "Grazie", "Adorei", "encanta"],
+}
+
 # distilbert-base-multilingual-cased, the architecture of the default model.
 _BASE = {"dim": 768, "n_layers": 6, "n_heads": 12, "hidden_dim": 3072, "vocab_size": 119547}
 _TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64, "vocab_size": 0}

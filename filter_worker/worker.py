@@ -153,11 +153,7 @@ class Worker:
             self._tracker.track(tp, record.offset)
             decoded = decode(record.value, msg_settings.format, msg_settings.text_field)
             if isinstance(decoded, DecodeFailure):
-                log.warning(
-                    "dead-lettering record", topic=record.topic, partition=record.partition, offset=record.offset,
-                    error=decoded.error, reason=decoded.reason,
-                )
-                self._publish(dead_letter(record, decoded, self._topics["dead_letter"]), record, generation)
+                self._dead_letter(record, decoded, generation)
                 continue
             texts.append(decoded.text)
             embed = None
@@ -187,9 +183,7 @@ class Worker:
             error = result.errors[i]
             if error is not None or result.probs is None:
                 failure = DecodeFailure("model_error", f"the model failed on this record: {error}")
-                log.error("dead-lettering record", topic=record.topic, partition=record.partition,
-                          offset=record.offset, error=failure.error, reason=failure.reason)
-                self._publish(dead_letter(record, failure, self._topics["dead_letter"]), record, pending.generation)
+                self._dead_letter(record, failure, pending.generation)
                 continue
             decision = self._router.decide(result.probs[i])
             out = routed(
@@ -197,6 +191,14 @@ class Worker:
                 pending.embed_into,
             )
             self._publish(out, record, pending.generation)
+
+    def _dead_letter(self, record: InputRecord, failure: DecodeFailure, generation: int) -> None:
+        fields: dict[str, Any] = {"error": failure.error, "reason": failure.reason}
+        if self._settings.log.include_text:  # message content is private unless the operator opts in
+            fields["value"] = (record.value or b"")[:200].decode("utf-8", "replace")
+        log.warning("dead-lettering record", topic=record.topic, partition=record.partition, offset=record.offset,
+                    **fields)
+        self._publish(dead_letter(record, failure, self._topics["dead_letter"]), record, generation)
 
     def _publish(self, out: OutputRecord, source: InputRecord, generation: int) -> None:
         assert self._producer is not None
