@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="hub id or local directory (overrides FILTER_MODEL__NAME)")
     demo.add_argument("--messages", type=int, default=400, help="sample messages to produce (default 400)")
 
+    produce = commands.add_parser("produce", help="load generator: sample messages to the input topic at a rate")
+    produce.add_argument("--rate", type=float, default=50.0, help="messages per second (default 50)")
+    produce.add_argument("--count", type=int, default=1000, help="messages to send; 0 sends until stopped")
+    produce.add_argument("--topic", help="target topic (default: the first FILTER_TOPICS__INPUT)")
+
     model = commands.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     synth = model.add_parser("synth", help="write an offline stand-in model (no hub access needed)")
     synth.add_argument("path", help="directory to write the model to")
@@ -65,6 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(_settings_with_model(args), args.messages)
         if args.command == "model":
             return _synth(args)
+        if args.command == "produce":
+            from filter_worker.loadgen import produce_samples
+
+            settings = load_settings(args.config)
+            return produce_samples(settings, args.topic or settings.topics.input[0], args.rate, args.count)
     except ConfigError as exc:
         print(f"filter-worker: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -183,6 +183,17 @@ class LogSettings(_Section):
     include_text: bool = False
 
 
+class MetricsSettings(_Section):
+    enabled: bool = True
+    port: int = Field(9100, ge=0, le=65535)  # 0 picks a free port (tests)
+
+
+class HealthSettings(_Section):
+    # /healthz fails when the Kafka loop has not turned for this long; the loop turns at least every
+    # 100 ms while healthy, so the window only has to cover GC pauses and a slow rebalance callback.
+    liveness_window_s: float = Field(60.0, gt=0)
+
+
 class Settings(BaseSettings):
     """All settings. Sources, strongest first: environment, TOML file (``--config``), defaults."""
 
@@ -196,6 +207,8 @@ class Settings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
     shutdown_timeout_s: float = Field(30.0, gt=0)
 
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -19,6 +20,8 @@ from filter_worker.batching import plan_batches
 
 T = TypeVar("T")
 Predict = Callable[[Sequence[Sequence[int]]], np.ndarray]
+# Called after every forward pass with (rows, padded tokens, real tokens, seconds): metrics.
+Observe = Callable[[int, int, int, float], None]
 
 
 def infer_resilient(predict: Predict, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray | None, list[str | None]]:
@@ -83,8 +86,10 @@ class InferenceThread(Generic[T]):
         max_size: int,
         max_tokens: int,
         capacity: int = 2,
+        observe: Observe | None = None,
     ) -> None:
         self._predict = predict
+        self._observe = observe
         self._ids_of = ids_of
         self._max_size = max_size
         self._max_tokens = max_tokens
@@ -138,8 +143,12 @@ class InferenceThread(Generic[T]):
         errors: list[str | None] = [None] * len(items)
         padded = 0
         for group in plan_batches(lengths, self._max_size, self._max_tokens):
-            padded += len(group) * max(lengths[i] for i in group)
+            group_padded = len(group) * max(lengths[i] for i in group)
+            padded += group_padded
+            started = time.perf_counter()
             group_probs, group_errors = infer_resilient(self._predict, [rows[i] for i in group])
+            if self._observe is not None:
+                self._observe(len(group), group_padded, sum(lengths[i] for i in group), time.perf_counter() - started)
             if group_probs is not None:
                 if probs is None:
                     probs = np.full((len(items), group_probs.shape[1]), np.nan, dtype=np.float32)

@@ -56,6 +56,7 @@ class Classifier:
         self.max_length = max_length
         id2label = model.config.id2label  # type: ignore[attr-defined]
         self.labels: list[str] = [id2label[i] for i in range(len(id2label))]
+        self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # type: ignore[attr-defined]
         self._pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # type: ignore[attr-defined]
 
     @classmethod

@@ -21,8 +21,10 @@ from filter_worker import kafka_io
 from filter_worker.batching import BatchBuffer
 from filter_worker.config import Settings
 from filter_worker.decode import DecodeFailure, decode
+from filter_worker.health import Health, HealthServer
 from filter_worker.inference import InferenceThread, Result
 from filter_worker.logs import get_logger
+from filter_worker.metrics import Metrics
 from filter_worker.model import Classifier
 from filter_worker.offsets import OffsetTracker
 from filter_worker.records import InputRecord, OutputRecord, dead_letter, routed
@@ -36,6 +38,9 @@ EXIT_FAILED = 1
 # How long the loop waits for new records when it also has results to collect.
 _BUSY_POLL_S = 0.005
 _IDLE_POLL_S = 0.1
+# While the broker is unreachable, how often to probe it (a metadata request) for readiness.
+_PROBE_INTERVAL_S = 2.0
+_UNREACHABLE = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT}
 # Batches' worth of records buffered ahead of the model before partitions are paused. Pausing makes
 # librdkafka drop its prefetched records and fetch them again on resume, so it should be rare: it is
 # the bound on memory when the model is slower than the input, not a pacing mechanism.
@@ -80,6 +85,15 @@ class Worker:
         self._producer: Producer | None = None
         self._inference: InferenceThread[_Pending] | None = None
         self._topics = settings.topics.outputs()
+        self.metrics = Metrics()
+        self.health = Health(settings.health.liveness_window_s, clock)
+        self._last_probe = clock()
+        self._http: HealthServer | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        """Port of the metrics and health endpoint once ``run`` started it (useful with port 0)."""
+        return self._http.port if self._http is not None else None
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from signal handlers and other threads."""
@@ -95,10 +109,14 @@ class Worker:
             group=settings.kafka.group_id,
             kafka=settings.kafka.redacted_properties(),
         )
+        if settings.metrics.enabled:
+            self._http = HealthServer(settings.metrics.port, self.health, self.metrics.registry).start()
+        self._warm_up()
         self._producer = Producer({**kafka_io.producer_config(settings.kafka), "error_cb": self._client_error})
         self._consumer = Consumer({**kafka_io.consumer_config(settings.kafka), "error_cb": self._client_error})
         self._inference = InferenceThread(
-            self._classifier.predict, lambda p: p.ids, settings.batch.max_size, settings.batch.max_tokens
+            self._classifier.predict, lambda p: p.ids, settings.batch.max_size, settings.batch.max_tokens,
+            observe=self._observe_forward,
         )
         self._consumer.subscribe(
             settings.topics.input, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
@@ -116,6 +134,20 @@ class Worker:
             self._close()
         return code
 
+    def _warm_up(self) -> None:
+        """One forward pass before joining the group: CUDA kernels and allocator are ready on record one."""
+        classifier = self._classifier
+        classifier.classify(["warm-up"])
+        self.metrics.model.info({"name": classifier.name, "revision": classifier.revision,
+                                 "device": classifier.device, "dtype": classifier.dtype})
+        self.health.model_ready = True
+
+    def _observe_forward(self, rows: int, padded: int, real: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(rows)
+        self.metrics.padded_tokens.observe(padded)
+        self.metrics.fill_ratio.observe(real / padded if padded else 1.0)
+        self.metrics.forward_seconds.observe(seconds)
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def _step(self) -> None:
@@ -129,6 +161,9 @@ class Worker:
         self._producer.poll(0)
         self._raise_failure()
         self._maybe_commit()
+        self._probe_broker()
+        self.metrics.in_flight.set(self._tracker.in_flight())
+        self.health.progress()
 
     def _poll_timeout(self) -> float:
         assert self._inference is not None
@@ -146,6 +181,8 @@ class Worker:
                 self._consumer_error(message.error())
                 continue
             record = kafka_io.to_input_record(message)
+            self.metrics.consumed.labels(record.topic).inc()
+            self.health.broker_reachable = True
             tp = (record.topic, record.partition)
             generation = self._tracker.generation(tp)
             if generation is None:  # revoked while this message was in the fetch queue
@@ -190,7 +227,7 @@ class Worker:
                 record, decision, self._topics[decision.action], self._classifier.identity, pending.truncated,
                 pending.embed_into,
             )
-            self._publish(out, record, pending.generation)
+            self._publish(out, record, pending.generation, decision.action)
 
     def _dead_letter(self, record: InputRecord, failure: DecodeFailure, generation: int) -> None:
         fields: dict[str, Any] = {"error": failure.error, "reason": failure.reason}
@@ -198,9 +235,14 @@ class Worker:
             fields["value"] = (record.value or b"")[:200].decode("utf-8", "replace")
         log.warning("dead-lettering record", topic=record.topic, partition=record.partition, offset=record.offset,
                     **fields)
-        self._publish(dead_letter(record, failure, self._topics["dead_letter"]), record, generation)
+        self._publish(
+            dead_letter(record, failure, self._topics["dead_letter"]), record, generation, "dead_letter", failure.error
+        )
 
-    def _publish(self, out: OutputRecord, source: InputRecord, generation: int) -> None:
+    def _publish(
+        self, out: OutputRecord, source: InputRecord, generation: int, action: str, error: str | None = None
+    ) -> None:
+        """Produce ``out``; its delivery report acknowledges ``source`` (``error``: a dead letter's class)."""
         assert self._producer is not None
         tp = (source.topic, source.partition)
         offset = source.offset
@@ -212,6 +254,12 @@ class Worker:
                 )
                 return
             self._tracker.ack(tp, offset, generation)
+            self.health.broker_reachable = True
+            self.metrics.published.labels(action, source.topic).inc()
+            if error is not None:
+                self.metrics.dead_letters.labels(error).inc()
+            if source.timestamp_ms is not None:
+                self.metrics.latency.observe(max(0.0, time.time() - source.timestamp_ms / 1000))
 
         while True:
             try:
@@ -240,6 +288,30 @@ class Worker:
     def _maybe_commit(self) -> None:
         if self._clock() - self._last_commit >= self._settings.kafka.commit_interval_ms / 1000:
             self._commit()
+            self._update_lag()
+
+    def _update_lag(self) -> None:
+        """Lag per owned partition from cached watermarks (no broker round trip)."""
+        assert self._consumer is not None
+        positions = self._consumer.position(self._assignment())
+        for tp in positions:
+            if tp.offset < 0:
+                continue
+            _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - tp.offset))
+
+    def _probe_broker(self) -> None:
+        """While the broker looks unreachable, ask it for metadata now and then to notice its return."""
+        assert self._consumer is not None
+        if self.health.broker_reachable or self._clock() - self._last_probe < _PROBE_INTERVAL_S:
+            return
+        self._last_probe = self._clock()
+        try:
+            self._consumer.list_topics(timeout=1.0)
+        except KafkaException:
+            return
+        self.health.broker_reachable = True
 
     def _commit(self, tps: list[tuple[str, int]] | None = None) -> None:
         assert self._consumer is not None
@@ -253,10 +325,12 @@ class Worker:
             )
         except KafkaException as exc:
             # Typically a rebalance in progress; the next commit (or the revoke handler) retries.
+            self.metrics.commit_failures.inc()
             log.warning("commit failed; will retry", error=str(exc))
             return
         done = {(r.topic, r.partition): r.offset for r in results or [] if r.error is None}
         self._tracker.committed(done)
+        self.metrics.commits.inc()
         log.debug("committed", offsets={f"{t}/{p}": o for (t, p), o in done.items()})
 
     # -- rebalances -------------------------------------------------------------------------------
@@ -264,6 +338,8 @@ class Worker:
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for p in partitions:
             self._tracker.assign((p.topic, p.partition))
+        self.metrics.rebalances.labels("assign").inc()
+        self.health.joined = self.health.broker_reachable = True
         if self._paused:  # new partitions start unpaused; keep the whole assignment consistent
             self._consumer.pause(partitions)  # type: ignore[union-attr]
         log.info("partitions assigned", partitions=[f"{p.topic}/{p.partition}" for p in partitions])
@@ -278,6 +354,8 @@ class Worker:
         self._commit(tps)
         for tp in tps:
             self._tracker.revoke(tp)
+            self._forget_lag(tp)
+        self.metrics.rebalances.labels("revoke").inc()
         log.info(
             "partitions revoked", partitions=[f"{t}/{p}" for t, p in tps], dropped_unfinished=dropped,
             undelivered=remaining,
@@ -289,15 +367,26 @@ class Worker:
         self._buffer.discard(lambda p: (p.record.topic, p.record.partition) not in tps)
         for tp in tps:
             self._tracker.revoke(tp)
+            self._forget_lag(tp)
+        self.metrics.rebalances.labels("lost").inc()
+        self.health.joined = False
         log.warning("partitions lost", partitions=[f"{t}/{p}" for t, p in sorted(tps)])
+
+    def _forget_lag(self, tp: tuple[str, int]) -> None:
+        try:
+            self.metrics.lag.remove(tp[0], str(tp[1]))
+        except KeyError:
+            pass
 
     # -- errors and shutdown ----------------------------------------------------------------------
 
     def _client_error(self, err: KafkaError) -> None:
         if err.fatal():
             self._failure = self._failure or FatalError(f"fatal Kafka client error: {err.str()}")
-        else:
-            log.warning("kafka client error", code=err.name(), error=err.str())
+            return
+        if err.code() in _UNREACHABLE:
+            self.health.broker_reachable = False
+        log.warning("kafka client error", code=err.name(), error=err.str())
 
     def _consumer_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
@@ -337,4 +426,6 @@ class Worker:
                 self._consumer.close()  # leaves the group now instead of after a session timeout
         # Drop the clients so their connections close here, not whenever they are garbage-collected.
         self._consumer = self._producer = None
+        if self._http is not None:
+            self._http.stop()
         log.info("worker stopped")

@@ -1,0 +1,44 @@
+"""Prometheus metrics, on a registry per worker (so tests and the demo can run several in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+_FORWARD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+_RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter("filter_records_consumed", "Records consumed", ["topic"], registry=r)
+        self.published = Counter(
+            "filter_records_published", "Records whose output the broker acknowledged", ["action", "topic"], registry=r
+        )
+        self.dead_letters = Counter("filter_dead_letters", "Records dead-lettered, by error class", ["error"], registry=r)
+        self.batch_size = Histogram("filter_batch_size", "Records per forward pass", buckets=_SIZE_BUCKETS, registry=r)
+        self.padded_tokens = Histogram(
+            "filter_batch_padded_tokens", "Padded tokens per forward pass", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.fill_ratio = Histogram(
+            "filter_batch_fill_ratio", "Real tokens / padded tokens per forward pass", buckets=_RATIO_BUCKETS, registry=r
+        )
+        self.forward_seconds = Histogram(
+            "filter_forward_seconds", "Forward pass time", buckets=_FORWARD_BUCKETS, registry=r
+        )
+        self.latency = Histogram(
+            "filter_end_to_end_latency_seconds",
+            "Record timestamp to publish acknowledgement",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.commits = Counter("filter_commits", "Successful offset commits", registry=r)
+        self.commit_failures = Counter("filter_commit_failures", "Failed offset commits", registry=r)
+        self.lag = Gauge("filter_consumer_lag", "Records behind the high watermark", ["topic", "partition"], registry=r)
+        self.rebalances = Counter("filter_rebalances", "Rebalance events", ["kind"], registry=r)
+        self.in_flight = Gauge("filter_in_flight_records", "Consumed records not yet acknowledged", registry=r)
+        self.model = Info("filter_model", "The loaded model", registry=r)
