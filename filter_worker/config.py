@@ -17,8 +17,8 @@ from pydantic_settings import (
     BaseSettings,
     NoDecode,
     PydanticBaseSettingsSource,
-    SettingsError,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -73,7 +73,10 @@ class KafkaSettings(_Section):
 
     def client_properties(self) -> dict[str, str]:
         """librdkafka properties shared by consumer, producer and admin client (secrets included)."""
-        props: dict[str, str] = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.security_protocol}
+        props: dict[str, str] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
         if self.sasl_mechanism:
             props["sasl.mechanism"] = self.sasl_mechanism
         if self.sasl_username is not None:

@@ -99,7 +99,9 @@ def _produce(kafka: dict[str, str], topic: str, count: int) -> int:
     return count + len(MALFORMED)
 
 
-def _read_outputs(kafka: dict[str, str], settings: Settings, expected: int, timeout_s: float) -> tuple[list[_Output], float]:
+def _read_outputs(
+    kafka: dict[str, str], settings: Settings, expected: int, timeout_s: float
+) -> tuple[list[_Output], float]:
     reader = Consumer({**kafka, "group.id": f"demo-reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False})
     topics = settings.topics.outputs()
     action_of = {topic: action for action, topic in topics.items()}
@@ -134,8 +136,10 @@ def _print_summary(outputs: list[_Output], produced: int, elapsed: float) -> Non
         if len(examples[output.action]) < 3 and all(e.text != output.text for e in examples[output.action]):
             examples[output.action].append(output)
     print()
-    print(f"routed {len(outputs)} of {produced} records in {elapsed:.1f}s "
-          f"({len(outputs) / max(elapsed, 1e-9):.0f} records/s, including the consumer group join)")
+    print(
+        f"routed {len(outputs)} of {produced} records in {elapsed:.1f}s "
+        f"({len(outputs) / max(elapsed, 1e-9):.0f} records/s, including the consumer group join)"
+    )
     for action in ("allow", "quarantine", "drop", "dead_letter"):
         print(f"  {action:<12} {counts.get(action, 0):>6}")
         for example in examples.get(action, []):

@@ -89,7 +89,9 @@ def create_topics(admin: AdminClient, names: Iterable[str], partitions: int, tim
     todo = missing_topics(admin, names, timeout_s)
     if not todo:
         return
-    futures = admin.create_topics([NewTopic(name, num_partitions=partitions) for name in todo], operation_timeout=timeout_s)
+    futures = admin.create_topics(
+        [NewTopic(name, num_partitions=partitions) for name in todo], operation_timeout=timeout_s
+    )
     for name, future in futures.items():
         try:
             future.result(timeout=timeout_s)

@@ -19,13 +19,18 @@ class Metrics:
         self.published = Counter(
             "filter_records_published", "Records whose output the broker acknowledged", ["action", "topic"], registry=r
         )
-        self.dead_letters = Counter("filter_dead_letters", "Records dead-lettered, by error class", ["error"], registry=r)
+        self.dead_letters = Counter(
+            "filter_dead_letters", "Records dead-lettered, by error class", ["error"], registry=r
+        )
         self.batch_size = Histogram("filter_batch_size", "Records per forward pass", buckets=_SIZE_BUCKETS, registry=r)
         self.padded_tokens = Histogram(
             "filter_batch_padded_tokens", "Padded tokens per forward pass", buckets=_TOKEN_BUCKETS, registry=r
         )
         self.fill_ratio = Histogram(
-            "filter_batch_fill_ratio", "Real tokens / padded tokens per forward pass", buckets=_RATIO_BUCKETS, registry=r
+            "filter_batch_fill_ratio",
+            "Real tokens / padded tokens per forward pass",
+            buckets=_RATIO_BUCKETS,
+            registry=r,
         )
         self.forward_seconds = Histogram(
             "filter_forward_seconds", "Forward pass time", buckets=_FORWARD_BUCKETS, registry=r

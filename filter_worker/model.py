@@ -47,7 +47,9 @@ def resolve_device(requested: str) -> str:
 class Classifier:
     """A loaded classifier. Thread use: ``tokenize`` on one thread and ``predict`` on another is safe."""
 
-    def __init__(self, tokenizer: object, model: object, name: str, revision: str, device: str, max_length: int) -> None:
+    def __init__(
+        self, tokenizer: object, model: object, name: str, revision: str, device: str, max_length: int
+    ) -> None:
         self._tokenizer = tokenizer
         self._model = model
         self.name = name
@@ -98,10 +100,16 @@ class Classifier:
         limit = self.max_length * _CHARS_PER_TOKEN_BOUND
         clipped = [t[:limit] for t in texts]
         encoded = self._tokenizer(  # type: ignore[operator]
-            clipped, truncation=True, max_length=self.max_length, return_offsets_mapping=True, return_attention_mask=False
+            clipped,
+            truncation=True,
+            max_length=self.max_length,
+            return_offsets_mapping=True,
+            return_attention_mask=False,
         )
         result = []
-        for text, original, ids, offsets in zip(clipped, texts, encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        for text, original, ids, offsets in zip(
+            clipped, texts, encoded["input_ids"], encoded["offset_mapping"], strict=True
+        ):
             cut = len(original) > len(text)
             if not cut and len(ids) >= self.max_length:
                 last_end = max((end for _, end in offsets), default=0)
@@ -125,7 +133,9 @@ class Classifier:
             ).logits
             return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
-    def classify(self, texts: Sequence[str], max_size: int = 32, max_tokens: int = 16_384) -> tuple[np.ndarray, list[bool]]:
+    def classify(
+        self, texts: Sequence[str], max_size: int = 32, max_tokens: int = 16_384
+    ) -> tuple[np.ndarray, list[bool]]:
         """Probabilities for every text in input order, plus truncation flags; batched by length."""
         tokens = self.tokenize(texts)
         lengths = [len(t.ids) for t in tokens]

@@ -148,8 +148,11 @@ def build_keyword_model(
                 if token == tokenizer.unk_token_id:
                     raise ValueError(f"keyword {word!r} is not a single token")
                 params["distilbert.embeddings.word_embeddings.weight"][token, index[label]] = 40.0
-        for name in ("distilbert.embeddings.LayerNorm", "distilbert.transformer.layer.0.sa_layer_norm",
-                     "distilbert.transformer.layer.0.output_layer_norm"):
+        for name in (
+            "distilbert.embeddings.LayerNorm",
+            "distilbert.transformer.layer.0.sa_layer_norm",
+            "distilbert.transformer.layer.0.output_layer_norm",
+        ):
             params[f"{name}.weight"].fill_(1.0)
         layer = "distilbert.transformer.layer.0.attention"
         params[f"{layer}.v_lin.weight"].copy_(torch.eye(dim))

@@ -9,6 +9,7 @@ partitions and drop their unfinished work: the new owner reads it again.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -76,7 +77,9 @@ class Worker:
         self._stop = threading.Event()
         self._tracker = OffsetTracker()
         batch = settings.batch
-        self._buffer: BatchBuffer[_Pending] = BatchBuffer(batch.max_size, batch.max_tokens, batch.max_wait_ms / 1000, clock)
+        self._buffer: BatchBuffer[_Pending] = BatchBuffer(
+            batch.max_size, batch.max_tokens, batch.max_wait_ms / 1000, clock
+        )
         self._max_buffered = batch.max_size * _BUFFER_BATCHES
         self._paused = False
         self._failure: FatalError | None = None
@@ -115,7 +118,10 @@ class Worker:
         self._producer = Producer({**kafka_io.producer_config(settings.kafka), "error_cb": self._client_error})
         self._consumer = Consumer({**kafka_io.consumer_config(settings.kafka), "error_cb": self._client_error})
         self._inference = InferenceThread(
-            self._classifier.predict, lambda p: p.ids, settings.batch.max_size, settings.batch.max_tokens,
+            self._classifier.predict,
+            lambda p: p.ids,
+            settings.batch.max_size,
+            settings.batch.max_tokens,
             observe=self._observe_forward,
         )
         self._consumer.subscribe(
@@ -138,8 +144,14 @@ class Worker:
         """One forward pass before joining the group: CUDA kernels and allocator are ready on record one."""
         classifier = self._classifier
         classifier.classify(["warm-up"])
-        self.metrics.model.info({"name": classifier.name, "revision": classifier.revision,
-                                 "device": classifier.device, "dtype": classifier.dtype})
+        self.metrics.model.info(
+            {
+                "name": classifier.name,
+                "revision": classifier.revision,
+                "device": classifier.device,
+                "dtype": classifier.dtype,
+            }
+        )
         self.health.model_ready = True
 
     def _observe_forward(self, rows: int, padded: int, real: int, seconds: float) -> None:
@@ -224,7 +236,11 @@ class Worker:
                 continue
             decision = self._router.decide(result.probs[i])
             out = routed(
-                record, decision, self._topics[decision.action], self._classifier.identity, pending.truncated,
+                record,
+                decision,
+                self._topics[decision.action],
+                self._classifier.identity,
+                pending.truncated,
                 pending.embed_into,
             )
             self._publish(out, record, pending.generation, decision.action)
@@ -233,8 +249,9 @@ class Worker:
         fields: dict[str, Any] = {"error": failure.error, "reason": failure.reason}
         if self._settings.log.include_text:  # message content is private unless the operator opts in
             fields["value"] = (record.value or b"")[:200].decode("utf-8", "replace")
-        log.warning("dead-lettering record", topic=record.topic, partition=record.partition, offset=record.offset,
-                    **fields)
+        log.warning(
+            "dead-lettering record", topic=record.topic, partition=record.partition, offset=record.offset, **fields
+        )
         self._publish(
             dead_letter(record, failure, self._topics["dead_letter"]), record, generation, "dead_letter", failure.error
         )
@@ -357,7 +374,9 @@ class Worker:
             self._forget_lag(tp)
         self.metrics.rebalances.labels("revoke").inc()
         log.info(
-            "partitions revoked", partitions=[f"{t}/{p}" for t, p in tps], dropped_unfinished=dropped,
+            "partitions revoked",
+            partitions=[f"{t}/{p}" for t, p in tps],
+            dropped_unfinished=dropped,
             undelivered=remaining,
         )
 
@@ -373,10 +392,8 @@ class Worker:
         log.warning("partitions lost", partitions=[f"{t}/{p}" for t, p in sorted(tps)])
 
     def _forget_lag(self, tp: tuple[str, int]) -> None:
-        try:
+        with contextlib.suppress(KeyError):  # never set: nothing consumed from it
             self.metrics.lag.remove(tp[0], str(tp[1]))
-        except KeyError:
-            pass
 
     # -- errors and shutdown ----------------------------------------------------------------------
 

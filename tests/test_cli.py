@@ -12,8 +12,14 @@ import pytest
 
 def cli(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FILTER_")}
-    return subprocess.run([sys.executable, "-m", "filter_worker", *args], input=stdin, capture_output=True, text=True,
-                          env={**clean, **env}, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "filter_worker", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+        timeout=180,
+    )
 
 
 def test_classify_prints_one_json_decision_per_text(keyword_model, tmp_path):
@@ -31,8 +37,14 @@ def test_classify_prints_one_json_decision_per_text(keyword_model, tmp_path):
 
 def test_classify_reads_stdin_and_uses_rules_from_the_environment(keyword_model):
     rules = '[{"action": "quarantine", "labels": ["Very Positive"], "min_score": 0.5, "name": "too-happy"}]'
-    result = cli("classify", "--file", "-", stdin="a wonderful day\n", FILTER_MODEL__NAME=str(keyword_model),
-                 FILTER_ROUTING__RULES=rules)
+    result = cli(
+        "classify",
+        "--file",
+        "-",
+        stdin="a wonderful day\n",
+        FILTER_MODEL__NAME=str(keyword_model),
+        FILTER_ROUTING__RULES=rules,
+    )
     assert result.returncode == 0, result.stderr
     decision = orjson.loads(result.stdout)
     assert (decision["action"], decision["rule"]) == ("quarantine", "too-happy")
@@ -70,3 +82,33 @@ def test_demo_runs_end_to_end_on_a_local_model(keyword_model):
     for action in ("allow", "quarantine", "drop", "dead_letter"):
         assert f"  {action}" in out
     assert "invalid_json" in out and "MISSING" not in out
+
+
+@pytest.mark.integration
+def test_produce_sends_paced_sample_messages(bootstrap_servers):
+    import uuid
+
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    from filter_worker import kafka_io
+
+    topic = f"load-{uuid.uuid4().hex[:8]}"
+    kafka_io.create_topics(AdminClient({"bootstrap.servers": bootstrap_servers}), [topic], 1)
+    result = cli(
+        "produce", "--rate", "100", "--count", "40", "--topic", topic, FILTER_KAFKA__BOOTSTRAP_SERVERS=bootstrap_servers
+    )
+    assert result.returncode == 0, result.stderr
+    assert "produced 40 messages" in result.stdout and "0 undelivered, 0 failed" in result.stdout
+
+    reader = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": uuid.uuid4().hex})
+    reader.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    got = []
+    while len(got) < 40:
+        got += [m for m in reader.consume(50, 5.0) if m.error() is None] or pytest.fail("messages missing")
+    reader.close()
+    bodies = [orjson.loads(m.value()) for m in got]
+    assert [b["id"] for b in bodies] == [f"load-{i}" for i in range(40)]
+    assert all(b["text"] for b in bodies)
+    span = bodies[-1]["sent_at"] - bodies[0]["sent_at"]
+    assert span >= 39 / 100 * 0.9, "the rate limit was not applied"

@@ -21,7 +21,11 @@ def test_defaults_match_the_documented_ones():
     assert s.kafka.assignment_strategy == "range"
     assert s.topics.input == ["messages"]
     assert (s.topics.allow, s.topics.quarantine, s.topics.drop, s.topics.dead_letter) == (
-        "messages.allow", "messages.quarantine", "messages.drop", "messages.dlq")
+        "messages.allow",
+        "messages.quarantine",
+        "messages.drop",
+        "messages.dlq",
+    )
     assert s.model.name == DEFAULT_MODEL and s.model.max_length == 512 and s.model.device == "auto"
     assert s.model.trust_remote_code is False
     assert s.message.format == "json" and s.message.text_field == "text"
@@ -53,7 +57,11 @@ def test_env_overrides_toml_file(tmp_path, monkeypatch):
         ("FILTER_KAFKA__ASSIGNMENT_STRATEGY", "sticky", "FILTER_KAFKA__ASSIGNMENT_STRATEGY"),
         ("FILTER_ROUTING__RULES", '[{"action": "nuke", "labels": ["x"], "min_score": 0.5}]', "routing.rules[0].action"),
         ("FILTER_ROUTING__RULES", '[{"action": "drop", "labels": [], "min_score": 0.5}]', "routing.rules[0].labels"),
-        ("FILTER_ROUTING__RULES", '[{"action": "drop", "labels": ["x"], "min_score": 1.5}]', "routing.rules[0].min_score"),
+        (
+            "FILTER_ROUTING__RULES",
+            '[{"action": "drop", "labels": ["x"], "min_score": 1.5}]',
+            "routing.rules[0].min_score",
+        ),
         ("FILTER_ROUTING__RULES", '[{"action": "drop"', "FILTER_ROUTING__RULES is not valid JSON"),
         ("FILTER_TOPICS__ALLOW", "messages", "must not also be output topics"),
         ("FILTER_SHUTDOWN_TIMEOUT_S", "-1", "FILTER_SHUTDOWN_TIMEOUT_S"),

@@ -33,8 +33,9 @@ def test_failing_batch_is_halved_until_only_the_bad_record_fails():
 
 def test_thread_returns_results_in_input_order_with_length_sorted_passes():
     calls: list[int] = []
-    thread: InferenceThread[list[int]] = InferenceThread(fake_predict(set(), calls), lambda r: r, max_size=2,
-                                                         max_tokens=100)
+    thread: InferenceThread[list[int]] = InferenceThread(
+        fake_predict(set(), calls), lambda r: r, max_size=2, max_tokens=100
+    )
     items = [[30, 1, 1], [10], [20, 1], [40]]
     thread.submit(items)
     results = list(thread.completed(timeout_s=5))

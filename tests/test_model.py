@@ -28,7 +28,12 @@ def test_probabilities_follow_the_keywords_and_batching_does_not_change_them(mod
     probs, truncated = model.classify(texts)
     assert probs.shape == (5, 5) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert [model.labels[i] for i in probs.argmax(axis=1)] == [
-        "Very Negative", "Negative", "Very Positive", "Neutral", "Very Negative"]
+        "Very Negative",
+        "Negative",
+        "Very Positive",
+        "Neutral",
+        "Very Negative",
+    ]
     one_by_one = np.vstack([model.classify([t], max_size=1)[0] for t in texts])
     assert np.allclose(probs, one_by_one, atol=1e-5), "padding must not change results"
     assert truncated == [False] * 5

@@ -30,8 +30,14 @@ def test_embedded_value_holds_original_fields_and_moderation():
     body = orjson.loads(out.value)
     assert body["text"] == "x" and body["id"] == 3
     assert body["moderation"] == {
-        "action": "quarantine", "label": "Negative", "score": 0.8123456789, "rule": "negative",
-        "scores": {"Negative": 0.81, "Neutral": 0.19}, "model": "m@rev", "source": "in/2/41", "truncated": True,
+        "action": "quarantine",
+        "label": "Negative",
+        "score": 0.8123456789,
+        "rule": "negative",
+        "scores": {"Negative": 0.81, "Neutral": 0.19},
+        "model": "m@rev",
+        "source": "in/2/41",
+        "truncated": True,
     }
     assert dict(out.headers)["filter.truncated"] == b"true"
 

@@ -39,8 +39,10 @@ def test_first_matching_rule_wins_and_threshold_is_inclusive():
 
 
 def test_allow_rules_can_short_circuit_later_ones():
-    rules = [Rule(action="allow", labels=["Very Positive"], min_score=0.3, name="praise"),
-             Rule(action="drop", labels=["Very Negative"], min_score=0.3)]
+    rules = [
+        Rule(action="allow", labels=["Very Positive"], min_score=0.3, name="praise"),
+        Rule(action="drop", labels=["Very Negative"], min_score=0.3),
+    ]
     decision = Router(rules, LABELS).decide(probs(0.35, 0.0, 0.0, 0.0, 0.65))
     assert (decision.action, decision.rule) == ("allow", "praise")
 

@@ -39,14 +39,25 @@ class Output:
         return int(partition), int(offset)
 
 
-def worker_settings(bootstrap: str, model: str, partitions_topic_prefix: str | None = None, **overrides: object) -> Settings:
+def worker_settings(
+    bootstrap: str, model: str, partitions_topic_prefix: str | None = None, **overrides: object
+) -> Settings:
     """Settings for a test worker on fresh, uniquely named topics."""
     prefix = partitions_topic_prefix or f"t{uuid.uuid4().hex[:8]}"
     env = {
-        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"{prefix}-group", "session_timeout_ms": 6000,
-                  "commit_interval_ms": 200},
-        "topics": {"input": [f"{prefix}.in"], "allow": f"{prefix}.allow", "quarantine": f"{prefix}.quarantine",
-                   "drop": f"{prefix}.drop", "dead_letter": f"{prefix}.dlq"},
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "group_id": f"{prefix}-group",
+            "session_timeout_ms": 6000,
+            "commit_interval_ms": 200,
+        },
+        "topics": {
+            "input": [f"{prefix}.in"],
+            "allow": f"{prefix}.allow",
+            "quarantine": f"{prefix}.quarantine",
+            "drop": f"{prefix}.drop",
+            "dead_letter": f"{prefix}.dlq",
+        },
         "model": {"name": model},
         "batch": {"max_size": 16, "max_wait_ms": 20},
         "shutdown_timeout_s": 10,
@@ -83,15 +94,22 @@ def produce(
             errors.append(str(err))
             return
         landed.append(
-            Produced(msg.partition(), msg.offset(), msg.key(), msg.value(), tuple(msg.headers() or ()),  # type: ignore[attr-defined]
-                     msg.timestamp()[1])  # type: ignore[attr-defined]
+            Produced(
+                msg.partition(),
+                msg.offset(),
+                msg.key(),
+                msg.value(),
+                tuple(msg.headers() or ()),  # type: ignore[attr-defined]
+                msg.timestamp()[1],
+            )  # type: ignore[attr-defined]
         )
 
     for i, value in enumerate(values):
         while True:
             try:
-                producer.produce(topic, key=f"{key_prefix}{i}".encode(), value=value, headers=list(headers),
-                                 on_delivery=report)
+                producer.produce(
+                    topic, key=f"{key_prefix}{i}".encode(), value=value, headers=list(headers), on_delivery=report
+                )
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -102,8 +120,13 @@ def produce(
 
 def read_outputs(settings: Settings, expected: int, timeout_s: float = 120.0, settle_s: float = 1.0) -> list[Output]:
     """Read all four output topics from the beginning until ``expected`` records (then ``settle_s`` more)."""
-    reader = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": f"reader-{uuid.uuid4().hex}",
-                       "enable.auto.commit": False})
+    reader = Consumer(
+        {
+            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            "group.id": f"reader-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+        }
+    )
     reader.assign([TopicPartition(t, 0, OFFSET_BEGINNING) for t in settings.topics.outputs().values()])
     outputs: list[Output] = []
     deadline = time.monotonic() + timeout_s
@@ -113,8 +136,16 @@ def read_outputs(settings: Settings, expected: int, timeout_s: float = 120.0, se
             for message in reader.consume(500, 0.2):
                 assert message.error() is None, message.error()
                 header_list = tuple(message.headers() or ())
-                outputs.append(Output(message.topic(), message.key(), message.value(), dict(header_list), header_list,
-                                      message.timestamp()[1]))
+                outputs.append(
+                    Output(
+                        message.topic(),
+                        message.key(),
+                        message.value(),
+                        dict(header_list),
+                        header_list,
+                        message.timestamp()[1],
+                    )
+                )
             if len(outputs) >= expected:
                 settled_at = settled_at or time.monotonic()
                 if time.monotonic() - settled_at >= settle_s:
@@ -126,8 +157,13 @@ def read_outputs(settings: Settings, expected: int, timeout_s: float = 120.0, se
 
 def committed_offsets(settings: Settings, partitions: int) -> dict[int, int]:
     """The group's committed offsets per input partition (-1001 when none)."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": settings.kafka.group_id,
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            "group.id": settings.kafka.group_id,
+            "enable.auto.commit": False,
+        }
+    )
     try:
         topic = settings.topics.input[0]
         result = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)

@@ -10,7 +10,14 @@ from collections import Counter
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.kafka_helpers import create_topics, end_offsets, produce, read_outputs, wait_for_commits, worker_settings
+from tests.integration.kafka_helpers import (
+    create_topics,
+    end_offsets,
+    produce,
+    read_outputs,
+    wait_for_commits,
+    worker_settings,
+)
 
 
 def get(port: int, path: str) -> tuple[int, str]:

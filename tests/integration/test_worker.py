@@ -100,8 +100,9 @@ def test_every_record_routed_exactly_once_and_committed(bootstrap_servers, keywo
 
 
 def test_embedded_output_and_text_format(bootstrap_servers, keyword_model, running_worker):
-    settings = worker_settings(bootstrap_servers, str(keyword_model), output={"embed": True},
-                               message={"format": "text"})
+    settings = worker_settings(
+        bootstrap_servers, str(keyword_model), output={"embed": True}, message={"format": "text"}
+    )
     create_topics(settings, input_partitions=2)
     long_text = "idiot " + "word " * 2000
     values = [b"you are an idiot", b"a wonderful day", long_text.encode(), b"   ", b"\xff"]
@@ -129,8 +130,12 @@ def test_embedded_output_and_text_format(bootstrap_servers, keyword_model, runni
 
 
 def test_json_embedding_keeps_the_original_object(bootstrap_servers, keyword_model, running_worker):
-    settings = worker_settings(bootstrap_servers, str(keyword_model), output={"embed": True},
-                               message={"format": "json", "text_field": "payload.body"})
+    settings = worker_settings(
+        bootstrap_servers,
+        str(keyword_model),
+        output={"embed": True},
+        message={"format": "json", "text_field": "payload.body"},
+    )
     create_topics(settings, input_partitions=1)
     original = {"id": 7, "payload": {"body": "this is annoying", "from": "u1"}, "tags": ["a"]}
     produce(bootstrap_servers, settings.topics.input[0], [orjson.dumps(original), b'{"payload": {}}'])
