@@ -20,7 +20,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from filter_worker import kafka_io
 from filter_worker.batching import BatchBuffer
-from filter_worker.config import Settings
+from filter_worker.config import ConfigError, Settings
 from filter_worker.decode import DecodeFailure, decode
 from filter_worker.health import Health, HealthServer
 from filter_worker.inference import InferenceThread, Result
@@ -113,7 +113,10 @@ class Worker:
             kafka=settings.kafka.redacted_properties(),
         )
         if settings.metrics.enabled:
-            self._http = HealthServer(settings.metrics.port, self.health, self.metrics.registry).start()
+            try:
+                self._http = HealthServer(settings.metrics.port, self.health, self.metrics.registry).start()
+            except OSError as exc:
+                raise ConfigError(f"FILTER_METRICS__PORT={settings.metrics.port}: {exc.strerror}") from None
         self._warm_up()
         self._producer = Producer({**kafka_io.producer_config(settings.kafka), "error_cb": self._client_error})
         self._consumer = Consumer({**kafka_io.consumer_config(settings.kafka), "error_cb": self._client_error})

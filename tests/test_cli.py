@@ -112,3 +112,15 @@ def test_produce_sends_paced_sample_messages(bootstrap_servers):
     assert all(b["text"] for b in bodies)
     span = bodies[-1]["sent_at"] - bodies[0]["sent_at"]
     assert span >= 39 / 100 * 0.9, "the rate limit was not applied"
+
+
+def test_metrics_port_in_use_exits_2_naming_the_setting(keyword_model):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("run", FILTER_MODEL__NAME=str(keyword_model), FILTER_METRICS__PORT=str(port))
+    assert result.returncode == 2
+    assert f"FILTER_METRICS__PORT={port}" in result.stderr and "Traceback" not in result.stderr
