@@ -9,6 +9,7 @@ from collections import Counter
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from tests.integration.kafka_helpers import (
     create_topics,
@@ -43,7 +44,7 @@ def test_metrics_and_probes_reflect_the_run(bootstrap_servers, keyword_model, ru
     produced = produce(bootstrap_servers, settings.topics.input[0], values)
     topic = settings.topics.input[0]
 
-    with running_worker(settings) as worker:
+    with capture_logs() as events, running_worker(settings) as worker:
         while worker.http_port is None:
             time.sleep(0.01)
         port = worker.http_port
@@ -63,6 +64,11 @@ def test_metrics_and_probes_reflect_the_run(bootstrap_servers, keyword_model, ru
         assert get(port, "/nope")[0] == 404
         status, text = get(port, "/metrics")
     assert status == 200
+    dead = [e for e in events if e["event"] == "dead-lettering record"]
+    assert len(dead) == 7
+    for event in dead:  # every record log line says where the record is; none carries its content
+        assert event["topic"] == topic and event["offset"] >= 0 and "partition" in event
+        assert "value" not in event and "text" not in event
     m = samples(text)
     per_topic = Counter(o.topic.rsplit(".", 1)[1] for o in outputs)
     assert m[("filter_records_consumed_total", (("topic", topic),))] == len(produced)
