@@ -61,6 +61,7 @@ def run_demo(settings: Settings, count: int) -> int:
         settings.kafka.bootstrap_servers = broker.bootstrap_servers
         settings.kafka.group_id = f"filter-worker-demo-{uuid.uuid4().hex[:8]}"
         settings.kafka.session_timeout_ms = 6000
+        settings.metrics.port = 0  # any free port: the demo must not collide with a real worker's 9100
         kafka = settings.kafka.client_properties()
         admin = AdminClient(kafka)
         kafka_io.create_topics(admin, settings.topics.input, INPUT_PARTITIONS)
@@ -74,6 +75,10 @@ def run_demo(settings: Settings, count: int) -> int:
         started = time.monotonic()
         thread = threading.Thread(target=worker.run, name="worker", daemon=True)
         thread.start()
+        while settings.metrics.enabled and worker.http_port is None and thread.is_alive():
+            time.sleep(0.01)
+        if worker.http_port is not None:
+            print(f"worker running; metrics at http://127.0.0.1:{worker.http_port}/metrics", flush=True)
         try:
             outputs, last_output = _read_outputs(kafka, settings, produced, timeout_s=120 + produced * 0.5)
         finally:

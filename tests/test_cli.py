@@ -82,6 +82,7 @@ def test_demo_runs_end_to_end_on_a_local_model(keyword_model):
     for action in ("allow", "quarantine", "drop", "dead_letter"):
         assert f"  {action}" in out
     assert "invalid_json" in out and "MISSING" not in out
+    assert "metrics at http://127.0.0.1:" in out
 
 
 @pytest.mark.integration
