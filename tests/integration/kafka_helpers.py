@@ -60,6 +60,7 @@ def worker_settings(
         },
         "model": {"name": model},
         "batch": {"max_size": 16, "max_wait_ms": 20},
+        "metrics": {"port": 0},  # several workers share one process or machine: any free port
         "shutdown_timeout_s": 10,
     }
     for key, value in overrides.items():

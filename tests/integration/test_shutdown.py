@@ -36,6 +36,7 @@ def worker_env(settings, **extra: str) -> dict[str, str]:
         "FILTER_TOPICS__DEAD_LETTER": topics.dead_letter,
         "FILTER_MODEL__NAME": settings.model.name,
         "FILTER_BATCH__MAX_SIZE": "8",
+        "FILTER_METRICS__PORT": "0",
         "FILTER_LOG__FORMAT": "json",
         **extra,
     }
