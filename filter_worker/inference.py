@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from filter_worker.batching import plan_batches
+from filter_worker.batching import padded_tokens, plan_batches
 
 T = TypeVar("T")
 Predict = Callable[[Sequence[Sequence[int]]], np.ndarray]
@@ -143,7 +143,7 @@ class InferenceThread(Generic[T]):
         errors: list[str | None] = [None] * len(items)
         padded = 0
         for group in plan_batches(lengths, self._max_size, self._max_tokens):
-            group_padded = len(group) * max(lengths[i] for i in group)
+            group_padded = padded_tokens(lengths, [group])
             padded += group_padded
             started = time.perf_counter()
             group_probs, group_errors = infer_resilient(self._predict, [rows[i] for i in group])

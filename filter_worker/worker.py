@@ -368,13 +368,9 @@ class Worker:
         """Commit what was published for the revoked partitions, then forget their unfinished work."""
         assert self._producer is not None
         tps = [(p.topic, p.partition) for p in partitions]
-        revoked = set(tps)
-        dropped = self._buffer.discard(lambda p: (p.record.topic, p.record.partition) not in revoked)
         remaining = self._producer.flush(self._settings.shutdown_timeout_s)
         self._commit(tps)
-        for tp in tps:
-            self._tracker.revoke(tp)
-            self._forget_lag(tp)
+        dropped = self._forget(tps)
         self.metrics.rebalances.labels("revoke").inc()
         log.info(
             "partitions revoked",
@@ -385,14 +381,20 @@ class Worker:
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Lost (session expired): another member may own them already, so nothing is committed."""
-        tps = {(p.topic, p.partition) for p in partitions}
-        self._buffer.discard(lambda p: (p.record.topic, p.record.partition) not in tps)
+        tps = sorted({(p.topic, p.partition) for p in partitions})
+        self._forget(tps)
+        self.metrics.rebalances.labels("lost").inc()
+        self.health.joined = False
+        log.warning("partitions lost", partitions=[f"{t}/{p}" for t, p in tps])
+
+    def _forget(self, tps: list[tuple[str, int]]) -> int:
+        """Drop buffered records, offset state and lag gauges of partitions no longer owned; returns records dropped."""
+        gone = set(tps)
+        dropped = self._buffer.discard(lambda p: (p.record.topic, p.record.partition) not in gone)
         for tp in tps:
             self._tracker.revoke(tp)
             self._forget_lag(tp)
-        self.metrics.rebalances.labels("lost").inc()
-        self.health.joined = False
-        log.warning("partitions lost", partitions=[f"{t}/{p}" for t, p in sorted(tps)])
+        return dropped
 
     def _forget_lag(self, tp: tuple[str, int]) -> None:
         with contextlib.suppress(KeyError):  # never set: nothing consumed from it
