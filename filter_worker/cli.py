@@ -1,8 +1,7 @@
 """``filter-worker`` command line: run, classify, demo.
 
-Exit codes tell an orchestrator what happened: 0 stopped cleanly, 1 stopped on a runtime failure
-(offsets stay at the last acknowledged record, so a restart resumes safely), 2 bad configuration,
-3 the model could not be loaded. Bad configuration and model errors are one sentence, not a traceback.
+Exit codes (``exit_codes.ExitCode``) tell an orchestrator what happened. Bad configuration and model
+errors are one sentence, not a traceback.
 """
 
 from __future__ import annotations
@@ -18,10 +17,11 @@ import orjson
 
 from filter_worker import __version__
 from filter_worker.config import ConfigError, Settings, load_settings
+from filter_worker.exit_codes import ExitCode
 from filter_worker.model import ModelLoadError
 
-EXIT_CONFIG = 2
-EXIT_MODEL = 3
+EXIT_CONFIG = int(ExitCode.CONFIG)
+EXIT_MODEL = int(ExitCode.MODEL)
 
 
 def _parser() -> argparse.ArgumentParser:

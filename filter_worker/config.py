@@ -54,6 +54,12 @@ class KafkaSettings(_Section):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    # Kafka transactions: outputs and consumed offsets commit atomically, so read_committed consumers
+    # of the output topics see every input exactly once, crashes included.
+    exactly_once: bool = False
+    # Stable per worker and unique among running workers; a restarted worker with the same id fences
+    # its previous incarnation and aborts its open transaction. Default: "<group_id>-<hostname>".
+    transactional_id: str | None = None
     properties: dict[str, SecretStr] = Field(default_factory=dict)
     consumer_properties: dict[str, SecretStr] = Field(default_factory=dict)
     producer_properties: dict[str, SecretStr] = Field(default_factory=dict)
@@ -106,6 +112,9 @@ class TopicSettings(_Section):
     quarantine: str = "messages.quarantine"
     drop: str = "messages.drop"
     dead_letter: str = "messages.dlq"
+    # Create missing output topics at start-up (with the input's partition count and the broker's
+    # default replication). Input topics are never created: a missing one is a typo or a wrong cluster.
+    create: bool = False
 
     _split = field_validator("input", mode="before")(_split_topics)
 
@@ -176,6 +185,18 @@ class RoutingSettings(_Section):
     rules: list[Rule] = Field(default_factory=lambda: [r.model_copy() for r in DEFAULT_RULES])
 
 
+class DeadLetterSettings(_Section):
+    """When dead letters stop being "some bad input" and become "this deploy is broken".
+
+    A worker that can classify nothing (wrong text field, broken model) would otherwise move the whole
+    stream into the dead-letter topic. Crossing either limit stops it (exit code 5) instead.
+    """
+
+    max_consecutive: int = Field(1000, ge=0)  # 0: no limit
+    max_ratio: float = Field(0.95, gt=0.0, le=1.0)  # 1.0: no limit
+    window: int = Field(1000, ge=1)  # records the ratio is taken over (evaluated once the window is full)
+
+
 class OutputSettings(_Section):
     embed: bool = False
 
@@ -208,6 +229,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = Field(default_factory=BatchSettings)
     message: MessageSettings = Field(default_factory=MessageSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    dead_letter: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)

@@ -36,19 +36,32 @@ def consumer_config(settings: KafkaSettings) -> dict[str, object]:
         "session.timeout.ms": settings.session_timeout_ms,
         "heartbeat.interval.ms": max(100, settings.session_timeout_ms // 3),
         "max.poll.interval.ms": settings.max_poll_interval_ms,
+        # Inputs written by transactional producers: only committed ones are classified.
+        "isolation.level": "read_committed",
         **{k: v.get_secret_value() for k, v in settings.consumer_properties.items()},
     }
 
 
+def transactional_id(settings: KafkaSettings) -> str:
+    """Stable across restarts of one pod (its hostname), distinct between pods of one group."""
+    return settings.transactional_id or f"{settings.group_id}-{socket.gethostname()}"
+
+
 def producer_config(settings: KafkaSettings) -> dict[str, object]:
-    return {
+    config: dict[str, object] = {
         **settings.client_properties(),
         "client.id": client_id("producer"),
         "acks": "all",
         "enable.idempotence": True,
         "linger.ms": 5,
-        **{k: v.get_secret_value() for k, v in settings.producer_properties.items()},
+        # Ride out broker outages of any length instead of failing records after 5 minutes: nothing is
+        # committed past an unacknowledged record anyway, and the pause keeps memory bounded meanwhile.
+        "message.timeout.ms": 0,
     }
+    if settings.exactly_once:
+        config["transactional.id"] = transactional_id(settings)
+        config["message.timeout.ms"] = 60_000  # must not exceed transaction.timeout.ms (default 60 s)
+    return {**config, **{k: v.get_secret_value() for k, v in settings.producer_properties.items()}}
 
 
 def admin_config(settings: KafkaSettings) -> dict[str, object]:

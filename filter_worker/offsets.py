@@ -72,6 +72,11 @@ class OffsetTracker:
         while state.pending and state.pending[0] in state.acked:
             state.acked.discard(state.pending.popleft())
 
+    def unacknowledged(self, tp: TopicPartition) -> list[int]:
+        """Consumed offsets of ``tp`` still waiting for acknowledgement, in offset order (a copy)."""
+        state = self._partitions.get(tp)
+        return [o for o in state.pending if o not in state.acked] if state else []
+
     def watermark(self, tp: TopicPartition) -> int | None:
         """The offset a commit may carry now (the next record to read), or ``None`` before any record."""
         state = self._partitions.get(tp)

@@ -16,12 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from filter_worker import kafka_io
 from filter_worker.batching import BatchBuffer
 from filter_worker.config import ConfigError, Settings
+from filter_worker.dead_letter_limit import DeadLetterLimit
 from filter_worker.decode import DecodeFailure, decode
+from filter_worker.exit_codes import ExitCode
 from filter_worker.health import Health, HealthServer
 from filter_worker.inference import InferenceThread, Result
 from filter_worker.logs import get_logger
@@ -33,15 +36,18 @@ from filter_worker.routing import Router
 
 log = get_logger("filter_worker.worker")
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-
 # How long the loop waits for new records when it also has results to collect.
 _BUSY_POLL_S = 0.005
 _IDLE_POLL_S = 0.1
 # While the broker is unreachable, how often to probe it (a metadata request) for readiness.
 _PROBE_INTERVAL_S = 2.0
 _UNREACHABLE = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT}
+# Produce errors that are about this one record, not the pipeline: the record goes to the dead-letter
+# topic (with the reason) instead of stopping the worker. Anything else stops it, uncommitted.
+_RECORD_REJECTED = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG_SIZE}
+# While waiting for Kafka at start-up: how long one metadata request may take, and how often to log.
+_METADATA_TIMEOUT_S = 2.0
+_WAITING_LOG_INTERVAL_S = 10.0
 # Batches' worth of records buffered ahead of the model before partitions are paused. Pausing makes
 # librdkafka drop its prefetched records and fetch them again on resume, so it should be rare: it is
 # the bound on memory when the model is slower than the input, not a pacing mechanism.
@@ -49,7 +55,22 @@ _BUFFER_BATCHES = 32
 
 
 class FatalError(Exception):
-    """Something the worker must not continue past (a failed delivery, a fatal client error)."""
+    """Something the worker must not continue past; ``code`` is the process exit code."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class _Held:
+    """An output waiting for its turn in a transaction (exactly-once mode)."""
+
+    out: OutputRecord
+    source: InputRecord
+    generation: int
+    action: str
+    error: str | None
 
 
 @dataclass(slots=True)
@@ -88,6 +109,14 @@ class Worker:
         self._producer: Producer | None = None
         self._inference: InferenceThread[_Pending] | None = None
         self._topics = settings.topics.outputs()
+        self._limit = DeadLetterLimit(settings.dead_letter)
+        # Dead letters of a run that may still cross the limit: acknowledged only when the run ends.
+        self._deferred_acks: list[tuple[tuple[str, int], int, int]] = []
+        self._transactional = settings.kafka.exactly_once
+        self._held: dict[tuple[str, int], dict[int, _Held]] = {}
+        self._in_transaction = False
+        # Nothing consumed, buffered or in the model: a run of dead letters cannot grow right now.
+        self._idle = False
         self.metrics = Metrics()
         self.health = Health(settings.health.liveness_window_s, clock)
         self._last_probe = clock()
@@ -110,6 +139,7 @@ class Worker:
             device=self._classifier.device,
             input=settings.topics.input,
             group=settings.kafka.group_id,
+            exactly_once=self._transactional,
             kafka=settings.kafka.redacted_properties(),
         )
         if settings.metrics.enabled:
@@ -127,21 +157,21 @@ class Worker:
             settings.batch.max_tokens,
             observe=self._observe_forward,
         )
-        self._consumer.subscribe(
-            settings.topics.input, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
-        code = EXIT_OK
+        code = ExitCode.OK
         try:
+            if not self._start_up():
+                return code
             while not self._stop.is_set():
                 self._step()
             log.info("stopping: finishing in-flight work", in_flight=self._tracker.in_flight())
-            self._drain()
+            if not self._drain():
+                code = ExitCode.SHUTDOWN_DEADLINE
         except FatalError as exc:
-            log.error("worker failed; offsets stay at the last acknowledged record", error=str(exc))
-            code = EXIT_FAILED
+            log.error("worker failed; offsets stay at the last acknowledged record", error=str(exc), exit_code=exc.code)
+            code = exc.code
         finally:
             self._close()
-        return code
+        return int(code)
 
     def _warm_up(self) -> None:
         """One forward pass before joining the group: CUDA kernels and allocator are ready on record one."""
@@ -163,6 +193,77 @@ class Worker:
         self.metrics.fill_ratio.observe(real / padded if padded else 1.0)
         self.metrics.forward_seconds.observe(seconds)
 
+    # -- start-up ---------------------------------------------------------------------------------
+
+    def _start_up(self) -> bool:
+        """Wait for Kafka, check (or create) topics, then join the group; ``False`` if stopped meanwhile."""
+        assert self._consumer is not None and self._producer is not None
+        existing = self._await_kafka()
+        if existing is None:
+            return False
+        self._check_topics(existing)
+        if self._transactional:
+            self._init_transactions()
+        self._consumer.subscribe(
+            self._settings.topics.input, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        return True
+
+    def _await_kafka(self) -> dict[str, int] | None:
+        """Topic -> partition count once the cluster answers; retried for as long as it takes.
+
+        A worker started before its broker (compose, a cluster being restored) must not crash-loop:
+        it waits, says so in the log, and stays live but not ready.
+        """
+        assert self._consumer is not None
+        started = self._clock()
+        last_log = -_WAITING_LOG_INTERVAL_S
+        while not self._stop.is_set():
+            self._raise_failure()
+            self.health.progress()
+            try:
+                metadata = self._consumer.list_topics(timeout=_METADATA_TIMEOUT_S)
+            except KafkaException as exc:
+                if self._clock() - last_log >= _WAITING_LOG_INTERVAL_S:
+                    last_log = self._clock()
+                    log.warning(
+                        "waiting for Kafka",
+                        bootstrap_servers=self._settings.kafka.bootstrap_servers,
+                        waited_s=round(self._clock() - started, 1),
+                        error=str(exc.args[0].str() if exc.args else exc),
+                    )
+                continue
+            if metadata.brokers:
+                self.health.broker_reachable = True
+                return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
+        return None
+
+    def _check_topics(self, existing: dict[str, int]) -> None:
+        topics = self._settings.topics
+        inputs = [t for t in topics.input if not t.startswith("^")]  # a regex subscription may match later
+        missing_inputs = [t for t in inputs if t not in existing]
+        if missing_inputs:
+            raise FatalError(
+                f"input topic(s) {missing_inputs} do not exist on {self._settings.kafka.bootstrap_servers} "
+                "(check FILTER_TOPICS__INPUT and FILTER_KAFKA__BOOTSTRAP_SERVERS)",
+                ExitCode.TOPICS,
+            )
+        missing = sorted(set(self._topics.values()) - set(existing))
+        if not missing:
+            return
+        if not topics.create:
+            raise FatalError(
+                f"output topic(s) {missing} do not exist; create them or set FILTER_TOPICS__CREATE=true",
+                ExitCode.TOPICS,
+            )
+        partitions = max((existing[t] for t in inputs), default=1)
+        admin = AdminClient(kafka_io.admin_config(self._settings.kafka))
+        try:
+            kafka_io.create_topics(admin, missing, partitions)
+        except RuntimeError as exc:
+            raise FatalError(str(exc), ExitCode.TOPICS) from None
+        log.info("created output topics", topics=missing, partitions=partitions)
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def _step(self) -> None:
@@ -173,9 +274,15 @@ class Worker:
         self._ingest(messages)
         self._dispatch()
         self._collect(timeout_s=0.0)
+        self._idle = not messages and not len(self._buffer) and not self._inference.in_flight  # type: ignore[union-attr]
+        if self._idle:
+            self._release_deferred_acks()
         self._producer.poll(0)
         self._raise_failure()
-        self._maybe_commit()
+        if self._transactional:
+            self._commit_transaction()
+        else:
+            self._maybe_commit()
         self._probe_broker()
         self.metrics.in_flight.set(self._tracker.in_flight())
         self.health.progress()
@@ -237,6 +344,7 @@ class Worker:
                 failure = DecodeFailure("model_error", f"the model failed on this record: {error}")
                 self._dead_letter(record, failure, pending.generation)
                 continue
+            self._count_outcome(dead=False)
             decision = self._router.decide(result.probs[i])
             out = routed(
                 record,
@@ -252,6 +360,7 @@ class Worker:
         fields: dict[str, Any] = {"error": failure.error, "reason": failure.reason}
         if self._settings.log.include_text:  # message content is private unless the operator opts in
             fields["value"] = (record.value or b"")[:200].decode("utf-8", "replace")
+        self._count_outcome(dead=True)
         log.warning(
             "dead-lettering record", topic=record.topic, partition=record.partition, offset=record.offset, **fields
         )
@@ -259,21 +368,53 @@ class Worker:
             dead_letter(record, failure, self._topics["dead_letter"]), record, generation, "dead_letter", failure.error
         )
 
+    def _count_outcome(self, dead: bool) -> None:
+        """Feed the dead-letter limit; a run that ends releases the acknowledgements it held back."""
+        exceeded = self._limit.exceeded_by(dead)
+        if exceeded is not None:
+            raise FatalError(
+                f"dead-letter limit reached: {exceeded}; this looks like a bad deploy or configuration, "
+                "not bad input. The failing records stay uncommitted and are read again on restart",
+                ExitCode.DEAD_LETTER_LIMIT,
+            )
+        if self._limit.consecutive == 0:
+            self._release_deferred_acks()
+
+    def _release_deferred_acks(self) -> None:
+        """The run of dead letters ended (or stalled below the limit): let their offsets be committed."""
+        for tp, offset, generation in self._deferred_acks:
+            self._tracker.ack(tp, offset, generation)
+        self._deferred_acks.clear()
+
+    # -- publishing -------------------------------------------------------------------------------
+
     def _publish(
         self, out: OutputRecord, source: InputRecord, generation: int, action: str, error: str | None = None
     ) -> None:
-        """Produce ``out``; its delivery report acknowledges ``source`` (``error``: a dead letter's class)."""
+        """Produce ``out`` (or hold it for the next transaction); its acknowledgement covers ``source``."""
+        if self._transactional:
+            tp = (source.topic, source.partition)
+            self._held.setdefault(tp, {})[source.offset] = _Held(out, source, generation, action, error)
+            return
+        self._produce(out, source, generation, action, error)
+
+    def _produce(self, out: OutputRecord, source: InputRecord, generation: int, action: str, error: str | None) -> None:
+        """Hand ``out`` to the producer; its delivery report acknowledges ``source``.
+
+        ``error`` is a dead letter's class (for metrics, and the dead-letter limit's deferred acks).
+        """
         assert self._producer is not None
         tp = (source.topic, source.partition)
         offset = source.offset
 
         def delivered(err: KafkaError | None, _msg: Any) -> None:
             if err is not None:
-                self._failure = self._failure or FatalError(
-                    f"delivery of {source.source} to {out.topic} failed: {err.str()}"
-                )
+                self._delivery_failed(err, out, source, generation)
                 return
-            self._tracker.ack(tp, offset, generation)
+            if error is not None and self._limit.consecutive > 0 and not self._idle and not self._transactional:
+                self._deferred_acks.append((tp, offset, generation))
+            else:
+                self._tracker.ack(tp, offset, generation)
             self.health.broker_reachable = True
             self.metrics.published.labels(action, source.topic).inc()
             if error is not None:
@@ -287,8 +428,34 @@ class Worker:
                 return
             except BufferError:  # local queue full: serve delivery reports, then retry
                 self._producer.poll(0.05)
-            except KafkaException as exc:
-                raise FatalError(f"could not produce {source.source} to {out.topic}: {exc}") from exc
+            except KafkaException as exc:  # refused before it was queued (e.g. over message.max.bytes)
+                self._delivery_failed(exc.args[0], out, source, generation, queued=False)
+                return
+
+    def _delivery_failed(
+        self, err: KafkaError, out: OutputRecord, source: InputRecord, generation: int, queued: bool = True
+    ) -> None:
+        """A record refused for what it is goes to the dead-letter topic; any other failure stops the worker.
+
+        Stopping leaves the offset uncommitted, so the record is read again after a restart. In a
+        transaction, a failure after queueing dooms the whole transaction, so only records refused
+        before queueing can be dead-lettered there. Runs inside delivery callbacks, so failures are
+        recorded for the loop to raise rather than raised through librdkafka.
+        """
+        rejected = err.code() in _RECORD_REJECTED and not (self._transactional and queued)
+        if not rejected or out.topic == self._topics["dead_letter"]:
+            self._failure = self._failure or FatalError(
+                f"publishing {source.source} to {out.topic} failed: {err.str()}"
+                + (" (the dead-letter topic refused it too)" if out.topic == self._topics["dead_letter"] else "")
+            )
+            return
+        if not self._tracker.is_current((source.topic, source.partition), generation):
+            return
+        failure = DecodeFailure("publish_rejected", f"{out.topic} refused the routed record: {err.str()}")
+        try:
+            self._dead_letter(source, failure, generation)
+        except FatalError as exc:
+            self._failure = self._failure or exc
 
     def _apply_backpressure(self) -> None:
         """Pause fetching while the buffer is full, so memory stays bounded when the model is slower."""
@@ -303,12 +470,35 @@ class Worker:
     def _assignment(self) -> list[TopicPartition]:
         return [TopicPartition(t, p) for t, p in self._tracker.assigned()]
 
-    # -- commits ----------------------------------------------------------------------------------
+    # -- commits (at-least-once) ------------------------------------------------------------------
 
     def _maybe_commit(self) -> None:
         if self._clock() - self._last_commit >= self._settings.kafka.commit_interval_ms / 1000:
             self._commit()
             self._update_lag()
+
+    def _commit(self, tps: list[tuple[str, int]] | None = None) -> None:
+        assert self._consumer is not None
+        self._last_commit = self._clock()
+        if self._transactional:  # offsets travel inside transactions
+            self._commit_transaction()
+            return
+        offsets = self._tracker.committable(tps)
+        if not offsets:
+            return
+        try:
+            results = self._consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
+            )
+        except KafkaException as exc:
+            # Typically a rebalance in progress; the next commit (or the revoke handler) retries.
+            self.metrics.commit_failures.inc()
+            log.warning("commit failed; will retry", error=str(exc))
+            return
+        done = {(r.topic, r.partition): r.offset for r in results or [] if r.error is None}
+        self._tracker.committed(done)
+        self.metrics.commits.inc()
+        log.debug("committed", offsets={f"{t}/{p}": o for (t, p), o in done.items()})
 
     def _update_lag(self) -> None:
         """Lag per owned partition from cached watermarks (no broker round trip)."""
@@ -333,25 +523,91 @@ class Worker:
             return
         self.health.broker_reachable = True
 
-    def _commit(self, tps: list[tuple[str, int]] | None = None) -> None:
-        assert self._consumer is not None
-        self._last_commit = self._clock()
-        offsets = self._tracker.committable(tps)
-        if not offsets:
+    # -- transactions (exactly-once) --------------------------------------------------------------
+
+    def _init_transactions(self) -> None:
+        """Register the transactional id: fences a previous incarnation and aborts its open transaction."""
+        assert self._producer is not None
+        while not self._stop.is_set():
+            try:
+                self._producer.init_transactions(self._settings.shutdown_timeout_s)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if not err.retriable():
+                    raise FatalError(f"could not initialise transactions: {err.str()}") from None
+                log.warning("retrying transaction initialisation", error=err.str())
+
+    def _release(self) -> dict[tuple[str, int], int]:
+        """Produce held outputs that are next in their partition's offset order; returns offsets to commit.
+
+        Releasing in order makes the transaction's offsets an exact cut: every record below them has
+        its output in this or an earlier transaction, none above. A dead letter of a run that may
+        still cross the dead-letter limit waits, so a tripped limit leaves the run uncommitted.
+        """
+        offsets: dict[tuple[str, int], int] = {}
+        for tp, held in self._held.items():
+            generation = self._tracker.generation(tp)
+            for offset in self._tracker.unacknowledged(tp):
+                item = held.get(offset)
+                if item is None or item.generation != generation:
+                    break
+                if item.error is not None and self._limit.consecutive > 0 and not self._idle:
+                    break
+                if not self._in_transaction:
+                    assert self._producer is not None
+                    self._producer.begin_transaction()
+                    self._in_transaction = True
+                while offset in held:  # a record refused before queueing comes back as its dead letter
+                    item = held.pop(offset)
+                    self._produce(item.out, item.source, item.generation, item.action, item.error)
+                offsets[tp] = offset + 1
+        return offsets
+
+    def _commit_transaction(self) -> None:
+        """Release what is in order, and commit it together with the consumed offsets."""
+        assert self._producer is not None and self._consumer is not None
+        offsets = self._release()
+        if not self._in_transaction:
             return
+        self._raise_failure()
         try:
-            results = self._consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
-            )
+            if offsets:
+                self._producer.send_offsets_to_transaction(
+                    [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                    self._consumer.consumer_group_metadata(),
+                    self._settings.shutdown_timeout_s,
+                )
+            self._producer.commit_transaction(self._settings.shutdown_timeout_s)
         except KafkaException as exc:
-            # Typically a rebalance in progress; the next commit (or the revoke handler) retries.
-            self.metrics.commit_failures.inc()
-            log.warning("commit failed; will retry", error=str(exc))
+            self._in_transaction = False
+            self._transaction_failed(exc.args[0])
             return
-        done = {(r.topic, r.partition): r.offset for r in results or [] if r.error is None}
-        self._tracker.committed(done)
+        self._in_transaction = False
+        self._tracker.committed(offsets)
         self.metrics.commits.inc()
-        log.debug("committed", offsets={f"{t}/{p}": o for (t, p), o in done.items()})
+
+    def _transaction_failed(self, err: KafkaError) -> None:
+        """Abortable: abort and re-read from the committed offsets. Fenced or fatal: stop."""
+        assert self._producer is not None
+        self.metrics.commit_failures.inc()
+        if err.fatal() or not err.txn_requires_abort():
+            raise FatalError(f"transaction failed and cannot be retried: {err.str()}")
+        log.warning("aborting transaction; re-reading from the committed offsets", error=err.str())
+        self._producer.abort_transaction(self._settings.shutdown_timeout_s)
+        self._failure = None  # the failed deliveries were part of what is aborted and re-read
+        self._rewind()
+
+    def _rewind(self) -> None:
+        """Drop all unfinished work and seek every owned partition back to its committed offset."""
+        assert self._consumer is not None
+        owned = self._tracker.assigned()
+        self._forget(owned)
+        for tp in owned:
+            self._tracker.assign(tp)
+        reset = OFFSET_BEGINNING if self._settings.kafka.auto_offset_reset == "earliest" else OFFSET_END
+        for tp in self._consumer.committed(self._assignment(), timeout=self._settings.shutdown_timeout_s):
+            self._consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else reset))
 
     # -- rebalances -------------------------------------------------------------------------------
 
@@ -368,7 +624,7 @@ class Worker:
         """Commit what was published for the revoked partitions, then forget their unfinished work."""
         assert self._producer is not None
         tps = [(p.topic, p.partition) for p in partitions]
-        remaining = self._producer.flush(self._settings.shutdown_timeout_s)
+        remaining = 0 if self._transactional else self._producer.flush(self._settings.shutdown_timeout_s)
         self._commit(tps)
         dropped = self._forget(tps)
         self.metrics.rebalances.labels("revoke").inc()
@@ -388,10 +644,11 @@ class Worker:
         log.warning("partitions lost", partitions=[f"{t}/{p}" for t, p in tps])
 
     def _forget(self, tps: list[tuple[str, int]]) -> int:
-        """Drop buffered records, offset state and lag gauges of partitions no longer owned; returns records dropped."""
+        """Drop buffered and held records, offset state and lag gauges of partitions no longer owned."""
         gone = set(tps)
         dropped = self._buffer.discard(lambda p: (p.record.topic, p.record.partition) not in gone)
         for tp in tps:
+            dropped += len(self._held.pop(tp, {}))
             self._tracker.revoke(tp)
             self._forget_lag(tp)
         return dropped
@@ -407,7 +664,10 @@ class Worker:
             self._failure = self._failure or FatalError(f"fatal Kafka client error: {err.str()}")
             return
         if err.code() in _UNREACHABLE:
+            if self.health.broker_reachable:
+                log.error("Kafka unreachable; retrying, nothing is committed meanwhile", error=err.str())
             self.health.broker_reachable = False
+            return
         log.warning("kafka client error", code=err.name(), error=err.str())
 
     def _consumer_error(self, err: KafkaError) -> None:
@@ -421,29 +681,41 @@ class Worker:
         if self._failure is not None:
             raise self._failure
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
         """Finish the batches already in the model, publish them, wait for acknowledgements, commit.
 
         Records still waiting in the buffer are abandoned: they are not committed, so the next owner
-        of their partitions reads them again.
+        of their partitions reads them again. ``False`` when the shutdown deadline cut this short.
         """
         assert self._inference is not None and self._producer is not None
         deadline = self._clock() + self._settings.shutdown_timeout_s
         while self._inference.in_flight and self._clock() < deadline:
             self._collect(timeout_s=min(0.1, max(0.0, deadline - self._clock())))
             self._producer.poll(0)
-        self._producer.flush(max(0.0, deadline - self._clock()))
+        finished = not self._inference.in_flight
+        if self._producer.flush(max(0.0, deadline - self._clock())) > 0:
+            finished = False
         self._raise_failure()
         self._commit()
+        if not finished:
+            log.warning(
+                "shutdown deadline passed with work unfinished; it is read again by the next owner",
+                timeout_s=self._settings.shutdown_timeout_s,
+            )
+        return finished
 
     def _close(self) -> None:
         if self._inference is not None:
             self._inference.close()
         if self._producer is not None:
+            if self._in_transaction:  # a failure mid-transaction: its outputs must not become visible
+                with contextlib.suppress(KafkaException):
+                    self._producer.abort_transaction(1.0)
             self._producer.flush(1.0)
         if self._consumer is not None:
             try:
-                self._commit()
+                if not self._transactional:  # safe even after a failure: only acknowledged work is covered
+                    self._commit()
             finally:
                 self._consumer.close()  # leaves the group now instead of after a session timeout
         # Drop the clients so their connections close here, not whenever they are garbage-collected.

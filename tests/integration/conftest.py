@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from filter_worker.config import ModelSettings, Settings
+from filter_worker.exit_codes import ExitCode
 from filter_worker.model import Classifier
-from filter_worker.worker import EXIT_OK, Worker
+from filter_worker.worker import Worker
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +34,6 @@ def running_worker(classifier: Classifier) -> Callable[[Settings], object]:
             worker.stop()
             thread.join(timeout=60)
         assert not thread.is_alive(), "worker did not stop"
-        assert codes == [EXIT_OK]
+        assert codes == [ExitCode.OK]
 
     return start
