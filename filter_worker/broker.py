@@ -40,9 +40,12 @@ def broker_binary() -> str:
 class EmbeddedBroker:
     """Start on a free (or given) loopback port; ``bootstrap_servers`` is ready once ``start`` returns."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, advertised_port: int | None = None) -> None:
         self.port = port or free_port()
-        self.bootstrap_servers = f"127.0.0.1:{self.port}"
+        # Clients connect wherever metadata points them: a different advertised port lets a proxy
+        # sit in front of the broker (the fault tests cut the network that way).
+        self.advertised_port = advertised_port or self.port
+        self.bootstrap_servers = f"127.0.0.1:{self.advertised_port}"
         self._process: subprocess.Popen[bytes] | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)  # noqa: SIM115
 
@@ -52,8 +55,9 @@ class EmbeddedBroker:
 
     def start(self, timeout_s: float = 30.0) -> EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         self._process = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},

@@ -45,6 +45,9 @@ _UNREACHABLE = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT}
 # Produce errors that are about this one record, not the pipeline: the record goes to the dead-letter
 # topic (with the reason) instead of stopping the worker. Anything else stops it, uncommitted.
 _RECORD_REJECTED = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG_SIZE}
+# A run of dead letters below the limit is committed once no record arrived for this long (the stream
+# may simply have ended on a few bad records); under load a run is only committed when it ends.
+_QUIET_S = 2.0
 # While waiting for Kafka at start-up: how long one metadata request may take, and how often to log.
 _METADATA_TIMEOUT_S = 2.0
 _WAITING_LOG_INTERVAL_S = 10.0
@@ -115,8 +118,9 @@ class Worker:
         self._transactional = settings.kafka.exactly_once
         self._held: dict[tuple[str, int], dict[int, _Held]] = {}
         self._in_transaction = False
-        # Nothing consumed, buffered or in the model: a run of dead letters cannot grow right now.
+        # Nothing consumed for _QUIET_S, nothing buffered or in the model: a run of dead letters is not growing.
         self._idle = False
+        self._last_consumed = clock()
         self.metrics = Metrics()
         self.health = Health(settings.health.liveness_window_s, clock)
         self._last_probe = clock()
@@ -274,7 +278,11 @@ class Worker:
         self._ingest(messages)
         self._dispatch()
         self._collect(timeout_s=0.0)
-        self._idle = not messages and not len(self._buffer) and not self._inference.in_flight  # type: ignore[union-attr]
+        if messages:
+            self._last_consumed = self._clock()
+        self._idle = (
+            self._clock() - self._last_consumed >= _QUIET_S and not len(self._buffer) and not self._inference.in_flight  # type: ignore[union-attr]
+        )
         if self._idle:
             self._release_deferred_acks()
         self._producer.poll(0)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import orjson
 
@@ -19,42 +15,7 @@ from tests.integration.kafka_helpers import (
     wait_for_commits,
     worker_settings,
 )
-
-
-def worker_env(settings, **extra: str) -> dict[str, str]:
-    topics = settings.topics
-    env = {
-        **os.environ,
-        "FILTER_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "FILTER_KAFKA__GROUP_ID": settings.kafka.group_id,
-        "FILTER_KAFKA__SESSION_TIMEOUT_MS": "6000",
-        "FILTER_KAFKA__COMMIT_INTERVAL_MS": "200",
-        "FILTER_TOPICS__INPUT": ",".join(topics.input),
-        "FILTER_TOPICS__ALLOW": topics.allow,
-        "FILTER_TOPICS__QUARANTINE": topics.quarantine,
-        "FILTER_TOPICS__DROP": topics.drop,
-        "FILTER_TOPICS__DEAD_LETTER": topics.dead_letter,
-        "FILTER_MODEL__NAME": settings.model.name,
-        "FILTER_BATCH__MAX_SIZE": "8",
-        "FILTER_METRICS__PORT": "0",
-        "FILTER_LOG__FORMAT": "json",
-        **extra,
-    }
-    return env
-
-
-def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "filter_worker", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-
-
-def wait_for_outputs(settings, at_least: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if len(read_outputs(settings, expected=at_least, timeout_s=1, settle_s=0)) >= at_least:
-            return
-    raise AssertionError(f"fewer than {at_least} outputs after {timeout_s}s")
+from tests.integration.processes import start_worker, wait_for_outputs, worker_env
 
 
 def test_sigterm_mid_stream_then_restart_loses_nothing(bootstrap_servers, keyword_model):

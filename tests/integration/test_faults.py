@@ -1,0 +1,276 @@
+"""Faults against the real broker: Kafka missing or gone, topics missing, records refused, bad deploys.
+
+Each test asserts what the README promises for that fault: nothing is committed past a record whose
+output the broker has not acknowledged, the worker says what happened, and it exits with the code
+that tells an orchestrator whether a restart helps.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from filter_worker.broker import EmbeddedBroker, free_port
+from filter_worker.exit_codes import ExitCode
+from filter_worker.model import Classifier
+from filter_worker.worker import Worker
+from tests.integration.kafka_helpers import (
+    committed_offsets,
+    create_topics,
+    end_offsets,
+    produce,
+    read_outputs,
+    wait_for_commits,
+    worker_settings,
+)
+from tests.integration.tcp_proxy import TcpProxy
+
+needs_own_broker = pytest.mark.skipif(
+    bool(os.environ.get("FILTER_TEST_BOOTSTRAP_SERVERS")), reason="stops and starts its own embedded broker"
+)
+
+
+@contextmanager
+def worker_thread(settings, classifier: Classifier) -> Iterator[tuple[Worker, list[int], threading.Thread]]:
+    """A worker on a thread whose exit code the test inspects (``running_worker`` insists on 0)."""
+    worker = Worker(settings, classifier)
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
+    thread.start()
+    try:
+        yield worker, codes, thread
+    finally:
+        worker.stop()
+        thread.join(timeout=60)
+    assert not thread.is_alive(), "worker did not stop"
+
+
+def wait_until(condition, timeout_s: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def texts(count: int, start: int = 0) -> list[bytes]:
+    return [orjson.dumps({"text": f"message {i} " + ("idiot" if i % 5 == 0 else "fine")}) for i in range(start, count)]
+
+
+@needs_own_broker
+def test_worker_started_before_kafka_waits_then_works(keyword_model, classifier):
+    broker = EmbeddedBroker().start()
+    # The worker bootstraps through a proxy that is down: to it, Kafka does not exist yet. (Metadata
+    # then points it at the broker itself, so the proxy only gates the start.)
+    proxy = TcpProxy(free_port(), broker.port)
+    try:
+        settings = worker_settings(broker.bootstrap_servers, str(keyword_model))
+        create_topics(settings, input_partitions=2)
+        produced = produce(broker.bootstrap_servers, settings.topics.input[0], texts(200))
+        via_proxy = settings.model_copy(deep=True)
+        via_proxy.kafka.bootstrap_servers = f"127.0.0.1:{proxy.listen_port}"
+        with capture_logs() as logs, worker_thread(via_proxy, classifier) as (worker, codes, _):
+            time.sleep(5)  # metadata attempts fail meanwhile
+            assert not codes, "the worker must wait for Kafka, not exit"
+            assert worker.health.live() and not worker.health.ready()
+            assert any(e["event"] == "waiting for Kafka" for e in logs)
+
+            proxy.up()
+            outputs = read_outputs(settings, expected=len(produced))
+            committed = wait_for_commits(settings, end_offsets(produced))
+            assert worker.health.ready()
+        assert codes == [ExitCode.OK]
+        assert {o.source for o in outputs} == {(p.partition, p.offset) for p in produced}
+        assert committed == end_offsets(produced)
+    finally:
+        proxy.down()
+        broker.stop()
+
+
+@needs_own_broker
+def test_network_outage_mid_stream_commits_nothing_unpublished_and_recovers(keyword_model, classifier):
+    broker = EmbeddedBroker(advertised_port=free_port()).start()
+    proxy = TcpProxy(broker.advertised_port, broker.port).up()
+    try:
+        settings = worker_settings(broker.bootstrap_servers, str(keyword_model))
+        create_topics(settings, input_partitions=3)
+        first = produce(broker.bootstrap_servers, settings.topics.input[0], texts(300))
+        with capture_logs() as logs, worker_thread(settings, classifier) as (worker, codes, _):
+            read_outputs(settings, expected=len(first))
+            wait_for_commits(settings, end_offsets(first))
+
+            proxy.down()
+            wait_until(lambda: not worker.health.ready(), 30, "readiness to drop during the outage")
+            assert worker.health.live(), "an outage must not make the worker look wedged"
+            assert any("unreachable" in e["event"] for e in logs), [e["event"] for e in logs]
+            time.sleep(3)
+            assert not codes, "the worker must ride out the outage, not exit"
+
+            proxy.up()
+            second = produce(broker.bootstrap_servers, settings.topics.input[0], texts(600, start=300))
+            outputs = read_outputs(settings, expected=len(first) + len(second))
+            committed = wait_for_commits(settings, end_offsets(first + second))
+            wait_until(worker.health.ready, 30, "readiness after the outage")
+        assert codes == [ExitCode.OK]
+        sources = [o.source for o in outputs]
+        assert set(sources) == {(p.partition, p.offset) for p in first + second}
+        assert committed == end_offsets(first + second)
+    finally:
+        proxy.down()
+        broker.stop()
+
+
+@needs_own_broker
+def test_broker_replaced_on_the_same_port(keyword_model, classifier):
+    """The broker process dies and a new one (empty: memory storage) takes its port.
+
+    The new broker has forgotten every producer id. librdkafka's idempotent producer then retries
+    forever on UNKNOWN_PRODUCER_ID (seen with debug=eos), so this worker runs without idempotence;
+    the README tells operators to restart workers after a cluster lost its state.
+    """
+    port = free_port()
+    broker = EmbeddedBroker(port=port).start()
+    settings = worker_settings(
+        broker.bootstrap_servers, str(keyword_model), kafka__producer_properties={"enable.idempotence": "false"}
+    )
+    try:
+        create_topics(settings, input_partitions=2)
+        first = produce(broker.bootstrap_servers, settings.topics.input[0], texts(200))
+        with capture_logs() as logs, worker_thread(settings, classifier) as (worker, codes, _):
+            read_outputs(settings, expected=len(first))
+            wait_for_commits(settings, end_offsets(first))
+
+            broker.stop()
+            wait_until(lambda: not worker.health.ready(), 30, "readiness to drop while the broker is gone")
+            time.sleep(2)
+            assert not codes and worker.health.live()
+            assert any("unreachable" in e["event"] for e in logs)
+
+            broker = EmbeddedBroker(port=port).start()
+            create_topics(settings, input_partitions=2)
+            second = produce(broker.bootstrap_servers, settings.topics.input[0], texts(200))
+            outputs = read_outputs(settings, expected=len(second), timeout_s=180)
+            committed = wait_for_commits(settings, end_offsets(second), timeout_s=60)
+        assert codes == [ExitCode.OK]
+        assert {o.source for o in outputs} >= {(p.partition, p.offset) for p in second}
+        assert committed == end_offsets(second)
+    finally:
+        broker.stop()
+
+
+def test_missing_topics_stop_start_up_unless_creation_is_asked_for(bootstrap_servers, keyword_model, classifier):
+    settings = worker_settings(bootstrap_servers, str(keyword_model))
+    with capture_logs() as logs, worker_thread(settings, classifier) as (_, codes, thread):
+        thread.join(30)
+    assert codes == [ExitCode.TOPICS]
+    assert any(settings.topics.input[0] in e.get("error", "") for e in logs)
+
+    create_topics(settings, input_partitions=2)
+    missing_output = worker_settings(
+        bootstrap_servers,
+        str(keyword_model),
+        topics={**settings.topics.model_dump(), "drop": settings.topics.drop + "x"},
+    )
+    with capture_logs() as logs, worker_thread(missing_output, classifier) as (_, codes, thread):
+        thread.join(30)
+    assert codes == [ExitCode.TOPICS]
+    assert any("FILTER_TOPICS__CREATE" in e.get("error", "") for e in logs)
+
+    creating = worker_settings(
+        bootstrap_servers, str(keyword_model), topics={**missing_output.topics.model_dump(), "create": True}
+    )
+    produced = produce(bootstrap_servers, settings.topics.input[0], texts(50))
+    with worker_thread(creating, classifier) as (_, codes, _thread):
+        outputs = read_outputs(creating, expected=len(produced))
+        wait_for_commits(creating, end_offsets(produced))
+    assert codes == [ExitCode.OK]
+    assert {o.topic for o in outputs if o.headers["filter.action"] == b"drop"} == {creating.topics.drop}
+
+
+def test_refused_output_goes_to_dead_letter_and_a_refused_dead_letter_stops(
+    bootstrap_servers, keyword_model, classifier
+):
+    """librdkafka refuses records over message.max.bytes; embedding makes the output bigger than the input."""
+    settings = worker_settings(
+        bootstrap_servers,
+        str(keyword_model),
+        output={"embed": True},
+        kafka__producer_properties={"message.max.bytes": "2000"},
+        kafka__commit_interval_ms=100,
+    )
+    create_topics(settings, input_partitions=1)
+    fits = orjson.dumps({"text": "short and fine"})
+    grows_too_big = orjson.dumps({"text": "fine " * 300})  # ~1.5 KB in, over 2 KB once embedded
+    too_big = orjson.dumps({"text": "fine " * 500})  # over 2 KB even as a dead letter
+    values = [fits, grows_too_big, fits, too_big, fits]
+    produced = produce(bootstrap_servers, settings.topics.input[0], values)
+
+    with worker_thread(settings, classifier) as (_, codes, thread):
+        thread.join(60)
+    assert codes == [ExitCode.FAILED]
+    outputs = read_outputs(settings, expected=3, timeout_s=10)
+    by_offset = {o.source[1]: o for o in outputs}
+    assert by_offset[0].topic == settings.topics.allow
+    assert by_offset[1].topic == settings.topics.dead_letter
+    assert by_offset[1].headers["filter.error"] == b"publish_rejected"
+    assert b"too large" in by_offset[1].headers["filter.reason"].lower()
+    assert by_offset[1].value == grows_too_big, "the dead letter carries the original value"
+    assert by_offset[2].topic == settings.topics.allow
+    assert 3 not in by_offset
+    # The refused record is never committed past: a restart reads it again.
+    assert committed_offsets(settings, partitions=1)[0] == produced[3].offset
+
+
+def test_dead_letter_limit_stops_a_bad_deploy_and_leaves_the_run_uncommitted(
+    bootstrap_servers, keyword_model, classifier
+):
+    # The "bad deploy": the worker reads field "body", but after two records the producers send "text".
+    settings = worker_settings(
+        bootstrap_servers,
+        str(keyword_model),
+        message={"text_field": "body"},
+        dead_letter={"max_consecutive": 20},
+    )
+    create_topics(settings, input_partitions=1)
+    with capture_logs() as logs, worker_thread(settings, classifier) as (_, codes, thread):
+        produce(bootstrap_servers, settings.topics.input[0], [orjson.dumps({"body": t}) for t in ("fine", "idiot")])
+        read_outputs(settings, expected=2, settle_s=0)
+        produce(bootstrap_servers, settings.topics.input[0], [orjson.dumps({"text": f"fine {i}"}) for i in range(60)])
+        thread.join(60)
+    assert codes == [ExitCode.DEAD_LETTER_LIMIT]
+    assert any("FILTER_DEAD_LETTER__MAX_CONSECUTIVE=20" in e.get("error", "") for e in logs)
+    outputs = read_outputs(settings, expected=21, timeout_s=5)
+    dead = [o for o in outputs if o.topic == settings.topics.dead_letter]
+    assert len(dead) == 19, "the record that crossed the limit is not dead-lettered"
+    assert {o.headers["filter.error"] for o in dead} == {b"missing_text"}
+    # The run of failures is not committed: once the deploy is fixed, it is classified for real.
+    assert committed_offsets(settings, partitions=1)[0] == 2
+
+
+def test_huge_values_are_truncated_or_dead_lettered_and_the_stream_flows(
+    bootstrap_servers, keyword_model, running_worker
+):
+    settings = worker_settings(bootstrap_servers, str(keyword_model))
+    create_topics(settings, input_partitions=1)
+    huge_text = orjson.dumps({"text": "idiot " + "word " * 100_000})  # ~500 KB, far past 512 tokens
+    huge_garbage = b"\x00not json" * 50_000
+    values = [huge_text, huge_garbage, *texts(20)]
+    produced = produce(bootstrap_servers, settings.topics.input[0], values)
+    with running_worker(settings):
+        outputs = read_outputs(settings, expected=len(produced))
+        wait_for_commits(settings, end_offsets(produced))
+    by_offset = {o.source[1]: o for o in outputs}
+    assert by_offset[0].topic != settings.topics.dead_letter, "a huge text is classified, not dead-lettered"
+    assert by_offset[0].headers["filter.label"]
+    assert by_offset[0].headers["filter.truncated"] == b"true"
+    assert by_offset[0].value == huge_text
+    assert by_offset[1].topic == settings.topics.dead_letter
+    assert by_offset[1].headers["filter.error"] == b"invalid_json"
+    assert len(by_offset) == len(produced)
