@@ -72,6 +72,12 @@ class KafkaSettings(_Section):
         return value
 
     @model_validator(mode="after")
+    def _poll_interval(self) -> KafkaSettings:
+        if self.max_poll_interval_ms < self.session_timeout_ms:  # librdkafka refuses it, less clearly
+            raise ValueError("max_poll_interval_ms must be at least session_timeout_ms")
+        return self
+
+    @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
         if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
             raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")

@@ -274,3 +274,59 @@ def test_huge_values_are_truncated_or_dead_lettered_and_the_stream_flows(
     assert by_offset[1].topic == settings.topics.dead_letter
     assert by_offset[1].headers["filter.error"] == b"invalid_json"
     assert len(by_offset) == len(produced)
+
+
+class _SlowClassifier:
+    """The real classifier with a slow forward pass: the model is the bottleneck by far."""
+
+    def __init__(self, inner: Classifier, seconds: float) -> None:
+        self._inner = inner
+        self._seconds = seconds
+
+    def predict(self, batch):
+        time.sleep(self._seconds)
+        return self._inner.predict(batch)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+def test_slow_model_pauses_input_without_eviction_and_bounds_memory(bootstrap_servers, keyword_model, classifier):
+    settings = worker_settings(
+        bootstrap_servers,
+        str(keyword_model),
+        batch={"max_size": 4, "max_wait_ms": 5},
+        kafka__max_poll_interval_ms=6000,  # far shorter than the whole run: a blocked loop would be evicted
+    )
+    create_topics(settings, input_partitions=2)
+    produced = produce(bootstrap_servers, settings.topics.input[0], texts(800))
+    slow = _SlowClassifier(classifier, seconds=0.05)  # 200 batches: 10 s of model time
+    worker = Worker(settings, slow)  # type: ignore[arg-type]
+    bound = settings.batch.max_size * 32
+    peaks: list[int] = [0]
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
+    thread.start()
+
+    def sample() -> None:
+        while thread.is_alive():
+            peaks.append(max(peaks[-1], len(worker._buffer)))  # noqa: SLF001 - the bound under test
+            time.sleep(0.005)
+
+    threading.Thread(target=sample, daemon=True).start()
+    try:
+        committed = wait_for_commits(settings, end_offsets(produced), timeout_s=120)
+        rebalances = {
+            s.labels["kind"]: s.value
+            for m in worker.metrics.rebalances.collect()
+            for s in m.samples
+            if s.name.endswith("_total")
+        }
+    finally:
+        worker.stop()
+        thread.join(60)
+    peak = peaks[-1]
+    assert committed == end_offsets(produced)
+    assert codes == [ExitCode.OK]
+    assert 0 < peak <= bound + settings.batch.max_size, f"buffer peaked at {peak}, bound {bound}"
+    assert rebalances.get("lost", 0) == 0 and rebalances.get("revoke", 0) == 0, rebalances
