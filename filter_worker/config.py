@@ -127,6 +127,9 @@ class ModelSettings(_Section):
     device: str = "auto"
     max_length: int = Field(512, ge=8)
     trust_remote_code: bool = False
+    # Check a local model directory against its lock file (``filter-worker model pull``) before loading:
+    # "auto" when the directory has one, True to require one, False to skip.
+    verify: bool | Literal["auto"] = "auto"
 
     @field_validator("device")
     @classmethod
