@@ -91,7 +91,7 @@ def calibrate(
         data = data[~np.isnan(data)]
         if not len(data):
             return None
-        low, high = np.quantile(data, [tail, 1.0 - tail])
+        low, high = np.quantile(data, [tail, 1.0 - tail], method="inverted_cdf")  # observed values
         return float(low), float(high)
 
     return Calibration(

@@ -83,6 +83,7 @@ class Classifier:
         """
         import torch
         import transformers
+        from safetensors import SafetensorError
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         transformers.logging.set_verbosity_error()
@@ -98,7 +99,7 @@ class Classifier:
         try:
             tokenizer = AutoTokenizer.from_pretrained(settings.name, **kwargs)
             model = AutoModelForSequenceClassification.from_pretrained(settings.name, use_safetensors=True, **kwargs)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:  # a corrupt weight file raises SafetensorError
             raise ModelLoadError(_load_failure(settings.name, local, exc)) from exc
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(f"model '{settings.name}' has no fast (Rust) tokenizer; tokenizer.json is required")

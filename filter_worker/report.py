@@ -133,7 +133,7 @@ def _pr_image(result: Evaluation) -> str:
     figure = Figure(figsize=(6.5, 4.5))
     ax = figure.add_subplot()
     for label, curve in result.curves.items():
-        ax.plot(np.r_[0.0, curve.recall], np.r_[1.0, curve.precision], drawstyle="steps-post", label=label)
+        ax.plot(curve.recall, curve.precision, marker="o", markersize=3, label=label)  # one point per threshold
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.02)
@@ -149,8 +149,10 @@ def _threshold_image(result: Calibration) -> str:
     figure = Figure(figsize=(6.5, 4.5))
     ax = figure.add_subplot()
     curve = result.curve
-    ax.plot(curve.thresholds, curve.precision, drawstyle="steps-pre", label="precision")
-    ax.plot(curve.thresholds, curve.recall, drawstyle="steps-pre", label="recall")
+    # A value holds from the next lower threshold up to its own (selection is score >= min_score):
+    # ascending thresholds with "steps-pre" draw exactly that.
+    ax.plot(curve.thresholds[::-1], curve.precision[::-1], drawstyle="steps-pre", label="precision")
+    ax.plot(curve.thresholds[::-1], curve.recall[::-1], drawstyle="steps-pre", label="recall")
     ax.axhline(result.target_precision, color="grey", linestyle=":", label="target precision")
     if result.threshold is not None:
         ax.axvline(result.threshold, color="black", linestyle="--", label=f"min_score {result.threshold:.4f}")
