@@ -19,15 +19,17 @@ from filter_worker.evaluation import Curve, pr_curve
 
 @dataclass(frozen=True, slots=True)
 class Calibration:
-    """The result. ``threshold`` is None when no threshold reaches the target on this data.
+    """The result. ``threshold`` is the lowest one reaching the target, or, when none does
+    (``meets_target`` false), the one with the best precision.
 
     ``*_interval`` are bootstrap percentile intervals: of the precision and recall at ``threshold``,
-    and of the threshold that calibration would pick on a resample. ``reached`` is the share of
+    and of the threshold that calibration would pick on a resample. ``reached_share`` is the share of
     resamples on which some threshold reached the target at all.
     """
 
     target_precision: float
-    threshold: float | None
+    meets_target: bool
+    threshold: float
     precision: float
     recall: float
     taken: int
@@ -36,7 +38,7 @@ class Calibration:
     precision_interval: tuple[float, float] | None
     recall_interval: tuple[float, float] | None
     threshold_interval: tuple[float, float] | None
-    reached: float
+    reached_share: float
     confidence: float
     resamples: int
     curve: Curve
@@ -67,7 +69,8 @@ def calibrate(
     positive = positive.astype(bool)
     curve = pr_curve(score, positive)
     chosen = lowest_threshold(curve, target_precision)
-    at = chosen if chosen is not None else int(np.argmax(curve.precision))
+    # Without a threshold reaching the target: the lowest of those with the best precision (most recall).
+    at = chosen if chosen is not None else int(np.flatnonzero(curve.precision == curve.precision.max())[-1])
     threshold = float(curve.thresholds[at])
     taken = int((score >= threshold).sum())
 
@@ -84,7 +87,7 @@ def calibrate(
         pick = lowest_threshold(resampled, target_precision)
         boot_threshold.append(resampled.thresholds[pick] if pick is not None else np.nan)
     tail = (1.0 - confidence) / 2
-    reached = float(np.mean(~np.isnan(boot_threshold))) if resamples else 0.0
+    reached_share = float(np.mean(~np.isnan(boot_threshold))) if resamples else 0.0
 
     def interval(values: list[float]) -> tuple[float, float] | None:
         data = np.array(values, dtype=np.float64)
@@ -96,7 +99,8 @@ def calibrate(
 
     return Calibration(
         target_precision=target_precision,
-        threshold=threshold if chosen is not None else None,
+        meets_target=chosen is not None,
+        threshold=threshold,
         precision=float(curve.precision[at]),
         recall=float(curve.recall[at]),
         taken=taken,
@@ -105,7 +109,7 @@ def calibrate(
         precision_interval=interval(boot_precision) if chosen is not None else None,
         recall_interval=interval(boot_recall) if chosen is not None else None,
         threshold_interval=interval(boot_threshold),
-        reached=reached,
+        reached_share=reached_share,
         confidence=confidence,
         resamples=resamples,
         curve=curve,
@@ -117,6 +121,7 @@ def calibration_json(result: Calibration, rule: dict[str, object] | None) -> dic
     return {
         "rule": rule,
         "target_precision": result.target_precision,
+        "meets_target": result.meets_target,
         "min_score": result.threshold,
         "precision": result.precision,
         "recall": result.recall,
@@ -129,6 +134,6 @@ def calibration_json(result: Calibration, rule: dict[str, object] | None) -> dic
             "precision": result.precision_interval,
             "recall": result.recall_interval,
             "min_score": result.threshold_interval,
-            "target_reached": result.reached,
+            "target_reached": result.reached_share,
         },
     }

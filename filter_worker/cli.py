@@ -295,7 +295,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         rule_scores(probs, classifier.labels, labels), positive, args.target_precision, args.resamples, seed=args.seed
     )
     rule = None
-    if result.threshold is not None:
+    if result.meets_target:
         name = args.name or f"{args.action}-p{round(100 * args.target_precision)}"
         rule = Rule(action=args.action, labels=labels, min_score=result.threshold, name=name).model_dump()
     text = calibration_text(result, args.action, labels)

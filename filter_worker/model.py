@@ -112,7 +112,8 @@ class Classifier:
         elif local:
             name, revision, weights = settings.name, "local", lockfile.directory_weights_sha256(settings.name)
         else:
-            commit = getattr(model.config, "_commit_hash", None)
+            snapshot = _hub_snapshot(settings.name, settings.revision)
+            commit = snapshot.name if snapshot is not None else getattr(model.config, "_commit_hash", None)
             if not lockfile.is_commit(settings.revision):
                 log.warning(
                     "model revision is not pinned: set FILTER_MODEL__REVISION to a commit so every worker loads "
@@ -122,7 +123,7 @@ class Classifier:
                     resolved=commit,
                 )
             name, revision = settings.name, commit or settings.revision or "main"
-            weights = _hub_weights_sha256(settings.name, commit)
+            weights = lockfile.directory_weights_sha256(snapshot) if snapshot is not None else ""
         log.info(
             "model loaded",
             model=name,
@@ -217,14 +218,12 @@ def _verified_lock(settings: ModelSettings, local: bool) -> lockfile.Lock | None
     return lock
 
 
-def _hub_weights_sha256(name: str, commit: str | None) -> str:
-    """Hash the safetensors files of the cached snapshot the model was just loaded from."""
+def _hub_snapshot(name: str, revision: str | None) -> Path | None:
+    """The cache folder the model was just loaded from; its name is the resolved commit."""
     from huggingface_hub import try_to_load_from_cache
 
-    config = try_to_load_from_cache(name, "config.json", revision=commit) if commit else None
-    if not isinstance(config, str):
-        return ""
-    return lockfile.directory_weights_sha256(Path(config).parent)
+    config = try_to_load_from_cache(name, "config.json", revision=revision or "main")
+    return Path(config).parent if isinstance(config, str) else None
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

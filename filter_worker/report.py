@@ -83,11 +83,10 @@ def calibration_text(result: Calibration, action: str, labels: Sequence[str]) ->
         f"{action} when {' + '.join(labels)} >= min_score; {result.positives} of {result.examples} examples "
         f"are positive; target precision {result.target_precision}"
     )
-    if result.threshold is None:
+    if not result.meets_target:
         return (
             f"{head}\nno min_score reaches precision {result.target_precision} on this data; the best is "
-            f"{result.precision:.4f} (recall {result.recall:.4f}) at min_score {result.curve.thresholds.max():.6f} "
-            "and above\n"
+            f"{result.precision:.4f} (recall {result.recall:.4f}) at min_score {result.threshold:.6f}\n"
         )
     return (
         f"{head}\n"
@@ -95,7 +94,7 @@ def calibration_text(result: Calibration, action: str, labels: Sequence[str]) ->
         f"precision {result.precision:.4f} {level} {_interval(result.precision_interval)}, "
         f"recall {result.recall:.4f} {level} {_interval(result.recall_interval)}, takes {result.taken} examples\n"
         f"bootstrap ({result.resamples} resamples): min_score {level} {_interval(result.threshold_interval)}, "
-        f"target reached in {100 * result.reached:.1f}% of resamples\n"
+        f"target reached in {100 * result.reached_share:.1f}% of resamples\n"
     )
 
 
@@ -154,7 +153,7 @@ def _threshold_image(result: Calibration) -> str:
     ax.plot(curve.thresholds[::-1], curve.precision[::-1], drawstyle="steps-pre", label="precision")
     ax.plot(curve.thresholds[::-1], curve.recall[::-1], drawstyle="steps-pre", label="recall")
     ax.axhline(result.target_precision, color="grey", linestyle=":", label="target precision")
-    if result.threshold is not None:
+    if result.meets_target:
         ax.axvline(result.threshold, color="black", linestyle="--", label=f"min_score {result.threshold:.4f}")
     ax.set_xlabel("min_score (rule score >= min_score is taken)")
     ax.set_ylim(0, 1.02)
