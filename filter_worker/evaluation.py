@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +154,7 @@ class Evaluation:
     # action -> count under the routing rules; and gold label -> action -> count
     actions: dict[str, int]
     actions_by_label: dict[str, dict[str, int]]
-    curves: dict[str, Curve] = field(default_factory=dict)
+    curves: dict[str, Curve]  # per label with gold examples: that label's probability as the score
 
 
 def _ratio(num: float, den: float) -> float:
