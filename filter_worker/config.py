@@ -142,6 +142,21 @@ class ModelSettings(_Section):
     device: str = "auto"
     max_length: int = Field(512, ge=8)
     trust_remote_code: bool = False
+    # Check a local model directory against its lock file (``filter-worker model pull``) before loading:
+    # "auto" when the directory has one, True to require one, False to skip.
+    verify: bool | Literal["auto"] = "auto"
+
+    @field_validator("verify", mode="before")
+    @classmethod
+    def _verify(cls, value: Any) -> Any:
+        # One clear message instead of one per member of the union.
+        if isinstance(value, str):
+            text = value.strip().lower()
+            choices: dict[str, bool | str] = {"auto": "auto", "true": True, "1": True, "false": False, "0": False}
+            if text not in choices:
+                raise ValueError("must be auto, true or false")
+            return choices[text]
+        return value
 
     @field_validator("device")
     @classmethod

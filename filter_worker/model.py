@@ -16,8 +16,12 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from filter_worker import lockfile
 from filter_worker.batching import plan_batches
 from filter_worker.config import ModelSettings
+from filter_worker.logs import get_logger
+
+log = get_logger(__name__)
 
 # A token covers at least one character, so cutting far beyond max_length characters never changes
 # the first max_length tokens in practice, and bounds the cost of a megabyte-long message.
@@ -48,12 +52,20 @@ class Classifier:
     """A loaded classifier. Thread use: ``tokenize`` on one thread and ``predict`` on another is safe."""
 
     def __init__(
-        self, tokenizer: object, model: object, name: str, revision: str, device: str, max_length: int
+        self,
+        tokenizer: object,
+        model: object,
+        name: str,
+        revision: str,
+        device: str,
+        max_length: int,
+        weights_sha256: str = "",
     ) -> None:
         self._tokenizer = tokenizer
         self._model = model
         self.name = name
         self.revision = revision
+        self.weights_sha256 = weights_sha256
         self.device = device
         self.max_length = max_length
         id2label = model.config.id2label  # type: ignore[attr-defined]
@@ -63,37 +75,71 @@ class Classifier:
 
     @classmethod
     def load(cls, settings: ModelSettings) -> Classifier:
-        """Load tokenizer and weights (safetensors only) from a local directory or the hub."""
+        """Load tokenizer and weights (safetensors only) from a local directory or the hub.
+
+        A local directory is first checked against its lock file (``settings.verify``); a mismatch
+        raises before any of its files is read by transformers. A locked directory reports the model id
+        and commit it was pulled from, so headers and metrics name the real model, not a path.
+        """
         import torch
         import transformers
+        from safetensors import SafetensorError
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         device = resolve_device(settings.device)
         local = Path(settings.name).is_dir()
+        lock = _verified_lock(settings, local)
         kwargs: dict[str, object] = {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
-        if not local and not _hub_reachable():
+        if not local and not hub_reachable():
             # Without this, the hub client retries for most of a minute before failing; a model
             # already in the local cache still loads.
             kwargs["local_files_only"] = True
         try:
             tokenizer = AutoTokenizer.from_pretrained(settings.name, **kwargs)
             model = AutoModelForSequenceClassification.from_pretrained(settings.name, use_safetensors=True, **kwargs)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:  # a corrupt weight file raises SafetensorError
             raise ModelLoadError(_load_failure(settings.name, local, exc)) from exc
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(f"model '{settings.name}' has no fast (Rust) tokenizer; tokenizer.json is required")
         model.to(device).eval()
         torch.set_grad_enabled(False)
         positions = getattr(model.config, "max_position_embeddings", settings.max_length)
-        revision = settings.revision or getattr(model.config, "_commit_hash", None) or ("local" if local else "main")
-        return cls(tokenizer, model, settings.name, revision, device, min(settings.max_length, positions))
+        max_length = min(settings.max_length, positions)
+        if lock is not None:
+            name, revision, weights = lock.model_id, lock.revision, lock.weights_sha256
+        elif local:
+            name, revision, weights = settings.name, "local", lockfile.directory_weights_sha256(settings.name)
+        else:
+            snapshot = _hub_snapshot(settings.name, settings.revision)
+            commit = snapshot.name if snapshot is not None else getattr(model.config, "_commit_hash", None)
+            if not lockfile.is_commit(settings.revision):
+                log.warning(
+                    "model revision is not pinned: set FILTER_MODEL__REVISION to a commit so every worker loads "
+                    "the same weights",
+                    model=settings.name,
+                    requested=settings.revision or "main",
+                    resolved=commit,
+                )
+            name, revision = settings.name, commit or settings.revision or "main"
+            weights = lockfile.directory_weights_sha256(snapshot) if snapshot is not None else ""
+        log.info(
+            "model loaded",
+            model=name,
+            revision=revision,
+            weights_sha256=weights,
+            verified=lock is not None,
+            source=settings.name,
+            device=device,
+        )
+        return cls(tokenizer, model, name, revision, device, max_length, weights)
 
     @property
     def identity(self) -> str:
-        """``name@revision``: what the ``filter.model`` header carries."""
-        return f"{self.name}@{self.revision}"
+        """``name@revision#sha256:<first 16 hex of weights_sha256>``: what the ``filter.model`` header carries."""
+        suffix = f"#sha256:{self.weights_sha256[:16]}" if self.weights_sha256 else ""
+        return f"{self.name}@{self.revision}{suffix}"
 
     def tokenize(self, texts: Sequence[str]) -> list[Tokenized]:
         """Token ids per text, truncated to ``max_length``; ``truncated`` says whether text was cut."""
@@ -145,7 +191,42 @@ class Classifier:
         return probs, [t.truncated for t in tokens]
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
+def _verified_lock(settings: ModelSettings, local: bool) -> lockfile.Lock | None:
+    """The directory's lock once the files match it; None when verification is off or there is no lock."""
+    if settings.verify is False:
+        return None
+    if not local:
+        if settings.verify is True:
+            raise ModelLoadError(
+                f"FILTER_MODEL__VERIFY=true needs a local model directory with a lock file, not the hub id "
+                f"'{settings.name}'; pull it first: filter-worker model pull {settings.name} --to DIR"
+            )
+        return None
+    if settings.verify == "auto" and not (Path(settings.name) / lockfile.LOCK_NAME).is_file():
+        return None
+    try:
+        lock = lockfile.read_lock(settings.name)
+    except lockfile.LockError as exc:
+        raise ModelLoadError(f"FILTER_MODEL__VERIFY: {exc}") from None
+    problems = lockfile.verify_directory(settings.name, lock)
+    if problems:
+        raise ModelLoadError(
+            f"model directory '{settings.name}' does not match its {lockfile.LOCK_NAME}: "
+            + "; ".join(str(p) for p in problems)
+            + ". Pull it again, or set FILTER_MODEL__VERIFY=false to load it anyway"
+        )
+    return lock
+
+
+def _hub_snapshot(name: str, revision: str | None) -> Path | None:
+    """The cache folder the model was just loaded from; its name is the resolved commit."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(name, "config.json", revision=revision or "main")
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
     endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))

@@ -185,6 +185,7 @@ class Worker:
             {
                 "name": classifier.name,
                 "revision": classifier.revision,
+                "weights_sha256": classifier.weights_sha256,
                 "device": classifier.device,
                 "dtype": classifier.dtype,
             }

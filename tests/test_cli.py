@@ -9,6 +9,11 @@ import sys
 import orjson
 import pytest
 
+from filter_worker.config import Rule
+from filter_worker.lockfile import LOCK_NAME
+from tests.conftest import HUB_COMMIT, HUB_REPO
+from tests.test_evaluation import write_csv
+
 
 def cli(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FILTER_")}
@@ -125,3 +130,77 @@ def test_metrics_port_in_use_exits_2_naming_the_setting(keyword_model):
         result = cli("run", FILTER_MODEL__NAME=str(keyword_model), FILTER_METRICS__PORT=str(port))
     assert result.returncode == 2
     assert f"FILTER_METRICS__PORT={port}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_prints_a_table_and_writes_json_and_an_html_report(keyword_model, tmp_path):
+    data = write_csv(tmp_path / "labeled.csv")
+    out, report = tmp_path / "eval.json", tmp_path / "eval.html"
+    result = cli(
+        "eval", str(data), "--model", str(keyword_model), "--lang-field", "lang",
+        "--label-map", '{"ok": "Neutral"}', "--out-json", str(out), "--report", str(report),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "accuracy 0.7000" in result.stdout and "drop 3 (30.0%)" in result.stdout
+    document = orjson.loads(out.read_bytes())
+    assert document["accuracy"] == pytest.approx(0.7) and document["by_language"]["de"]["accuracy"] == 0.5
+    assert report.read_text(encoding="utf-8").count('<img alt="chart" src="data:image/png;base64,') == 2
+
+
+def test_eval_input_errors_exit_2_with_one_sentence(keyword_model, tmp_path):
+    data = write_csv(tmp_path / "labeled.csv")
+    result = cli("eval", str(data), "--model", str(keyword_model), "--text-field", "body")
+    assert result.returncode == 2 and "no value for field 'body'" in result.stderr
+    result = cli("eval", str(data), "--model", str(keyword_model))
+    assert result.returncode == 2 and "label(s) ['ok'] are not labels of the model" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_calibrate_prints_a_rule_the_routing_setting_accepts(keyword_model, tmp_path):
+    data = tmp_path / "calibration.jsonl"
+    rows = [("you idiot", "abuse"), ("so annoying", "abuse"), ("an annoying bug", "abuse"), ("what a loser", "abuse")]
+    rows += [("the screen is broken", "fine"), ("hello there", "fine"), ("see you tomorrow", "fine")]
+    data.write_text("".join(orjson.dumps({"msg": t, "y": y}).decode() + "\n" for t, y in rows), encoding="utf-8")
+    args = ["calibrate", str(data), "--model", str(keyword_model), "--text-field", "msg", "--label-field", "y"]
+    args += ["--label-map", '{"abuse": "Negative"}', "--action", "quarantine", "--labels", "Very Negative,Negative"]
+    result = cli(*args, "--target-precision", "0.8", "--report", str(tmp_path / "c.html"))
+    assert result.returncode == 0, result.stderr
+    assert "precision 0.8000" in result.stdout and "recall 1.0000" in result.stdout
+    rule = Rule(**orjson.loads(result.stdout.splitlines()[-1]))
+    assert (rule.action, rule.labels, rule.name) == ("quarantine", ["Very Negative", "Negative"], "quarantine-p80")
+    assert '<img alt="chart" src="data:image/png;base64,' in (tmp_path / "c.html").read_text(encoding="utf-8")
+    # The highest-scoring example is not abuse, so no threshold gets above 1/2 precision.
+    data.write_text('{"msg": "so annoying", "y": "fine"}\n{"msg": "the screen is broken", "y": "abuse"}\n')
+    unreachable = cli(*args, "--target-precision", "0.9", "--resamples", "10")
+    assert unreachable.returncode == 1 and "no min_score reaches precision 0.9 on this data" in unreachable.stdout
+    assert "the best is 0.5000 (recall 1.0000) at min_score 0.86" in unreachable.stdout
+
+
+def test_pull_then_verify_catches_a_flipped_byte_and_the_worker_refuses_to_load(hub_cache, tmp_path):
+    target = tmp_path / "model"
+    hub = {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
+    pulled = cli("model", "pull", HUB_REPO, "--to", str(target), **hub)
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"at commit {HUB_COMMIT}" in pulled.stdout and (target / LOCK_NAME).is_file()
+    assert cli("model", "verify", str(target)).returncode == 0
+
+    weights = target / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01
+    weights.write_bytes(bytes(data))
+    verified = cli("model", "verify", str(target))
+    assert verified.returncode == 3 and "model.safetensors: sha256" in verified.stderr
+    refused = cli("classify", "hello", "--model", str(target))
+    assert refused.returncode == 3 and "model.safetensors: sha256" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_hub_load_reports_the_resolved_commit_and_warns_when_unpinned(hub_cache):
+    hub = {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
+    unpinned = cli("classify", "you idiot", "--model", HUB_REPO, **hub)
+    assert unpinned.returncode == 0, unpinned.stderr
+    decision = orjson.loads(unpinned.stdout)
+    assert decision["model"].startswith(f"{HUB_REPO}@{HUB_COMMIT}#sha256:") and decision["action"] == "drop"
+    assert "model revision is not pinned" in unpinned.stderr
+    pinned = cli("classify", "you idiot", "--model", HUB_REPO, FILTER_MODEL__REVISION=HUB_COMMIT, **hub)
+    assert pinned.returncode == 0, pinned.stderr
+    assert "not pinned" not in pinned.stderr and orjson.loads(pinned.stdout)["model"] == decision["model"]

@@ -28,6 +28,7 @@ def test_defaults_match_the_documented_ones():
     )
     assert s.model.name == DEFAULT_MODEL and s.model.max_length == 512 and s.model.device == "auto"
     assert s.model.trust_remote_code is False
+    assert s.model.verify == "auto"
     assert s.message.format == "json" and s.message.text_field == "text"
     assert [r.action for r in s.routing.rules] == ["drop", "quarantine"]
 
@@ -65,6 +66,7 @@ def test_env_overrides_toml_file(tmp_path, monkeypatch):
         ("FILTER_ROUTING__RULES", '[{"action": "drop"', "FILTER_ROUTING__RULES is not valid JSON"),
         ("FILTER_TOPICS__ALLOW", "messages", "must not also be output topics"),
         ("FILTER_SHUTDOWN_TIMEOUT_S", "-1", "FILTER_SHUTDOWN_TIMEOUT_S"),
+        ("FILTER_MODEL__VERIFY", "maybe", "FILTER_MODEL__VERIFY (model.verify): Value error, must be auto, true or"),
     ],
 )
 def test_bad_settings_stop_startup_naming_the_setting(monkeypatch, var, value, named):
@@ -110,3 +112,9 @@ def test_secrets_never_appear_in_logs_or_errors(monkeypatch):
     with pytest.raises(ConfigError) as err:
         load_settings()
     assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), ("true", True), ("FALSE", False), ("1", True)])
+def test_model_verify_is_auto_true_or_false(monkeypatch, value, expected):
+    monkeypatch.setenv("FILTER_MODEL__VERIFY", value)
+    assert load_settings().model.verify == expected

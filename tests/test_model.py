@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import numpy as np
@@ -19,7 +20,9 @@ def model(keyword_model) -> Classifier:
 
 def test_labels_and_identity_come_from_the_checkpoint(model, keyword_model):
     assert model.labels == ["Very Negative", "Negative", "Neutral", "Positive", "Very Positive"]
-    assert model.identity == f"{keyword_model}@local"
+    weights = hashlib.sha256((keyword_model / "model.safetensors").read_bytes()).hexdigest()
+    assert model.weights_sha256 == weights
+    assert model.identity == f"{keyword_model}@local#sha256:{weights[:16]}"
     assert model.device == "cpu"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import urllib.error
 import urllib.request
@@ -86,4 +87,11 @@ def test_metrics_and_probes_reflect_the_run(bootstrap_servers, keyword_model, ru
     lags = {labels: v for (name, labels), v in m.items() if name == "filter_consumer_lag"}
     assert len(lags) == 3 and set(lags.values()) == {0.0}
     info = next(labels for (name, labels), v in m.items() if name == "filter_model_info")
-    assert dict(info) == {"name": str(keyword_model), "revision": "local", "device": "cpu", "dtype": "float32"}
+    weights = hashlib.sha256((keyword_model / "model.safetensors").read_bytes()).hexdigest()
+    assert dict(info) == {
+        "name": str(keyword_model),
+        "revision": "local",
+        "weights_sha256": weights,
+        "device": "cpu",
+        "dtype": "float32",
+    }
