@@ -46,4 +46,10 @@ class Metrics:
         self.lag = Gauge("filter_consumer_lag", "Records behind the high watermark", ["topic", "partition"], registry=r)
         self.rebalances = Counter("filter_rebalances", "Rebalance events", ["kind"], registry=r)
         self.in_flight = Gauge("filter_in_flight_records", "Consumed records not yet acknowledged", registry=r)
+        self.cache_lookups = Counter(
+            "filter_cache_lookups",
+            "Decision-cache lookups: hit (inference skipped) or miss",
+            ["result"],
+            registry=r,
+        )
         self.model = Info("filter_model", "The loaded model", registry=r)

@@ -16,10 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from filter_worker import kafka_io
 from filter_worker.batching import BatchBuffer
+from filter_worker.cache import DecisionCache, cache_key
 from filter_worker.config import ConfigError, Settings
 from filter_worker.decode import DecodeFailure, decode
 from filter_worker.health import Health, HealthServer
@@ -59,6 +61,7 @@ class _Pending:
     truncated: bool
     generation: int
     embed_into: dict[str, Any] | None
+    cache_key: bytes | None = None  # set when the decision cache is on
 
 
 class Worker:
@@ -81,6 +84,7 @@ class Worker:
             batch.max_size, batch.max_tokens, batch.max_wait_ms / 1000, clock
         )
         self._max_buffered = batch.max_size * _BUFFER_BATCHES
+        self._cache = DecisionCache(settings.cache.size) if settings.cache.size else None
         self._paused = False
         self._failure: FatalError | None = None
         self._last_commit = clock()
@@ -207,15 +211,29 @@ class Worker:
             if isinstance(decoded, DecodeFailure):
                 self._dead_letter(record, decoded, generation)
                 continue
-            texts.append(decoded.text)
             embed = None
             if self._settings.output.embed:
                 embed = decoded.document if decoded.document is not None else {"text": decoded.text}
-            accepted.append((record, generation, embed))
+            key = cache_key(decoded.text) if self._cache is not None else None
+            if key is not None and self._route_repeat(record, generation, embed, key):
+                continue
+            texts.append(decoded.text)
+            accepted.append((record, generation, embed, key))
         if not texts:
             return
-        for (record, generation, embed), tokens in zip(accepted, self._classifier.tokenize(texts), strict=True):
-            self._buffer.add(_Pending(record, tokens.ids, tokens.truncated, generation, embed), len(tokens.ids))
+        for (record, generation, embed, key), tokens in zip(accepted, self._classifier.tokenize(texts), strict=True):
+            pending = _Pending(record, tokens.ids, tokens.truncated, generation, embed, key)
+            self._buffer.add(pending, len(tokens.ids))
+
+    def _route_repeat(self, record: InputRecord, generation: int, embed: dict[str, Any] | None, key: bytes) -> bool:
+        """Publish a text the cache already knows, skipping the model; ``False`` when it is new."""
+        assert self._cache is not None
+        hit = self._cache.get(key)
+        self.metrics.cache_lookups.labels("miss" if hit is None else "hit").inc()
+        if hit is None:
+            return False
+        self._publish_decision(record, generation, hit.probs, hit.truncated, embed)
+        return True
 
     def _dispatch(self) -> None:
         assert self._inference is not None
@@ -226,6 +244,7 @@ class Worker:
         assert self._inference is not None
         for result in self._inference.completed(timeout_s):
             self._route(result)
+            self._resolve_buffered_repeats()
 
     def _route(self, result: Result[_Pending]) -> None:
         for i, pending in enumerate(result.items):
@@ -237,16 +256,37 @@ class Worker:
                 failure = DecodeFailure("model_error", f"the model failed on this record: {error}")
                 self._dead_letter(record, failure, pending.generation)
                 continue
-            decision = self._router.decide(result.probs[i])
-            out = routed(
-                record,
-                decision,
-                self._topics[decision.action],
-                self._classifier.identity,
-                pending.truncated,
-                pending.embed_into,
-            )
-            self._publish(out, record, pending.generation, decision.action)
+            if self._cache is not None and pending.cache_key is not None:
+                self._cache.put(pending.cache_key, result.probs[i], pending.truncated)
+            self._publish_decision(record, pending.generation, result.probs[i], pending.truncated, pending.embed_into)
+
+    def _resolve_buffered_repeats(self) -> None:
+        """Route buffered records whose text a finished batch just classified, instead of classifying it again.
+
+        A campaign's copies arrive together, so many are already buffered when its first copy returns.
+        They leave the buffer here and are published like any other result: offsets are tracked alike.
+        """
+        cache = self._cache
+        if cache is None or not len(self._buffer):
+            return
+        for pending in self._buffer.extract(lambda p: p.cache_key in cache):
+            hit = cache.get(pending.cache_key)  # type: ignore[arg-type]
+            assert hit is not None
+            self._publish_decision(pending.record, pending.generation, hit.probs, hit.truncated, pending.embed_into)
+
+    def _publish_decision(
+        self,
+        record: InputRecord,
+        generation: int,
+        probs: np.ndarray,
+        truncated: bool,
+        embed_into: dict[str, Any] | None,
+    ) -> None:
+        decision = self._router.decide(probs)
+        out = routed(
+            record, decision, self._topics[decision.action], self._classifier.identity, truncated, embed_into
+        )
+        self._publish(out, record, generation, decision.action)
 
     def _dead_letter(self, record: InputRecord, failure: DecodeFailure, generation: int) -> None:
         fields: dict[str, Any] = {"error": failure.error, "reason": failure.reason}
