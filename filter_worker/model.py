@@ -57,7 +57,9 @@ def resolve_dtype(requested: str, device: str) -> str:
     if requested == "auto":
         return "float16" if device.startswith("cuda") else "float32"
     if requested == "int8" and device != "cpu":
-        raise ConfigError(f"{setting}: int8 (dynamic quantization) runs on CPU only; on {device} use float16 or bfloat16")
+        raise ConfigError(
+            f"{setting}: int8 (dynamic quantization) runs on CPU only; use float16 or bfloat16 on {device}"
+        )
     if requested == "float16" and device == "cpu":
         raise ConfigError(
             f"{setting}: float16 on CPU is slower than float32 on most processors; use bfloat16 or int8 on CPU"

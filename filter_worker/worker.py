@@ -165,6 +165,8 @@ class Worker:
         self.metrics.batch_size.observe(rows)
         self.metrics.padded_tokens.observe(padded)
         self.metrics.fill_ratio.observe(real / padded if padded else 1.0)
+        self.metrics.forward_tokens.labels("real").inc(real)
+        self.metrics.forward_tokens.labels("padded").inc(padded)
         self.metrics.forward_seconds.observe(seconds)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -229,9 +231,9 @@ class Worker:
         """Publish a text the cache already knows, skipping the model; ``False`` when it is new."""
         assert self._cache is not None
         hit = self._cache.get(key)
-        self.metrics.cache_lookups.labels("miss" if hit is None else "hit").inc()
         if hit is None:
             return False
+        self.metrics.cache_records.labels("hit").inc()
         self._publish_decision(record, generation, hit.probs, hit.truncated, embed)
         return True
 
@@ -258,6 +260,7 @@ class Worker:
                 continue
             if self._cache is not None and pending.cache_key is not None:
                 self._cache.put(pending.cache_key, result.probs[i], pending.truncated)
+                self.metrics.cache_records.labels("miss").inc()
             self._publish_decision(record, pending.generation, result.probs[i], pending.truncated, pending.embed_into)
 
     def _resolve_buffered_repeats(self) -> None:
@@ -272,6 +275,7 @@ class Worker:
         for pending in self._buffer.extract(lambda p: p.cache_key in cache):
             hit = cache.get(pending.cache_key)  # type: ignore[arg-type]
             assert hit is not None
+            self.metrics.cache_records.labels("hit").inc()
             self._publish_decision(pending.record, pending.generation, hit.probs, hit.truncated, pending.embed_into)
 
     def _publish_decision(
@@ -283,9 +287,7 @@ class Worker:
         embed_into: dict[str, Any] | None,
     ) -> None:
         decision = self._router.decide(probs)
-        out = routed(
-            record, decision, self._topics[decision.action], self._classifier.identity, truncated, embed_into
-        )
+        out = routed(record, decision, self._topics[decision.action], self._classifier.identity, truncated, embed_into)
         self._publish(out, record, generation, decision.action)
 
     def _dead_letter(self, record: InputRecord, failure: DecodeFailure, generation: int) -> None:
