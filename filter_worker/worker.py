@@ -95,6 +95,7 @@ class Worker:
         self.metrics = Metrics()
         self.health = Health(settings.health.liveness_window_s, clock)
         self._last_probe = clock()
+        self._last_forward_s = 0.0
         self._http: HealthServer | None = None
 
     @property
@@ -168,6 +169,7 @@ class Worker:
         self.metrics.forward_tokens.labels("real").inc(real)
         self.metrics.forward_tokens.labels("padded").inc(padded)
         self.metrics.forward_seconds.observe(seconds)
+        self._last_forward_s = seconds  # read by the Kafka loop; a float store is atomic
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -188,6 +190,12 @@ class Worker:
 
     def _poll_timeout(self) -> float:
         assert self._inference is not None
+        if not self._inference.has_capacity():
+            # Both slots taken: nothing can be dispatched until the running pass ends, and the queued
+            # one keeps the model busy meanwhile. Waking every few ms would only take CPU from the
+            # forward pass (on a small CPU box every wake-up stalls torch's threads), so wait for up
+            # to half a forward pass: the next batch is still submitted before the model runs dry.
+            return max(_BUSY_POLL_S, min(_IDLE_POLL_S, self._last_forward_s / 2))
         if self._inference.in_flight or self._paused:
             return _BUSY_POLL_S
         due = self._buffer.time_to_due()
