@@ -44,6 +44,29 @@ def plan_batches(
     return batches
 
 
+def choose_bucket(lengths: Sequence[int], size: int) -> list[int]:
+    """Indices of ``size`` items, contiguous in length order, that include item 0 and waste the least padding.
+
+    Item 0 is the oldest. Among the windows of ``size`` consecutive items (by length) that contain
+    it, the one with the fewest padded-but-empty tokens (rows x longest row - real tokens) wins;
+    ties go to the shorter lengths (cheaper passes first keeps latency low).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    if len(order) <= size:
+        return order
+    position = order.index(0)
+    prefix = [0]
+    for index in order:
+        prefix.append(prefix[-1] + lengths[index])
+    best_start, best_waste = 0, None
+    for start in range(max(0, position - size + 1), min(position, len(order) - size) + 1):
+        end = start + size
+        waste = size * lengths[order[end - 1]] - (prefix[end] - prefix[start])
+        if best_waste is None or waste < best_waste:
+            best_start, best_waste = start, waste
+    return order[best_start : best_start + size]
+
+
 def padded_tokens(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
     """Tokens the forward passes will process, padding included."""
     return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches if batch)
@@ -93,10 +116,32 @@ class BatchBuffer(Generic[T]):
         return max(0.0, self._items[0].arrived + self._max_wait_s - self._clock())
 
     def take(self) -> list[T]:
-        """Remove and return up to ``max_size`` items, oldest first (later ones wait for the next batch)."""
-        taken, self._items = self._items[: self._max_size], self._items[self._max_size :]
+        """Remove and return up to ``max_size`` items of similar length, always including the oldest.
+
+        When more than a batch is buffered (a backlog: the model is the bottleneck), the batch is
+        the run of ``max_size`` items, in length order, around the oldest item that wastes the
+        fewest padded tokens. Without this, batches cut in arrival order mix a dozen-token chat line
+        with a few-hundred-token message and pay for its padding thirty times over; choosing only
+        from the buffer's own length order would let a long message wait forever. Including the
+        oldest item bounds every item's wait by the buffer's length in batches.
+        """
+        if len(self._items) <= self._max_size:
+            chosen = list(range(len(self._items)))
+        else:
+            chosen = choose_bucket([p.tokens for p in self._items], self._max_size)
+        picked = set(chosen)
+        taken = [self._items[i] for i in sorted(chosen)]
+        self._items = [p for i, p in enumerate(self._items) if i not in picked]
         self._tokens = sum(p.tokens for p in self._items)
         return [p.item for p in taken]
+
+    def extract(self, match: Callable[[T], bool]) -> list[T]:
+        """Remove and return the items ``match`` selects, in arrival order (repeats answered from a cache)."""
+        taken = [p.item for p in self._items if match(p.item)]
+        if taken:
+            self._items = [p for p in self._items if not match(p.item)]
+            self._tokens = sum(p.tokens for p in self._items)
+        return taken
 
     def discard(self, keep: Callable[[T], bool]) -> int:
         """Drop items for which ``keep`` is false (revoked partitions); returns how many were dropped."""

@@ -62,6 +62,30 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--name", help="rule name (default ACTION-pNN from the target)")
     calibrate.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     calibrate.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    bench = commands.add_parser(
+        "bench", help="model-only ceiling vs the worker end to end vs a naive loop, on the same texts"
+    )
+    bench.add_argument("--model", help="hub id or local directory (overrides FILTER_MODEL__NAME)")
+    bench.add_argument("--dtype", help="overrides FILTER_MODEL__DTYPE: auto, float32, bfloat16, float16, int8")
+    bench.add_argument("--device", help="overrides FILTER_MODEL__DEVICE: auto, cpu, cuda, cuda:N")
+    bench.add_argument("--batch-size", type=int, help="overrides FILTER_BATCH__MAX_SIZE")
+    bench.add_argument("--messages", type=int, default=1000, help="size of the built-in message mix (default 1000)")
+    bench.add_argument("--file", metavar="PATH", help="one message per line instead of the built-in mix")
+    bench.add_argument("--seed", type=int, default=7, help="seed of the built-in mix (default 7)")
+    bench.add_argument(
+        "--duplicate-ratio", type=float, default=0.0, help="share of campaign repeats; adds a run with the cache"
+    )
+    bench.add_argument("--naive-count", type=int, default=100, help="records for the naive loop (default 100)")
+    bench.add_argument("--arrival-count", type=int, default=256, help="texts for arrival-order batches (default 256)")
+    bench.add_argument("--compare-count", type=int, default=300, help="texts for precision comparisons (default 300)")
+    bench.add_argument(
+        "--compare-dtypes", help="comma list of precisions to compare with float32 ('none' skips; default by device)"
+    )
+    bench.add_argument("--rate", type=float, help="offered msg/s for latency (default: half the measured throughput)")
+    bench.add_argument("--latency-seconds", type=float, default=20.0, help="length of the latency run (default 20)")
+    bench.add_argument("--partitions", type=int, default=3, help="input topic partitions (default 3)")
+    bench.add_argument("--bootstrap-servers", help="use this Kafka cluster instead of the embedded broker")
+    bench.add_argument("--json", default="bench-results.json", help="report file (default bench-results.json)")
 
     model = commands.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     pull = model.add_parser("pull", help="download a model (safetensors only) into DIR and write its lock file")
@@ -109,7 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "calibrate":
             return _calibrate(args)
         if args.command == "model":
-            return {"synth": _synth, "pull": _pull, "verify": _verify}[args.model_command](args)
+            if args.model_command == "synth":
+                return _synth(args)
+            return {"pull": _pull, "verify": _verify}[args.model_command](args)
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "produce":
             from filter_worker.loadgen import produce_samples
 
@@ -149,6 +177,41 @@ def _run(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     return worker.run()
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from filter_worker.bench import BenchOptions, run_bench
+    from filter_worker.logs import configure
+
+    # Options override their settings and are validated with them (merged over environment and file),
+    # so a bad value is reported under the setting's name.
+    model = {k: v for k, v in {"name": args.model, "dtype": args.dtype, "device": args.device}.items() if v}
+    overrides: dict[str, Any] = {"model": model} if model else {}
+    if args.batch_size is not None:
+        overrides["batch"] = {"max_size": args.batch_size}
+    settings = load_settings(args.config, **overrides)
+    settings.log.level = "WARNING" if settings.log.level == "INFO" else settings.log.level
+    configure(settings.log)
+    compare = None
+    if args.compare_dtypes is not None:
+        compare = [] if args.compare_dtypes == "none" else [d.strip() for d in args.compare_dtypes.split(",") if d]
+    options = BenchOptions(
+        messages=args.messages,
+        file=args.file,
+        seed=args.seed,
+        naive_count=args.naive_count,
+        arrival_count=args.arrival_count,
+        compare_count=args.compare_count,
+        compare_dtypes=compare,
+        rate=args.rate,
+        latency_seconds=args.latency_seconds,
+        duplicate_ratio=args.duplicate_ratio,
+        partitions=args.partitions,
+        bootstrap_servers=args.bootstrap_servers,
+        json_path=args.json,
+    )
+    run_bench(settings, options)
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -32,6 +32,12 @@ class Metrics:
             buckets=_RATIO_BUCKETS,
             registry=r,
         )
+        self.forward_tokens = Counter(
+            "filter_forward_tokens",
+            "Tokens through the forward pass: real, or padded (real plus padding)",
+            ["kind"],
+            registry=r,
+        )
         self.forward_seconds = Histogram(
             "filter_forward_seconds", "Forward pass time", buckets=_FORWARD_BUCKETS, registry=r
         )
@@ -46,4 +52,10 @@ class Metrics:
         self.lag = Gauge("filter_consumer_lag", "Records behind the high watermark", ["topic", "partition"], registry=r)
         self.rebalances = Counter("filter_rebalances", "Rebalance events", ["kind"], registry=r)
         self.in_flight = Gauge("filter_in_flight_records", "Consumed records not yet acknowledged", registry=r)
+        self.cache_records = Counter(
+            "filter_cache_records",
+            "Records with the decision cache on: hit (answered from the cache) or miss (classified by the model)",
+            ["result"],
+            registry=r,
+        )
         self.model = Info("filter_model", "The loaded model", registry=r)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from filter_worker import lockfile
 from filter_worker.batching import plan_batches
-from filter_worker.config import ModelSettings
+from filter_worker.config import ConfigError, ModelSettings
 from filter_worker.logs import get_logger
 
 log = get_logger(__name__)
@@ -48,6 +49,28 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def resolve_dtype(requested: str, device: str) -> str:
+    """The precision to load for ``FILTER_MODEL__DTYPE`` on ``device``; refuses what the device cannot run well.
+
+    - ``auto``: float16 on CUDA (tensor cores, half the memory traffic), float32 elsewhere.
+    - ``int8``: dynamic quantization of the Linear layers, which PyTorch implements for CPU only.
+    - ``float16`` on CPU is refused: most CPUs have no float16 arithmetic, so it runs slower than
+      float32, and bfloat16 gives the same memory saving with float32's range.
+    """
+    setting = f"FILTER_MODEL__DTYPE={requested}"
+    if requested == "auto":
+        return "float16" if device.startswith("cuda") else "float32"
+    if requested == "int8" and device != "cpu":
+        raise ConfigError(
+            f"{setting}: int8 (dynamic quantization) runs on CPU only; use float16 or bfloat16 on {device}"
+        )
+    if requested == "float16" and device == "cpu":
+        raise ConfigError(
+            f"{setting}: float16 on CPU is slower than float32 on most processors; use bfloat16 or int8 on CPU"
+        )
+    return requested
+
+
 class Classifier:
     """A loaded classifier. Thread use: ``tokenize`` on one thread and ``predict`` on another is safe."""
 
@@ -60,6 +83,7 @@ class Classifier:
         device: str,
         max_length: int,
         weights_sha256: str = "",
+        dtype: str | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         self._model = model
@@ -70,7 +94,10 @@ class Classifier:
         self.max_length = max_length
         id2label = model.config.id2label  # type: ignore[attr-defined]
         self.labels: list[str] = [id2label[i] for i in range(len(id2label))]
-        self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # type: ignore[attr-defined]
+        # Quantized Linear weights are not parameters, so int8 has to be named by the loader.
+        self.dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")  # type: ignore[attr-defined]
+        # Pinned host memory lets the copy to the GPU run asynchronously (non_blocking).
+        self._pin = device.startswith("cuda")
         self._pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # type: ignore[attr-defined]
 
     @classmethod
@@ -89,6 +116,7 @@ class Classifier:
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
         local = Path(settings.name).is_dir()
         lock = _verified_lock(settings, local)
         kwargs: dict[str, object] = {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
@@ -98,13 +126,15 @@ class Classifier:
             kwargs["local_files_only"] = True
         try:
             tokenizer = AutoTokenizer.from_pretrained(settings.name, **kwargs)
-            model = AutoModelForSequenceClassification.from_pretrained(settings.name, use_safetensors=True, **kwargs)
+            model = _load_weights(AutoModelForSequenceClassification, settings.name, dtype, device, kwargs)
         except (OSError, ValueError, SafetensorError) as exc:  # a corrupt weight file raises SafetensorError
             raise ModelLoadError(_load_failure(settings.name, local, exc)) from exc
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(f"model '{settings.name}' has no fast (Rust) tokenizer; tokenizer.json is required")
         model.to(device).eval()
         torch.set_grad_enabled(False)
+        if dtype == "int8":
+            model = _quantize_dynamic(model)
         positions = getattr(model.config, "max_position_embeddings", settings.max_length)
         max_length = min(settings.max_length, positions)
         if lock is not None:
@@ -133,7 +163,7 @@ class Classifier:
             source=settings.name,
             device=device,
         )
-        return cls(tokenizer, model, name, revision, device, max_length, weights)
+        return cls(tokenizer, model, name, revision, device, max_length, weights, dtype)
 
     @property
     def identity(self) -> str:
@@ -173,9 +203,13 @@ class Classifier:
         for i, row in enumerate(batch):
             ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
+        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        if self._pin:  # from the caching host allocator, so pinning costs no allocation per batch
+            ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
         with torch.inference_mode():
             logits = self._model(  # type: ignore[operator]
-                input_ids=torch.from_numpy(ids).to(self.device), attention_mask=torch.from_numpy(mask).to(self.device)
+                input_ids=ids_t.to(self.device, non_blocking=self._pin),
+                attention_mask=mask_t.to(self.device, non_blocking=self._pin),
             ).logits
             return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
@@ -224,6 +258,43 @@ def _hub_snapshot(name: str, revision: str | None) -> Path | None:
 
     config = try_to_load_from_cache(name, "config.json", revision=revision or "main")
     return Path(config).parent if isinstance(config, str) else None
+
+
+def _load_weights(auto_cls: type, name: str, dtype: str, device: str, kwargs: dict[str, object]) -> object:
+    """from_pretrained in the floating-point dtype to run (int8 loads float32, then quantizes).
+
+    On CUDA the attention is PyTorch's scaled_dot_product_attention (fused kernels); a model class
+    without SDPA support loads with its own attention instead of failing.
+    """
+    import torch
+    import transformers
+
+    floating = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
+    # transformers renamed torch_dtype to dtype in 4.56 and warns about the old name since.
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    options = {**kwargs, "use_safetensors": True, dtype_kw: floating[dtype]}
+    if device.startswith("cuda"):
+        try:
+            return auto_cls.from_pretrained(name, attn_implementation="sdpa", **options)  # type: ignore[attr-defined]
+        except ValueError as exc:
+            if "sdpa" not in str(exc).lower():
+                raise
+    return auto_cls.from_pretrained(name, **options)  # type: ignore[attr-defined]
+
+
+def _quantize_dynamic(model: object) -> object:
+    """int8 weights for every nn.Linear, activations quantized per batch at run time (CPU)."""
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    # torch.ao.quantization is deprecated in favour of torchao (a separate package) but still works
+    # in the supported torch versions; the warnings would otherwise appear in every start-up log.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)  # type: ignore[arg-type]
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

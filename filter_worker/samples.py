@@ -103,3 +103,48 @@ def corpus() -> Iterator[str]:
     for _, _, text in _SHORT:
         yield text
     yield from _LONG_SENTENCES
+
+
+# Campaign texts for ``message_mix(duplicate_ratio=...)``: what a spam run repeats thousands of times.
+_CAMPAIGNS: tuple[str, ...] = (
+    "CLICK HERE to win a FREE iPhone!!! Limited offer, act now!!!",
+    "Gana dinero rápido desde casa, escríbeme por privado.",
+    "Verdiene 5000 Euro pro Woche von zu Hause aus, jetzt klicken!",
+    "Crypto giveaway: send 1 BTC and get 2 back, only today.",
+    "私のプロフィールをチェックして、限定オファーを受け取ってください！",
+)
+_NAMES: tuple[str, ...] = ("anna", "li", "omar", "sven", "maria", "kenji", "ola", "dev", "zoe", "yusuf")
+
+
+def message_mix(count: int, seed: int = 7, long_ratio: float = 0.05, duplicate_ratio: float = 0.0) -> list[str]:
+    """``count`` texts with a chat-like length mix, reproducible for a seed; the benchmark's workload.
+
+    Unlike ``sample_messages``, texts are (almost) all distinct, the way real traffic is: each short
+    line gets a mention, a number or a second sentence, so a decision cache only helps where
+    ``duplicate_ratio`` puts repeats (copies of a few campaign texts, some with changed case or
+    spacing, as campaigns vary them). Lengths: most a dozen tokens, ``long_ratio`` a few hundred.
+    """
+    rng = random.Random(seed)
+    texts: list[str] = []
+    for i in range(count):
+        roll = rng.random()
+        if roll < duplicate_ratio:
+            text = rng.choice(_CAMPAIGNS)
+            variant = rng.random()
+            if variant < 0.2:
+                text = text.upper()
+            elif variant < 0.4:
+                text = "  " + text.replace(" ", "  ")
+        elif roll < duplicate_ratio + long_ratio:
+            text = _long_message(rng)
+        else:
+            _, _, text = rng.choice(_SHORT)
+            decoration = rng.random()
+            if decoration < 0.3:
+                text = f"@{rng.choice(_NAMES)}{rng.randint(1, 999)} {text}"
+            elif decoration < 0.6:
+                text = f"{text} #{i}"
+            else:
+                text = f"{text} {rng.choice(_SHORT)[2]}"
+        texts.append(text)
+    return texts

@@ -16,11 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from filter_worker import kafka_io
 from filter_worker.batching import BatchBuffer
+from filter_worker.cache import DecisionCache, cache_key
 from filter_worker.config import ConfigError, Settings
 from filter_worker.dead_letter_limit import DeadLetterLimit
 from filter_worker.decode import DecodeFailure, decode
@@ -83,6 +85,7 @@ class _Pending:
     truncated: bool
     generation: int
     embed_into: dict[str, Any] | None
+    cache_key: bytes | None = None  # set when the decision cache is on
 
 
 class Worker:
@@ -105,6 +108,7 @@ class Worker:
             batch.max_size, batch.max_tokens, batch.max_wait_ms / 1000, clock
         )
         self._max_buffered = batch.max_size * _BUFFER_BATCHES
+        self._cache = DecisionCache(settings.cache.size) if settings.cache.size else None
         self._paused = False
         self._failure: FatalError | None = None
         self._last_commit = clock()
@@ -124,6 +128,7 @@ class Worker:
         self.metrics = Metrics()
         self.health = Health(settings.health.liveness_window_s, clock)
         self._last_probe = clock()
+        self._last_forward_s = 0.0
         self._http: HealthServer | None = None
 
     @property
@@ -196,7 +201,10 @@ class Worker:
         self.metrics.batch_size.observe(rows)
         self.metrics.padded_tokens.observe(padded)
         self.metrics.fill_ratio.observe(real / padded if padded else 1.0)
+        self.metrics.forward_tokens.labels("real").inc(real)
+        self.metrics.forward_tokens.labels("padded").inc(padded)
         self.metrics.forward_seconds.observe(seconds)
+        self._last_forward_s = seconds  # read by the Kafka loop; a float store is atomic
 
     # -- start-up ---------------------------------------------------------------------------------
 
@@ -298,6 +306,12 @@ class Worker:
 
     def _poll_timeout(self) -> float:
         assert self._inference is not None
+        if not self._inference.has_capacity():
+            # Both slots taken: nothing can be dispatched until the running pass ends, and the queued
+            # one keeps the model busy meanwhile. Waking every few ms would only take CPU from the
+            # forward pass (on a small CPU box every wake-up stalls torch's threads), so wait for up
+            # to half a forward pass: the next batch is still submitted before the model runs dry.
+            return max(_BUSY_POLL_S, min(_IDLE_POLL_S, self._last_forward_s / 2))
         if self._inference.in_flight or self._paused:
             return _BUSY_POLL_S
         due = self._buffer.time_to_due()
@@ -323,15 +337,29 @@ class Worker:
             if isinstance(decoded, DecodeFailure):
                 self._dead_letter(record, decoded, generation)
                 continue
-            texts.append(decoded.text)
             embed = None
             if self._settings.output.embed:
                 embed = decoded.document if decoded.document is not None else {"text": decoded.text}
-            accepted.append((record, generation, embed))
+            key = cache_key(decoded.text) if self._cache is not None else None
+            if key is not None and self._route_repeat(record, generation, embed, key):
+                continue
+            texts.append(decoded.text)
+            accepted.append((record, generation, embed, key))
         if not texts:
             return
-        for (record, generation, embed), tokens in zip(accepted, self._classifier.tokenize(texts), strict=True):
-            self._buffer.add(_Pending(record, tokens.ids, tokens.truncated, generation, embed), len(tokens.ids))
+        for (record, generation, embed, key), tokens in zip(accepted, self._classifier.tokenize(texts), strict=True):
+            pending = _Pending(record, tokens.ids, tokens.truncated, generation, embed, key)
+            self._buffer.add(pending, len(tokens.ids))
+
+    def _route_repeat(self, record: InputRecord, generation: int, embed: dict[str, Any] | None, key: bytes) -> bool:
+        """Publish a text the cache already knows, skipping the model; ``False`` when it is new."""
+        assert self._cache is not None
+        hit = self._cache.get(key)
+        if hit is None:
+            return False
+        self.metrics.cache_records.labels("hit").inc()
+        self._publish_decision(record, generation, hit.probs, hit.truncated, embed)
+        return True
 
     def _dispatch(self) -> None:
         assert self._inference is not None
@@ -342,6 +370,7 @@ class Worker:
         assert self._inference is not None
         for result in self._inference.completed(timeout_s):
             self._route(result)
+            self._resolve_buffered_repeats()
 
     def _route(self, result: Result[_Pending]) -> None:
         for i, pending in enumerate(result.items):
@@ -353,17 +382,38 @@ class Worker:
                 failure = DecodeFailure("model_error", f"the model failed on this record: {error}")
                 self._dead_letter(record, failure, pending.generation)
                 continue
-            self._count_outcome(dead=False)
-            decision = self._router.decide(result.probs[i])
-            out = routed(
-                record,
-                decision,
-                self._topics[decision.action],
-                self._classifier.identity,
-                pending.truncated,
-                pending.embed_into,
-            )
-            self._publish(out, record, pending.generation, decision.action)
+            if self._cache is not None and pending.cache_key is not None:
+                self._cache.put(pending.cache_key, result.probs[i], pending.truncated)
+                self.metrics.cache_records.labels("miss").inc()
+            self._publish_decision(record, pending.generation, result.probs[i], pending.truncated, pending.embed_into)
+
+    def _resolve_buffered_repeats(self) -> None:
+        """Route buffered records whose text a finished batch just classified, instead of classifying it again.
+
+        A campaign's copies arrive together, so many are already buffered when its first copy returns.
+        They leave the buffer here and are published like any other result: offsets are tracked alike.
+        """
+        cache = self._cache
+        if cache is None or not len(self._buffer):
+            return
+        for pending in self._buffer.extract(lambda p: p.cache_key in cache):
+            hit = cache.get(pending.cache_key)  # type: ignore[arg-type]
+            assert hit is not None
+            self.metrics.cache_records.labels("hit").inc()
+            self._publish_decision(pending.record, pending.generation, hit.probs, hit.truncated, pending.embed_into)
+
+    def _publish_decision(
+        self,
+        record: InputRecord,
+        generation: int,
+        probs: np.ndarray,
+        truncated: bool,
+        embed_into: dict[str, Any] | None,
+    ) -> None:
+        self._count_outcome(dead=False)
+        decision = self._router.decide(probs)
+        out = routed(record, decision, self._topics[decision.action], self._classifier.identity, truncated, embed_into)
+        self._publish(out, record, generation, decision.action)
 
     def _dead_letter(self, record: InputRecord, failure: DecodeFailure, generation: int) -> None:
         fields: dict[str, Any] = {"error": failure.error, "reason": failure.reason}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from filter_worker.synthetic import build_keyword_model
+from filter_worker.synthetic import build_keyword_model, build_model
 
 # Words the test model maps to labels; everything else is "Neutral" (probability ~0.9).
 KEYWORDS = {
@@ -50,6 +50,12 @@ def hub_cache(keyword_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     (storage / "refs").mkdir()
     (storage / "refs" / "main").write_text(HUB_COMMIT)
     return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random weights in a tiny DistilBERT shape: fast, for tests that need a model but no right answers."""
+    return build_model(tmp_path_factory.mktemp("tiny-model"), size="tiny")
 
 
 @pytest.fixture(scope="session")

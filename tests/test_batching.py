@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from filter_worker.batching import BatchBuffer, padded_tokens, plan_batches
+from filter_worker.batching import BatchBuffer, choose_bucket, padded_tokens, plan_batches
 
 
 def test_batches_respect_size_and_token_budget_and_cover_every_index():
@@ -62,3 +62,47 @@ def test_take_keeps_overflow_with_its_original_age_and_discard_filters():
     assert abs(buf.time_to_due() - 0.5) < 1e-9  # item 2 arrived at t=100, not at take time
     assert buf.discard(lambda i: i != 3) == 1
     assert buf.take() == [2, 4]
+
+
+def test_take_groups_similar_lengths_around_the_oldest_item():
+    clock = Clock()
+    buf: BatchBuffer[str] = BatchBuffer(max_size=3, max_tokens=10**6, max_wait_s=1.0, clock=clock)
+    for name, tokens in [("long-old", 200), ("s1", 10), ("l1", 190), ("s2", 11), ("l2", 210), ("s3", 12)]:
+        buf.add(name, tokens)
+    assert buf.take() == ["long-old", "l1", "l2"]  # the oldest, with its closest lengths, arrival order
+    assert buf.take() == ["s1", "s2", "s3"]
+    assert len(buf) == 0
+
+
+def test_every_item_is_taken_within_as_many_batches_as_were_buffered_ahead_of_it():
+    rng = random.Random(5)
+    clock = Clock()
+    buf: BatchBuffer[int] = BatchBuffer(max_size=4, max_tokens=10**6, max_wait_s=1.0, clock=clock)
+    for i in range(40):
+        buf.add(i, rng.choice([5, 6, 7, 300]))
+    taken_in: dict[int, int] = {}
+    batch = 0
+    while len(buf):
+        for item in buf.take():
+            taken_in[item] = batch
+        batch += 1
+    assert sorted(taken_in) == list(range(40))
+    assert all(taken_in[i] <= i for i in range(40)), "the oldest item is always in the next batch"
+
+
+def test_choose_bucket_minimises_padding_among_windows_holding_item_zero():
+    lengths = [10, 50, 11, 12, 49, 48, 13]
+    assert sorted(choose_bucket(lengths, 3)) == [0, 2, 3]
+    assert sorted(choose_bucket([48, 10, 11, 12, 49, 50], 3)) == [0, 4, 5]
+
+
+def test_extract_removes_matching_items_and_their_tokens():
+    clock = Clock()
+    buf: BatchBuffer[str] = BatchBuffer(max_size=10, max_tokens=25, max_wait_s=1.0, clock=clock)
+    for name in ["a", "dup", "b", "dup"]:
+        buf.add(name, 10)
+    assert buf.due()  # 40 tokens
+    assert buf.extract(lambda x: x == "dup") == ["dup", "dup"]
+    assert len(buf) == 2 and not buf.due()  # 20 tokens left: below the budget
+    assert buf.extract(lambda x: x == "z") == []
+    assert buf.take() == ["a", "b"]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from filter_worker.config import ModelSettings
-from filter_worker.model import Classifier, ModelLoadError
+from filter_worker.config import ConfigError, ModelSettings
+from filter_worker.model import Classifier, ModelLoadError, resolve_dtype
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,32 @@ def test_cuda_request_without_a_gpu_is_a_clear_error(keyword_model):
         pytest.skip("a GPU is present")
     with pytest.raises(ModelLoadError, match="FILTER_MODEL__DEVICE"):
         Classifier.load(ModelSettings(name=str(keyword_model), device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_cpu_precisions_load_and_give_probabilities(tiny_model, dtype):
+    classifier = Classifier.load(ModelSettings(name=str(tiny_model), dtype=dtype))
+    assert classifier.dtype == dtype and classifier.device == "cpu"
+    probs, _ = classifier.classify(["hello there", "a much longer message " * 5])
+    assert probs.shape == (2, 5) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+
+
+def test_auto_precision_is_float32_on_cpu_and_float16_on_cuda():
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("auto", "cuda:0") == "float16"
+    assert resolve_dtype("bfloat16", "cuda") == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "device", "reason"),
+    [("int8", "cuda", "CPU only"), ("int8", "mps", "CPU only"), ("float16", "cpu", "bfloat16 or int8")],
+)
+def test_precisions_a_device_cannot_run_are_refused_naming_the_setting(dtype, device, reason):
+    with pytest.raises(ConfigError) as info:
+        resolve_dtype(dtype, device)
+    assert f"FILTER_MODEL__DTYPE={dtype}" in str(info.value) and reason in str(info.value)
+
+
+def test_float16_on_cpu_is_refused_at_load(tiny_model):
+    with pytest.raises(ConfigError, match="FILTER_MODEL__DTYPE=float16"):
+        Classifier.load(ModelSettings(name=str(tiny_model), dtype="float16", device="cpu"))
