@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            return _run(load_settings(args.config))
+            return _run(load_settings(args.config), args.config)
         if args.command == "classify":
             return _classify(args)
         if args.command == "demo":
@@ -162,20 +162,24 @@ def _settings_with_model(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _run(settings: Settings) -> int:
+def _run(settings: Settings, config_file: str | None) -> int:
     from filter_worker.logs import configure
     from filter_worker.model import Classifier
     from filter_worker.worker import Worker
 
     configure(settings.log)
     classifier = Classifier.load(settings.model)
-    worker = Worker(settings, classifier)
+    worker = Worker(settings, classifier, reload_routing=lambda: load_settings(config_file).routing)
 
     def request_stop(signum: int, _frame: Any) -> None:
         worker.stop()
 
+    def request_reload(signum: int, _frame: Any) -> None:
+        worker.request_reload()
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
     return worker.run()
 
 

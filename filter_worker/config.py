@@ -214,7 +214,12 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 
 
 class RoutingSettings(_Section):
+    """Reloaded from the config file on SIGHUP (the only settings that are): thresholds get tuned live."""
+
     rules: list[Rule] = Field(default_factory=lambda: [r.model_copy() for r in DEFAULT_RULES])
+    # Decide as usual but publish every classified record to the allow topic, marked with the decision
+    # it would have had: watch a new model or new thresholds before they act on anyone's messages.
+    shadow: bool = False
 
 
 class DeadLetterSettings(_Section):

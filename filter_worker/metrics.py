@@ -58,4 +58,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.shadow_decisions = Counter(
+            "filter_shadow_decisions",
+            "Shadow mode: the action each record would have had (it went to the allow topic)",
+            ["action"],
+            registry=r,
+        )
+        self.rule_reloads = Counter(
+            "filter_routing_reloads", "Routing reloads on SIGHUP, by result", ["result"], registry=r
+        )
         self.model = Info("filter_model", "The loaded model", registry=r)

@@ -55,11 +55,13 @@ def routed(
     model: str,
     truncated: bool,
     embed_into: dict[str, Any] | None = None,
+    shadow: bool = False,
 ) -> OutputRecord:
     """The published form of a classified record.
 
     ``embed_into`` (the parsed JSON object, or ``{"text": ...}`` for plain-text input) switches to the
-    embedded form: a JSON value holding the original fields plus a ``moderation`` object.
+    embedded form: a JSON value holding the original fields plus a ``moderation`` object. ``shadow``
+    marks a decision that was recorded but not enforced (the record goes to the allow topic).
     """
     facts: list[tuple[str, str]] = [
         ("action", decision.action),
@@ -71,6 +73,8 @@ def routed(
     ]
     if truncated:
         facts.append(("truncated", "true"))
+    if shadow:
+        facts.append(("shadow", "true"))
     headers = _kept_headers(record) + [(HEADER_PREFIX + k, v.encode()) for k, v in facts]
     value = record.value
     if embed_into is not None:
@@ -83,6 +87,7 @@ def routed(
             "model": model,
             "source": record.source,
             "truncated": truncated,
+            "shadow": shadow,
         }
         value = orjson.dumps({**embed_into, "moderation": moderation})
     return OutputRecord(topic, record.key, value, headers, record.timestamp_ms)

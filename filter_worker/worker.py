@@ -23,7 +23,7 @@ from confluent_kafka.admin import AdminClient
 from filter_worker import kafka_io
 from filter_worker.batching import BatchBuffer
 from filter_worker.cache import DecisionCache, cache_key
-from filter_worker.config import ConfigError, Settings
+from filter_worker.config import ConfigError, RoutingSettings, Settings
 from filter_worker.dead_letter_limit import DeadLetterLimit
 from filter_worker.decode import DecodeFailure, decode
 from filter_worker.exit_codes import ExitCode
@@ -96,10 +96,14 @@ class Worker:
         settings: Settings,
         classifier: Classifier,
         clock: Callable[[], float] = time.monotonic,
+        reload_routing: Callable[[], RoutingSettings] | None = None,
     ) -> None:
         self._settings = settings
         self._classifier = classifier
         self._router = Router(settings.routing.rules, classifier.labels)
+        self._shadow = settings.routing.shadow
+        self._reload_routing = reload_routing
+        self._reload_requested = threading.Event()
         self._clock = clock
         self._stop = threading.Event()
         self._tracker = OffsetTracker()
@@ -140,6 +144,34 @@ class Worker:
         """Ask the loop to finish; safe from signal handlers and other threads."""
         self._stop.set()
 
+    def request_reload(self) -> None:
+        """Ask the loop to reload the routing settings (SIGHUP); safe from signal handlers."""
+        self._reload_requested.set()
+
+    def _maybe_reload(self) -> None:
+        """Swap in new routing settings between records, or keep the old ones if the new are invalid.
+
+        Records decided before the swap keep their decision (it is in their headers); a rule change
+        never re-routes what was already published.
+        """
+        if not self._reload_requested.is_set() or self._reload_routing is None:
+            return
+        self._reload_requested.clear()
+        try:
+            routing = self._reload_routing()
+            router = Router(routing.rules, self._classifier.labels)
+        except ConfigError as exc:
+            self.metrics.rule_reloads.labels("refused").inc()
+            log.error("routing reload refused; the previous rules stay in force", error=str(exc))
+            return
+        self._router, self._shadow = router, routing.shadow
+        self.metrics.rule_reloads.labels("applied").inc()
+        log.info(
+            "routing reloaded",
+            rules=[r.model_dump() for r in routing.rules],
+            shadow=routing.shadow,
+        )
+
     def run(self) -> int:
         settings = self._settings
         log.info(
@@ -149,6 +181,7 @@ class Worker:
             input=settings.topics.input,
             group=settings.kafka.group_id,
             exactly_once=self._transactional,
+            shadow=self._shadow,
             kafka=settings.kafka.redacted_properties(),
         )
         if settings.metrics.enabled:
@@ -282,6 +315,7 @@ class Worker:
     def _step(self) -> None:
         assert self._consumer is not None and self._producer is not None
         self._raise_failure()
+        self._maybe_reload()
         self._apply_backpressure()
         messages = self._consumer.consume(num_messages=self._settings.batch.max_size, timeout=self._poll_timeout())
         self._ingest(messages)
@@ -412,8 +446,13 @@ class Worker:
     ) -> None:
         self._count_outcome(dead=False)
         decision = self._router.decide(probs)
-        out = routed(record, decision, self._topics[decision.action], self._classifier.identity, truncated, embed_into)
-        self._publish(out, record, generation, decision.action)
+        action = "allow" if self._shadow else decision.action
+        if self._shadow:
+            self.metrics.shadow_decisions.labels(decision.action).inc()
+        out = routed(
+            record, decision, self._topics[action], self._classifier.identity, truncated, embed_into, self._shadow
+        )
+        self._publish(out, record, generation, action)
 
     def _dead_letter(self, record: InputRecord, failure: DecodeFailure, generation: int) -> None:
         fields: dict[str, Any] = {"error": failure.error, "reason": failure.reason}

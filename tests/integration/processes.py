@@ -32,10 +32,9 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
-def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "filter_worker", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+def start_worker(env: dict[str, str], config: str | None = None) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "filter_worker", *(["--config", config] if config else []), "run"]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def wait_for_outputs(settings: Settings, at_least: int, timeout_s: float = 60) -> None:
