@@ -118,3 +118,8 @@ def test_secrets_never_appear_in_logs_or_errors(monkeypatch):
 def test_model_verify_is_auto_true_or_false(monkeypatch, value, expected):
     monkeypatch.setenv("FILTER_MODEL__VERIFY", value)
     assert load_settings().model.verify == expected
+
+
+def test_poll_interval_below_session_timeout_is_named():
+    with pytest.raises(ConfigError, match="FILTER_KAFKA"):
+        load_settings(kafka={"session_timeout_ms": 10_000, "max_poll_interval_ms": 5_000})

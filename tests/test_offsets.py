@@ -79,3 +79,15 @@ def test_out_of_order_consumption_is_a_bug_not_silently_accepted():
     t.track(TP, 5)
     with pytest.raises(ValueError):
         t.track(TP, 5)
+
+
+def test_unacknowledged_lists_pending_offsets_in_order_without_acked_ones():
+    tracker = OffsetTracker()
+    gen = tracker.assign(("t", 0))
+    for offset in (5, 6, 7, 8):
+        tracker.track(("t", 0), offset)
+    tracker.ack(("t", 0), 7, gen)
+    assert tracker.unacknowledged(("t", 0)) == [5, 6, 8]
+    tracker.ack(("t", 0), 5, gen)
+    assert tracker.unacknowledged(("t", 0)) == [6, 8]
+    assert tracker.unacknowledged(("t", 9)) == []

@@ -38,8 +38,18 @@ def test_embedded_value_holds_original_fields_and_moderation():
         "model": "m@rev",
         "source": "in/2/41",
         "truncated": True,
+        "shadow": False,
     }
     assert dict(out.headers)["filter.truncated"] == b"true"
+    assert "filter.shadow" not in dict(out.headers)
+
+
+def test_shadow_decision_is_marked():
+    out = routed(RECORD, DECISION, "in.allow", "m@rev", truncated=False, embed_into={"text": "x"}, shadow=True)
+    headers = dict(out.headers)
+    assert headers["filter.shadow"] == b"true"
+    assert headers["filter.action"] == b"quarantine", "the decision it would have had"
+    assert orjson.loads(out.value)["moderation"]["shadow"] is True
 
 
 def test_dead_letter_carries_error_reason_and_source():
