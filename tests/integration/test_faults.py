@@ -330,3 +330,53 @@ def test_slow_model_pauses_input_without_eviction_and_bounds_memory(bootstrap_se
     assert codes == [ExitCode.OK]
     assert 0 < peak <= bound + settings.batch.max_size, f"buffer peaked at {peak}, bound {bound}"
     assert rebalances.get("lost", 0) == 0 and rebalances.get("revoke", 0) == 0, rebalances
+
+
+class _FailingClassifier(_SlowClassifier):
+    """Raises like a CUDA out-of-memory on any batch holding the ``poison_id`` token."""
+
+    def __init__(self, inner: Classifier, poison_id: int) -> None:
+        super().__init__(inner, seconds=0.0)
+        self._poison_id = poison_id
+
+    def predict(self, batch):
+        if any(self._poison_id in row for row in batch):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().predict(batch)
+
+
+def test_model_failure_isolates_the_failing_record_and_the_worker_goes_on(bootstrap_servers, keyword_model, classifier):
+    settings = worker_settings(bootstrap_servers, str(keyword_model), batch={"max_size": 16, "max_wait_ms": 50})
+    create_topics(settings, input_partitions=1)
+    poison_id = classifier.tokenize(["loser"])[0].ids[1]  # [CLS] loser [SEP]
+    values = texts(40)
+    values[17] = orjson.dumps({"text": "what a loser"})
+    produced = produce(bootstrap_servers, settings.topics.input[0], values)
+    with worker_thread(settings, _FailingClassifier(classifier, poison_id)) as (_, codes, _thread):  # type: ignore[arg-type]
+        outputs = read_outputs(settings, expected=len(produced))
+        committed = wait_for_commits(settings, end_offsets(produced))
+    assert codes == [ExitCode.OK]
+    assert committed == end_offsets(produced)
+    by_offset = {o.source[1]: o for o in outputs}
+    assert len(by_offset) == len(produced) == len(outputs)
+    assert by_offset[17].topic == settings.topics.dead_letter
+    assert by_offset[17].headers["filter.error"] == b"model_error"
+    assert b"out of memory" in by_offset[17].headers["filter.reason"]
+    assert all(o.topic != settings.topics.dead_letter for off, o in by_offset.items() if off != 17)
+
+
+def test_shutdown_deadline_exits_6_and_leaves_unfinished_work_uncommitted(bootstrap_servers, keyword_model, classifier):
+    settings = worker_settings(
+        bootstrap_servers, str(keyword_model), batch={"max_size": 4, "max_wait_ms": 5}, shutdown_timeout_s=0.5
+    )
+    create_topics(settings, input_partitions=1)
+    produced = produce(bootstrap_servers, settings.topics.input[0], texts(40))
+    slow = _SlowClassifier(classifier, seconds=3.0)  # one batch outlives the deadline
+    with worker_thread(settings, slow) as (worker, codes, thread):  # type: ignore[arg-type]
+        in_model = lambda: worker._inference is not None and worker._inference.in_flight  # noqa: E731, SLF001
+        wait_until(in_model, 30, "a batch in the model")
+        worker.stop()
+        thread.join(30)
+    assert codes == [ExitCode.SHUTDOWN_DEADLINE]
+    committed = committed_offsets(settings, partitions=1)[0]
+    assert committed < produced[-1].offset + 1, "records still in the model at the deadline are not committed"
