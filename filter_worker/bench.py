@@ -42,10 +42,11 @@ from filter_worker import kafka_io
 from filter_worker.batching import padded_tokens
 from filter_worker.broker import EmbeddedBroker
 from filter_worker.config import ConfigError, Settings
+from filter_worker.exit_codes import ExitCode
 from filter_worker.model import Classifier, resolve_dtype
 from filter_worker.routing import Router
 from filter_worker.samples import message_mix
-from filter_worker.worker import EXIT_OK, Worker
+from filter_worker.worker import Worker
 
 # Cache size for the "with cache" run of --duplicate-ratio when FILTER_CACHE__SIZE is 0.
 _BENCH_CACHE_SIZE = 10_000
@@ -292,7 +293,7 @@ class _Run:
     def stop(self) -> None:
         self.worker.stop()
         self._thread.join(timeout=self.settings.shutdown_timeout_s + 10)
-        if self._codes != [EXIT_OK]:
+        if self._codes != [ExitCode.OK]:
             raise RuntimeError(f"the bench's worker exited with {self._codes or 'no code'}")
 
 

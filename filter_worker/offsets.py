@@ -77,6 +77,13 @@ class OffsetTracker:
         state = self._partitions.get(tp)
         return [o for o in state.pending if o not in state.acked] if state else []
 
+    def highest_decided(self, tp: TopicPartition, undecided: set[int]) -> int | None:
+        """The highest consumed offset above the watermark that is not in ``undecided`` (still buffered)."""
+        state = self._partitions.get(tp)
+        if state is None:
+            return None
+        return max((o for o in state.pending if o not in undecided), default=None)
+
     def watermark(self, tp: TopicPartition) -> int | None:
         """The offset a commit may carry now (the next record to read), or ``None`` before any record."""
         state = self._partitions.get(tp)

@@ -782,15 +782,22 @@ class Worker:
     def _drain(self) -> bool:
         """Finish the batches already in the model, publish them, wait for acknowledgements, commit.
 
-        Records still waiting in the buffer are abandoned: they are not committed, so the next owner
-        of their partitions reads them again. ``False`` when the shutdown deadline cut this short.
+        Length-bucketed batches publish a partition's records out of offset order, so a buffered
+        record may sit below one already published; those "holes" are classified too, or the commit
+        would stop below published records and the next owner would repeat them. The rest of the
+        buffer is abandoned uncommitted: the next owner reads it. ``False`` when the shutdown
+        deadline cut this short.
         """
         assert self._inference is not None and self._producer is not None
         deadline = self._clock() + self._settings.shutdown_timeout_s
-        while self._inference.in_flight and self._clock() < deadline:
+        holes = self._take_holes()
+        while (holes or self._inference.in_flight) and self._clock() < deadline:
+            while holes and self._inference.has_capacity():
+                self._inference.submit(holes[: self._settings.batch.max_size])
+                del holes[: self._settings.batch.max_size]
             self._collect(timeout_s=min(0.1, max(0.0, deadline - self._clock())))
             self._producer.poll(0)
-        finished = not self._inference.in_flight
+        finished = not holes and not self._inference.in_flight
         if self._producer.flush(max(0.0, deadline - self._clock())) > 0:
             finished = False
         self._raise_failure()
@@ -801,6 +808,20 @@ class Worker:
                 timeout_s=self._settings.shutdown_timeout_s,
             )
         return finished
+
+    def _take_holes(self) -> list[_Pending]:
+        """Buffered records below a published (or in-model) record of their partition, shortest first."""
+        items = self._buffer.extract(lambda _: True)
+        buffered: dict[tuple[str, int], set[int]] = {}
+        for pending in items:
+            buffered.setdefault((pending.record.topic, pending.record.partition), set()).add(pending.record.offset)
+        holes = []
+        for pending in items:
+            tp = (pending.record.topic, pending.record.partition)
+            decided = self._tracker.highest_decided(tp, buffered[tp])
+            if decided is not None and pending.record.offset < decided:
+                holes.append(pending)
+        return sorted(holes, key=lambda p: len(p.ids))
 
     def _close(self) -> None:
         if self._inference is not None:

@@ -91,3 +91,14 @@ def test_unacknowledged_lists_pending_offsets_in_order_without_acked_ones():
     tracker.ack(("t", 0), 5, gen)
     assert tracker.unacknowledged(("t", 0)) == [6, 8]
     assert tracker.unacknowledged(("t", 9)) == []
+
+
+def test_highest_decided_ignores_records_still_waiting():
+    tracker = OffsetTracker()
+    gen = tracker.assign(("t", 0))
+    for offset in range(10, 16):
+        tracker.track(("t", 0), offset)
+    tracker.ack(("t", 0), 10, gen)  # the watermark moves past 10
+    assert tracker.highest_decided(("t", 0), undecided={11, 15}) == 14
+    assert tracker.highest_decided(("t", 0), undecided={11, 12, 13, 14, 15}) is None
+    assert tracker.highest_decided(("t", 1), undecided=set()) is None
