@@ -571,7 +571,10 @@ class Worker:
     # -- commits (at-least-once) ------------------------------------------------------------------
 
     def _maybe_commit(self) -> None:
-        if self._clock() - self._last_commit >= self._settings.kafka.commit_interval_ms / 1000:
+        # Every interval under load; at once when everything consumed is acknowledged (caught up), so
+        # a quiet partition's lag reads 0 without waiting for the interval.
+        caught_up = self._tracker.in_flight() == 0 and bool(self._tracker.committable())
+        if caught_up or self._clock() - self._last_commit >= self._settings.kafka.commit_interval_ms / 1000:
             self._commit()
             self._update_lag()
 
