@@ -151,7 +151,8 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
 
         rate = options.rate or runs[-1]["messages_per_s"] / 2
         say(f"latency: a steady {rate:.1f} msg/s for {options.latency_seconds:.0f}s ...")
-        report["latency"] = _latency(settings, classifier, texts, broker, options, rate, ceiling)
+        # The rate comes from the last run, so the latency run uses that run's cache size.
+        report["latency"] = _latency(settings, classifier, texts, broker, options, rate, ceiling, cache_sizes[-1])
 
         naive_texts = texts[: options.naive_count]
         say(f"naive loop: {len(naive_texts)} records, one at a time (float32) ...")
@@ -382,9 +383,10 @@ def _latency(
     options: BenchOptions,
     rate: float,
     ceiling: dict[str, Any],
+    cache_size: int,
 ) -> dict[str, Any]:
     """A steady offered rate into a running, caught-up worker: record timestamp to acknowledgement."""
-    run = _Run(settings, classifier, broker, options.partitions, settings.cache.size, trickle=True)
+    run = _Run(settings, classifier, broker, options.partitions, cache_size, trickle=True)
     count = max(1, int(rate * options.latency_seconds))
     run.start()
     producer = Producer({"bootstrap.servers": broker.bootstrap_servers, "linger.ms": 0, "enable.idempotence": True})
@@ -407,6 +409,7 @@ def _latency(
     p50, p95, p99 = (float(np.percentile(samples, q)) for q in (50, 95, 99))
     return {
         "offered_rate": rate,
+        "cache_size": cache_size,
         "messages": count,
         "p50_s": p50,
         "p95_s": p95,
