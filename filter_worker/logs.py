@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 
 import structlog
 
@@ -31,3 +33,48 @@ def configure(settings: LogSettings) -> None:
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name)
+
+
+class _LibrdkafkaHandler(logging.Handler):
+    """librdkafka's own log lines into structlog, each distinct line at most once per ``interval_s``.
+
+    While a broker is down librdkafka logs every failed connect, about twenty lines a second, which
+    would drown the worker's own "Kafka unreachable" line; repeats are counted instead and the count
+    rides on the next line that gets through.
+    """
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._log = get_logger("librdkafka")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) and len(record.args) == 3 else None
+        facility, client, text = (str(a) for a in args) if args else ("", "", record.getMessage())
+        key = f"{facility} {text}"
+        now = self._clock()
+        if now - self._last.get(key, -self._interval_s) < self._interval_s:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        if len(self._last) > 1000:  # distinct lines are few; this only bounds pathological cases
+            self._last.clear()
+        self._last[key] = now
+        level = (
+            "warning" if record.levelno >= logging.WARNING else "info" if record.levelno >= logging.INFO else "debug"
+        )
+        getattr(self._log, level)(
+            "librdkafka", facility=facility, client=client, message=text, repeats=self._suppressed.pop(key, 0)
+        )
+
+
+def librdkafka_logger(interval_s: float = 30.0) -> logging.Logger:
+    """A stdlib logger for confluent-kafka's ``logger`` setting that forwards to structlog, rate-limited."""
+    logger = logging.getLogger("filter_worker.librdkafka")
+    if not logger.handlers:
+        logger.addHandler(_LibrdkafkaHandler(interval_s))
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+    return logger

@@ -29,7 +29,7 @@ from filter_worker.decode import DecodeFailure, decode
 from filter_worker.exit_codes import ExitCode
 from filter_worker.health import Health, HealthServer
 from filter_worker.inference import InferenceThread, Result
-from filter_worker.logs import get_logger
+from filter_worker.logs import get_logger, librdkafka_logger
 from filter_worker.metrics import Metrics
 from filter_worker.model import Classifier
 from filter_worker.offsets import OffsetTracker
@@ -190,8 +190,9 @@ class Worker:
             except OSError as exc:
                 raise ConfigError(f"FILTER_METRICS__PORT={settings.metrics.port}: {exc.strerror}") from None
         self._warm_up()
-        self._producer = Producer({**kafka_io.producer_config(settings.kafka), "error_cb": self._client_error})
-        self._consumer = Consumer({**kafka_io.consumer_config(settings.kafka), "error_cb": self._client_error})
+        callbacks = {"error_cb": self._client_error, "logger": librdkafka_logger()}
+        self._producer = Producer({**kafka_io.producer_config(settings.kafka), **callbacks})
+        self._consumer = Consumer({**kafka_io.consumer_config(settings.kafka), **callbacks})
         self._inference = InferenceThread(
             self._classifier.predict,
             lambda p: p.ids,

@@ -1,0 +1,33 @@
+"""librdkafka's log lines reach structlog, and a line repeated during an outage is rate-limited."""
+
+from __future__ import annotations
+
+import logging
+
+from structlog.testing import capture_logs
+
+from filter_worker.logs import _LibrdkafkaHandler
+
+
+def _record(text: str, level: int = logging.ERROR) -> logging.LogRecord:
+    # confluent-kafka logs as logger.log(level, "%s [%s] %s", facility, client name, text).
+    return logging.LogRecord("x", level, __file__, 1, "%s [%s] %s", ("FAIL", "rdkafka#consumer-1", text), None)
+
+
+def test_repeats_within_the_interval_are_counted_not_logged():
+    now = [0.0]
+    handler = _LibrdkafkaHandler(interval_s=30.0, clock=lambda: now[0])
+    refused = "Connect to ipv4#127.0.0.1:9092 failed: Connection refused"
+    with capture_logs() as logs:
+        for _ in range(20):
+            handler.emit(_record(refused))
+            now[0] += 0.05
+        handler.emit(_record("another line", logging.INFO))
+        now[0] = 31.0
+        handler.emit(_record(refused))
+    assert [(e["message"], e["repeats"], e["log_level"]) for e in logs] == [
+        (refused, 0, "warning"),
+        ("another line", 0, "info"),
+        (refused, 19, "warning"),
+    ]
+    assert logs[0]["facility"] == "FAIL" and logs[0]["client"] == "rdkafka#consumer-1"
