@@ -22,10 +22,6 @@ from filter_worker.exit_codes import ExitCode
 from filter_worker.lockfile import LockError
 from filter_worker.model import ModelLoadError
 
-EXIT_FAILED = int(ExitCode.FAILED)
-EXIT_CONFIG = int(ExitCode.CONFIG)
-EXIT_MODEL = int(ExitCode.MODEL)
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="filter-worker", description="Streaming spam/abuse filter for Kafka.")
@@ -145,10 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return produce_samples(settings, args.topic or settings.topics.input[0], args.rate, args.count)
     except ConfigError as exc:
         print(f"filter-worker: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     except (ModelLoadError, LockError) as exc:
         print(f"filter-worker: {exc}", file=sys.stderr)
-        return EXIT_MODEL
+        return ExitCode.MODEL
     raise AssertionError(f"unhandled command {args.command}")
 
 
@@ -288,7 +284,7 @@ def _verify(args: argparse.Namespace) -> int:
     if problems:
         lines = "".join(f"\n  {p}" for p in problems)
         print(f"filter-worker: {args.path} does not match its {LOCK_NAME}:{lines}", file=sys.stderr)
-        return EXIT_MODEL
+        return ExitCode.MODEL
     print(
         f"{args.path} matches its {LOCK_NAME}: {lock.model_id}@{lock.revision}, {len(lock.files)} files, "
         f"weights sha256 {lock.weights_sha256}"
@@ -373,7 +369,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.report:
         write_calibration_html(args.report, result, rule, classifier.identity, args.data, text)
     if rule is None:
-        return EXIT_FAILED
+        return ExitCode.FAILED
     sys.stdout.write(orjson.dumps(rule).decode() + "\n")
     return 0
 
