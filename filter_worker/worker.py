@@ -649,6 +649,8 @@ class Worker:
         """
         offsets: dict[tuple[str, int], int] = {}
         for tp, held in self._held.items():
+            if not held:  # runs every loop turn: skip partitions with nothing waiting
+                continue
             generation = self._tracker.generation(tp)
             for offset in self._tracker.unacknowledged(tp):
                 item = held.get(offset)
