@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +10,7 @@ from filter_worker.config import ModelSettings, Settings
 from filter_worker.exit_codes import ExitCode
 from filter_worker.model import Classifier
 from filter_worker.worker import Worker
+from tests.integration.worker_thread import worker_thread
 
 
 @pytest.fixture(scope="session")
@@ -24,16 +24,8 @@ def running_worker(classifier: Classifier) -> Callable[[Settings], object]:
 
     @contextmanager
     def start(settings: Settings) -> Iterator[Worker]:
-        worker = Worker(settings, classifier)
-        codes: list[int] = []
-        thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
-        thread.start()
-        try:
+        with worker_thread(settings, classifier) as (worker, codes, _):
             yield worker
-        finally:
-            worker.stop()
-            thread.join(timeout=60)
-        assert not thread.is_alive(), "worker did not stop"
         assert codes == [ExitCode.OK]
 
     return start

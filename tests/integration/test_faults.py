@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import orjson
 import pytest
@@ -20,7 +18,6 @@ from structlog.testing import capture_logs
 from filter_worker.broker import EmbeddedBroker, free_port
 from filter_worker.exit_codes import ExitCode
 from filter_worker.model import Classifier
-from filter_worker.worker import Worker
 from tests.integration.kafka_helpers import (
     committed_offsets,
     create_topics,
@@ -31,25 +28,11 @@ from tests.integration.kafka_helpers import (
     worker_settings,
 )
 from tests.integration.tcp_proxy import TcpProxy
+from tests.integration.worker_thread import worker_thread
 
 needs_own_broker = pytest.mark.skipif(
     bool(os.environ.get("FILTER_TEST_BOOTSTRAP_SERVERS")), reason="stops and starts its own embedded broker"
 )
-
-
-@contextmanager
-def worker_thread(settings, classifier: Classifier) -> Iterator[tuple[Worker, list[int], threading.Thread]]:
-    """A worker on a thread whose exit code the test inspects (``running_worker`` insists on 0)."""
-    worker = Worker(settings, classifier)
-    codes: list[int] = []
-    thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
-    thread.start()
-    try:
-        yield worker, codes, thread
-    finally:
-        worker.stop()
-        thread.join(timeout=60)
-    assert not thread.is_alive(), "worker did not stop"
 
 
 def wait_until(condition, timeout_s: float = 60, what: str = "condition") -> None:
@@ -301,20 +284,16 @@ def test_slow_model_pauses_input_without_eviction_and_bounds_memory(bootstrap_se
     create_topics(settings, input_partitions=2)
     produced = produce(bootstrap_servers, settings.topics.input[0], texts(800))
     slow = _SlowClassifier(classifier, seconds=0.05)  # 200 batches: 10 s of model time
-    worker = Worker(settings, slow)  # type: ignore[arg-type]
     bound = settings.batch.max_size * 32
     peaks: list[int] = [0]
-    codes: list[int] = []
-    thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
-    thread.start()
+    with worker_thread(settings, slow) as (worker, codes, thread):  # type: ignore[arg-type]
 
-    def sample() -> None:
-        while thread.is_alive():
-            peaks.append(max(peaks[-1], len(worker._buffer)))  # noqa: SLF001 - the bound under test
-            time.sleep(0.005)
+        def sample() -> None:
+            while thread.is_alive():
+                peaks.append(max(peaks[-1], len(worker._buffer)))  # noqa: SLF001 - the bound under test
+                time.sleep(0.005)
 
-    threading.Thread(target=sample, daemon=True).start()
-    try:
+        threading.Thread(target=sample, daemon=True).start()
         committed = wait_for_commits(settings, end_offsets(produced), timeout_s=120)
         rebalances = {
             s.labels["kind"]: s.value
@@ -322,9 +301,6 @@ def test_slow_model_pauses_input_without_eviction_and_bounds_memory(bootstrap_se
             for s in m.samples
             if s.name.endswith("_total")
         }
-    finally:
-        worker.stop()
-        thread.join(60)
     peak = peaks[-1]
     assert committed == end_offsets(produced)
     assert codes == [ExitCode.OK]
