@@ -214,15 +214,22 @@ def _embedded_consumer_properties(broker: _Broker) -> dict[str, str]:
     return {"fetch.wait.max.ms": _EMBEDDED_FETCH_WAIT_MS} if broker.embedded else {}
 
 
-class _LatencyRecorder:
-    """Stands in for the worker's latency histogram: observes into it and keeps every sample for percentiles."""
+class _AckRecorder:
+    """Stands in for the worker's latency histogram, which sees every acknowledged record.
+
+    Keeps each sample (for percentiles) and the time of the last one, so the bench learns the count
+    and the finishing moment without reading the metrics registry: a registry read costs ~0.35 ms
+    of GIL per sample, and polling it every few ms stalled the forward pass's Python by ~10 %.
+    """
 
     def __init__(self, histogram: Any) -> None:
         self._histogram = histogram
         self.samples: list[float] = []
+        self.last_at = 0.0
 
     def observe(self, value: float) -> None:
         self.samples.append(value)
+        self.last_at = time.perf_counter()
         self._histogram.observe(value)
 
 
@@ -260,8 +267,8 @@ class _Run:
         kafka_io.create_topics(admin, s.topics.outputs().values(), 1)
         self.topic = s.topics.input[0]
         self.worker = Worker(s, classifier)
-        self.latency = _LatencyRecorder(self.worker.metrics.latency)
-        self.worker.metrics.latency = self.latency  # type: ignore[assignment]
+        self.acks = _AckRecorder(self.worker.metrics.latency)
+        self.worker.metrics.latency = self.acks  # type: ignore[assignment]
         self._codes: list[int] = []
         self._thread = threading.Thread(target=lambda: self._codes.append(self.worker.run()), daemon=True)
 
@@ -278,14 +285,14 @@ class _Run:
             for a in ("allow", "quarantine", "drop", "dead_letter")
         )
 
-    def wait(self, condition: Callable[[], bool], timeout_s: float, what: str) -> float:
+    def wait(self, condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = _POLL_S) -> float:
         deadline = time.monotonic() + timeout_s
         while not condition():
             if not self._thread.is_alive() and self._thread.ident is not None:
                 raise RuntimeError(f"the worker stopped while the bench waited for {what}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the bench gave up waiting for {what} after {timeout_s:.0f}s")
-            time.sleep(_POLL_S)
+            time.sleep(poll_s)
         return time.perf_counter()
 
     def committed(self, ends: dict[int, int]) -> Callable[[], bool]:
@@ -350,7 +357,10 @@ def _end_to_end(
     try:
         timeout = 300 + len(texts)
         started = run.wait(lambda: run.metric("filter_records_consumed_total", topic=run.topic) > 0, timeout, "records")
-        acked = run.wait(lambda: run.published() >= len(texts), timeout, "acknowledgements")
+        # Every wake-up takes the GIL from the forward pass, so the long wait polls slowly; the
+        # recorder still knows the exact moment of the last acknowledgement.
+        run.wait(lambda: len(run.acks.samples) >= len(texts), timeout, "acknowledgements", poll_s=0.1)
+        acked = run.acks.last_at
         committed = run.wait(run.committed(ends), timeout, "commits")
     finally:
         run.stop()
@@ -401,10 +411,10 @@ def _latency(
             if delay > 0:
                 time.sleep(delay)
         producer.flush(30)
-        run.wait(lambda: run.published() >= count, 300 + count, "acknowledgements")
+        run.wait(lambda: len(run.acks.samples) >= count, 300 + count, "acknowledgements", poll_s=0.1)
     finally:
         run.stop()
-    samples = np.array(run.latency.samples[:count])
+    samples = np.array(run.acks.samples[:count])
     bound = 4 * settings.batch.max_wait_ms / 1000 + ceiling["batch_seconds_mean"]
     p50, p95, p99 = (float(np.percentile(samples, q)) for q in (50, 95, 99))
     return {
