@@ -103,11 +103,19 @@ class BatchBuffer(Generic[T]):
     def due(self) -> bool:
         if not self._items:
             return False
-        return (
-            len(self._items) >= self._max_size
-            or self._tokens >= self._max_tokens
-            or self._clock() - self._items[0].arrived >= self._max_wait_s
-        )
+        return self._full() or self._clock() - self._items[0].arrived >= self._max_wait_s
+
+    def ready(self, model_busy: bool) -> bool:
+        """Whether to hand the model a batch now.
+
+        An idle model takes a due batch. A busy one takes only a full batch, queued behind its running
+        pass: a partial batch queued there would just wait while records that could have joined it
+        arrive, adding a forward pass to their latency; taken when the pass ends, it includes them.
+        """
+        return self.due() and (not model_busy or self._full())
+
+    def _full(self) -> bool:
+        return len(self._items) >= self._max_size or self._tokens >= self._max_tokens
 
     def time_to_due(self) -> float | None:
         """Seconds until the wait limit makes a batch due; ``None`` when empty."""

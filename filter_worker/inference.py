@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -111,19 +111,21 @@ class InferenceThread(Generic[T]):
         self._in_flight += 1
         self._inbox.put(items)
 
-    def completed(self, timeout_s: float = 0.0) -> Iterator[Result[T]]:
-        """Yield finished work; waits up to ``timeout_s`` for the first one. Re-raises a thread crash."""
+    def completed(self, timeout_s: float = 0.0) -> list[Result[T]]:
+        """Finished work, oldest first; waits up to ``timeout_s`` for the first one. Re-raises a thread crash."""
+        finished: list[Result[T]] = []
         block = timeout_s > 0
         while self._in_flight:
             try:
                 result = self._outbox.get(block=block, timeout=timeout_s if block else None)
             except queue.Empty:
-                return
+                break
             block = False
             self._in_flight -= 1
             if isinstance(result, BaseException):
                 raise result
-            yield result
+            finished.append(result)
+        return finished
 
     def close(self) -> None:
         self._inbox.put(None)

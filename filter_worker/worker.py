@@ -38,9 +38,11 @@ from filter_worker.routing import Router
 
 log = get_logger("filter_worker.worker")
 
-# How long the loop waits for new records when it also has results to collect.
-_BUSY_POLL_S = 0.005
+# The longest the loop blocks in one wait: commits, lag, probes and reloads run at least this often.
 _IDLE_POLL_S = 0.1
+# While delivery reports are outstanding (a few ms after each batch is published) the loop wakes this
+# often to serve them: acknowledgements, latency and commits should not wait for the next forward pass.
+_DELIVERY_POLL_S = 0.005
 # While the broker is unreachable, how often to probe it (a metadata request) for readiness.
 _PROBE_INTERVAL_S = 2.0
 _UNREACHABLE = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT}
@@ -132,7 +134,6 @@ class Worker:
         self.metrics = Metrics()
         self.health = Health(settings.health.liveness_window_s, clock)
         self._last_probe = clock()
-        self._last_forward_s = 0.0
         self._http: HealthServer | None = None
 
     @property
@@ -238,7 +239,6 @@ class Worker:
         self.metrics.forward_tokens.labels("real").inc(real)
         self.metrics.forward_tokens.labels("padded").inc(padded)
         self.metrics.forward_seconds.observe(seconds)
-        self._last_forward_s = seconds  # read by the Kafka loop; a float store is atomic
 
     # -- start-up ---------------------------------------------------------------------------------
 
@@ -318,10 +318,11 @@ class Worker:
         self._raise_failure()
         self._maybe_reload()
         self._apply_backpressure()
-        messages = self._consumer.consume(num_messages=self._settings.batch.max_size, timeout=self._poll_timeout())
+        finished, messages = self._wait()
         self._ingest(messages)
-        self._dispatch()
-        self._collect(timeout_s=0.0)
+        finished += self._inference.completed()  # type: ignore[union-attr]
+        self._dispatch()  # the model starts its next batch before this turn publishes the last one
+        self._route_all(finished)
         if messages:
             self._last_consumed = self._clock()
         self._idle = (
@@ -339,18 +340,34 @@ class Worker:
         self.metrics.in_flight.set(self._tracker.in_flight())
         self.health.progress()
 
-    def _poll_timeout(self) -> float:
-        assert self._inference is not None
-        if not self._inference.has_capacity():
-            # Both slots taken: nothing can be dispatched until the running pass ends, and the queued
-            # one keeps the model busy meanwhile. Waking every few ms would only take CPU from the
-            # forward pass (on a small CPU box every wake-up stalls torch's threads), so wait for up
-            # to half a forward pass: the next batch is still submitted before the model runs dry.
-            return max(_BUSY_POLL_S, min(_IDLE_POLL_S, self._last_forward_s / 2))
-        if self._inference.in_flight or self._paused:
-            return _BUSY_POLL_S
+    def _wait(self) -> tuple[list[Result[_Pending]], list[Any]]:
+        """Block until there is something to do; returns finished forward passes and new records.
+
+        What the loop waits on depends on what can happen next. While the model runs and nothing can
+        be dispatched, only the pass's end matters: the loop sleeps on the result queue, so it wakes
+        the moment the pass ends (records arriving meanwhile wait in librdkafka's queue, and are read
+        just before the next batch is formed). Otherwise it waits for records, returning on the first
+        one. Each wake-up takes the GIL from the forward pass's Python, so the loop never spins; it
+        polls every few ms only while delivery reports are outstanding.
+        """
+        assert self._consumer is not None and self._producer is not None and self._inference is not None
+        cap = _DELIVERY_POLL_S if len(self._producer) else _IDLE_POLL_S
+        max_size = self._settings.batch.max_size
+        if self._inference.in_flight and not self._can_dispatch():
+            finished = self._inference.completed(cap)
+            return finished, self._consumer.consume(num_messages=max_size, timeout=0)
+        messages = self._consumer.consume(num_messages=max_size, timeout=0)
+        if messages or self._can_dispatch():
+            return [], messages
         due = self._buffer.time_to_due()
-        return _IDLE_POLL_S if due is None else min(due, _IDLE_POLL_S)
+        first = self._consumer.poll(cap if due is None else min(due, cap))
+        if first is None:
+            return [], []
+        return [], [first, *self._consumer.consume(num_messages=max_size - 1, timeout=0)]
+
+    def _can_dispatch(self) -> bool:
+        assert self._inference is not None
+        return self._inference.has_capacity() and self._buffer.ready(model_busy=self._inference.in_flight > 0)
 
     def _ingest(self, messages: list[Any]) -> None:
         texts: list[str] = []
@@ -398,12 +415,15 @@ class Worker:
 
     def _dispatch(self) -> None:
         assert self._inference is not None
-        while self._buffer.due() and self._inference.has_capacity():
+        while self._can_dispatch():
             self._inference.submit(self._buffer.take())
 
     def _collect(self, timeout_s: float) -> None:
         assert self._inference is not None
-        for result in self._inference.completed(timeout_s):
+        self._route_all(self._inference.completed(timeout_s))
+
+    def _route_all(self, finished: list[Result[_Pending]]) -> None:
+        for result in finished:
             self._route(result)
             self._resolve_buffered_repeats()
 

@@ -52,6 +52,23 @@ def test_buffer_is_due_on_count_tokens_or_wait():
     assert buf.due()  # tokens
 
 
+def test_a_busy_model_is_handed_only_full_batches_an_idle_one_any_due_batch():
+    clock = Clock()
+    buf: BatchBuffer[str] = BatchBuffer(max_size=3, max_tokens=50, max_wait_s=0.0625, clock=clock)
+    assert not buf.ready(model_busy=False)  # empty
+    buf.add("a", 10)
+    assert not buf.ready(model_busy=False)  # not yet waited for
+    clock.now += 0.0625
+    assert buf.ready(model_busy=False)
+    assert not buf.ready(model_busy=True)  # due but partial: better taken when the running pass ends
+    buf.add("b", 10)
+    buf.add("c", 10)
+    assert buf.ready(model_busy=True)  # full by count
+    buf.take()
+    buf.add("long", 50)
+    assert buf.ready(model_busy=True)  # full by tokens
+
+
 def test_take_keeps_overflow_with_its_original_age_and_discard_filters():
     clock = Clock()
     buf: BatchBuffer[int] = BatchBuffer(max_size=2, max_tokens=10**6, max_wait_s=1.0, clock=clock)

@@ -12,6 +12,11 @@ from confluent_kafka.admin import AdminClient
 
 from filter_worker import kafka_io
 from filter_worker.config import Settings, load_settings
+from filter_worker.logs import librdkafka_logger
+
+# The helpers' own clients log like the worker's (through structlog, each line at most every 30 s), so
+# a test that stops the broker does not flood the output with their connection errors.
+_LOGGER = {"logger": librdkafka_logger()}
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ def worker_settings(
 
 
 def create_topics(settings: Settings, input_partitions: int) -> None:
-    admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers})
+    admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers, **_LOGGER})
     kafka_io.create_topics(admin, settings.topics.input, input_partitions)
     kafka_io.create_topics(admin, settings.topics.outputs().values(), 1)
 
@@ -86,7 +91,7 @@ def produce(
     headers: Sequence[tuple[str, bytes]] = (("trace-id", b"abc"),),
 ) -> list[Produced]:
     """Produce values round-robin over partitions (by key) and return where each landed."""
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 10})
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 10, **_LOGGER})
     landed: list[Produced] = []
     errors: list[str] = []
 
@@ -126,6 +131,7 @@ def read_outputs(settings: Settings, expected: int, timeout_s: float = 120.0, se
             "bootstrap.servers": settings.kafka.bootstrap_servers,
             "group.id": f"reader-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
+            **_LOGGER,
         }
     )
     reader.assign([TopicPartition(t, 0, OFFSET_BEGINNING) for t in settings.topics.outputs().values()])
@@ -163,6 +169,7 @@ def committed_offsets(settings: Settings, partitions: int) -> dict[int, int]:
             "bootstrap.servers": settings.kafka.bootstrap_servers,
             "group.id": settings.kafka.group_id,
             "enable.auto.commit": False,
+            **_LOGGER,
         }
     )
     try:

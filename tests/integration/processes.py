@@ -1,4 +1,4 @@
-"""Workers as real processes (``python -m filter_worker run``), for tests that signal or kill them."""
+"""Workers as real processes for tests that signal or kill them; waiting on workers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from filter_worker.config import Settings
 from tests.integration.kafka_helpers import committed_offsets, read_outputs
@@ -35,6 +36,14 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 def start_worker(env: dict[str, str], config: str | None = None) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "filter_worker", *(["--config", config] if config else []), "run"]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 def wait_for_outputs(settings: Settings, at_least: int, timeout_s: float = 60) -> None:

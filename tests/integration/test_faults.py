@@ -10,11 +10,16 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
+from collections import Counter
+from typing import ClassVar
 
 import orjson
 import pytest
+from confluent_kafka import KafkaError, KafkaException, Producer
 from structlog.testing import capture_logs
 
+from filter_worker import worker as worker_module
 from filter_worker.broker import EmbeddedBroker, free_port
 from filter_worker.exit_codes import ExitCode
 from filter_worker.model import Classifier
@@ -27,20 +32,13 @@ from tests.integration.kafka_helpers import (
     wait_for_commits,
     worker_settings,
 )
+from tests.integration.processes import wait_until
 from tests.integration.tcp_proxy import TcpProxy
 from tests.integration.worker_thread import worker_thread
 
 needs_own_broker = pytest.mark.skipif(
     bool(os.environ.get("FILTER_TEST_BOOTSTRAP_SERVERS")), reason="stops and starts its own embedded broker"
 )
-
-
-def wait_until(condition, timeout_s: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def texts(count: int, start: int = 0) -> list[bytes]:
@@ -356,3 +354,64 @@ def test_shutdown_deadline_exits_6_and_leaves_unfinished_work_uncommitted(bootst
     assert codes == [ExitCode.SHUTDOWN_DEADLINE]
     committed = committed_offsets(settings, partitions=1)[0]
     assert committed < produced[-1].offset + 1, "records still in the model at the deadline are not committed"
+
+
+class _CommitFailsOnce(Producer):
+    """A real transactional producer whose first commit fails the way an abortable error does.
+
+    Kafka raises such errors when, say, a record of the transaction timed out; the broker cannot be
+    made to do that on cue, so only the error is injected: the abort, the seek back to the committed
+    offsets and the re-read all run against the real broker.
+    """
+
+    aborted: ClassVar[list[int]] = []  # records produced in the transaction that failed
+
+    def __init__(self, config: dict[str, object]) -> None:
+        super().__init__(config)
+        self.in_transaction = 0
+
+    def begin_transaction(self) -> None:
+        self.in_transaction = 0
+        super().begin_transaction()
+
+    def produce(self, *args: object, **kwargs: object) -> None:
+        super().produce(*args, **kwargs)
+        self.in_transaction += 1
+
+    def commit_transaction(self, *args: object) -> None:
+        if not self.aborted:
+            self.aborted.append(self.in_transaction)
+            reason = "injected: a record of this transaction timed out"
+            raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, reason, txn_requires_abort=True))
+        super().commit_transaction(*args)
+
+
+def test_abortable_transaction_error_aborts_and_rereads_from_the_committed_offsets(
+    bootstrap_servers, keyword_model, classifier, monkeypatch
+):
+    settings = worker_settings(
+        bootstrap_servers,
+        str(keyword_model),
+        kafka__exactly_once=True,
+        kafka__transactional_id=f"abort-{uuid.uuid4().hex[:8]}",
+    )
+    create_topics(settings, input_partitions=2)
+    produced = produce(bootstrap_servers, settings.topics.input[0], texts(300))
+    monkeypatch.setattr(_CommitFailsOnce, "aborted", [])
+    monkeypatch.setattr(worker_module, "Producer", _CommitFailsOnce)
+    with capture_logs() as logs, worker_thread(settings, classifier) as (worker, codes, _):
+        committed = wait_for_commits(settings, end_offsets(produced))
+        outputs = read_outputs(settings, expected=len(produced))
+        failures = worker.metrics.registry.get_sample_value("filter_commit_failures_total")
+    assert codes == [ExitCode.OK]
+    assert _CommitFailsOnce.aborted and _CommitFailsOnce.aborted[0] > 0, "the first transaction carried records"
+    assert failures == 1
+    assert any(e["event"] == "aborting transaction; re-reading from the committed offsets" for e in logs)
+    assert committed == end_offsets(produced)
+    counts = Counter(o.source for o in outputs)
+    assert set(counts) == {(p.partition, p.offset) for p in produced}, "an input is missing from the outputs"
+    repeats = sum(c - 1 for c in counts.values())
+    if os.environ.get("FILTER_TEST_BOOTSTRAP_SERVERS"):
+        assert repeats == 0, "read_committed readers must not see the aborted transaction"
+    else:  # Tansu may show an aborted transaction to read_committed readers: then all of it, nothing else
+        assert repeats in (0, _CommitFailsOnce.aborted[0])

@@ -15,7 +15,7 @@ from tests.integration.kafka_helpers import (
     wait_for_commits,
     worker_settings,
 )
-from tests.integration.test_shutdown import wait_for_outputs
+from tests.integration.processes import wait_for_outputs, wait_until
 
 
 def test_second_worker_joins_then_first_leaves(bootstrap_servers, keyword_model, running_worker):
@@ -23,12 +23,19 @@ def test_second_worker_joins_then_first_leaves(bootstrap_servers, keyword_model,
     assert settings.kafka.assignment_strategy == "range"
     create_topics(settings, input_partitions=6)
     values = [orjson.dumps({"text": f"note {i} " + ("annoying" if i % 5 == 0 else "fine")}) for i in range(8000)]
-    produced = produce(bootstrap_servers, settings.topics.input[0], values)
+    topic = settings.topics.input[0]
+    produced = produce(bootstrap_servers, topic, values[:4000])
+
+    def assigned(count: int) -> bool:
+        return any(e["event"] == "partitions assigned" and len(e["partitions"]) == count for e in events)
 
     with capture_logs() as events, running_worker(settings):
         wait_for_outputs(settings, at_least=300)
         with running_worker(settings):  # joins: partitions are split between the two
-            wait_for_outputs(settings, at_least=2500)
+            wait_until(lambda: assigned(3), 60, "the partitions to be split between the two workers")
+            # Produced only now, so both workers are mid-stream when the second one leaves.
+            produced += produce(bootstrap_servers, topic, values[4000:], key_prefix="late")
+            wait_for_outputs(settings, at_least=5000)
         # the second worker left: the first owns everything again
         outputs = read_outputs(settings, expected=len(produced), timeout_s=180)
         committed = wait_for_commits(settings, end_offsets(produced))
