@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--rate", type=float, help="offered msg/s for latency (default: half the measured throughput)")
     bench.add_argument("--latency-seconds", type=float, default=20.0, help="length of the latency run (default 20)")
+    bench.add_argument(
+        "--rounds", type=int, default=3, help="end-to-end rounds, each between two ceiling runs (default 3)"
+    )
     bench.add_argument("--partitions", type=int, default=3, help="input topic partitions (default 3)")
     bench.add_argument("--bootstrap-servers", help="use this Kafka cluster instead of the embedded broker")
     bench.add_argument("--json", default="bench-results.json", help="report file (default bench-results.json)")
@@ -206,6 +209,7 @@ def _bench(args: argparse.Namespace) -> int:
         rate=args.rate,
         latency_seconds=args.latency_seconds,
         duplicate_ratio=args.duplicate_ratio,
+        rounds=args.rounds,
         partitions=args.partitions,
         bootstrap_servers=args.bootstrap_servers,
         json_path=args.json,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -67,17 +67,24 @@ def _release_cached_memory() -> None:
 
 @dataclass(slots=True)
 class Result(Generic[T]):
-    """Probabilities for ``items`` in their order; ``errors[i]`` set where item i could not be classified."""
+    """One forward pass: probabilities for ``items`` in their order; ``errors[i]`` set where item i failed.
+
+    ``last`` marks the final pass of a submitted batch.
+    """
 
     items: list[T]
     probs: np.ndarray | None
     errors: list[str | None]
-    padded_tokens: int
-    real_tokens: int
+    last: bool
 
 
 class InferenceThread(Generic[T]):
-    """Runs work items (lists of records with token ids) through the model, one at a time, in order."""
+    """Runs submitted batches through the model, one at a time, in order.
+
+    A submitted batch may take several forward passes (cut by length, see ``plan_batches``); each
+    pass's result is handed back as soon as it ends, so short records are published while the long
+    ones of the same batch are still in the model.
+    """
 
     def __init__(
         self,
@@ -96,7 +103,7 @@ class InferenceThread(Generic[T]):
         self._capacity = capacity
         self._inbox: queue.Queue[list[T] | None] = queue.Queue()
         self._outbox: queue.Queue[Result[T] | BaseException] = queue.Queue()
-        self._in_flight = 0  # submitted minus collected; touched only by the submitting thread
+        self._in_flight = 0  # batches submitted minus those whose last pass was collected; submitting thread only
         self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
         self._thread.start()
 
@@ -112,7 +119,7 @@ class InferenceThread(Generic[T]):
         self._inbox.put(items)
 
     def completed(self, timeout_s: float = 0.0) -> list[Result[T]]:
-        """Finished work, oldest first; waits up to ``timeout_s`` for the first one. Re-raises a thread crash."""
+        """Finished passes, oldest first; waits up to ``timeout_s`` for the first one. Re-raises a thread crash."""
         finished: list[Result[T]] = []
         block = timeout_s > 0
         while self._in_flight:
@@ -121,9 +128,11 @@ class InferenceThread(Generic[T]):
             except queue.Empty:
                 break
             block = False
-            self._in_flight -= 1
             if isinstance(result, BaseException):
+                self._in_flight -= 1
                 raise result
+            if result.last:
+                self._in_flight -= 1
             finished.append(result)
         return finished
 
@@ -134,27 +143,20 @@ class InferenceThread(Generic[T]):
     def _serve(self) -> None:
         while (items := self._inbox.get()) is not None:
             try:
-                self._outbox.put(self._run(items))
+                for result in self._run(items):
+                    self._outbox.put(result)
             except BaseException as exc:  # noqa: BLE001 - handed to the Kafka loop, which stops the worker
                 self._outbox.put(exc)
 
-    def _run(self, items: list[T]) -> Result[T]:
+    def _run(self, items: list[T]) -> Iterator[Result[T]]:
         rows = [self._ids_of(item) for item in items]
         lengths = [len(r) for r in rows]
-        probs: np.ndarray | None = None
-        errors: list[str | None] = [None] * len(items)
-        padded = 0
-        for group in plan_batches(lengths, self._max_size, self._max_tokens):
-            group_padded = padded_tokens(lengths, [group])
-            padded += group_padded
+        groups = plan_batches(lengths, self._max_size, self._max_tokens)
+        for n, group in enumerate(groups, start=1):
+            group = sorted(group)  # arrival order within the pass
             started = time.perf_counter()
-            group_probs, group_errors = infer_resilient(self._predict, [rows[i] for i in group])
+            probs, errors = infer_resilient(self._predict, [rows[i] for i in group])
             if self._observe is not None:
-                self._observe(len(group), group_padded, sum(lengths[i] for i in group), time.perf_counter() - started)
-            if group_probs is not None:
-                if probs is None:
-                    probs = np.full((len(items), group_probs.shape[1]), np.nan, dtype=np.float32)
-                probs[group] = group_probs
-            for i, error in zip(group, group_errors, strict=True):
-                errors[i] = error
-        return Result(items, probs, errors, padded, sum(lengths))
+                real = sum(lengths[i] for i in group)
+                self._observe(len(group), padded_tokens(lengths, [group]), real, time.perf_counter() - started)
+            yield Result([items[i] for i in group], probs, errors, last=n == len(groups))

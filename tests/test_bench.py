@@ -17,6 +17,7 @@ def test_bench_runs_every_phase_and_writes_the_report(tiny_model, bootstrap_serv
         "--bootstrap-servers", bootstrap_servers,
         "--messages", "40",
         "--duplicate-ratio", "0.25",
+        "--rounds", "2",
         "--batch-size", "8",
         "--naive-count", "5",
         "--arrival-count", "16",
@@ -45,6 +46,11 @@ def test_bench_runs_every_phase_and_writes_the_report(tiny_model, bootstrap_serv
         assert 0 < report[run]["padding_efficiency"] <= 1
     assert report["end_to_end"]["cache_hits"] == 0 and report["end_to_end_cached"]["cache_hits"] > 0
     assert report["naive"]["messages"] == 5
+    rounds = report["end_to_end_rounds"]
+    assert len(rounds) == 2 and all(len(r["ceiling_messages_per_s"]) == 2 for r in rounds)
+    # The reported run is the lower-median round, and the ratio is that round's.
+    assert report["end_to_end"] == min(rounds, key=lambda r: r["vs_model_only"])
+    assert report["ratios"]["end_to_end_vs_model_only"] == report["end_to_end"]["vs_model_only"]
 
     latency = report["latency"]
     assert latency["messages"] == 20 and latency["offered_rate"] == 20

@@ -31,21 +31,29 @@ def test_failing_batch_is_halved_until_only_the_bad_record_fails():
     assert calls[0] == 8 and calls.count(1) >= 1 and max(calls[1:]) <= 4
 
 
-def test_thread_returns_results_in_input_order_with_length_sorted_passes():
+def test_each_length_sorted_pass_is_handed_back_and_the_last_closes_the_batch():
     calls: list[int] = []
+    passes: list[tuple[int, int, int]] = []
     thread: InferenceThread[list[int]] = InferenceThread(
-        fake_predict(set(), calls), lambda r: r, max_size=2, max_tokens=100
+        fake_predict(set(), calls),
+        lambda r: r,
+        max_size=2,
+        max_tokens=100,
+        observe=lambda rows, padded, real, _s: passes.append((rows, padded, real)),
     )
     items = [[30, 1, 1], [10], [20, 1], [40]]
     thread.submit(items)
-    results = list(thread.completed(timeout_s=5))
+    results = []
+    while thread.in_flight:
+        results += thread.completed(timeout_s=5)
     thread.close()
-    assert len(results) == 1 and thread.in_flight == 0
-    result = results[0]
-    assert result.items == items
-    assert np.allclose(result.probs[:, 0], [0.3, 0.1, 0.2, 0.4])
     assert calls == [2, 2]
-    assert result.real_tokens == 7 and result.padded_tokens == 2 * 1 + 2 * 3
+    short, long = results
+    assert short.items == [[10], [40]] and not short.last  # the short rows' pass comes back first
+    assert np.allclose(short.probs[:, 0], [0.1, 0.4])
+    assert long.items == [[30, 1, 1], [20, 1]] and long.last
+    assert np.allclose(long.probs[:, 0], [0.3, 0.2])
+    assert passes == [(2, 2 * 1, 2), (2, 2 * 3, 5)]  # (rows, padded tokens, real tokens) per pass
 
 
 def test_thread_crash_surfaces_in_the_kafka_loop():
