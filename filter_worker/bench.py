@@ -638,7 +638,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"model only, arrival order ({report['model_only_arrival_order']['messages']} msgs)",
         report["model_only_arrival_order"],
     )
-    row("model only, sorted, again after the last round", report["model_only_after"])
+    row("model only, sorted, after the last round", report["model_only_after"])
     row("end to end (worker + broker), median round", report["end_to_end"])
     if "end_to_end_cached" in report:
         row(
