@@ -42,7 +42,10 @@ log = get_logger("filter_worker.worker")
 _IDLE_POLL_S = 0.1
 # While delivery reports are outstanding (a few ms after each batch is published) the loop wakes this
 # often to serve them: acknowledgements, latency and commits should not wait for the next forward pass.
+# Only for this long after the last produce: reports that take longer (a broker outage) are served at
+# the normal pace rather than by waking 200 times a second for the whole outage.
 _DELIVERY_POLL_S = 0.005
+_DELIVERY_WINDOW_S = 1.0
 # While the broker is unreachable, how often to probe it (a metadata request) for readiness.
 _PROBE_INTERVAL_S = 2.0
 _UNREACHABLE = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT}
@@ -127,6 +130,7 @@ class Worker:
         self._deferred_acks: list[tuple[tuple[str, int], int, int]] = []
         # Records routed (not dead-lettered) so far: a dead letter's run has ended once this moved on.
         self._successes = 0
+        self._last_produce = clock()
         self._transactional = settings.kafka.exactly_once
         self._held: dict[tuple[str, int], dict[int, _Held]] = {}
         self._in_transaction = False
@@ -350,10 +354,12 @@ class Worker:
         the moment the pass ends (records arriving meanwhile wait in librdkafka's queue, and are read
         just before the next batch is formed). Otherwise it waits for records, returning on the first
         one. Each wake-up takes the GIL from the forward pass's Python, so the loop never spins; it
-        polls every few ms only while delivery reports are outstanding.
+        polls every few ms only while delivery reports are outstanding, up to a second after the last
+        produce.
         """
         assert self._consumer is not None and self._producer is not None and self._inference is not None
-        cap = _DELIVERY_POLL_S if len(self._producer) else _IDLE_POLL_S
+        awaiting_reports = len(self._producer) and self._clock() - self._last_produce < _DELIVERY_WINDOW_S
+        cap = _DELIVERY_POLL_S if awaiting_reports else _IDLE_POLL_S
         max_size = self._settings.batch.max_size
         if self._inference.in_flight and not self._can_dispatch():
             finished = self._inference.completed(cap)
@@ -530,6 +536,7 @@ class Worker:
         tp = (source.topic, source.partition)
         offset = source.offset
         successes = self._successes
+        self._last_produce = self._clock()
 
         def delivered(err: KafkaError | None, _msg: Any) -> None:
             if err is not None:
