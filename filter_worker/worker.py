@@ -128,8 +128,6 @@ class Worker:
         self._limit = DeadLetterLimit(settings.dead_letter)
         # Dead letters of a run that may still cross the limit: acknowledged only when the run ends.
         self._deferred_acks: list[tuple[tuple[str, int], int, int]] = []
-        # Records routed (not dead-lettered) so far: a dead letter's run has ended once this moved on.
-        self._successes = 0
         self._last_produce = clock()
         self._transactional = settings.kafka.exactly_once
         self._held: dict[tuple[str, int], dict[int, _Held]] = {}
@@ -504,8 +502,6 @@ class Worker:
                 "not bad input. The failing records stay uncommitted and are read again on restart",
                 ExitCode.DEAD_LETTER_LIMIT,
             )
-        if not dead:
-            self._successes += 1
         if self._limit.consecutive == 0:
             self._release_deferred_acks()
 
@@ -535,7 +531,7 @@ class Worker:
         assert self._producer is not None
         tp = (source.topic, source.partition)
         offset = source.offset
-        successes = self._successes
+        run = self._limit.runs_ended  # a dead letter is counted before it is produced: this is its run
         self._last_produce = self._clock()
 
         def delivered(err: KafkaError | None, _msg: Any) -> None:
@@ -543,7 +539,7 @@ class Worker:
                 self._delivery_failed(err, out, source, generation)
                 return
             # Held back only while its own run of dead letters goes on: a later run must not hold it.
-            run_goes_on = self._successes == successes and self._limit.consecutive > 0
+            run_goes_on = self._limit.runs_ended == run
             if error is not None and run_goes_on and not self._idle and not self._transactional:
                 self._deferred_acks.append((tp, offset, generation))
             else:
