@@ -14,7 +14,7 @@ from confluent_kafka import Message
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from filter_worker.config import KafkaSettings
-from filter_worker.records import InputRecord, OutputRecord
+from filter_worker.pipeline.records import InputRecord, OutputRecord
 
 _TIMESTAMP_NOT_AVAILABLE = 0
 

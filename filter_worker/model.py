@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from filter_worker import lockfile
-from filter_worker.batching import plan_batches
 from filter_worker.config import ConfigError, ModelSettings
 from filter_worker.logs import get_logger
+from filter_worker.pipeline.batching import plan_batches
 
 log = get_logger(__name__)
 

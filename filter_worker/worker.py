@@ -21,20 +21,20 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, 
 from confluent_kafka.admin import AdminClient
 
 from filter_worker import kafka_io
-from filter_worker.batching import BatchBuffer
-from filter_worker.cache import DecisionCache, cache_key
 from filter_worker.config import ConfigError, RoutingSettings, Settings
-from filter_worker.dead_letter_limit import DeadLetterLimit
-from filter_worker.decode import DecodeFailure, decode
+from filter_worker.delivery.dead_letter_limit import DeadLetterLimit
+from filter_worker.delivery.offsets import OffsetTracker
 from filter_worker.exit_codes import ExitCode
 from filter_worker.health import Health, HealthServer
-from filter_worker.inference import InferenceThread, Result
 from filter_worker.logs import get_logger, librdkafka_logger
 from filter_worker.metrics import Metrics
 from filter_worker.model import Classifier
-from filter_worker.offsets import OffsetTracker
-from filter_worker.records import InputRecord, OutputRecord, dead_letter, routed
-from filter_worker.routing import Router
+from filter_worker.pipeline.batching import BatchBuffer
+from filter_worker.pipeline.cache import DecisionCache, cache_key
+from filter_worker.pipeline.decode import DecodeFailure, decode
+from filter_worker.pipeline.inference import InferenceThread, Result
+from filter_worker.pipeline.records import InputRecord, OutputRecord, dead_letter, routed
+from filter_worker.pipeline.routing import Router
 
 log = get_logger("filter_worker.worker")
 

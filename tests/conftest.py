@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from filter_worker.synthetic import build_keyword_model, build_model
+from filter_worker.tools.synthetic import build_keyword_model, build_model
 
 # Words the test model maps to labels; everything else is "Neutral" (probability ~0.9).
 KEYWORDS = {
@@ -65,7 +65,7 @@ def bootstrap_servers() -> Iterator[str]:
     if external:
         yield external
         return
-    from filter_worker.broker import EmbeddedBroker
+    from filter_worker.tools.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker:
         yield broker.bootstrap_servers

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from filter_worker.batching import BatchBuffer, choose_bucket, padded_tokens, plan_batches
+from filter_worker.pipeline.batching import BatchBuffer, choose_bucket, padded_tokens, plan_batches
 
 
 def test_batches_respect_size_and_token_budget_and_cover_every_index():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from filter_worker.cache import DecisionCache, cache_key, normalize
+from filter_worker.pipeline.cache import DecisionCache, cache_key, normalize
 
 
 def test_normalization_folds_case_width_and_whitespace_only():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from filter_worker.calibration import calibrate, calibration_json, lowest_threshold, rule_scores
 from filter_worker.config import ModelSettings, Rule
-from filter_worker.evaluation import pr_curve
 from filter_worker.model import Classifier
-from filter_worker.routing import Router
+from filter_worker.pipeline.routing import Router
+from filter_worker.tools.calibration import calibrate, calibration_json, lowest_threshold, rule_scores
+from filter_worker.tools.evaluation import pr_curve
 
 # precision at each threshold: 0.9 -> 1, 0.8 -> 1, 0.7 -> 2/3, 0.6 -> 3/4, 0.5 -> 3/5, 0.4 -> 1/2
 SCORES = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from filter_worker.config import DeadLetterSettings
-from filter_worker.dead_letter_limit import DeadLetterLimit
+from filter_worker.delivery.dead_letter_limit import DeadLetterLimit
 
 
 def test_consecutive_run_trips_at_the_limit_and_a_success_resets_it():

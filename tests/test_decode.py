@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from filter_worker.decode import Decoded, DecodeFailure, decode
+from filter_worker.pipeline.decode import Decoded, DecodeFailure, decode
 
 
 @pytest.mark.parametrize(

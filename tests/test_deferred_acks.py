@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from filter_worker.config import load_settings
-from filter_worker.decode import DecodeFailure
 from filter_worker.model import Classifier
-from filter_worker.records import InputRecord
+from filter_worker.pipeline.decode import DecodeFailure
+from filter_worker.pipeline.records import InputRecord
 from filter_worker.worker import Worker
 
 TP = ("in", 0)

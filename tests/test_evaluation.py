@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from filter_worker.config import DEFAULT_RULES, ConfigError, ModelSettings
-from filter_worker.evaluation import (
+from filter_worker.model import Classifier
+from filter_worker.pipeline.routing import Router
+from filter_worker.tools.evaluation import (
     check_labels,
     confusion_matrix,
     evaluate,
@@ -22,8 +24,6 @@ from filter_worker.evaluation import (
     pr_curve,
     scores,
 )
-from filter_worker.model import Classifier
-from filter_worker.routing import Router
 
 LABELS = ["Very Negative", "Negative", "Neutral", "Positive", "Very Positive"]
 

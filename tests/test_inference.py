@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from filter_worker.inference import InferenceThread, infer_resilient
+from filter_worker.pipeline.inference import InferenceThread, infer_resilient
 
 
 def fake_predict(poison: set[int], calls: list[int]):

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from filter_worker.offsets import OffsetTracker
+from filter_worker.delivery.offsets import OffsetTracker
 
 TP = ("in", 0)
 

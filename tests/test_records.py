@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import orjson
 
-from filter_worker.decode import DecodeFailure
-from filter_worker.records import InputRecord, dead_letter, routed
-from filter_worker.routing import Decision
+from filter_worker.pipeline.decode import DecodeFailure
+from filter_worker.pipeline.records import InputRecord, dead_letter, routed
+from filter_worker.pipeline.routing import Decision
 
 RECORD = InputRecord("in", 2, 41, b"key", b'{"text": "x"}', [("trace", b"1"), ("filter.action", b"old")], 1700000000000)
 DECISION = Decision("quarantine", "negative", "Negative", 0.8123456789, {"Negative": 0.81, "Neutral": 0.19})

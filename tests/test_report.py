@@ -7,11 +7,11 @@ import re
 
 import numpy as np
 
-from filter_worker.calibration import calibrate
 from filter_worker.config import DEFAULT_RULES
-from filter_worker.evaluation import Example, evaluate
-from filter_worker.report import calibration_text, evaluation_text, write_calibration_html, write_evaluation_html
-from filter_worker.routing import Router
+from filter_worker.pipeline.routing import Router
+from filter_worker.tools.calibration import calibrate
+from filter_worker.tools.evaluation import Example, evaluate
+from filter_worker.tools.report import calibration_text, evaluation_text, write_calibration_html, write_evaluation_html
 
 LABELS = ["Very Negative", "Negative", "Neutral", "Positive", "Very Positive"]
 PNG = re.compile(r'<img alt="chart" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from filter_worker.config import DEFAULT_RULES, ConfigError, Rule
-from filter_worker.routing import Router
+from filter_worker.pipeline.routing import Router
 
 LABELS = ["Very Negative", "Negative", "Neutral", "Positive", "Very Positive"]
 

@@ -20,9 +20,9 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from structlog.testing import capture_logs
 
 from filter_worker import worker as worker_module
-from filter_worker.broker import EmbeddedBroker, free_port
 from filter_worker.exit_codes import ExitCode
 from filter_worker.model import Classifier
+from filter_worker.tools.broker import EmbeddedBroker, free_port
 from tests.integration.kafka_helpers import (
     committed_offsets,
     create_topics,

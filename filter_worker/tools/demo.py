@@ -18,11 +18,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from filter_worker import kafka_io
-from filter_worker.broker import EmbeddedBroker
 from filter_worker.config import Settings
 from filter_worker.logs import configure
 from filter_worker.model import Classifier
-from filter_worker.samples import sample_messages
+from filter_worker.tools.broker import EmbeddedBroker
+from filter_worker.tools.samples import sample_messages
 from filter_worker.worker import Worker
 
 INPUT_PARTITIONS = 3

@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from filter_worker.batching import padded_tokens, plan_batches
+from filter_worker.pipeline.batching import padded_tokens, plan_batches
 
 T = TypeVar("T")
 Predict = Callable[[Sequence[Sequence[int]]], np.ndarray]

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from filter_worker.calibration import Calibration
 from filter_worker.config import ConfigError
-from filter_worker.evaluation import Evaluation, Scores
+from filter_worker.tools.calibration import Calibration
+from filter_worker.tools.evaluation import Evaluation, Scores
 
 
 def require_matplotlib() -> None:

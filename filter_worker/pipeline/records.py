@@ -12,8 +12,8 @@ from typing import Any
 
 import orjson
 
-from filter_worker.decode import DecodeFailure
-from filter_worker.routing import Decision
+from filter_worker.pipeline.decode import DecodeFailure
+from filter_worker.pipeline.routing import Decision
 
 HEADER_PREFIX = "filter."
 Headers = list[tuple[str, bytes]]

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from filter_worker.samples import corpus
+from filter_worker.tools.samples import corpus
 
 DEFAULT_LABELS: tuple[str, ...] = ("Very Negative", "Negative", "Neutral", "Positive", "Very Positive")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from filter_worker.config import ConfigError
-from filter_worker.routing import ACTIONS, Router
+from filter_worker.pipeline.routing import ACTIONS, Router
 
 UNKNOWN_LANGUAGE = "unknown"
 

@@ -41,13 +41,13 @@ from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
 from filter_worker import kafka_io
-from filter_worker.batching import padded_tokens
-from filter_worker.broker import EmbeddedBroker
 from filter_worker.config import ConfigError, Settings
 from filter_worker.exit_codes import ExitCode
 from filter_worker.model import Classifier, resolve_dtype
-from filter_worker.routing import Router
-from filter_worker.samples import message_mix
+from filter_worker.pipeline.batching import padded_tokens
+from filter_worker.pipeline.routing import Router
+from filter_worker.tools.broker import EmbeddedBroker
+from filter_worker.tools.samples import message_mix
 from filter_worker.worker import Worker
 
 # Cache size for the "with cache" run of --duplicate-ratio when FILTER_CACHE__SIZE is 0.

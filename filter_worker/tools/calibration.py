@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from filter_worker.evaluation import Curve, pr_curve
+from filter_worker.tools.evaluation import Curve, pr_curve
 
 
 @dataclass(frozen=True, slots=True)

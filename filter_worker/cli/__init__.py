@@ -1,0 +1,49 @@
+"""``filter-worker`` command line: one module per command, each with ``add_parser`` and ``run``.
+
+Exit codes (``exit_codes.ExitCode``) tell an orchestrator what happened. Bad configuration, bad input
+data and model errors are one sentence on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+from filter_worker import __version__
+from filter_worker.cli import bench, calibrate, classify, demo, evaluate, model, produce, run
+from filter_worker.config import ConfigError
+from filter_worker.exit_codes import ExitCode
+from filter_worker.lockfile import LockError
+from filter_worker.model import ModelLoadError
+
+# In the order ``--help`` lists them.
+COMMANDS: tuple[ModuleType, ...] = (run, classify, demo, produce, bench, evaluate, calibrate, model)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="filter-worker", description="Streaming spam/abuse filter for Kafka.")
+    root.add_argument("--version", action="version", version=f"filter-worker {__version__}")
+    root.add_argument("--config", metavar="FILE", help="TOML settings file (environment variables override it)")
+    commands = root.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(commands)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"filter-worker: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    except (ModelLoadError, LockError) as exc:
+        print(f"filter-worker: {exc}", file=sys.stderr)
+        return ExitCode.MODEL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

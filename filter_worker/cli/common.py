@@ -1,0 +1,73 @@
+"""What several commands share: the subcommand parser's common options and settings with ``--model``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from filter_worker.config import ConfigError, Settings, load_settings
+
+SOURCES = (
+    "Settings come from FILTER_* environment variables over the TOML file given with --config, over "
+    "the defaults; see the README's Configuration section for every setting."
+)
+
+
+def subcommand(commands: Any, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:  # noqa: A002 - argparse's name
+    """A subcommand parser that also accepts ``--config`` after the command name."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=help, description=description or help, epilog=SOURCES
+    )
+    # SUPPRESS: given before the command, the root parser's value stays; given after, it wins.
+    parser.add_argument(
+        "--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML settings file (environment overrides it)"
+    )
+    return parser
+
+
+def model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="hub id or local directory (overrides FILTER_MODEL__NAME)")
+
+
+def settings_with_model(args: argparse.Namespace) -> Settings:
+    """Settings from ``--config`` and the environment, ``--model`` applied, logging configured."""
+    from filter_worker.logs import configure
+
+    settings = load_settings(args.config)
+    if getattr(args, "model", None):
+        settings.model.name = args.model
+    configure(settings.log)  # log lines (an unpinned model, say) go to stderr, never into the output
+    return settings
+
+
+def write(option: str, path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: {exc.strerror}") from None
+
+
+def data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the commands that read labeled examples (``eval``, ``calibrate``)."""
+    parser.add_argument("data", help="labeled examples: .csv with a header line, or .jsonl")
+    parser.add_argument("--text-field", default="text", help="field holding the text (default text)")
+    parser.add_argument("--label-field", default="label", help="field holding the gold label (default label)")
+    parser.add_argument("--lang-field", help="field holding the language: adds metrics per language")
+    parser.add_argument("--label-map", help='JSON object mapping data labels to model labels: \'{"spam": "toxic"}\'')
+    model_argument(parser)
+    parser.add_argument("--out-json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--report", metavar="PATH", help="also write a self-contained HTML report (needs matplotlib)")
+
+
+def labeled_data(args: argparse.Namespace) -> tuple[Settings, list[Any]]:
+    """Settings and examples, validated before the (slow) model load."""
+    from filter_worker.tools.evaluation import load_examples, parse_label_map
+    from filter_worker.tools.report import require_matplotlib
+
+    settings = settings_with_model(args)
+    if args.report:
+        require_matplotlib()
+    label_map = parse_label_map(args.label_map)
+    examples = load_examples(args.data, args.text_field, args.label_field, args.lang_field, label_map)
+    return settings, examples

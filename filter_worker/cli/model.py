@@ -1,0 +1,76 @@
+"""``filter-worker model``: pull, verify and synthesize model directories."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from filter_worker.cli.common import subcommand
+from filter_worker.exit_codes import ExitCode
+
+
+def add_parser(commands: Any) -> None:
+    parent = subcommand(commands, "model", "model utilities")
+    parent.set_defaults(handler=run)
+    model = parent.add_subparsers(dest="model_command", required=True)
+    pull = model.add_parser("pull", help="download a model (safetensors only) into DIR and write its lock file")
+    pull.add_argument("name", help="hub model id, e.g. tabularisai/multilingual-sentiment-analysis")
+    pull.add_argument("--revision", help="branch, tag or commit (default main); the lock records the commit")
+    pull.add_argument("--to", required=True, metavar="DIR", help="new or empty directory to write the model to")
+    verify = model.add_parser("verify", help="check a model directory against its lock file")
+    verify.add_argument("path", metavar="DIR", help="directory written by model pull")
+    synth = model.add_parser("synth", help="write an offline stand-in model (no hub access needed)")
+    synth.add_argument("path", help="directory to write the model to")
+    synth.add_argument(
+        "--kind",
+        choices=["keyword", "random-base"],
+        default="keyword",
+        help="keyword: labels decided by built-in keywords, to try the demo offline; random-base: random "
+        "weights in the shape of distilbert-base-multilingual-cased, for benchmarks",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    handlers = {"pull": _pull, "verify": _verify, "synth": _synth}
+    return handlers[args.model_command](args)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from filter_worker.tools.synthetic import DEMO_KEYWORDS, build_keyword_model, build_model
+
+    if args.kind == "keyword":
+        path = build_keyword_model(args.path, DEMO_KEYWORDS)
+    else:
+        path = build_model(args.path, size="base")
+    print(f"wrote a {args.kind} model to {path}; use it with --model {path} or FILTER_MODEL__NAME={path}")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from filter_worker.lockfile import LOCK_NAME, pull
+    from filter_worker.model import hub_reachable
+
+    lock = pull(args.name, args.revision, args.to, local_files_only=not hub_reachable())
+    print(
+        f"pulled {lock.model_id} at commit {lock.revision} into {args.to}: {len(lock.files)} files, weights sha256 "
+        f"{lock.weights_sha256}; lock file {Path(args.to) / LOCK_NAME}. Use it with FILTER_MODEL__NAME={args.to}"
+    )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from filter_worker.lockfile import LOCK_NAME, read_lock, verify_directory
+
+    lock = read_lock(args.path)
+    problems = verify_directory(args.path, lock)
+    if problems:
+        lines = "".join(f"\n  {p}" for p in problems)
+        print(f"filter-worker: {args.path} does not match its {LOCK_NAME}:{lines}", file=sys.stderr)
+        return ExitCode.MODEL
+    print(
+        f"{args.path} matches its {LOCK_NAME}: {lock.model_id}@{lock.revision}, {len(lock.files)} files, "
+        f"weights sha256 {lock.weights_sha256}"
+    )
+    return 0

@@ -1,0 +1,1 @@
+"""Everything a worker image does not need: benchmark, demo, embedded broker, samples, evaluation."""
