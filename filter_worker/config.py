@@ -60,6 +60,10 @@ class KafkaSettings(_Section):
     # Stable per worker and unique among running workers; a restarted worker with the same id fences
     # its previous incarnation and aborts its open transaction. Default: "<group_id>-<hostname>".
     transactional_id: str | None = None
+    # Exactly-once: transactions aborted in a row (each followed by a backoff and a re-read from the
+    # last commit) before the worker gives up with exit code 1. A record refused for its size needs
+    # up to three (its dead letter, cut, then left out), so keep it above 3.
+    max_aborts: int = Field(5, ge=1)
     properties: dict[str, SecretStr] = Field(default_factory=dict)
     consumer_properties: dict[str, SecretStr] = Field(default_factory=dict)
     producer_properties: dict[str, SecretStr] = Field(default_factory=dict)
@@ -232,6 +236,16 @@ class DeadLetterSettings(_Section):
     max_consecutive: int = Field(1000, ge=0)  # 0: no limit
     max_ratio: float = Field(0.95, gt=0.0, le=1.0)  # 1.0: no limit
     window: int = Field(1000, ge=1)  # records the ratio is taken over (evaluated once the window is full)
+    # A record too large for the outputs and for the dead-letter topic: "cut" dead-letters it with its
+    # value cut to fit (or left out) and goes on; "stop" exits 1 before committing it.
+    oversized: Literal["cut", "stop"] = "cut"
+
+
+class BudgetSettings(_Section):
+    """Every record between consume and commit counts against these; fetching pauses while either is spent."""
+
+    max_records: int = Field(10_000, ge=1)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
 
 class OutputSettings(_Section):
@@ -268,6 +282,7 @@ class Settings(BaseSettings):
     message: MessageSettings = Field(default_factory=MessageSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     dead_letter: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)

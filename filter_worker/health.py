@@ -24,6 +24,8 @@ class Health:
         self.model_ready = False
         self.joined = False
         self.broker_reachable = False
+        # False while exactly-once transactions keep failing and the worker backs off before re-reading.
+        self.publishing = True
 
     def progress(self) -> None:
         self._last_progress = self._clock()
@@ -32,10 +34,13 @@ class Health:
         return self._clock() - self._last_progress <= self._window
 
     def ready(self) -> bool:
-        return self.model_ready and self.joined and self.broker_reachable
+        return self.model_ready and self.joined and self.broker_reachable and self.publishing
 
     def describe(self) -> str:
-        return f"model_ready={self.model_ready} joined={self.joined} broker_reachable={self.broker_reachable}"
+        return (
+            f"model_ready={self.model_ready} joined={self.joined} broker_reachable={self.broker_reachable} "
+            f"publishing={self.publishing}"
+        )
 
 
 class HealthServer:

@@ -1,7 +1,7 @@
 """The Kafka edge: client configuration, message conversion, topic checks.
 
-Only this module and ``worker.py`` import confluent_kafka. Delivery guarantees are decided here:
-manual commits only (no auto-commit, no auto offset store), producer ``acks=all`` with idempotence.
+Delivery guarantees are decided here: manual commits only (no auto-commit, no auto offset store),
+producer ``acks=all`` with idempotence.
 """
 
 from __future__ import annotations
@@ -9,14 +9,17 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from confluent_kafka import Message
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaException, Message
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
-from filter_worker.config import KafkaSettings
-from filter_worker.pipeline.records import InputRecord, OutputRecord
+from filter_worker.config import KafkaSettings, TopicSettings
+from filter_worker.pipeline.records import Headers, InputRecord
 
 _TIMESTAMP_NOT_AVAILABLE = 0
+# librdkafka's default message.max.bytes: the largest record the producer sends unless told otherwise.
+PRODUCER_MAX_BYTES_DEFAULT = 1_000_000
 
 
 def client_id(role: str) -> str:
@@ -68,28 +71,27 @@ def admin_config(settings: KafkaSettings) -> dict[str, object]:
     return {**settings.client_properties(), "client.id": client_id("admin")}
 
 
+def headers_of(message: Message) -> Headers:
+    """A record's headers as (name, bytes) pairs, in order (librdkafka gives bytes, or None for no value)."""
+    raw = message.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return [(k, v.encode() if isinstance(v, str) else v) for k, v in pairs]
+
+
 def to_input_record(message: Message) -> InputRecord:
+    """A consumed record (never an error event: those carry no topic, partition or offset)."""
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    assert topic is not None and partition is not None and offset is not None, "an error event, not a record"
     kind, timestamp = message.timestamp()
     return InputRecord(
-        topic=message.topic(),
-        partition=message.partition(),
-        offset=message.offset(),
+        topic=topic,
+        partition=partition,
+        offset=offset,
         key=message.key(),
         value=message.value(),
-        headers=list(message.headers() or ()),
+        headers=headers_of(message),
         timestamp_ms=None if kind == _TIMESTAMP_NOT_AVAILABLE else timestamp,
     )
-
-
-def produce_kwargs(record: OutputRecord) -> dict[str, object]:
-    """Arguments for ``Producer.produce``; timestamp 0 lets the producer stamp records that had none."""
-    return {
-        "topic": record.topic,
-        "key": record.key,
-        "value": record.value,
-        "headers": record.headers,
-        "timestamp": record.timestamp_ms or 0,
-    }
 
 
 def missing_topics(admin: AdminClient, names: Iterable[str], timeout_s: float = 10.0) -> list[str]:
@@ -111,3 +113,66 @@ def create_topics(admin: AdminClient, names: Iterable[str], partitions: int, tim
         except Exception as exc:  # noqa: BLE001 - KafkaException wraps a KafkaError
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise RuntimeError(f"could not create topic {name}: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class SizeLimits:
+    """The largest record each topic accepts (``max.message.bytes``, ``None`` where unknown) and the producer sends."""
+
+    topics: dict[str, int | None]
+    producer: int
+
+    def accepted_by(self, topic: str) -> int:
+        """The most ``topic`` takes from this producer: a dead letter is cut to this."""
+        limit = self.topics.get(topic)
+        return self.producer if limit is None else min(limit, self.producer)
+
+    def mismatches(self, settings: TopicSettings) -> list[str]:
+        """One sentence per input topic that accepts records some output would refuse."""
+        inputs = [t for t in settings.input if not t.startswith("^")]
+        found = []
+        for name in inputs:
+            limit = self.topics.get(name)
+            if limit is None:
+                continue
+            smaller = {t: self.accepted_by(t) for t in settings.outputs().values() if self.accepted_by(t) < limit}
+            if smaller:
+                found.append(
+                    f"input topic {name} accepts records up to {limit} bytes, but {smaller} take less "
+                    "(topic max.message.bytes, or the producer's message.max.bytes): larger records will be "
+                    "dead-lettered with their value cut to fit (FILTER_DEAD_LETTER__OVERSIZED)"
+                )
+        return found
+
+
+def producer_max_bytes(settings: KafkaSettings) -> int:
+    """The producer's ``message.max.bytes``, as configured through the pass-through properties."""
+    merged = {
+        **settings.client_properties(),
+        **{k: v.get_secret_value() for k, v in settings.producer_properties.items()},
+    }
+    try:
+        return int(merged.get("message.max.bytes", PRODUCER_MAX_BYTES_DEFAULT))
+    except ValueError:
+        return PRODUCER_MAX_BYTES_DEFAULT  # librdkafka itself refuses the value at start-up
+
+
+def size_limits(admin: AdminClient, topics: list[str], producer: int, timeout_s: float = 10.0) -> SizeLimits:
+    """Each topic's ``max.message.bytes`` as the broker reports it; ``None`` where it does not say.
+
+    A broker that cannot describe configurations (or denies it) leaves every limit unknown: the
+    check is advice, not a requirement for starting.
+    """
+    limits: dict[str, int | None] = dict.fromkeys(topics)
+    try:
+        futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in topics])
+    except KafkaException:
+        return SizeLimits(limits, producer)
+    for resource, future in futures.items():
+        try:
+            entry = future.result(timeout=timeout_s).get("max.message.bytes")
+        except Exception:  # noqa: BLE001 - KafkaException, or a timeout: the limit stays unknown
+            continue
+        if entry is not None and entry.value is not None and str(entry.value).isdigit():
+            limits[resource.name] = int(entry.value)
+    return SizeLimits(limits, producer)

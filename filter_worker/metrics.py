@@ -51,7 +51,28 @@ class Metrics:
         self.commit_failures = Counter("filter_commit_failures", "Failed offset commits", registry=r)
         self.lag = Gauge("filter_consumer_lag", "Records behind the high watermark", ["topic", "partition"], registry=r)
         self.rebalances = Counter("filter_rebalances", "Rebalance events", ["kind"], registry=r)
-        self.in_flight = Gauge("filter_in_flight_records", "Consumed records not yet acknowledged", registry=r)
+        self.in_flight = Gauge(
+            "filter_in_flight_records", "Records consumed and not yet committable (the in-flight budget)", registry=r
+        )
+        self.in_flight_bytes = Gauge(
+            "filter_in_flight_bytes", "Input bytes of the records consumed and not yet committable", registry=r
+        )
+        self.fetch_paused = Gauge(
+            "filter_fetch_paused",
+            "1 while fetching is paused: in-flight budget spent, batch buffer full, or a transaction backoff",
+            registry=r,
+        )
+        self.oversized = Counter(
+            "filter_oversized_dead_letters",
+            "Dead letters too large for the dead-letter topic, published with their value cut or omitted",
+            ["value"],
+            registry=r,
+        )
+        self.transaction_aborts = Counter(
+            "filter_transaction_aborts",
+            "Exactly-once: transactions aborted and re-read from the last commit",
+            registry=r,
+        )
         self.cache_records = Counter(
             "filter_cache_records",
             "Records with the decision cache on: hit (answered from the cache) or miss (classified by the model)",

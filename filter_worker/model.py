@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -76,8 +77,8 @@ class Classifier:
 
     def __init__(
         self,
-        tokenizer: object,
-        model: object,
+        tokenizer: Any,
+        model: Any,
         name: str,
         revision: str,
         device: str,
@@ -92,13 +93,13 @@ class Classifier:
         self.weights_sha256 = weights_sha256
         self.device = device
         self.max_length = max_length
-        id2label = model.config.id2label  # type: ignore[attr-defined]
+        id2label = model.config.id2label
         self.labels: list[str] = [id2label[i] for i in range(len(id2label))]
         # Quantized Linear weights are not parameters, so int8 has to be named by the loader.
-        self.dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")  # type: ignore[attr-defined]
+        self.dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
         # Pinned host memory lets the copy to the GPU run asynchronously (non_blocking).
         self._pin = device.startswith("cuda")
-        self._pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # type: ignore[attr-defined]
+        self._pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @classmethod
     def load(cls, settings: ModelSettings) -> Classifier:
@@ -175,7 +176,7 @@ class Classifier:
         """Token ids per text, truncated to ``max_length``; ``truncated`` says whether text was cut."""
         limit = self.max_length * _CHARS_PER_TOKEN_BOUND
         clipped = [t[:limit] for t in texts]
-        encoded = self._tokenizer(  # type: ignore[operator]
+        encoded = self._tokenizer(
             clipped,
             truncation=True,
             max_length=self.max_length,
@@ -207,7 +208,7 @@ class Classifier:
         if self._pin:  # from the caching host allocator, so pinning costs no allocation per batch
             ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
         with torch.inference_mode():
-            logits = self._model(  # type: ignore[operator]
+            logits = self._model(
                 input_ids=ids_t.to(self.device, non_blocking=self._pin),
                 attention_mask=mask_t.to(self.device, non_blocking=self._pin),
             ).logits
@@ -260,7 +261,7 @@ def _hub_snapshot(name: str, revision: str | None) -> Path | None:
     return Path(config).parent if isinstance(config, str) else None
 
 
-def _load_weights(auto_cls: type, name: str, dtype: str, device: str, kwargs: dict[str, object]) -> object:
+def _load_weights(auto_cls: type, name: str, dtype: str, device: str, kwargs: dict[str, object]) -> Any:
     """from_pretrained in the floating-point dtype to run (int8 loads float32, then quantizes).
 
     On CUDA the attention is PyTorch's scaled_dot_product_attention (fused kernels); a model class
@@ -283,7 +284,7 @@ def _load_weights(auto_cls: type, name: str, dtype: str, device: str, kwargs: di
     return auto_cls.from_pretrained(name, **options)  # type: ignore[attr-defined]
 
 
-def _quantize_dynamic(model: object) -> object:
+def _quantize_dynamic(model: Any) -> Any:
     """int8 weights for every nn.Linear, activations quantized per batch at run time (CPU)."""
     import torch
     from torch.ao.quantization import quantize_dynamic
@@ -294,7 +295,7 @@ def _quantize_dynamic(model: object) -> object:
         warnings.simplefilter("ignore", category=UserWarning)
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)  # type: ignore[arg-type]
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

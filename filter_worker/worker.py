@@ -1,10 +1,15 @@
-"""The Kafka loop: consume -> decode -> tokenize -> batch -> infer -> route -> publish -> commit.
+"""The worker: wires the pipeline's steps and owns the Kafka loop and its threads.
 
-One thread owns the consumer, the producer's callbacks, the offset tracker and the batch buffer, so
-none of them needs a lock; forward passes run on the inference thread. A record's offset is committed
-only after the broker acknowledged its output (delivery report without error), and only when every
-earlier record of its partition was acknowledged too. Rebalances commit what is done for revoked
-partitions and drop their unfinished work: the new owner reads it again.
+    consume -> intake (decode, cache, tokenize) -> batch buffer -> inference thread -> decide
+            -> dead-letter gate -> committer (publish, delivery reports, commit)
+
+One thread owns the consumer, the producer's callbacks, the offset tracker, the batch buffer and the
+gate, so none of them needs a lock; forward passes run on the inference thread. Every record carries
+its source offset from consume to commit; each guarantee has one home: the committer decides what is
+committed and when (``delivery/committer.py``), the gate holds dead letters of a run that may still
+stop the worker (``delivery/gate.py``), the in-flight budget bounds everything between consume and
+commit (``delivery/budget.py``), the publisher replaces what the broker refuses (``delivery/publisher.py``).
+No loop here blocks without serving stop requests and liveness.
 """
 
 from __future__ import annotations
@@ -12,28 +17,34 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from filter_worker import kafka_io
 from filter_worker.config import ConfigError, RoutingSettings, Settings
-from filter_worker.delivery.dead_letter_limit import DeadLetterLimit
-from filter_worker.delivery.offsets import OffsetTracker
-from filter_worker.exit_codes import ExitCode
+from filter_worker.delivery.at_least_once import AtLeastOnce
+from filter_worker.delivery.budget import InFlightBudget
+from filter_worker.delivery.committer import TP, Committer
+from filter_worker.delivery.gate import DeadLetterGate
+from filter_worker.delivery.publisher import Publisher
+from filter_worker.delivery.transactional import CALL_TIMEOUT_S, Transactional
+from filter_worker.exit_codes import ExitCode, FailureSlot, FatalError
 from filter_worker.health import Health, HealthServer
 from filter_worker.logs import get_logger, librdkafka_logger
 from filter_worker.metrics import Metrics
 from filter_worker.model import Classifier
 from filter_worker.pipeline.batching import BatchBuffer
-from filter_worker.pipeline.cache import DecisionCache, cache_key
-from filter_worker.pipeline.decode import DecodeFailure, decode
+from filter_worker.pipeline.cache import DecisionCache
+from filter_worker.pipeline.decide import Decider
+from filter_worker.pipeline.decode import DecodeFailure
 from filter_worker.pipeline.inference import InferenceThread, Result
-from filter_worker.pipeline.records import InputRecord, OutputRecord, dead_letter, routed
+from filter_worker.pipeline.intake import Answered, Pending, take_in
+from filter_worker.pipeline.records import InputRecord
 from filter_worker.pipeline.routing import Router
 
 log = get_logger("filter_worker.worker")
@@ -49,48 +60,28 @@ _DELIVERY_WINDOW_S = 1.0
 # While the broker is unreachable, how often to probe it (a metadata request) for readiness.
 _PROBE_INTERVAL_S = 2.0
 _UNREACHABLE = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT}
-# Produce errors that are about this one record, not the pipeline: the record goes to the dead-letter
-# topic (with the reason) instead of stopping the worker. Anything else stops it, uncommitted.
-_RECORD_REJECTED = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG_SIZE}
-# A run of dead letters below the limit is committed once no record arrived for this long (the stream
-# may simply have ended on a few bad records); under load a run is only committed when it ends.
+# A run of dead letters below the limit is let through once no record arrived for this long (the
+# stream may simply have ended on a few bad records); under load a run is let through when it ends.
 _QUIET_S = 2.0
 # While waiting for Kafka at start-up: how long one metadata request may take, and how often to log.
 _METADATA_TIMEOUT_S = 2.0
 _WAITING_LOG_INTERVAL_S = 10.0
-# Batches' worth of records buffered ahead of the model before partitions are paused. Pausing makes
-# librdkafka drop its prefetched records and fetch them again on resume, so it should be rare: it is
-# the bound on memory when the model is slower than the input, not a pacing mechanism.
+# Batches' worth of records buffered ahead of the model before fetching pauses: the bound on tokenized
+# work waiting for the model (and so on what a revocation may have to finish), inside the budget.
 _BUFFER_BATCHES = 32
-
-
-class FatalError(Exception):
-    """Something the worker must not continue past; ``code`` is the process exit code."""
-
-    def __init__(self, message: str, code: ExitCode = ExitCode.FAILED) -> None:
-        super().__init__(message)
-        self.code = code
+# After a fatal error or once drained, how long closing may still wait for outstanding deliveries.
+_CLOSE_FLUSH_S = 1.0
 
 
 @dataclass(slots=True)
-class _Held:
-    """An output waiting for its turn in a transaction (exactly-once mode)."""
+class _Running:
+    """What exists only while ``run`` runs: the clients and the stages built on them."""
 
-    out: OutputRecord
-    source: InputRecord
-    generation: int
-    action: str
-    error: str | None
-
-
-@dataclass(slots=True)
-class _Pending:
-    record: InputRecord
-    ids: list[int]
-    truncated: bool
-    generation: int
-    embed_into: dict[str, Any] | None
-    cache_key: bytes | None = None  # set when the decision cache is on
+    consumer: Consumer
+    publisher: Publisher
+    committer: Committer
+    gate: DeadLetterGate
+    inference: InferenceThread[Pending]
 
 
 class Worker:
@@ -105,45 +96,40 @@ class Worker:
     ) -> None:
         self._settings = settings
         self._classifier = classifier
-        self._router = Router(settings.routing.rules, classifier.labels)
-        self._shadow = settings.routing.shadow
+        self._topics = settings.topics.outputs()
+        routing = settings.routing
+        self._decider = Decider(
+            Router(routing.rules, classifier.labels), routing.shadow, self._topics, classifier.identity
+        )
         self._reload_routing = reload_routing
         self._reload_requested = threading.Event()
         self._clock = clock
         self._stop = threading.Event()
-        self._tracker = OffsetTracker()
         batch = settings.batch
-        self._buffer: BatchBuffer[_Pending] = BatchBuffer(
+        self._buffer: BatchBuffer[Pending] = BatchBuffer(
             batch.max_size, batch.max_tokens, batch.max_wait_ms / 1000, clock
         )
         self._max_buffered = batch.max_size * _BUFFER_BATCHES
+        self._budget = InFlightBudget(settings.budget.max_records, settings.budget.max_bytes)
         self._cache = DecisionCache(settings.cache.size) if settings.cache.size else None
-        self._paused = False
-        self._failure: FatalError | None = None
-        self._last_commit = clock()
-        self._consumer: Consumer | None = None
-        self._producer: Producer | None = None
-        self._inference: InferenceThread[_Pending] | None = None
-        self._topics = settings.topics.outputs()
-        self._limit = DeadLetterLimit(settings.dead_letter)
-        # Dead letters of a run that may still cross the limit: acknowledged only when the run ends.
-        self._deferred_acks: list[tuple[tuple[str, int], int, int]] = []
-        self._last_produce = clock()
-        self._transactional = settings.kafka.exactly_once
-        self._held: dict[tuple[str, int], dict[int, _Held]] = {}
-        self._in_transaction = False
-        # Nothing consumed for _QUIET_S, nothing buffered or in the model: a run of dead letters is not growing.
-        self._idle = False
-        self._last_consumed = clock()
+        self._failures = FailureSlot()
         self.metrics = Metrics()
         self.health = Health(settings.health.liveness_window_s, clock)
-        self._last_probe = clock()
+        self._running: _Running | None = None
         self._http: HealthServer | None = None
+        self._paused = False
+        self._closing = False
+        self._last_consumed = self._last_lag = self._last_probe = clock()
 
     @property
     def http_port(self) -> int | None:
         """Port of the metrics and health endpoint once ``run`` started it (useful with port 0)."""
         return self._http.port if self._http is not None else None
+
+    @property
+    def _r(self) -> _Running:
+        assert self._running is not None, "only while run() runs"
+        return self._running
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from signal handlers and other threads."""
@@ -153,29 +139,7 @@ class Worker:
         """Ask the loop to reload the routing settings (SIGHUP); safe from signal handlers."""
         self._reload_requested.set()
 
-    def _maybe_reload(self) -> None:
-        """Swap in new routing settings between records, or keep the old ones if the new are invalid.
-
-        Records decided before the swap keep their decision (it is in their headers); a rule change
-        never re-routes what was already published.
-        """
-        if not self._reload_requested.is_set() or self._reload_routing is None:
-            return
-        self._reload_requested.clear()
-        try:
-            routing = self._reload_routing()
-            router = Router(routing.rules, self._classifier.labels)
-        except ConfigError as exc:
-            self.metrics.rule_reloads.labels("refused").inc()
-            log.error("routing reload refused; the previous rules stay in force", error=str(exc))
-            return
-        self._router, self._shadow = router, routing.shadow
-        self.metrics.rule_reloads.labels("applied").inc()
-        log.info(
-            "routing reloaded",
-            rules=[r.model_dump() for r in routing.rules],
-            shadow=routing.shadow,
-        )
+    # -- run --------------------------------------------------------------------------------------
 
     def run(self) -> int:
         settings = self._settings
@@ -185,8 +149,8 @@ class Worker:
             device=self._classifier.device,
             input=settings.topics.input,
             group=settings.kafka.group_id,
-            exactly_once=self._transactional,
-            shadow=self._shadow,
+            exactly_once=settings.kafka.exactly_once,
+            shadow=self._decider.shadow,
             kafka=settings.kafka.redacted_properties(),
         )
         if settings.metrics.enabled:
@@ -195,23 +159,14 @@ class Worker:
             except OSError as exc:
                 raise ConfigError(f"FILTER_METRICS__PORT={settings.metrics.port}: {exc.strerror}") from None
         self._warm_up()
-        callbacks = {"error_cb": self._client_error, "logger": librdkafka_logger()}
-        self._producer = Producer({**kafka_io.producer_config(settings.kafka), **callbacks})
-        self._consumer = Consumer({**kafka_io.consumer_config(settings.kafka), **callbacks})
-        self._inference = InferenceThread(
-            self._classifier.predict,
-            lambda p: p.ids,
-            settings.batch.max_size,
-            settings.batch.max_tokens,
-            observe=self._observe_forward,
-        )
         code = ExitCode.OK
         try:
+            self._running = self._build()
             if not self._start_up():
                 return code
             while not self._stop.is_set():
                 self._step()
-            log.info("stopping: finishing in-flight work", in_flight=self._tracker.in_flight())
+            log.info("stopping: finishing in-flight work", in_flight=self._r.committer.tracker.in_flight())
             if not self._drain():
                 code = ExitCode.SHUTDOWN_DEADLINE
         except FatalError as exc:
@@ -236,6 +191,34 @@ class Worker:
         )
         self.health.model_ready = True
 
+    def _build(self) -> _Running:
+        """The clients and the stages on them; the commit mode is chosen here, once."""
+        settings = self._settings
+        callbacks = {"error_cb": self._client_error, "logger": librdkafka_logger()}
+        producer = Producer({**kafka_io.producer_config(settings.kafka), **callbacks})
+        consumer = Consumer({**kafka_io.consumer_config(settings.kafka), **callbacks, "on_commit": self._on_commit})
+        publisher = Publisher(
+            producer,
+            self._topics["dead_letter"],
+            kafka_io.producer_max_bytes(settings.kafka),
+            settings.dead_letter.oversized == "cut",
+            self.metrics,
+            self._failures,
+            self._clock,
+        )
+        mode = Transactional if settings.kafka.exactly_once else AtLeastOnce
+        committer = mode(settings.kafka, consumer, publisher, self.metrics, self.health, self._failures, self._clock)
+        inference: InferenceThread[Pending] = InferenceThread(
+            self._classifier.predict,
+            lambda p: p.ids,
+            settings.batch.max_size,
+            settings.batch.max_tokens,
+            observe=self._observe_forward,
+        )
+        return _Running(
+            consumer, publisher, committer, DeadLetterGate(settings.dead_letter, committer.publish), inference
+        )
+
     def _observe_forward(self, rows: int, padded: int, real: int, seconds: float) -> None:
         self.metrics.batch_size.observe(rows)
         self.metrics.padded_tokens.observe(padded)
@@ -248,14 +231,13 @@ class Worker:
 
     def _start_up(self) -> bool:
         """Wait for Kafka, check (or create) topics, then join the group; ``False`` if stopped meanwhile."""
-        assert self._consumer is not None and self._producer is not None
         existing = self._await_kafka()
         if existing is None:
             return False
         self._check_topics(existing)
-        if self._transactional:
+        if self._settings.kafka.exactly_once:
             self._init_transactions()
-        self._consumer.subscribe(
+        self._r.consumer.subscribe(
             self._settings.topics.input, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         return True
@@ -266,14 +248,13 @@ class Worker:
         A worker started before its broker (compose, a cluster being restored) must not crash-loop:
         it waits, says so in the log, and stays live but not ready.
         """
-        assert self._consumer is not None
         started = self._clock()
         last_log = -_WAITING_LOG_INTERVAL_S
         while not self._stop.is_set():
-            self._raise_failure()
+            self._failures.raise_if_set()
             self.health.progress()
             try:
-                metadata = self._consumer.list_topics(timeout=_METADATA_TIMEOUT_S)
+                metadata = self._r.consumer.list_topics(timeout=_METADATA_TIMEOUT_S)
             except KafkaException as exc:
                 if self._clock() - last_log >= _WAITING_LOG_INTERVAL_S:
                     last_log = self._clock()
@@ -290,6 +271,7 @@ class Worker:
         return None
 
     def _check_topics(self, existing: dict[str, int]) -> None:
+        """Inputs must exist; outputs must exist or be created; warn when an output takes smaller records."""
         topics = self._settings.topics
         inputs = [t for t in topics.input if not t.startswith("^")]  # a regex subscription may match later
         missing_inputs = [t for t in inputs if t not in existing]
@@ -299,52 +281,78 @@ class Worker:
                 "(check FILTER_TOPICS__INPUT and FILTER_KAFKA__BOOTSTRAP_SERVERS)",
                 ExitCode.TOPICS,
             )
+        admin_config: dict[str, Any] = {**kafka_io.admin_config(self._settings.kafka), "logger": librdkafka_logger()}
+        admin = AdminClient(admin_config)
         missing = sorted(set(self._topics.values()) - set(existing))
-        if not missing:
-            return
-        if not topics.create:
+        if missing and not topics.create:
             raise FatalError(
                 f"output topic(s) {missing} do not exist; create them or set FILTER_TOPICS__CREATE=true",
                 ExitCode.TOPICS,
             )
-        partitions = max((existing[t] for t in inputs), default=1)
-        admin = AdminClient(kafka_io.admin_config(self._settings.kafka))
-        try:
-            kafka_io.create_topics(admin, missing, partitions)
-        except RuntimeError as exc:
-            raise FatalError(str(exc), ExitCode.TOPICS) from None
-        log.info("created output topics", topics=missing, partitions=partitions)
+        if missing:
+            partitions = max((existing[t] for t in inputs), default=1)
+            try:
+                kafka_io.create_topics(admin, missing, partitions)
+            except RuntimeError as exc:
+                raise FatalError(str(exc), ExitCode.TOPICS) from None
+            log.info("created output topics", topics=missing, partitions=partitions)
+        limits = kafka_io.size_limits(
+            admin, [*inputs, *self._topics.values()], kafka_io.producer_max_bytes(self._settings.kafka)
+        )
+        for mismatch in limits.mismatches(topics):
+            log.warning("record size limits differ", detail=mismatch)
+        self._r.publisher.dead_letter_max_bytes = limits.accepted_by(self._topics["dead_letter"])
+
+    def _init_transactions(self) -> None:
+        """Register the transactional id: fences a previous incarnation and aborts its open transaction."""
+        producer = self._r.publisher.producer
+        while not self._stop.is_set():
+            self.health.progress()
+            try:
+                producer.init_transactions(CALL_TIMEOUT_S)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if not err.retriable():
+                    raise FatalError(f"could not initialise transactions: {err.str()}") from None
+                log.warning("retrying transaction initialisation", error=err.str())
 
     # -- the loop ---------------------------------------------------------------------------------
 
     def _step(self) -> None:
-        assert self._consumer is not None and self._producer is not None
-        self._raise_failure()
+        r = self._r
+        self._failures.raise_if_set()
         self._maybe_reload()
-        self._apply_backpressure()
+        self._apply_fetch_gate()
         finished, messages = self._wait()
         self._ingest(messages)
-        finished += self._inference.completed()  # type: ignore[union-attr]
+        finished += r.inference.completed()
         self._dispatch()  # the model starts its next batch before this turn publishes the last one
         self._route_all(finished)
+        now = self._clock()
         if messages:
-            self._last_consumed = self._clock()
-        self._idle = (
-            self._clock() - self._last_consumed >= _QUIET_S and not len(self._buffer) and not self._inference.in_flight  # type: ignore[union-attr]
-        )
-        if self._idle:
-            self._release_deferred_acks()
-        self._producer.poll(0)
-        self._raise_failure()
-        if self._transactional:
-            self._commit_transaction()
-        else:
-            self._maybe_commit()
+            self._last_consumed = now
+        elif len(r.gate) and self._pipeline_empty() and now - self._last_consumed >= _QUIET_S:
+            r.gate.open()  # a run of dead letters stalled below the limit: the stream went quiet
+        if r.committer.poll(caught_up=self._caught_up()):
+            self._discard_stale()
+        self._failures.raise_if_set()
+        if now - self._last_lag >= self._settings.kafka.commit_interval_ms / 1000:
+            self._last_lag = now
+            self._update_lag()
         self._probe_broker()
-        self.metrics.in_flight.set(self._tracker.in_flight())
+        self.metrics.in_flight.set(r.committer.tracker.in_flight())
+        self.metrics.in_flight_bytes.set(r.committer.tracker.in_flight_bytes())
         self.health.progress()
 
-    def _wait(self) -> tuple[list[Result[_Pending]], list[Any]]:
+    def _pipeline_empty(self) -> bool:
+        return not len(self._buffer) and not self._r.inference.in_flight
+
+    def _caught_up(self) -> bool:
+        """Nothing buffered, nothing in the model, no dead letters held: everything consumed is decided."""
+        return self._pipeline_empty() and not len(self._r.gate)
+
+    def _wait(self) -> tuple[list[Result[Pending]], list[Message]]:
         """Block until there is something to do; returns finished forward passes and new records.
 
         What the loop waits on depends on what can happen next. While the model runs and nothing can
@@ -355,447 +363,326 @@ class Worker:
         polls every few ms only while delivery reports are outstanding, up to a second after the last
         produce.
         """
-        assert self._consumer is not None and self._producer is not None and self._inference is not None
-        awaiting_reports = len(self._producer) and self._clock() - self._last_produce < _DELIVERY_WINDOW_S
+        r = self._r
+        publisher = r.publisher
+        awaiting_reports = publisher.outstanding and self._clock() - publisher.last_produce < _DELIVERY_WINDOW_S
         cap = _DELIVERY_POLL_S if awaiting_reports else _IDLE_POLL_S
         max_size = self._settings.batch.max_size
-        if self._inference.in_flight and not self._can_dispatch():
-            finished = self._inference.completed(cap)
-            return finished, self._consumer.consume(num_messages=max_size, timeout=0)
-        messages = self._consumer.consume(num_messages=max_size, timeout=0)
+        if r.inference.in_flight and not self._can_dispatch():
+            finished = r.inference.completed(cap)
+            return finished, r.consumer.consume(num_messages=max_size, timeout=0)
+        messages = r.consumer.consume(num_messages=max_size, timeout=0)
         if messages or self._can_dispatch():
             return [], messages
         due = self._buffer.time_to_due()
-        first = self._consumer.poll(cap if due is None else min(due, cap))
+        first = r.consumer.poll(cap if due is None else min(due, cap))
         if first is None:
             return [], []
-        return [], [first, *self._consumer.consume(num_messages=max_size - 1, timeout=0)]
+        return [], [first, *r.consumer.consume(num_messages=max_size - 1, timeout=0)]
 
     def _can_dispatch(self) -> bool:
-        assert self._inference is not None
-        return self._inference.has_capacity() and self._buffer.ready(model_busy=self._inference.in_flight > 0)
+        inference = self._r.inference
+        return inference.has_capacity() and self._buffer.ready(model_busy=inference.in_flight > 0)
 
-    def _ingest(self, messages: list[Any]) -> None:
-        texts: list[str] = []
-        accepted: list[tuple[InputRecord, int, dict[str, Any] | None]] = []
-        msg_settings = self._settings.message
+    def _ingest(self, messages: list[Message]) -> None:
+        """Consumed records into the tracker, then intake: dead letters and cache answers out, the rest buffered."""
+        r = self._r
+        records: list[tuple[InputRecord, int]] = []
         for message in messages:
-            if message.error():
-                self._consumer_error(message.error())
+            error = message.error()
+            if error is not None:
+                self._consumer_error(error)
                 continue
             record = kafka_io.to_input_record(message)
-            self.metrics.consumed.labels(record.topic).inc()
-            self.health.broker_reachable = True
-            tp = (record.topic, record.partition)
-            generation = self._tracker.generation(tp)
-            if generation is None:  # revoked while this message was in the fetch queue
-                continue
-            self._tracker.track(tp, record.offset)
-            decoded = decode(record.value, msg_settings.format, msg_settings.text_field)
-            if isinstance(decoded, DecodeFailure):
-                self._dead_letter(record, decoded, generation)
-                continue
-            embed = None
-            if self._settings.output.embed:
-                embed = decoded.document if decoded.document is not None else {"text": decoded.text}
-            key = cache_key(decoded.text) if self._cache is not None else None
-            if key is not None and self._route_repeat(record, generation, embed, key):
-                continue
-            texts.append(decoded.text)
-            accepted.append((record, generation, embed, key))
-        if not texts:
+            generation = r.committer.track(record)
+            if generation is not None:
+                records.append((record, generation))
+        if not records:
             return
-        for (record, generation, embed, key), tokens in zip(accepted, self._classifier.tokenize(texts), strict=True):
-            pending = _Pending(record, tokens.ids, tokens.truncated, generation, embed, key)
-            self._buffer.add(pending, len(tokens.ids))
-
-    def _route_repeat(self, record: InputRecord, generation: int, embed: dict[str, Any] | None, key: bytes) -> bool:
-        """Publish a text the cache already knows, skipping the model; ``False`` when it is new."""
-        assert self._cache is not None
-        hit = self._cache.get(key)
-        if hit is None:
-            return False
-        self.metrics.cache_records.labels("hit").inc()
-        self._publish_decision(record, generation, hit.probs, hit.truncated, embed)
-        return True
+        self.health.broker_reachable = True
+        for topic, count in Counter(record.topic for record, _ in records).items():
+            self.metrics.consumed.labels(topic).inc(count)
+        settings = self._settings
+        intake = take_in(records, settings.message, settings.output.embed, self._classifier.tokenize, self._cache)
+        for record, generation, failure in intake.failed:
+            self._dead_letter(record, generation, failure)
+        self._answer(intake.answered)
+        for pending in intake.pending:
+            self._buffer.add(pending, len(pending.ids))
 
     def _dispatch(self) -> None:
-        assert self._inference is not None
         while self._can_dispatch():
-            self._inference.submit(self._buffer.take())
+            self._r.inference.submit(self._buffer.take())
 
-    def _collect(self, timeout_s: float) -> None:
-        assert self._inference is not None
-        self._route_all(self._inference.completed(timeout_s))
-
-    def _route_all(self, finished: list[Result[_Pending]]) -> None:
+    def _route_all(self, finished: list[Result[Pending]]) -> None:
         for result in finished:
             self._route(result)
-            self._resolve_buffered_repeats()
+            self._answer_buffered_repeats()
 
-    def _route(self, result: Result[_Pending]) -> None:
+    def _route(self, result: Result[Pending]) -> None:
+        committer = self._r.committer
         for i, pending in enumerate(result.items):
             record = pending.record
-            if not self._tracker.is_current((record.topic, record.partition), pending.generation):
-                continue  # partition revoked since; its new owner classifies this record again
+            if not committer.is_current((record.topic, record.partition), pending.generation):
+                continue  # revoked or rewound since; read again
             error = result.errors[i]
             if error is not None or result.probs is None:
                 failure = DecodeFailure("model_error", f"the model failed on this record: {error}")
-                self._dead_letter(record, failure, pending.generation)
+                self._dead_letter(record, pending.generation, failure)
                 continue
             if self._cache is not None and pending.cache_key is not None:
                 self._cache.put(pending.cache_key, result.probs[i], pending.truncated)
                 self.metrics.cache_records.labels("miss").inc()
-            self._publish_decision(record, pending.generation, result.probs[i], pending.truncated, pending.embed_into)
+            self._decide(record, pending.generation, result.probs[i], pending.truncated, pending.embed_into)
 
-    def _resolve_buffered_repeats(self) -> None:
-        """Route buffered records whose text a finished batch just classified, instead of classifying it again.
+    def _answer(self, answered: list[Answered]) -> None:
+        for item in answered:
+            self.metrics.cache_records.labels("hit").inc()
+            self._decide(item.record, item.generation, item.probs, item.truncated, item.embed_into)
+
+    def _answer_buffered_repeats(self) -> None:
+        """Decide buffered records whose text a finished batch just classified, instead of classifying it again.
 
         A campaign's copies arrive together, so many are already buffered when its first copy returns.
-        They leave the buffer here and are published like any other result: offsets are tracked alike.
         """
         cache = self._cache
         if cache is None or not len(self._buffer):
             return
-        for pending in self._buffer.extract(lambda p: p.cache_key in cache):
-            hit = cache.get(pending.cache_key)  # type: ignore[arg-type]
+        answered = []
+        for pending in self._buffer.extract(lambda p: p.cache_key is not None and p.cache_key in cache):
+            hit = cache.get(pending.cache_key)  # type: ignore[arg-type]  # not None: extracted for it
             assert hit is not None
-            self.metrics.cache_records.labels("hit").inc()
-            self._publish_decision(pending.record, pending.generation, hit.probs, hit.truncated, pending.embed_into)
+            answered.append(Answered(pending.record, pending.generation, hit.probs, hit.truncated, pending.embed_into))
+        self._answer(answered)
 
-    def _publish_decision(
-        self,
-        record: InputRecord,
-        generation: int,
-        probs: np.ndarray,
-        truncated: bool,
-        embed_into: dict[str, Any] | None,
-    ) -> None:
-        self._count_outcome(dead=False)
-        decision = self._router.decide(probs)
-        action = "allow" if self._shadow else decision.action
-        if self._shadow:
+    def _decide(self, record: InputRecord, generation: int, probs: Any, truncated: bool, embed_into: Any) -> None:
+        item, decision = self._decider.classified(record, generation, probs, truncated, embed_into)
+        if self._decider.shadow:
             self.metrics.shadow_decisions.labels(decision.action).inc()
-        out = routed(
-            record, decision, self._topics[action], self._classifier.identity, truncated, embed_into, self._shadow
-        )
-        self._publish(out, record, generation, action)
+        self._r.gate.submit(item)
 
-    def _dead_letter(self, record: InputRecord, failure: DecodeFailure, generation: int) -> None:
+    def _dead_letter(self, record: InputRecord, generation: int, failure: DecodeFailure) -> None:
         fields: dict[str, Any] = {"error": failure.error, "reason": failure.reason}
         if self._settings.log.include_text:  # message content is private unless the operator opts in
             fields["value"] = (record.value or b"")[:200].decode("utf-8", "replace")
-        self._count_outcome(dead=True)
         log.warning(
             "dead-lettering record", topic=record.topic, partition=record.partition, offset=record.offset, **fields
         )
-        self._publish(
-            dead_letter(record, failure, self._topics["dead_letter"]), record, generation, "dead_letter", failure.error
-        )
+        self._r.gate.submit(self._decider.failed(record, generation, failure))
 
-    def _count_outcome(self, dead: bool) -> None:
-        """Feed the dead-letter limit; a run that ends releases the acknowledgements it held back."""
-        exceeded = self._limit.exceeded_by(dead)
-        if exceeded is not None:
-            raise FatalError(
-                f"dead-letter limit reached: {exceeded}; this looks like a bad deploy or configuration, "
-                "not bad input. The failing records stay uncommitted and are read again on restart",
-                ExitCode.DEAD_LETTER_LIMIT,
-            )
-        if self._limit.consecutive == 0:
-            self._release_deferred_acks()
+    def _maybe_reload(self) -> None:
+        """Swap in new routing settings between records, or keep the old ones if the new are invalid.
 
-    def _release_deferred_acks(self) -> None:
-        """The run of dead letters ended (or stalled below the limit): let their offsets be committed."""
-        for tp, offset, generation in self._deferred_acks:
-            self._tracker.ack(tp, offset, generation)
-        self._deferred_acks.clear()
-
-    # -- publishing -------------------------------------------------------------------------------
-
-    def _publish(
-        self, out: OutputRecord, source: InputRecord, generation: int, action: str, error: str | None = None
-    ) -> None:
-        """Produce ``out`` (or hold it for the next transaction); its acknowledgement covers ``source``."""
-        if self._transactional:
-            tp = (source.topic, source.partition)
-            self._held.setdefault(tp, {})[source.offset] = _Held(out, source, generation, action, error)
-            return
-        self._produce(out, source, generation, action, error)
-
-    def _produce(self, out: OutputRecord, source: InputRecord, generation: int, action: str, error: str | None) -> None:
-        """Hand ``out`` to the producer; its delivery report acknowledges ``source``.
-
-        ``error`` is a dead letter's class (for metrics, and the dead-letter limit's deferred acks).
+        Records decided before the swap keep their decision (it is in their headers); a rule change
+        never re-routes what was already published.
         """
-        assert self._producer is not None
-        tp = (source.topic, source.partition)
-        offset = source.offset
-        run = self._limit.runs_ended  # a dead letter is counted before it is produced: this is its run
-        self._last_produce = self._clock()
-
-        def delivered(err: KafkaError | None, _msg: Any) -> None:
-            if err is not None:
-                self._delivery_failed(err, out, source, generation)
-                return
-            # Held back only while its own run of dead letters goes on: a later run must not hold it.
-            run_goes_on = self._limit.runs_ended == run
-            if error is not None and run_goes_on and not self._idle and not self._transactional:
-                self._deferred_acks.append((tp, offset, generation))
-            else:
-                self._tracker.ack(tp, offset, generation)
-            self.health.broker_reachable = True
-            self.metrics.published.labels(action, source.topic).inc()
-            if error is not None:
-                self.metrics.dead_letters.labels(error).inc()
-            if source.timestamp_ms is not None:
-                self.metrics.latency.observe(max(0.0, time.time() - source.timestamp_ms / 1000))
-
-        while True:
-            try:
-                self._producer.produce(**kafka_io.produce_kwargs(out), on_delivery=delivered)
-                return
-            except BufferError:  # local queue full: serve delivery reports, then retry
-                self._producer.poll(0.05)
-            except KafkaException as exc:  # refused before it was queued (e.g. over message.max.bytes)
-                self._delivery_failed(exc.args[0], out, source, generation, queued=False)
-                return
-
-    def _delivery_failed(
-        self, err: KafkaError, out: OutputRecord, source: InputRecord, generation: int, queued: bool = True
-    ) -> None:
-        """A record refused for what it is goes to the dead-letter topic; any other failure stops the worker.
-
-        Stopping leaves the offset uncommitted, so the record is read again after a restart. In a
-        transaction, a failure after queueing dooms the whole transaction, so only records refused
-        before queueing can be dead-lettered there. Runs inside delivery callbacks, so failures are
-        recorded for the loop to raise rather than raised through librdkafka.
-        """
-        rejected = err.code() in _RECORD_REJECTED and not (self._transactional and queued)
-        if not rejected or out.topic == self._topics["dead_letter"]:
-            self._failure = self._failure or FatalError(
-                f"publishing {source.source} to {out.topic} failed: {err.str()}"
-                + (" (the dead-letter topic refused it too)" if out.topic == self._topics["dead_letter"] else "")
-            )
+        if not self._reload_requested.is_set() or self._reload_routing is None:
             return
-        if not self._tracker.is_current((source.topic, source.partition), generation):
-            return
-        failure = DecodeFailure("publish_rejected", f"{out.topic} refused the routed record: {err.str()}")
+        self._reload_requested.clear()
         try:
-            self._dead_letter(source, failure, generation)
-        except FatalError as exc:
-            self._failure = self._failure or exc
+            routing = self._reload_routing()
+            router = Router(routing.rules, self._classifier.labels)
+        except ConfigError as exc:
+            self.metrics.rule_reloads.labels("refused").inc()
+            log.error("routing reload refused; the previous rules stay in force", error=str(exc))
+            return
+        self._decider = Decider(router, routing.shadow, self._topics, self._classifier.identity)
+        self.metrics.rule_reloads.labels("applied").inc()
+        log.info("routing reloaded", rules=[r.model_dump() for r in routing.rules], shadow=routing.shadow)
 
-    def _apply_backpressure(self) -> None:
-        """Pause fetching while the buffer is full, so memory stays bounded when the model is slower."""
-        assert self._consumer is not None
-        if not self._paused and len(self._buffer) >= self._max_buffered:
-            self._consumer.pause(self._assignment())
-            self._paused = True
-        elif self._paused and len(self._buffer) < self._max_buffered // 2:
-            self._consumer.resume(self._assignment())
-            self._paused = False
+    # -- backpressure -----------------------------------------------------------------------------
+
+    def _apply_fetch_gate(self) -> None:
+        """Pause fetching while the budget is spent, the buffer is full or the committer backs off.
+
+        The budget counts every record between consume and commit, so memory stays bounded whichever
+        stage is slow: the model, the broker's acknowledgements, a transaction.
+        """
+        r = self._r
+        tracker = r.committer.tracker
+        records, size = tracker.in_flight(), tracker.in_flight_bytes()
+        if self._paused:
+            hold = not self._budget.refilled(records, size) or len(self._buffer) >= self._max_buffered // 2
+        else:
+            hold = self._budget.spent(records, size) or len(self._buffer) >= self._max_buffered
+        hold = hold or r.committer.fetch_paused()
+        if hold == self._paused:
+            return
+        assignment = self._assignment()
+        if hold:
+            r.consumer.pause(assignment)
+        else:
+            r.consumer.resume(assignment)
+        self._paused = hold
+        self.metrics.fetch_paused.set(int(hold))
+        log.debug("fetching paused" if hold else "fetching resumed", in_flight=records, in_flight_bytes=size)
 
     def _assignment(self) -> list[TopicPartition]:
-        return [TopicPartition(t, p) for t, p in self._tracker.assigned()]
+        return [TopicPartition(t, p) for t, p in self._r.committer.tracker.assigned()]
 
-    # -- commits (at-least-once) ------------------------------------------------------------------
-
-    def _maybe_commit(self) -> None:
-        # Every interval under load; at once when everything consumed is acknowledged (caught up), so
-        # a quiet partition's lag reads 0 without waiting for the interval.
-        caught_up = self._tracker.in_flight() == 0 and bool(self._tracker.committable())
-        if caught_up or self._clock() - self._last_commit >= self._settings.kafka.commit_interval_ms / 1000:
-            self._commit()
-            self._update_lag()
-
-    def _commit(self, tps: list[tuple[str, int]] | None = None) -> None:
-        assert self._consumer is not None
-        self._last_commit = self._clock()
-        if self._transactional:  # offsets travel inside transactions
-            self._commit_transaction()
-            return
-        offsets = self._tracker.committable(tps)
-        if not offsets:
-            return
-        try:
-            results = self._consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
-            )
-        except KafkaException as exc:
-            # Typically a rebalance in progress; the next commit (or the revoke handler) retries.
-            self.metrics.commit_failures.inc()
-            log.warning("commit failed; will retry", error=str(exc))
-            return
-        done = {(r.topic, r.partition): r.offset for r in results or [] if r.error is None}
-        self._tracker.committed(done)
-        self.metrics.commits.inc()
-        log.debug("committed", offsets={f"{t}/{p}": o for (t, p), o in done.items()})
+    # -- lag and broker probes --------------------------------------------------------------------
 
     def _update_lag(self) -> None:
         """Lag per owned partition from cached watermarks (no broker round trip)."""
-        assert self._consumer is not None
-        positions = self._consumer.position(self._assignment())
-        for tp in positions:
+        consumer = self._r.consumer
+        for tp in consumer.position(self._assignment()):
             if tp.offset < 0:
                 continue
-            _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            _, high = consumer.get_watermark_offsets(tp, cached=True)
             if high >= 0:
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - tp.offset))
 
     def _probe_broker(self) -> None:
         """While the broker looks unreachable, ask it for metadata now and then to notice its return."""
-        assert self._consumer is not None
         if self.health.broker_reachable or self._clock() - self._last_probe < _PROBE_INTERVAL_S:
             return
         self._last_probe = self._clock()
         try:
-            self._consumer.list_topics(timeout=1.0)
+            self._r.consumer.list_topics(timeout=1.0)
         except KafkaException:
             return
         self.health.broker_reachable = True
 
-    # -- transactions (exactly-once) --------------------------------------------------------------
-
-    def _init_transactions(self) -> None:
-        """Register the transactional id: fences a previous incarnation and aborts its open transaction."""
-        assert self._producer is not None
-        while not self._stop.is_set():
-            try:
-                self._producer.init_transactions(self._settings.shutdown_timeout_s)
-                return
-            except KafkaException as exc:
-                err = exc.args[0]
-                if not err.retriable():
-                    raise FatalError(f"could not initialise transactions: {err.str()}") from None
-                log.warning("retrying transaction initialisation", error=err.str())
-
-    def _release(self) -> dict[tuple[str, int], int]:
-        """Produce held outputs that are next in their partition's offset order; returns offsets to commit.
-
-        Releasing in order makes the transaction's offsets an exact cut: every record below them has
-        its output in this or an earlier transaction, none above. A dead letter of a run that may
-        still cross the dead-letter limit waits, so a tripped limit leaves the run uncommitted.
-        """
-        offsets: dict[tuple[str, int], int] = {}
-        for tp, held in self._held.items():
-            if not held:  # runs every loop turn: skip partitions with nothing waiting
-                continue
-            generation = self._tracker.generation(tp)
-            for offset in self._tracker.unacknowledged(tp):
-                item = held.get(offset)
-                if item is None or item.generation != generation:
-                    break
-                if item.error is not None and self._limit.consecutive > 0 and not self._idle:
-                    break
-                if not self._in_transaction:
-                    assert self._producer is not None
-                    self._producer.begin_transaction()
-                    self._in_transaction = True
-                while offset in held:  # a record refused before queueing comes back as its dead letter
-                    item = held.pop(offset)
-                    self._produce(item.out, item.source, item.generation, item.action, item.error)
-                offsets[tp] = offset + 1
-        return offsets
-
-    def _commit_transaction(self) -> None:
-        """Release what is in order, and commit it together with the consumed offsets."""
-        assert self._producer is not None and self._consumer is not None
-        offsets = self._release()
-        if not self._in_transaction:
-            return
-        self._raise_failure()
-        try:
-            if offsets:
-                self._producer.send_offsets_to_transaction(
-                    [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                    self._consumer.consumer_group_metadata(),
-                    self._settings.shutdown_timeout_s,
-                )
-            self._producer.commit_transaction(self._settings.shutdown_timeout_s)
-        except KafkaException as exc:
-            self._in_transaction = False
-            self._transaction_failed(exc.args[0])
-            return
-        self._in_transaction = False
-        self._tracker.committed(offsets)
-        self.metrics.commits.inc()
-
-    def _transaction_failed(self, err: KafkaError) -> None:
-        """Abortable: abort and re-read from the committed offsets. Fenced or fatal: stop."""
-        assert self._producer is not None
-        self.metrics.commit_failures.inc()
-        if err.fatal() or not err.txn_requires_abort():
-            raise FatalError(f"transaction failed and cannot be retried: {err.str()}")
-        log.warning("aborting transaction; re-reading from the committed offsets", error=err.str())
-        self._producer.abort_transaction(self._settings.shutdown_timeout_s)
-        self._failure = None  # the failed deliveries were part of what is aborted and re-read
-        self._rewind()
-
-    def _rewind(self) -> None:
-        """Drop all unfinished work and seek every owned partition back to its committed offset."""
-        assert self._consumer is not None
-        owned = self._tracker.assigned()
-        self._forget(owned)
-        for tp in owned:
-            self._tracker.assign(tp)
-        reset = OFFSET_BEGINNING if self._settings.kafka.auto_offset_reset == "earliest" else OFFSET_END
-        for tp in self._consumer.committed(self._assignment(), timeout=self._settings.shutdown_timeout_s):
-            self._consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else reset))
-
     # -- rebalances -------------------------------------------------------------------------------
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for p in partitions:
-            self._tracker.assign((p.topic, p.partition))
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Assigned here, not by confluent-kafka after this returns: that later assign would undo the
+        # pause below, and a worker over its budget would fetch from its new partitions anyway.
+        if self._settings.kafka.assignment_strategy == "cooperative-sticky":
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        self._r.committer.assign([(p.topic, p.partition) for p in partitions])
+        if self._paused:
+            consumer.pause(partitions)
         self.metrics.rebalances.labels("assign").inc()
         self.health.joined = self.health.broker_reachable = True
-        if self._paused:  # new partitions start unpaused; keep the whole assignment consistent
-            self._consumer.pause(partitions)  # type: ignore[union-attr]
         log.info("partitions assigned", partitions=[f"{p.topic}/{p.partition}" for p in partitions])
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Commit what was published for the revoked partitions, then forget their unfinished work."""
-        assert self._producer is not None
+        """Finish the records below published ones, commit what is done, forget the rest (the next owner reads it).
+
+        Batches cut by length publish a partition's records out of offset order, so a buffered record
+        may sit below published ones; without finishing it, the commit would stop below them and the
+        next owner would publish them again.
+        """
         tps = [(p.topic, p.partition) for p in partitions]
-        remaining = 0 if self._transactional else self._producer.flush(self._settings.shutdown_timeout_s)
-        self._commit(tps)
+        deadline = self._clock() + (_CLOSE_FLUSH_S if self._closing else self._revoke_timeout_s())
+        try:
+            finished = True
+            if not self._closing and self._failures.failure is None:
+                finished = self._finish(set(tps), deadline)
+                self._r.gate.open()
+            self._r.committer.revoke(tps, deadline)
+        except FatalError as exc:  # never raise through librdkafka: the loop raises it
+            self._failures.set(exc)
+            finished = False
         dropped = self._forget(tps)
         self.metrics.rebalances.labels("revoke").inc()
         log.info(
             "partitions revoked",
             partitions=[f"{t}/{p}" for t, p in tps],
             dropped_unfinished=dropped,
-            undelivered=remaining,
+            finished_in_time=finished,
         )
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Lost (session expired): another member may own them already, so nothing is committed."""
         tps = sorted({(p.topic, p.partition) for p in partitions})
+        if self._r.committer.lost(tps):
+            self._discard_stale()
         self._forget(tps)
         self.metrics.rebalances.labels("lost").inc()
         self.health.joined = False
         log.warning("partitions lost", partitions=[f"{t}/{p}" for t, p in tps])
 
-    def _forget(self, tps: list[tuple[str, int]]) -> int:
-        """Drop buffered and held records, offset state and lag gauges of partitions no longer owned."""
+    def _revoke_timeout_s(self) -> float:
+        """Within the rebalance's own timeout (max.poll.interval.ms), and at most the shutdown deadline."""
+        return min(self._settings.shutdown_timeout_s, self._settings.kafka.max_poll_interval_ms / 2000)
+
+    def _forget(self, tps: list[TP]) -> int:
+        """Drop buffered work, held dead letters and lag gauges of partitions no longer owned."""
         gone = set(tps)
         dropped = self._buffer.discard(lambda p: (p.record.topic, p.record.partition) not in gone)
-        for tp in tps:
-            dropped += len(self._held.pop(tp, {}))
-            self._tracker.revoke(tp)
-            self._forget_lag(tp)
+        self._r.gate.discard(lambda item: (item.source.topic, item.source.partition) not in gone)
+        for topic, partition in tps:
+            with contextlib.suppress(KeyError):  # never set: nothing consumed from it
+                self.metrics.lag.remove(topic, str(partition))
         return dropped
 
-    def _forget_lag(self, tp: tuple[str, int]) -> None:
-        with contextlib.suppress(KeyError):  # never set: nothing consumed from it
-            self.metrics.lag.remove(tp[0], str(tp[1]))
+    def _discard_stale(self) -> None:
+        """After a rewind: drop buffered work and held dead letters of the generations before it."""
+        committer = self._r.committer
+
+        def current(record: InputRecord, generation: int) -> bool:
+            return committer.is_current((record.topic, record.partition), generation)
+
+        self._buffer.discard(lambda p: current(p.record, p.generation))
+        self._r.gate.discard(lambda item: current(item.source, item.generation))
+
+    # -- finishing: graceful stop and revocation --------------------------------------------------
+
+    def _finish(self, tps: set[TP] | None, deadline: float) -> bool:
+        """Classify and decide the buffered records of ``tps`` (all if ``None``) that sit below a decided one.
+
+        Also waits for the passes in the model. ``False`` when ``deadline`` cut this short. Records
+        above every decided one stay buffered: dropping them repeats nothing.
+        """
+        r = self._r
+        holes = self._take_holes(tps)
+        max_size = self._settings.batch.max_size
+        while (holes or r.inference.in_flight) and self._clock() < deadline:
+            while holes and r.inference.has_capacity():
+                r.inference.submit(holes[:max_size])
+                del holes[:max_size]
+            self._route_all(r.inference.completed(timeout_s=min(0.1, max(0.001, deadline - self._clock()))))
+            r.publisher.poll(0)
+            self.health.progress()
+        return not holes and not r.inference.in_flight
+
+    def _take_holes(self, tps: set[TP] | None) -> list[Pending]:
+        """Buffered records of ``tps`` below a published (or in-model) record of their partition, shortest first."""
+
+        def chosen(pending: Pending) -> bool:
+            return tps is None or (pending.record.topic, pending.record.partition) in tps
+
+        items = self._buffer.extract(chosen)
+        buffered: dict[TP, set[int]] = {}
+        for pending in items:
+            buffered.setdefault((pending.record.topic, pending.record.partition), set()).add(pending.record.offset)
+        holes: list[Pending] = []
+        rest: list[Pending] = []
+        tracker = self._r.committer.tracker
+        for pending in items:
+            tp = (pending.record.topic, pending.record.partition)
+            decided = tracker.highest_decided(tp, buffered[tp])
+            (holes if decided is not None and pending.record.offset < decided else rest).append(pending)
+        for pending in rest:
+            self._buffer.add(pending, len(pending.ids))
+        return sorted(holes, key=lambda p: len(p.ids))
+
+    def _drain(self) -> bool:
+        """Graceful stop: finish the holes and the passes in the model, publish, let held dead letters
+        through, wait for acknowledgements, commit. ``False`` when the shutdown deadline cut it short;
+        the rest of the buffer is abandoned uncommitted and read again by the next owner.
+        """
+        deadline = self._clock() + self._settings.shutdown_timeout_s
+        finished = self._finish(None, deadline)
+        self._r.gate.open()
+        committed = self._r.committer.finish(deadline)
+        self._failures.raise_if_set()
+        if not (finished and committed):
+            log.warning(
+                "shutdown deadline passed with work unfinished; it is read again by the next owner",
+                timeout_s=self._settings.shutdown_timeout_s,
+            )
+        return finished and committed
 
     # -- errors and shutdown ----------------------------------------------------------------------
 
     def _client_error(self, err: KafkaError) -> None:
         if err.fatal():
-            self._failure = self._failure or FatalError(f"fatal Kafka client error: {err.str()}")
+            self._failures.set(FatalError(f"fatal Kafka client error: {err.str()}"))
             return
         if err.code() in _UNREACHABLE:
             if self.health.broker_reachable:
@@ -811,70 +698,27 @@ class Worker:
             raise FatalError(f"fatal consumer error: {err.str()}")
         log.warning("consumer error", code=err.name(), error=err.str())
 
-    def _raise_failure(self) -> None:
-        if self._failure is not None:
-            raise self._failure
-
-    def _drain(self) -> bool:
-        """Finish the batches already in the model, publish them, wait for acknowledgements, commit.
-
-        Length-bucketed batches publish a partition's records out of offset order, so a buffered
-        record may sit below one already published; those "holes" are classified too, or the commit
-        would stop below published records and the next owner would repeat them. The rest of the
-        buffer is abandoned uncommitted: the next owner reads it. ``False`` when the shutdown
-        deadline cut this short.
-        """
-        assert self._inference is not None and self._producer is not None
-        deadline = self._clock() + self._settings.shutdown_timeout_s
-        holes = self._take_holes()
-        while (holes or self._inference.in_flight) and self._clock() < deadline:
-            while holes and self._inference.has_capacity():
-                self._inference.submit(holes[: self._settings.batch.max_size])
-                del holes[: self._settings.batch.max_size]
-            self._collect(timeout_s=min(0.1, max(0.0, deadline - self._clock())))
-            self._producer.poll(0)
-        finished = not holes and not self._inference.in_flight
-        if self._producer.flush(max(0.0, deadline - self._clock())) > 0:
-            finished = False
-        self._raise_failure()
-        self._commit()
-        if not finished:
-            log.warning(
-                "shutdown deadline passed with work unfinished; it is read again by the next owner",
-                timeout_s=self._settings.shutdown_timeout_s,
-            )
-        return finished
-
-    def _take_holes(self) -> list[_Pending]:
-        """Buffered records below a published (or in-model) record of their partition, shortest first."""
-        items = self._buffer.extract(lambda _: True)
-        buffered: dict[tuple[str, int], set[int]] = {}
-        for pending in items:
-            buffered.setdefault((pending.record.topic, pending.record.partition), set()).add(pending.record.offset)
-        holes = []
-        for pending in items:
-            tp = (pending.record.topic, pending.record.partition)
-            decided = self._tracker.highest_decided(tp, buffered[tp])
-            if decided is not None and pending.record.offset < decided:
-                holes.append(pending)
-        return sorted(holes, key=lambda p: len(p.ids))
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if self._running is not None:
+            self._running.committer.committed(err, partitions)
 
     def _close(self) -> None:
-        if self._inference is not None:
-            self._inference.close()
-        if self._producer is not None:
-            if self._in_transaction:  # a failure mid-transaction: its outputs must not become visible
-                with contextlib.suppress(KafkaException):
-                    self._producer.abort_transaction(1.0)
-            self._producer.flush(1.0)
-        if self._consumer is not None:
+        """Stop the inference thread, close the clients (leaving the group now), stop the HTTP server.
+
+        Never raises: a failure is already on its way out of ``run`` as an exit code.
+        """
+        self._closing = True
+        running = self._running
+        if running is not None:
+            running.inference.close()
             try:
-                if not self._transactional:  # safe even after a failure: only acknowledged work is covered
-                    self._commit()
+                running.committer.close()
+                running.publisher.flush(_CLOSE_FLUSH_S)
+                running.consumer.close()  # revokes (committing what is acknowledged), leaves the group now
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("closing the Kafka clients failed", error=str(exc))
             finally:
-                self._consumer.close()  # leaves the group now instead of after a session timeout
-        # Drop the clients so their connections close here, not whenever they are garbage-collected.
-        self._consumer = self._producer = None
+                self._running = None  # drop the clients so their connections close here, not at GC
         if self._http is not None:
             self._http.stop()
         log.info("worker stopped")

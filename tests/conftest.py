@@ -69,3 +69,10 @@ def bootstrap_servers() -> Iterator[str]:
 
     with EmbeddedBroker() as broker:
         yield broker.bootstrap_servers
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration/ needs the broker: ``-m "not integration"`` is the fast suite."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)

@@ -15,13 +15,6 @@ def test_consecutive_run_trips_at_the_limit_and_a_success_resets_it():
     assert reason is not None and "3 consecutive" in reason and "FILTER_DEAD_LETTER__MAX_CONSECUTIVE=3" in reason
 
 
-def test_only_a_success_after_dead_letters_ends_a_run():
-    limit = DeadLetterLimit(DeadLetterSettings(max_consecutive=0, max_ratio=1.0))
-    for dead, runs_ended in [(False, 0), (True, 0), (True, 0), (False, 1), (False, 1), (True, 1), (False, 2)]:
-        limit.exceeded_by(dead)
-        assert limit.runs_ended == runs_ended
-
-
 def test_ratio_is_checked_only_over_a_full_window():
     limit = DeadLetterLimit(DeadLetterSettings(max_consecutive=0, max_ratio=0.5, window=4))
     assert limit.exceeded_by(True) is None  # 1 of 1, but the window is not full yet

@@ -79,18 +79,44 @@ def test_out_of_order_consumption_is_a_bug_not_silently_accepted():
     t.track(TP, 5)
     with pytest.raises(ValueError):
         t.track(TP, 5)
+    with pytest.raises(ValueError):
+        t.track(TP, 4)
 
 
-def test_unacknowledged_lists_pending_offsets_in_order_without_acked_ones():
+def test_in_flight_counts_records_and_bytes_until_they_are_committable():
     tracker = OffsetTracker()
-    gen = tracker.assign(("t", 0))
-    for offset in (5, 6, 7, 8):
-        tracker.track(("t", 0), offset)
-    tracker.ack(("t", 0), 7, gen)
-    assert tracker.unacknowledged(("t", 0)) == [5, 6, 8]
-    tracker.ack(("t", 0), 5, gen)
-    assert tracker.unacknowledged(("t", 0)) == [6, 8]
-    assert tracker.unacknowledged(("t", 9)) == []
+    gen = tracker.assign(TP)
+    for offset, size in ((5, 100), (6, 10), (7, 1)):
+        tracker.track(TP, offset, size)
+    assert (tracker.in_flight(), tracker.in_flight_bytes()) == (3, 111)
+    tracker.ack(TP, 6, gen)  # acknowledged behind a gap: still not committable, still counted
+    assert (tracker.in_flight(), tracker.in_flight_bytes()) == (3, 111)
+    tracker.ack(TP, 5, gen)
+    assert (tracker.in_flight(), tracker.in_flight_bytes()) == (1, 1)
+    tracker.revoke(TP)
+    assert (tracker.in_flight(), tracker.in_flight_bytes()) == (0, 0)
+
+
+def test_rewind_goes_to_the_last_commit_or_else_the_first_record_consumed():
+    """Never to where auto.offset.reset points: records consumed since the last commit would be skipped."""
+    tracker = OffsetTracker()
+    first = tracker.assign(TP)
+    for offset in (40, 41, 42):
+        tracker.track(TP, offset)
+    assert tracker.rewind(TP) == 40, "before any commit: the first record consumed in this assignment"
+    second = tracker.generation(TP)
+    assert second != first and tracker.in_flight() == 0
+    for offset in (40, 41, 42):
+        tracker.track(TP, offset)
+    tracker.ack(TP, 40, second)
+    tracker.committed({TP: 41})
+    tracker.track(TP, 43)
+    assert tracker.rewind(TP) == 41, "after a commit: the committed offset"
+    tracker.track(TP, 41)
+    tracker.committed({TP: 42})
+    tracker.ack(TP, 41, tracker.generation(TP))
+    assert tracker.rewind(TP) is None, "nothing consumed past the commit: no seek"
+    assert tracker.rewind(("other", 0)) is None
 
 
 def test_highest_decided_ignores_records_still_waiting():

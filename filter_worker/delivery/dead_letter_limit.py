@@ -23,8 +23,6 @@ class DeadLetterLimit:
         self._window: deque[bool] = deque(maxlen=settings.window)
         self._dead_in_window = 0
         self.consecutive = 0
-        # Runs of dead letters that a success has ended: a dead letter's run is over once this moves on.
-        self.runs_ended = 0
 
     def exceeded_by(self, dead: bool) -> str | None:
         """Record one outcome; the reason if the limit is crossed with it, else ``None``."""
@@ -32,8 +30,6 @@ class DeadLetterLimit:
             self._dead_in_window -= 1
         self._window.append(dead)
         self._dead_in_window += dead
-        if not dead and self.consecutive:
-            self.runs_ended += 1
         self.consecutive = self.consecutive + 1 if dead else 0
         if self._max_consecutive and self.consecutive >= self._max_consecutive:
             return (

@@ -1,13 +1,14 @@
-"""Per-partition acknowledged watermarks: what may be committed.
+"""Per-partition watermarks: what may be committed, where to rewind to, and what is in flight.
 
 Records of one partition are consumed in offset order but their outputs are acknowledged by the
-broker in any order (different output topics, retries, batches split by the model). The committable
+broker in any order (different output topics, retries, batches cut by length). The committable
 offset of a partition is one past the highest offset below which *every* consumed record has been
 acknowledged. Committing anything higher could lose a record on a crash; committing less only
 repeats work.
 
-Partitions carry a generation that changes on every assignment, so late work from a previous
-ownership (results of an inference started before a rebalance) is recognised and ignored.
+Partitions carry a generation that changes on every assignment and every rewind, so late work from
+an earlier one (results of an inference started before a rebalance or an aborted transaction) is
+recognised and ignored.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ TopicPartition = tuple[str, int]
 @dataclass(slots=True)
 class _PartitionState:
     generation: int
-    pending: deque[int] = field(default_factory=deque)  # consumed, in offset order
+    pending: deque[int] = field(default_factory=deque)  # consumed and not yet committable, in offset order
     acked: set[int] = field(default_factory=set)  # acknowledged but not yet at the front
+    sizes: dict[int, int] = field(default_factory=dict)  # bytes of each pending record
+    bytes: int = 0  # sum of ``sizes``
+    first: int | None = None  # the first offset consumed in this generation
     next_offset: int | None = None  # one past the highest consumed offset
     committed: int | None = None  # last offset handed to a successful commit
 
@@ -33,16 +37,39 @@ class OffsetTracker:
     def __init__(self) -> None:
         self._partitions: dict[TopicPartition, _PartitionState] = {}
         self._generations = 0
+        self._records = 0
+        self._bytes = 0
 
     def assign(self, tp: TopicPartition) -> int:
         """Start tracking a newly assigned partition; returns its generation."""
+        self.revoke(tp)
         self._generations += 1
         self._partitions[tp] = _PartitionState(self._generations)
         return self._generations
 
     def revoke(self, tp: TopicPartition) -> None:
         """Forget a partition; later acknowledgements for it are ignored."""
-        self._partitions.pop(tp, None)
+        state = self._partitions.pop(tp, None)
+        if state is not None:
+            self._records -= len(state.pending)
+            self._bytes -= state.bytes
+
+    def rewind(self, tp: TopicPartition) -> int | None:
+        """Forget the partition's uncommitted work under a new generation; returns the offset to seek to.
+
+        That is the last committed offset, or, before any commit in this assignment, the first offset
+        consumed in it: never past a record that was consumed but not committed, whatever
+        ``auto.offset.reset`` says. ``None`` when nothing was consumed since the last commit.
+        """
+        state = self._partitions.get(tp)
+        if state is None:
+            return None
+        position = state.committed if state.committed is not None else state.first
+        self.assign(tp)
+        self._partitions[tp].committed = state.committed
+        if position is None or position == state.next_offset:
+            return None
+        return position
 
     def assigned(self) -> list[TopicPartition]:
         return list(self._partitions)
@@ -55,13 +82,23 @@ class OffsetTracker:
         state = self._partitions.get(tp)
         return state is not None and state.generation == generation
 
-    def track(self, tp: TopicPartition, offset: int) -> None:
-        """Register a consumed record; it blocks the watermark until acknowledged."""
+    def track(self, tp: TopicPartition, offset: int, size: int = 0) -> int:
+        """Register a consumed record of ``size`` bytes; it blocks the watermark until acknowledged.
+
+        Returns the partition's generation, which the record's acknowledgement must carry.
+        """
         state = self._partitions[tp]
-        if state.pending and offset <= state.pending[-1]:
-            raise ValueError(f"offset {offset} of {tp} consumed out of order after {state.pending[-1]}")
+        if state.next_offset is not None and offset < state.next_offset:
+            raise ValueError(f"offset {offset} of {tp} consumed out of order after {state.next_offset - 1}")
         state.pending.append(offset)
+        state.sizes[offset] = size
+        state.bytes += size
+        self._records += 1
+        self._bytes += size
+        if state.first is None:
+            state.first = offset
         state.next_offset = offset + 1
+        return state.generation
 
     def ack(self, tp: TopicPartition, offset: int, generation: int) -> None:
         """Mark a record's output as acknowledged by the broker."""
@@ -70,12 +107,12 @@ class OffsetTracker:
             return
         state.acked.add(offset)
         while state.pending and state.pending[0] in state.acked:
-            state.acked.discard(state.pending.popleft())
-
-    def unacknowledged(self, tp: TopicPartition) -> list[int]:
-        """Consumed offsets of ``tp`` still waiting for acknowledgement, in offset order (a copy)."""
-        state = self._partitions.get(tp)
-        return [o for o in state.pending if o not in state.acked] if state else []
+            done = state.pending.popleft()
+            state.acked.discard(done)
+            size = state.sizes.pop(done)
+            state.bytes -= size
+            self._records -= 1
+            self._bytes -= size
 
     def highest_decided(self, tp: TopicPartition, undecided: set[int]) -> int | None:
         """The highest consumed offset above the watermark that is not in ``undecided`` (still buffered)."""
@@ -94,8 +131,12 @@ class OffsetTracker:
         return state.next_offset
 
     def in_flight(self) -> int:
-        """Records consumed but not yet acknowledged, across all partitions."""
-        return sum(len(s.pending) for s in self._partitions.values())
+        """Records consumed and not yet committable, across all partitions."""
+        return self._records
+
+    def in_flight_bytes(self) -> int:
+        """The input bytes (key and value) of those records."""
+        return self._bytes
 
     def committable(self, tps: list[TopicPartition] | None = None) -> dict[TopicPartition, int]:
         """Watermarks that moved past the last successful commit."""
@@ -111,5 +152,5 @@ class OffsetTracker:
         """Record a successful commit."""
         for tp, offset in offsets.items():
             state = self._partitions.get(tp)
-            if state is not None:
+            if state is not None and (state.committed is None or offset > state.committed):
                 state.committed = offset

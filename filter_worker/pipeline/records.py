@@ -16,7 +16,8 @@ from filter_worker.pipeline.decode import DecodeFailure
 from filter_worker.pipeline.routing import Decision
 
 HEADER_PREFIX = "filter."
-Headers = list[tuple[str, bytes]]
+# A header without a value (``None``) is possible in Kafka, and kept as it came.
+Headers = list[tuple[str, bytes | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,31 @@ class OutputRecord:
     value: bytes | None
     headers: Headers
     timestamp_ms: int | None
+
+    @property
+    def size(self) -> int:
+        """Bytes of key, value and headers: what a size limit is checked against (batch overhead aside)."""
+        headers = sum(len(k) + len(v or b"") for k, v in self.headers)
+        return len(self.key or b"") + len(self.value or b"") + headers
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """An output on its way to the broker, carrying the input record whose offset it settles.
+
+    ``action`` is where it goes (allow, quarantine, drop, dead_letter); ``failure`` is why a dead
+    letter is one.
+    """
+
+    out: OutputRecord
+    source: InputRecord
+    generation: int
+    action: str
+    failure: DecodeFailure | None = None
+
+    @property
+    def error(self) -> str | None:
+        return self.failure.error if self.failure is not None else None
 
 
 def _kept_headers(record: InputRecord) -> Headers:
@@ -93,12 +119,49 @@ def routed(
     return OutputRecord(topic, record.key, value, headers, record.timestamp_ms)
 
 
-def dead_letter(record: InputRecord, failure: DecodeFailure, topic: str) -> OutputRecord:
-    """The dead-letter form: the untouched value plus what went wrong and where it came from."""
-    headers = _kept_headers(record) + [
+def _dead_letter_headers(record: InputRecord, failure: DecodeFailure) -> Headers:
+    return [
         ("filter.action", b"dead_letter"),
         ("filter.error", failure.error.encode()),
         ("filter.reason", failure.reason.encode()),
         ("filter.source", record.source.encode()),
     ]
+
+
+def dead_letter(record: InputRecord, failure: DecodeFailure, topic: str) -> OutputRecord:
+    """The dead-letter form: the untouched value plus what went wrong and where it came from."""
+    headers = _kept_headers(record) + _dead_letter_headers(record, failure)
     return OutputRecord(topic, record.key, record.value, headers, record.timestamp_ms)
+
+
+# Room left for what a size limit counts beyond key, value and headers (record and batch framing).
+_FRAMING_BYTES = 1024
+
+
+def fitted_dead_letter(record: InputRecord, failure: DecodeFailure, topic: str, max_bytes: int) -> OutputRecord:
+    """A dead letter that fits in ``max_bytes``: the value cut to fit, or left out with the record's own headers.
+
+    A record too big for the outputs must still leave its partition, or everything behind it waits
+    forever. What is kept says so: ``filter.value`` is ``cut`` (the first bytes of the value) or
+    ``omitted`` (no value, and only the ``filter.*`` headers), and ``filter.original-size`` gives the
+    value's size, so the record can be fetched from the input topic by ``filter.source`` while it is
+    retained.
+    """
+    original = len(record.value or b"")
+    facts = _dead_letter_headers(record, failure) + [("filter.original-size", str(original).encode())]
+    kept = _kept_headers(record)
+    cut = OutputRecord(topic, record.key, None, [*kept, *facts, ("filter.value", b"cut")], record.timestamp_ms)
+    room = max_bytes - cut.size - _FRAMING_BYTES
+    if room > 0:
+        return OutputRecord(topic, record.key, (record.value or b"")[:room], cut.headers, record.timestamp_ms)
+    return omitted_dead_letter(record, failure, topic)
+
+
+def omitted_dead_letter(record: InputRecord, failure: DecodeFailure, topic: str) -> OutputRecord:
+    """The smallest dead letter: key, where it came from and why; no value, none of the record's headers."""
+    original = len(record.value or b"")
+    headers = _dead_letter_headers(record, failure) + [
+        ("filter.original-size", str(original).encode()),
+        ("filter.value", b"omitted"),
+    ]
+    return OutputRecord(topic, record.key, None, headers, record.timestamp_ms)

@@ -274,7 +274,7 @@ class _Run:
         s.topics.drop, s.topics.dead_letter = f"{prefix}.drop", f"{prefix}.dlq"
         s.metrics.enabled = False
         s.cache.size = cache_size
-        admin = AdminClient(s.kafka.client_properties())
+        admin = AdminClient(dict(s.kafka.client_properties()))
         kafka_io.create_topics(admin, s.topics.input, partitions)
         kafka_io.create_topics(admin, s.topics.outputs().values(), 1)
         self.topic = s.topics.input[0]
@@ -479,14 +479,14 @@ def _naive(
             if message is None or message.error():
                 continue
             started = started or time.perf_counter()
-            text = orjson.loads(message.value())["text"]
+            text = orjson.loads(message.value() or b"{}")["text"]
             model_started = time.perf_counter()
             probs, _ = reference.classify([text])
             model_seconds += time.perf_counter() - model_started
             decision = router.decide(probs[0])
             producer.produce(out_topic, value=message.value(), headers=[("filter.action", decision.action.encode())])
             producer.flush(30)
-            consumer.commit(message, asynchronous=False)
+            consumer.commit(message=message, asynchronous=False)
             done += 1
     finally:
         consumer.close()

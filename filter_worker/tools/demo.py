@@ -63,7 +63,7 @@ def run_demo(settings: Settings, count: int) -> int:
         settings.kafka.session_timeout_ms = 6000
         settings.metrics.port = 0  # any free port: the demo must not collide with a real worker's 9100
         kafka = settings.kafka.client_properties()
-        admin = AdminClient(kafka)
+        admin = AdminClient(dict(kafka))
         kafka_io.create_topics(admin, settings.topics.input, INPUT_PARTITIONS)
         kafka_io.create_topics(admin, settings.topics.outputs().values(), 1)
         del admin
@@ -119,14 +119,16 @@ def _read_outputs(
             for message in reader.consume(100, 0.5):
                 if message.error():
                     continue
-                headers = {k: (v or b"").decode("utf-8", "replace") for k, v in message.headers() or ()}
-                action = action_of[message.topic()]
+                headers = dict(kafka_io.headers_of(message))
+                facts = {k: (v or b"").decode("utf-8", "replace") for k, v in headers.items()}
+                action = action_of[str(message.topic())]
+                value = message.value() or b""
                 if action == "dead_letter":
-                    detail = f"{headers.get('filter.error')}: {headers.get('filter.reason')}"
-                    text = repr(message.value()[:40]) if message.value() else "(no value)"
+                    detail = f"{facts.get('filter.error')}: {facts.get('filter.reason')}"
+                    text = repr(value[:40]) if value else "(no value)"
                 else:
-                    detail = f"{headers.get('filter.label')} score={float(headers.get('filter.score', 0)):.2f}"
-                    text = orjson.loads(message.value()).get("text", "")
+                    detail = f"{facts.get('filter.label')} score={float(facts.get('filter.score', 0)):.2f}"
+                    text = orjson.loads(value).get("text", "")
                 outputs.append(_Output(action, text, detail))
                 last = time.monotonic()
     finally:

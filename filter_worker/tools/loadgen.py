@@ -39,8 +39,9 @@ def produce_samples(settings: Settings, topic: str, rate: float, count: int) -> 
     for i in itertools.count():
         if stop.is_set() or (count and sent >= count) or failures:
             break
-        message = dict(pool[i % len(pool)], id=f"load-{i}", sent_at=time.time())
-        producer.produce(topic, key=message["id"].encode(), value=orjson.dumps(message), on_delivery=report)
+        key = f"load-{i}"
+        message = dict(pool[i % len(pool)], id=key, sent_at=time.time())
+        producer.produce(topic, key=key.encode(), value=orjson.dumps(message), on_delivery=report)
         sent += 1
         producer.poll(0)
         # Pace against the start time, so the average rate holds even when one send is slow.

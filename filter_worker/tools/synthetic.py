@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from filter_worker.tools.samples import corpus
 
@@ -64,13 +64,14 @@ def _train_tokenizer(out: Path, texts: list[str]) -> int:
     return backend.get_vocab_size()
 
 
-def _config(shape: dict[str, int], labels: Sequence[str]) -> object:
+def _config(shape: dict[str, int], labels: Sequence[str]) -> Any:
     from transformers import DistilBertConfig
 
+    # The config's keyword arguments are typed per transformers release; the shape is plain ints.
+    options: dict[str, Any] = {**shape, "num_labels": len(labels)}
     return DistilBertConfig(
-        **shape,
+        **options,
         max_position_embeddings=512,
-        num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from filter_worker import kafka_io
@@ -89,9 +89,12 @@ def produce(
     values: Iterable[bytes | None],
     key_prefix: str = "k",
     headers: Sequence[tuple[str, bytes]] = (("trace-id", b"abc"),),
+    config: dict[str, object] | None = None,
 ) -> list[Produced]:
     """Produce values round-robin over partitions (by key) and return where each landed."""
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 10, **_LOGGER})
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 10, **_LOGGER, **(config or {})}
+    )
     landed: list[Produced] = []
     errors: list[str] = []
 
@@ -124,8 +127,8 @@ def produce(
     return landed
 
 
-def read_outputs(settings: Settings, expected: int, timeout_s: float = 120.0, settle_s: float = 1.0) -> list[Output]:
-    """Read all four output topics from the beginning until ``expected`` records (then ``settle_s`` more)."""
+def _output_reader(settings: Settings) -> Consumer:
+    """A consumer assigned to every partition of the four output topics, from the beginning."""
     reader = Consumer(
         {
             "bootstrap.servers": settings.kafka.bootstrap_servers,
@@ -134,29 +137,67 @@ def read_outputs(settings: Settings, expected: int, timeout_s: float = 120.0, se
             **_LOGGER,
         }
     )
-    reader.assign([TopicPartition(t, 0, OFFSET_BEGINNING) for t in settings.topics.outputs().values()])
+    topics = reader.list_topics(timeout=10).topics
+    partitions = [
+        TopicPartition(name, p, OFFSET_BEGINNING)
+        for name in settings.topics.outputs().values()
+        for p in (topics[name].partitions if name in topics else [0])
+    ]
+    reader.assign(partitions)
+    return reader
+
+
+def _output(message: Message) -> Output:
+    assert message.error() is None, message.error()
+    header_list = tuple(message.headers() or ())  # type: ignore[arg-type]
+    return Output(
+        message.topic(),  # type: ignore[arg-type]
+        message.key(),  # type: ignore[arg-type]
+        message.value(),  # type: ignore[arg-type]
+        dict(header_list),
+        header_list,
+        message.timestamp()[1],
+    )
+
+
+def read_outputs(settings: Settings, expected: int, timeout_s: float = 120.0, settle_s: float = 1.0) -> list[Output]:
+    """Every record of the output topics, once there are at least ``expected`` (then ``settle_s`` more).
+
+    Fails when fewer than ``expected`` arrived within ``timeout_s``: a missing output is a test failure,
+    not a shorter list.
+    """
+    reader = _output_reader(settings)
     outputs: list[Output] = []
     deadline = time.monotonic() + timeout_s
     settled_at: float | None = None
     try:
-        while time.monotonic() < deadline:
-            for message in reader.consume(500, 0.2):
-                assert message.error() is None, message.error()
-                header_list = tuple(message.headers() or ())
-                outputs.append(
-                    Output(
-                        message.topic(),
-                        message.key(),
-                        message.value(),
-                        dict(header_list),
-                        header_list,
-                        message.timestamp()[1],
-                    )
-                )
+        while True:
+            outputs += [_output(m) for m in reader.consume(500, 0.2)]
             if len(outputs) >= expected:
                 settled_at = settled_at or time.monotonic()
                 if time.monotonic() - settled_at >= settle_s:
-                    break
+                    return outputs
+            elif time.monotonic() > deadline:
+                raise AssertionError(f"{len(outputs)} outputs after {timeout_s}s, expected at least {expected}")
+    finally:
+        reader.close()
+
+
+def read_all_outputs(settings: Settings, quiet_s: float = 3.0) -> list[Output]:
+    """Every record the output topics hold now: read until nothing new came for ``quiet_s``.
+
+    For asserting what is *not* there (a record not published, nothing repeated), where no count is
+    known to wait for.
+    """
+    reader = _output_reader(settings)
+    outputs: list[Output] = []
+    last = time.monotonic()
+    try:
+        while time.monotonic() - last < quiet_s:
+            batch = reader.consume(500, 0.2)
+            if batch:
+                outputs += [_output(m) for m in batch]
+                last = time.monotonic()
     finally:
         reader.close()
     return outputs
@@ -189,9 +230,12 @@ def end_offsets(produced: Iterable[Produced]) -> dict[int, int]:
 
 
 def wait_for_commits(settings: Settings, ends: dict[int, int], timeout_s: float = 30.0) -> dict[int, int]:
+    """The group's committed offsets once every partition reached ``ends``; fails after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         committed = committed_offsets(settings, max(ends) + 1)
-        if all(committed.get(p, -1) >= end for p, end in ends.items()) or time.monotonic() > deadline:
+        if all(committed.get(p, -1) >= end for p, end in ends.items()):
             return committed
+        if time.monotonic() > deadline:
+            raise AssertionError(f"committed {committed} after {timeout_s}s, expected {ends}")
         time.sleep(0.3)

@@ -1,10 +1,26 @@
-"""A TCP forwarder the fault tests switch off and on: a network outage that keeps the broker's state."""
+"""A TCP forwarder the fault tests switch off and on: a network outage that keeps the broker's state.
+
+It can also stall the connections of one kind of client while others flow (a partial outage: the
+broker stops acknowledging the worker's outputs while its consumer still fetches). Kafka requests
+name their client: every request header carries the client id, which the worker sets per role
+(``filter-worker-producer-...``), so the proxy reads it from the first request of each connection.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
+import time
+
+
+def client_id(first_request: bytes) -> str:
+    """The client id in a Kafka request (size, api key, api version, correlation id, then the id)."""
+    if len(first_request) < 14:
+        return ""
+    (length,) = struct.unpack(">h", first_request[12:14])
+    return first_request[14 : 14 + max(0, length)].decode("utf-8", "replace")
 
 
 class TcpProxy:
@@ -16,6 +32,15 @@ class TcpProxy:
         self._server: socket.socket | None = None
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._stalled: str | None = None
+
+    def stall(self, client_prefix: str | None) -> None:
+        """Hold every request of clients whose id starts with ``client_prefix`` (``None``: release them).
+
+        Held requests are not lost: they are forwarded once released (unless the client gave up on the
+        connection meanwhile and resent them on a new one).
+        """
+        self._stalled = client_prefix
 
     def up(self) -> TcpProxy:
         server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -52,8 +77,20 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+
+    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
+        """Client to broker, holding the data of stalled clients."""
+        name: str | None = None
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                name = client_id(data) if name is None else name
+                while self._stalled is not None and name.startswith(self._stalled):
+                    time.sleep(0.02)
+                upstream.sendall(data)
+        with contextlib.suppress(OSError):
+            upstream.shutdown(socket.SHUT_WR)
 
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket) -> None:

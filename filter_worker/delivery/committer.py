@@ -1,0 +1,140 @@
+"""How consumed offsets become committed: one interface, two implementations chosen once at start-up.
+
+- ``AtLeastOnce`` (``delivery/at_least_once.py``): outputs are produced at once; a partition's offset
+  is committed up to its lowest unacknowledged record (the tracker's watermark).
+- ``Transactional`` (``delivery/transactional.py``): outputs are held and released into a Kafka
+  transaction in offset order, and the transaction commits them together with the offsets; an aborted
+  transaction rewinds to the first uncommitted record.
+
+The worker hands every output to ``publish`` (through the dead-letter gate) and calls ``poll`` once a
+loop turn; rebalances, the graceful stop and close go through the matching methods. Nothing outside
+these two classes asks which mode is on.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from filter_worker.config import KafkaSettings
+from filter_worker.delivery.offsets import OffsetTracker
+from filter_worker.delivery.publisher import Publisher
+from filter_worker.exit_codes import FailureSlot
+from filter_worker.health import Health
+from filter_worker.metrics import Metrics
+from filter_worker.pipeline.records import InputRecord, Outgoing
+
+TP = tuple[str, int]
+
+
+class Committer(ABC):
+    """What both modes share: the offset tracker, the publisher's delivery reports, the failure slot."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        consumer: Consumer,
+        publisher: Publisher,
+        metrics: Metrics,
+        health: Health,
+        failures: FailureSlot,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._consumer = consumer
+        self._publisher = publisher
+        self._metrics = metrics
+        self._health = health
+        self._failures = failures
+        self._clock = clock
+        self.tracker = OffsetTracker()
+        self._interval_s = settings.commit_interval_ms / 1000
+        self._last_commit = clock()
+        publisher.listen(self)
+
+    # -- partitions and records -------------------------------------------------------------------
+
+    def assign(self, tps: list[TP]) -> None:
+        for tp in tps:
+            self.tracker.assign(tp)
+
+    def track(self, record: InputRecord) -> int | None:
+        """Register a consumed record; its generation, or ``None`` if its partition is no longer owned."""
+        tp = (record.topic, record.partition)
+        if self.tracker.generation(tp) is None:  # revoked while the record sat in the fetch queue
+            return None
+        size = len(record.value or b"") + len(record.key or b"")
+        return self.tracker.track(tp, record.offset, size)
+
+    def is_current(self, tp: TP, generation: int) -> bool:
+        return self.tracker.is_current(tp, generation)
+
+    def commit_due(self, caught_up: bool) -> bool:
+        """Every commit interval under load; at once when everything consumed is settled."""
+        return caught_up or self._clock() - self._last_commit >= self._interval_s
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    @abstractmethod
+    def publish(self, item: Outgoing) -> None:
+        """Take an output whose acknowledgement settles ``item.source``."""
+
+    @abstractmethod
+    def poll(self, caught_up: bool) -> bool:
+        """Serve delivery reports and commit when due; ``True`` when partitions were rewound.
+
+        ``caught_up``: nothing is buffered or in the model. After a rewind the worker drops its
+        unfinished work for the old generations (``is_current`` says which).
+        """
+
+    def fetch_paused(self) -> bool:
+        """Whether fetching must wait (a backoff after failed transactions)."""
+        return False
+
+    # -- rebalances, stop, close ------------------------------------------------------------------
+
+    @abstractmethod
+    def revoke(self, tps: list[TP], deadline: float) -> None:
+        """Commit what is done for ``tps`` (until ``deadline``), then forget them. Never raises."""
+
+    @abstractmethod
+    def lost(self, tps: list[TP]) -> bool:
+        """Forget ``tps`` without committing (another member may own them); ``True`` when others were rewound."""
+
+    @abstractmethod
+    def finish(self, deadline: float) -> bool:
+        """Graceful stop: publish, wait for acknowledgements, commit; ``False`` if ``deadline`` cut it short."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Leave nothing half-done behind (an open transaction is aborted). Never raises."""
+
+    # -- delivery reports (from the publisher, on the loop thread) --------------------------------
+
+    def acknowledged(self, item: Outgoing) -> None:
+        source = item.source
+        self.tracker.ack((source.topic, source.partition), source.offset, item.generation)
+        self._health.broker_reachable = True
+
+    @abstractmethod
+    def refused(self, item: Outgoing, err: KafkaError) -> None:
+        """The broker refused a queued output: replace it, or stop."""
+
+    @abstractmethod
+    def committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's result of a consumer commit (``on_commit``)."""
+
+    # -- shared helpers ---------------------------------------------------------------------------
+
+    def _forget(self, tps: list[TP]) -> None:
+        for tp in tps:
+            self.tracker.revoke(tp)
+        gone = set(tps)
+        self._publisher.forget_replacements(lambda tp: tp not in gone)
+
+    @staticmethod
+    def _partitions(offsets: dict[TP, int]) -> list[TopicPartition]:
+        return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]

@@ -1,0 +1,221 @@
+"""The producer edge: hand outputs to librdkafka, count what the broker acknowledged, replace what it refuses.
+
+A record the broker (or the client) refuses *for what it is* (too large, invalid) must not stop its
+partition: it is replaced by the next of its fallbacks, each smaller than the one before:
+
+    routed output -> dead letter with the full value -> value cut to fit -> value left out
+
+A refusal of anything else (authorization, a missing topic) is about the pipeline, not the record, and
+is handed to the committer, which stops the worker. Which of the two a refusal is, and what replaces
+a refused record, is decided here for both commit modes; *when* a replacement may be produced is the
+committer's business (at once, or after the transaction that held the refused record is aborted).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Protocol
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from filter_worker.exit_codes import FailureSlot, FatalError
+from filter_worker.logs import get_logger
+from filter_worker.metrics import Metrics
+from filter_worker.pipeline.decode import DecodeFailure
+from filter_worker.pipeline.records import Outgoing, dead_letter, fitted_dead_letter, omitted_dead_letter
+
+# Refusals that are about the record itself; anything else is about the pipeline.
+RECORD_REFUSALS = frozenset(
+    {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG}
+)
+SIZE_REFUSALS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE})
+
+log = get_logger(__name__)
+
+
+def next_fallback(
+    item: Outgoing, err: KafkaError, dead_letter_topic: str, max_bytes: int, cut: bool
+) -> Outgoing | None:
+    """What to publish instead of ``item`` after the broker refused it with ``err``; ``None``: nothing can be.
+
+    ``max_bytes`` is the most the dead-letter topic accepts; ``cut`` is ``FILTER_DEAD_LETTER__OVERSIZED=cut``.
+    """
+    code = err.code()
+    if code not in RECORD_REFUSALS:
+        return None
+    record = item.source
+    if item.out.topic != dead_letter_topic:
+        failure = DecodeFailure("publish_rejected", f"{item.out.topic} refused the routed record: {err.str()}")
+        out = dead_letter(record, failure, dead_letter_topic)
+        return replace(item, out=out, action="dead_letter", failure=failure)
+    if code not in SIZE_REFUSALS or not cut:
+        return None
+    assert item.failure is not None  # only dead letters go to the dead-letter topic
+    form = dict(item.out.headers).get("filter.value")
+    if form is None:
+        reason = f"{item.failure.reason}; the dead-letter topic refused it too ({err.str()})"
+        failure = DecodeFailure(item.failure.error, reason)
+        return replace(item, out=fitted_dead_letter(record, failure, dead_letter_topic, max_bytes), failure=failure)
+    if form == b"cut":
+        return replace(item, out=omitted_dead_letter(record, item.failure, dead_letter_topic))
+    return None
+
+
+class DeliveryListener(Protocol):
+    """The committer's side of a delivery report."""
+
+    def acknowledged(self, item: Outgoing) -> None: ...
+
+    def refused(self, item: Outgoing, err: KafkaError) -> None: ...
+
+
+class Publisher:
+    """Owns the producer's queue: produce, serve delivery reports, keep what did not fit in the queue."""
+
+    def __init__(
+        self,
+        producer: Producer,
+        dead_letter_topic: str,
+        dead_letter_max_bytes: int,
+        cut_oversized: bool,
+        metrics: Metrics,
+        failures: FailureSlot,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._producer = producer
+        self._failures = failures
+        self._dead_letter_topic = dead_letter_topic
+        # The most the dead-letter topic takes: the producer's limit, lowered by the topic's once known.
+        self.dead_letter_max_bytes = dead_letter_max_bytes
+        self._cut = cut_oversized
+        self._metrics = metrics
+        self._clock = clock
+        self._listener: DeliveryListener | None = None
+        # Produced while librdkafka's queue was full: retried, in order, before anything new.
+        self._backlog: deque[Outgoing] = deque()
+        # Records refused inside a transaction that was then aborted: what to publish when they come back.
+        self._replacements: dict[tuple[str, int, int], Outgoing] = {}
+        self.last_produce = clock()
+
+    @property
+    def producer(self) -> Producer:
+        """For the transactional calls; records go through ``send``."""
+        return self._producer
+
+    def listen(self, listener: DeliveryListener) -> None:
+        self._listener = listener
+
+    @property
+    def outstanding(self) -> int:
+        """Outputs not yet acknowledged: in librdkafka's queue, in flight, or waiting for room in it."""
+        return len(self._producer) + len(self._backlog)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
+    def fallback(self, item: Outgoing, err: KafkaError) -> Outgoing | None:
+        return next_fallback(item, err, self._dead_letter_topic, self.dead_letter_max_bytes, self._cut)
+
+    def replace_later(self, replacement: Outgoing) -> None:
+        """Publish ``replacement`` instead of its source's output the next time that record comes by."""
+        source = replacement.source
+        self._replacements[(source.topic, source.partition, source.offset)] = replacement
+
+    def forget_replacements(self, keep: Callable[[tuple[str, int]], bool]) -> None:
+        """Drop remembered replacements of partitions no longer owned (the next owner decides afresh)."""
+        self._replacements = {k: v for k, v in self._replacements.items() if keep((k[0], k[1]))}
+
+    def send(self, item: Outgoing) -> None:
+        """Produce ``item`` (or what replaces it); never blocks: a full queue keeps it in the backlog."""
+        source = item.source
+        replacement = self._replacements.get((source.topic, source.partition, source.offset))
+        if replacement is not None:
+            item = replace(replacement, generation=item.generation)
+        if self._backlog or not self._produce(item):
+            self._backlog.append(item)
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Serve delivery reports (waiting up to ``timeout_s`` for the first), then retry the backlog."""
+        self._producer.poll(timeout_s)
+        while self._backlog and self._produce(self._backlog[0]):
+            self._backlog.popleft()
+
+    def flush(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for every output to be acknowledged; returns how many are still out."""
+        deadline = self._clock() + timeout_s
+        while self.outstanding and self._clock() < deadline:
+            self.poll(min(0.1, max(0.0, deadline - self._clock())))
+        return self.outstanding
+
+    def _produce(self, item: Outgoing) -> bool:
+        """``False`` when librdkafka's queue is full; a refusal before queueing goes to the fallback."""
+        try:
+            out = item.out
+            self._producer.produce(
+                out.topic,
+                key=out.key,
+                value=out.value,
+                headers=out.headers,  # type: ignore[arg-type]  # bytes or None values: what librdkafka takes
+                timestamp=out.timestamp_ms or 0,  # 0: the producer stamps a record that had no timestamp
+                on_delivery=lambda err, _msg: self._delivered(item, err),
+            )
+        except BufferError:
+            return False
+        except KafkaException as exc:  # refused before it was queued (e.g. over message.max.bytes)
+            err = exc.args[0]
+            fallback = self.fallback(item, err)
+            if fallback is None:
+                self._failures.set(unpublishable(item, err))
+            else:
+                log_fallback(item, fallback, err)
+                self.send(fallback)
+            return True
+        self.last_produce = self._clock()
+        return True
+
+    def _delivered(self, item: Outgoing, err: KafkaError | None) -> None:
+        if err is not None:
+            assert self._listener is not None
+            self._listener.refused(item, err)
+            return
+        source = item.source
+        self._replacements.pop((source.topic, source.partition, source.offset), None)
+        metrics = self._metrics
+        metrics.published.labels(item.action, source.topic).inc()
+        if item.failure is not None:
+            metrics.dead_letters.labels(item.failure.error).inc()
+            form = dict(item.out.headers).get("filter.value")
+            if form is not None:
+                metrics.oversized.labels(form.decode()).inc()
+        if source.timestamp_ms is not None:
+            metrics.latency.observe(max(0.0, time.time() - source.timestamp_ms / 1000))
+        assert self._listener is not None
+        self._listener.acknowledged(item)
+
+
+def unpublishable(item: Outgoing, err: KafkaError) -> FatalError:
+    """The error that stops the worker when neither a record nor any fallback of it can be published."""
+    dead_letter_topic = item.action == "dead_letter"
+    return FatalError(
+        f"publishing {item.source.source} to {item.out.topic} failed: {err.str()}"
+        + (" (the dead-letter topic refused it too)" if dead_letter_topic else "")
+    )
+
+
+def log_fallback(item: Outgoing, fallback: Outgoing, err: KafkaError) -> None:
+    """One warning per replaced record: where it came from, who refused it, what is published instead."""
+    source = item.source
+    log.warning(
+        "record refused; publishing its fallback",
+        topic=source.topic,
+        partition=source.partition,
+        offset=source.offset,
+        refused_by=item.out.topic,
+        error=err.str(),
+        size=item.out.size,
+        value=(dict(fallback.out.headers).get("filter.value") or b"full").decode(),
+    )
