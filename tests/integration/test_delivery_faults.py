@@ -346,21 +346,20 @@ def test_graceful_stop_after_a_trailing_run_of_dead_letters_repeats_none(bootstr
     settings = worker_settings(bootstrap_servers, str(keyword_model))
     create_topics(settings, input_partitions=1)
     topic = settings.topics.input[0]
-    with worker_thread(settings, classifier) as (_, codes, _thread):
+    with worker_thread(settings, classifier) as (worker, codes, _thread):
         good = produce(bootstrap_servers, topic, texts(20))
         read_outputs(settings, expected=len(good), settle_s=0)
         produce(bootstrap_servers, topic, [b"not json %d" % i for i in range(10)])
-        wait_until(
-            lambda: sum(o.topic == settings.topics.dead_letter for o in read_all_outputs(settings, 0.3)) == 10,
-            30,
-            "the 10 dead letters",
-        )
-    assert codes == [ExitCode.OK]  # the stop came as soon as the dead letters were visible
-    with worker_thread(settings, classifier) as (_, codes, _thread):
-        time.sleep(3)  # a restart would re-read anything left uncommitted
+        consumed = lambda: sample(worker.metrics.registry, "filter_records_consumed_total", topic=topic)  # noqa: E731
+        wait_until(lambda: consumed() == 30, 30, "the malformed records to be consumed")
+        # leaving the block stops the worker at once: the run of dead letters has not ended
+    assert codes == [ExitCode.OK]
+    with worker_thread(settings, classifier) as (restarted, codes, _thread):  # re-reads what was left uncommitted
+        wait_until(lambda: restarted.health.joined, 60, "the restarted worker to join")
+        wait_for_commits(settings, {0: 30})
     assert codes == [ExitCode.OK]
     outputs = read_all_outputs(settings)
-    assert sum(o.topic == settings.topics.dead_letter for o in outputs) == 10, "dead letters repeated after SIGTERM"
+    assert sum(o.topic == settings.topics.dead_letter for o in outputs) == 10, "dead letters repeated after a stop"
     assert len(outputs) == 30
 
 
