@@ -127,24 +127,41 @@ def produce(
     return landed
 
 
-def _output_reader(settings: Settings) -> Consumer:
-    """A consumer assigned to every partition of the four output topics, from the beginning."""
-    reader = Consumer(
-        {
-            "bootstrap.servers": settings.kafka.bootstrap_servers,
-            "group.id": f"reader-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            **_LOGGER,
-        }
-    )
-    topics = reader.list_topics(timeout=10).topics
-    partitions = [
-        TopicPartition(name, p, OFFSET_BEGINNING)
-        for name in settings.topics.outputs().values()
-        for p in (topics[name].partitions if name in topics else [0])
-    ]
-    reader.assign(partitions)
-    return reader
+class _OutputReader:
+    """Every partition of the four output topics from the beginning, including partitions created later
+    (a worker creating its output topics, say)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._topics = list(settings.topics.outputs().values())
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka.bootstrap_servers,
+                "group.id": f"reader-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                **_LOGGER,
+            }
+        )
+        self._assigned: set[tuple[str, int]] = set()
+        self._checked = 0.0
+        self._consumer.assign([])
+
+    def _assign_new_partitions(self) -> None:
+        if time.monotonic() - self._checked < 1.0:
+            return
+        self._checked = time.monotonic()
+        metadata = self._consumer.list_topics(timeout=10).topics
+        found = {(t, p) for t in self._topics if t in metadata for p in metadata[t].partitions}
+        new = sorted(found - self._assigned)
+        if new:
+            self._consumer.incremental_assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in new])
+            self._assigned |= set(new)
+
+    def consume(self) -> list[Message]:
+        self._assign_new_partitions()
+        return self._consumer.consume(500, 0.2)
+
+    def close(self) -> None:
+        self._consumer.close()
 
 
 def _output(message: Message) -> Output:
@@ -166,13 +183,13 @@ def read_outputs(settings: Settings, expected: int, timeout_s: float = 120.0, se
     Fails when fewer than ``expected`` arrived within ``timeout_s``: a missing output is a test failure,
     not a shorter list.
     """
-    reader = _output_reader(settings)
+    reader = _OutputReader(settings)
     outputs: list[Output] = []
     deadline = time.monotonic() + timeout_s
     settled_at: float | None = None
     try:
         while True:
-            outputs += [_output(m) for m in reader.consume(500, 0.2)]
+            outputs += [_output(m) for m in reader.consume()]
             if len(outputs) >= expected:
                 settled_at = settled_at or time.monotonic()
                 if time.monotonic() - settled_at >= settle_s:
@@ -189,12 +206,12 @@ def read_all_outputs(settings: Settings, quiet_s: float = 3.0) -> list[Output]:
     For asserting what is *not* there (a record not published, nothing repeated), where no count is
     known to wait for.
     """
-    reader = _output_reader(settings)
+    reader = _OutputReader(settings)
     outputs: list[Output] = []
     last = time.monotonic()
     try:
         while time.monotonic() - last < quiet_s:
-            batch = reader.consume(500, 0.2)
+            batch = reader.consume()
             if batch:
                 outputs += [_output(m) for m in batch]
                 last = time.monotonic()

@@ -363,12 +363,14 @@ def test_abortable_transaction_error_aborts_and_rereads_from_the_committed_offse
     assert codes == [ExitCode.OK]
     assert CommitFailsOnce.failed and CommitFailsOnce.failed[0] > 0, "the first transaction carried records"
     assert failures == 1
-    assert any(e["event"] == "aborting transaction; re-reading from the committed offsets" for e in logs)
+    assert any(e["event"].startswith("transaction aborted; re-reading from the last commit") for e in logs)
     assert committed == end_offsets(produced)
     counts = Counter(o.source for o in outputs)
     assert set(counts) == {(p.partition, p.offset) for p in produced}, "an input is missing from the outputs"
     repeats = sum(c - 1 for c in counts.values())
     if os.environ.get("FILTER_TEST_BOOTSTRAP_SERVERS"):
         assert repeats == 0, "read_committed readers must not see the aborted transaction"
-    else:  # Tansu may show an aborted transaction to read_committed readers: then all of it, nothing else
-        assert repeats in (0, CommitFailsOnce.failed[0])
+    else:
+        # Tansu may show an aborted transaction to read_committed readers: at most its records (fewer
+        # when the abort purged some before they reached the broker), nothing else.
+        assert repeats <= CommitFailsOnce.failed[0]
