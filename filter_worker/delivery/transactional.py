@@ -19,6 +19,7 @@ letter, cut to fit if need be: see ``publisher.py``). Aborts in a row are counte
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
@@ -37,8 +38,8 @@ _BACKOFF_MAX_S = 30.0
 
 
 class Transactional(Committer):
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._in_transaction = False
         self._held: dict[TP, dict[int, Outgoing]] = {}  # decided, waiting for their turn
         self._unreleased: dict[TP, deque[int]] = {}  # consumed offsets not yet released, in order

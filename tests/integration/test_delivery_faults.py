@@ -291,6 +291,7 @@ def test_partial_outage_bounds_in_flight_records_stays_live_and_stops_in_time(ke
             worker.stop()
             thread.join(30)
             stop_took = time.monotonic() - stop_started
+        print(f"partial outage: in-flight records peaked at {peaks[-1]} (budget {budget}), {len(second)} waiting")
         assert codes == [ExitCode.SHUTDOWN_DEADLINE], "outputs unacknowledged at the deadline: exit 6"
         assert stop_took < settings.shutdown_timeout_s + 5, f"the stop took {stop_took:.1f}s"
         assert all(live), "the loop kept turning through the outage"
@@ -335,6 +336,7 @@ def test_new_partitions_stay_paused_while_the_budget_is_spent(bootstrap_servers,
             time.sleep(2)
         # the second left: the first is assigned its partitions while over budget
         wait_for_commits(settings, end_offsets(produced), timeout_s=120)
+    print(f"paused assignment: in-flight records peaked at {peaks[-1]} (budget {budget})")
     assert codes == [ExitCode.OK] and second_codes == [ExitCode.OK]
     assert peaks[-1] <= budget + settings.batch.max_size, f"in flight peaked at {peaks[-1]} (budget {budget})"
 
