@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -89,3 +92,21 @@ class Metrics:
             "filter_routing_reloads", "Routing reloads on SIGHUP, by result", ["result"], registry=r
         )
         self.model = Info("filter_model", "The loaded model", registry=r)
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """``histogram.observe`` for a whole batch: one increment per bucket instead of one lock per value.
+
+    Per-record observations were a measurable share of the loop at tens of thousands of records a
+    second. This uses the histogram's own bucket bounds and counters (prometheus_client keeps
+    per-bucket, non-cumulative counts and a sum), so the exposition is exactly what ``observe``
+    would give; ``tests/test_metrics.py`` compares the two.
+    """
+    if not values:
+        return
+    bounds = np.asarray(histogram._upper_bounds)  # noqa: SLF001 - see the docstring
+    counts = np.bincount(np.searchsorted(bounds, np.asarray(values, dtype=np.float64), side="left"))
+    for index, count in enumerate(counts):
+        if count:
+            histogram._buckets[index].inc(int(count))  # noqa: SLF001
+    histogram._sum.inc(float(np.sum(values)))  # noqa: SLF001

@@ -87,6 +87,11 @@ class Classifier:
         dtype: str | None = None,
     ) -> None:
         self._tokenizer = tokenizer
+        # A copy of the fast tokenizer's Rust backend that truncates to max_length by itself.
+        backend = type(tokenizer.backend_tokenizer).from_str(tokenizer.backend_tokenizer.to_str())
+        backend.enable_truncation(max_length)
+        backend.no_padding()
+        self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: tokenizers >= 0.21
         self._model = model
         self.name = name
         self.revision = revision
@@ -173,26 +178,21 @@ class Classifier:
         return f"{self.name}@{self.revision}{suffix}"
 
     def tokenize(self, texts: Sequence[str]) -> list[Tokenized]:
-        """Token ids per text, truncated to ``max_length``; ``truncated`` says whether text was cut."""
+        """Token ids per text, truncated to ``max_length``; ``truncated`` says whether text was cut.
+
+        Straight through the Rust tokenizer (``encode_batch_fast``: no character offsets), which
+        works on the whole batch with the GIL released; transformers' Python wrapper around it cost
+        about twice as much per text (measured with a near-free model, where tokenizing was a third
+        of the loop's time). A text is truncated when its tokens overflowed ``max_length`` or it was
+        cut to the character bound first.
+        """
         limit = self.max_length * _CHARS_PER_TOKEN_BOUND
         clipped = [t[:limit] for t in texts]
-        encoded = self._tokenizer(
-            clipped,
-            truncation=True,
-            max_length=self.max_length,
-            return_offsets_mapping=True,
-            return_attention_mask=False,
-        )
-        result = []
-        for text, original, ids, offsets in zip(
-            clipped, texts, encoded["input_ids"], encoded["offset_mapping"], strict=True
-        ):
-            cut = len(original) > len(text)
-            if not cut and len(ids) >= self.max_length:
-                last_end = max((end for _, end in offsets), default=0)
-                cut = last_end < len(text.rstrip())
-            result.append(Tokenized(ids, cut))
-        return result
+        encodings = self._encode(clipped, add_special_tokens=True)
+        return [
+            Tokenized(e.ids, len(original) > limit or bool(e.overflowing))
+            for original, e in zip(texts, encodings, strict=True)
+        ]
 
     def predict(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         """One forward pass over token-id rows (padded here); returns probabilities, shape (rows, labels)."""

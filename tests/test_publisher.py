@@ -64,8 +64,8 @@ class _Listener:
     def __init__(self) -> None:
         self.acked: list[Outgoing] = []
 
-    def acknowledged(self, item: Outgoing) -> None:
-        self.acked.append(item)
+    def acknowledged(self, items: list[Outgoing]) -> None:
+        self.acked += items
 
     def refused(self, item: Outgoing, err: KafkaError) -> None:
         raise AssertionError(f"unexpected refusal {err}")

@@ -114,9 +114,11 @@ class Committer(ABC):
 
     # -- delivery reports (from the publisher, on the loop thread) --------------------------------
 
-    def acknowledged(self, item: Outgoing) -> None:
-        source = item.source
-        self.tracker.ack((source.topic, source.partition), source.offset, item.generation)
+    def acknowledged(self, items: list[Outgoing]) -> None:
+        ack = self.tracker.ack
+        for item in items:
+            source = item.source
+            ack((source.topic, source.partition), source.offset, item.generation)
         self._health.broker_reachable = True
 
     @abstractmethod
