@@ -151,15 +151,21 @@ def _from_feedback(args: argparse.Namespace) -> int:
         + FEEDBACK_NOTE
     )
     rule = None
-    if result.meets_target and result.threshold <= current.min_score:
+    below = score < result.threshold
+    if result.meets_target and not below.any():
+        # Every reviewed record already clears the target together: nothing supports a higher threshold.
         text += (
-            f"The current min_score {current.min_score} already reaches precision {args.target_precision} on these "
-            "verdicts: keep it.\n"
+            f"All {len(chosen)} verdicts together reach precision {args.target_precision}: keep the current "
+            f"min_score {current.min_score}.\n"
         )
         rule = current
     elif result.meets_target:
         where = "FILTER_ROUTING__RULES" if scope == DEFAULT_SCOPE else f"scope {scope} of FILTER_ROUTING__SCOPES"
-        text += f"Replace rule {args.rule} (min_score {current.min_score}) in {where} with the rule below.\n"
+        text += (
+            f"Raising min_score from {current.min_score} to {result.threshold:.6f} stops taking {int(below.sum())} of "
+            f"the reviewed records ({int((~positive[below]).sum())} judged ok). Replace rule {args.rule} in {where} "
+            "with the rule below.\n"
+        )
         rule = current.model_copy(update={"min_score": result.threshold})
     return _report(args, result, rule, text, chosen[0].model, args.from_feedback)
 
