@@ -204,6 +204,20 @@ class Rule(_Section):
     name: str | None = None
 
 
+def rule_names(rules: list[Rule]) -> list[str]:
+    """What ``filter.rule`` and the metrics call each rule: its name, else ``rules[N]`` by its place."""
+    return [rule.name or f"rules[{position}]" for position, rule in enumerate(rules)]
+
+
+def _unique_rule_names(rules: list[Rule]) -> list[Rule]:
+    # A name is a metric label and a verdict's key: two rules sharing one could not be told apart.
+    names = rule_names(rules)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"rule names must be unique within a rule list; repeated: {repeated}")
+    return rules
+
+
 # Defaults for abuse filtering with the default (sentiment) model: only confident, very hostile text is
 # dropped; clearly negative text is held for review; everything else flows. Sentiment is a proxy for
 # abuse, so the cost of a wrong drop (a lost legitimate message) is kept low with a high threshold.
@@ -250,6 +264,8 @@ class Scope(_Section):
     match: ScopeMatch
     rules: list[Rule]
 
+    _rule_names = field_validator("rules")(_unique_rule_names)
+
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
@@ -270,6 +286,8 @@ class RoutingSettings(_Section):
     # Decide as usual but publish every classified record to the allow topic, marked with the decision
     # it would have had: watch a new model or new thresholds before they act on anyone's messages.
     shadow: bool = False
+
+    _rule_names = field_validator("rules")(_unique_rule_names)
 
     @field_validator("scopes")
     @classmethod

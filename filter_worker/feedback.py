@@ -35,12 +35,12 @@ import orjson
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from filter_worker import kafka_io
-from filter_worker.config import ConfigError, KafkaSettings, RoutingSettings, Settings
+from filter_worker.config import ConfigError, KafkaSettings, RoutingSettings, Settings, rule_names
 from filter_worker.exit_codes import ExitCode
 from filter_worker.health import Health, HealthServer
 from filter_worker.logs import get_logger, librdkafka_logger
 from filter_worker.metrics import FeedbackMetrics
-from filter_worker.pipeline.routing import rule_names, scope_rules
+from filter_worker.pipeline.routing import scope_rules
 
 log = get_logger("filter_worker.feedback")
 

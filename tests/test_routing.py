@@ -181,6 +181,15 @@ def scope(name: str, **match: object) -> dict:
         ([scope("kids", header="t", field="lang", values=["a"])], "exactly one of"),
         ([scope("kids", field="lang", values=[])], "routing.scopes[0].match.values"),
         ([scope("kids", field="meta..lang", values=["a"])], "dotted path"),
+        (
+            [
+                {
+                    **scope("kids"),
+                    "rules": [{"action": "drop", "labels": ["Negative"], "min_score": 0.5, "name": "x"}] * 2,
+                }
+            ],
+            "routing.scopes[0].rules): Value error, rule names must be unique within a rule list; repeated: ['x']",
+        ),
     ],
 )
 def test_bad_scopes_stop_startup_naming_the_setting(monkeypatch, scopes, named):
@@ -201,3 +210,13 @@ def test_field_scopes_need_json_records(monkeypatch):
     )
     monkeypatch.setenv("FILTER_ROUTING__SCOPES", json.dumps([scope("kids")]))
     assert load_settings().routing.scopes[0].match.header == "tenant", "header scopes work on text records"
+
+
+def test_rule_names_are_unique_within_a_list(monkeypatch):
+    rules = [
+        {"action": "drop", "labels": ["Negative"], "min_score": 0.9},
+        {"action": "drop", "labels": ["Negative"], "min_score": 0.5, "name": "rules[0]"},
+    ]
+    monkeypatch.setenv("FILTER_ROUTING__RULES", json.dumps(rules))
+    with pytest.raises(ConfigError, match=r"FILTER_ROUTING__RULES \(routing.rules\): .*repeated: \['rules\[0\]'\]"):
+        load_settings()

@@ -22,7 +22,7 @@ from filter_worker.cli.common import (
     subcommand,
     write,
 )
-from filter_worker.config import DEFAULT_SCOPE, ConfigError, Rule, Settings
+from filter_worker.config import DEFAULT_SCOPE, ConfigError, Rule, Settings, rule_names
 from filter_worker.exit_codes import ExitCode
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ def _from_feedback(args: argparse.Namespace) -> int:
 
 def _configured_rule(settings: Settings, scope: str, name: str) -> Rule:
     """The rule as configured now, named as its verdicts name it."""
-    from filter_worker.pipeline.routing import rule_names, scope_rules
+    from filter_worker.pipeline.routing import scope_rules
 
     rules = scope_rules(settings.routing)[scope]
     names = rule_names(rules)

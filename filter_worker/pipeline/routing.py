@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from filter_worker.config import DEFAULT_SCOPE, ConfigError, RoutingSettings, Rule, Scope
+from filter_worker.config import DEFAULT_SCOPE, ConfigError, RoutingSettings, Rule, Scope, rule_names
 
 ACTIONS: tuple[str, ...] = ("allow", "quarantine", "drop")
 DEFAULT_RULE = "default"
@@ -91,11 +91,6 @@ class ScopeMatcher:
         return DEFAULT_SCOPE
 
 
-def rule_names(rules: Sequence[Rule]) -> list[str]:
-    """What ``filter.rule`` and the metrics call each rule: its name, else ``rules[N]`` by its place."""
-    return [rule.name or f"rules[{position}]" for position, rule in enumerate(rules)]
-
-
 def scope_rules(routing: RoutingSettings) -> dict[str, list[Rule]]:
     """Every scope's rule list, ``default`` first."""
     return {DEFAULT_SCOPE: list(routing.rules), **{scope.name: list(scope.rules) for scope in routing.scopes}}
@@ -150,7 +145,7 @@ class Router:
                     f"the model's labels are {self._labels}"
                 )
         return _Rules(
-            names=tuple(rule_names(rules)),
+            names=tuple(rule_names(list(rules))),
             actions=tuple(rule.action for rule in rules),
             labels=tuple(tuple(rule.labels) for rule in rules),
             indices=tuple(np.array([known[label] for label in rule.labels]) for rule in rules),
@@ -165,10 +160,6 @@ class Router:
     def scopes(self) -> list[str]:
         """``default`` and every configured scope, in order."""
         return self._matcher.names
-
-    @property
-    def matcher(self) -> ScopeMatcher:
-        return self._matcher
 
     def rules(self, scope: str) -> dict[str, tuple[str, ...]]:
         """The scope's rule names, in order, with their labels."""
