@@ -8,8 +8,18 @@ from typing import Any
 
 import orjson
 
-from filter_worker.cli.common import checked_scope, model_argument, scope_argument, subcommand, write
+from filter_worker.cli.common import (
+    checked_scope,
+    model_argument,
+    scope_argument,
+    settings_with_model,
+    subcommand,
+    write,
+)
 from filter_worker.config import ConfigError
+
+# Chance alone should leave the index well below the alert threshold (0.2): a quarter of it at most.
+_STEADY_NOISE = 0.05
 
 
 def add_parser(commands: Any) -> None:
@@ -32,7 +42,6 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from filter_worker.cli.common import settings_with_model
     from filter_worker.model import Classifier
     from filter_worker.pipeline.drift import SCORE_EDGES, expected_noise, reference_of
     from filter_worker.pipeline.routing import Router, ScopeMatcher
@@ -56,9 +65,10 @@ def run(args: argparse.Namespace) -> int:
         scored = router.rule_scores(selected, name)
         by_scope[name] = {rule: (labels, scored[:, i]) for i, (rule, labels) in enumerate(rules.items())}
         noise = expected_noise(len(SCORE_EDGES) - 1, len(selected), settings.drift.window)
+        advice = "; too few records for a steady index: sample 1000 or more" if noise > _STEADY_NOISE else ""
         sys.stdout.write(
             f"scope {name}: {len(selected)} records, rules {list(rules)}; without drift expect an index up to "
-            f"about {noise:.3f} with FILTER_DRIFT__WINDOW={settings.drift.window}\n"
+            f"about {noise:.3f} with FILTER_DRIFT__WINDOW={settings.drift.window}{advice}\n"
         )
     if not by_scope:
         raise ConfigError(f"{args.data}: no scope with rules has rows; nothing to write")
