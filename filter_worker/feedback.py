@@ -65,6 +65,7 @@ _MODEL = re.compile(r"\S{1,256}")
 _METADATA_TIMEOUT_S = 2.0
 _WAITING_LOG_INTERVAL_S = 10.0
 _POLL_S = 0.1
+_PROBE_INTERVAL_S = 2.0
 
 
 Headers = list[tuple[str, bytes | None]]
@@ -298,7 +299,8 @@ class FeedbackService:
         self._clock = clock
         self._replay_until: dict[int, int] = {}  # partition -> committed offset at assignment
         self._uncommitted = False
-        self._last_commit = clock()
+        self._fatal: str | None = None  # a fatal client error: stop, exit 1 (offsets stay at what was counted)
+        self._last_commit = self._last_probe = clock()
         self._consumer: Consumer | None = None
         self._http: HealthServer | None = None
         self.metrics = FeedbackMetrics(INVALID_REASONS)
@@ -351,6 +353,9 @@ class FeedbackService:
             )
             while not self._stop.is_set():
                 self._step()
+            if self._fatal is not None:
+                log.error("feedback failed on a fatal Kafka error", error=self._fatal)
+                return ExitCode.FAILED
             self._commit()
             return ExitCode.OK
         finally:
@@ -388,6 +393,8 @@ class FeedbackService:
         assert self._consumer is not None
         self.health.progress()
         self._maybe_reload()
+        if not self.health.broker_reachable and self._clock() - self._last_probe >= _PROBE_INTERVAL_S:
+            self._probe()
         message = self._consumer.poll(_POLL_S)
         if message is not None:
             if message.error() is None:
@@ -397,6 +404,17 @@ class FeedbackService:
                 log.warning("consumer error", error=message.error().str())
         if self._clock() - self._last_commit >= self._settings.kafka.commit_interval_ms / 1000:
             self._commit()
+
+    def _probe(self) -> None:
+        """While the broker is unreachable, a metadata request now and then says when it is back (readiness)."""
+        assert self._consumer is not None
+        self._last_probe = self._clock()
+        try:
+            self._consumer.list_topics(self._topic, timeout=_METADATA_TIMEOUT_S)
+        except KafkaException:
+            return
+        self.health.broker_reachable = True
+        log.info("Kafka reachable again")
 
     def _handle(self, message: Message) -> None:
         """Count one verdict (or the reason it is skipped), then let its offset be committed."""
@@ -419,8 +437,11 @@ class FeedbackService:
             self._count(outcome, replayed)
         if not replayed:
             assert self._consumer is not None
-            self._consumer.store_offsets(message)
-            self._uncommitted = True
+            try:
+                self._consumer.store_offsets(message)
+                self._uncommitted = True
+            except KafkaException as exc:  # its partition was just revoked: the new owner reads it again
+                log.warning("offset not stored", partition=message.partition(), offset=message.offset(), error=str(exc))
 
     def _count(self, verdict: Verdict, replayed: bool) -> None:
         key = Key(verdict.scope, verdict.rule, verdict.action, verdict.model)
@@ -500,6 +521,12 @@ class FeedbackService:
         self.health.joined = False
 
     def _client_error(self, error: KafkaError) -> None:
-        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+        if error.fatal():
+            self._fatal = self._fatal or error.str()
+            self._stop.set()
+        elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            if self.health.broker_reachable:
+                log.error("Kafka unreachable; retrying, nothing is committed meanwhile", error=error.str())
             self.health.broker_reachable = False
-        log.warning("Kafka client error", error=error.str())
+        else:
+            log.warning("kafka client error", code=error.name(), error=error.str())

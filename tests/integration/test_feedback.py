@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient
 from structlog.testing import capture_logs
 
 from filter_worker import kafka_io
-from filter_worker.config import Settings, load_settings
+from filter_worker.config import Rule, Settings, load_settings
 from filter_worker.exit_codes import ExitCode
 from filter_worker.feedback import FeedbackService
 from tests.integration.processes import wait_until
@@ -89,8 +89,8 @@ def committed(settings: Settings, partitions: int) -> dict[int, int]:
 
 
 @contextmanager
-def running(settings: Settings) -> Iterator[FeedbackService]:
-    service = FeedbackService(settings)
+def running(settings: Settings, reload_routing=None) -> Iterator[FeedbackService]:
+    service = FeedbackService(settings, reload_routing)
     codes: list[int] = []
     thread = threading.Thread(target=lambda: codes.append(service.run()), daemon=True)
     thread.start()
@@ -222,6 +222,21 @@ def test_a_restart_refills_the_windows_without_counting_twice(bootstrap_servers)
         labels = {**NEGATIVE_A, "verdict": "ok"}
         wait_until(lambda: value(service, "filter_feedback_verdicts_total", **labels) == 1, what="the new verdict")
         assert value(service, "filter_feedback_precision", **NEGATIVE_A) == pytest.approx(3 / 5)
+
+
+def test_verdicts_on_a_rule_added_by_a_reload_count_after_sighup(bootstrap_servers):
+    topic = create_topic(bootstrap_servers)
+    settings = settings_for(bootstrap_servers, topic)
+    new_rule = Rule(action="drop", labels=["Negative"], min_score=0.99, name="new")
+    added = settings.routing.model_copy(update={"rules": [*settings.routing.rules, new_rule]})
+    with running(settings, reload_routing=lambda: added) as service:
+        produce(bootstrap_servers, topic, [verdict(1, "abuse", "default", "new", "drop", 0.995, MODEL_A)])
+        wait_until(lambda: value(service, "filter_feedback_invalid_total", reason="unknown_rule") == 1, what="refusal")
+        service.request_reload()
+        produce(bootstrap_servers, topic, [verdict(2, "abuse", "default", "new", "drop", 0.995, MODEL_A)])
+        new = key("default", "new", "drop", MODEL_A)
+        wait_until(lambda: value(service, "filter_feedback_window_verdicts", **new) == 1, what="the new rule's verdict")
+        assert value(service, "filter_routing_reloads_total", result="applied") == 1
 
 
 def test_feedback_command_exits_4_when_the_topic_is_missing(bootstrap_servers):
