@@ -208,6 +208,20 @@ class Rule(_Section):
     name: str | None = None
 
 
+def rule_names(rules: list[Rule]) -> list[str]:
+    """What ``filter.rule`` and the metrics call each rule: its name, else ``rules[N]`` by its place."""
+    return [rule.name or f"rules[{position}]" for position, rule in enumerate(rules)]
+
+
+def _unique_rule_names(rules: list[Rule]) -> list[Rule]:
+    # A name is a metric label and a verdict's key: two rules sharing one could not be told apart.
+    names = rule_names(rules)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"rule names must be unique within a rule list; repeated: {repeated}")
+    return rules
+
+
 # Defaults for abuse filtering with the default (sentiment) model: only confident, very hostile text is
 # dropped; clearly negative text is held for review; everything else flows. Sentiment is a proxy for
 # abuse, so the cost of a wrong drop (a lost legitimate message) is kept low with a high threshold.
@@ -217,13 +231,76 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 )
 
 
+# Scope names travel in the filter.scope header and label metrics, so they are short and plain.
+SCOPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+DEFAULT_SCOPE = "default"
+
+
+class ScopeMatch(_Section):
+    """Which records a scope takes: a header's value, or a field of the JSON value, among ``values``.
+
+    Exactly one of ``header`` (a Kafka header name; its value as UTF-8) and ``field`` (a dotted path
+    into the JSON value, like ``message.text_field``; the value must be a string) is given.
+    """
+
+    header: str | None = Field(None, min_length=1)
+    field: str | None = None
+    values: list[str] = Field(min_length=1)
+
+    @field_validator("field")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(not part for part in value.split("."))):
+            raise ValueError("must be a dotted path such as 'lang' or 'meta.lang'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ScopeMatch:
+        if (self.header is None) == (self.field is None):
+            raise ValueError("give exactly one of 'header' and 'field'")
+        return self
+
+
+class Scope(_Section):
+    """Rules for the records ``match`` selects (a tenant, a language). An empty rule list allows everything."""
+
+    name: str
+    match: ScopeMatch
+    rules: list[Rule]
+
+    _rule_names = field_validator("rules")(_unique_rule_names)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not SCOPE_NAME.fullmatch(value):
+            raise ValueError("must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+        if value == DEFAULT_SCOPE:
+            raise ValueError(f"'{DEFAULT_SCOPE}' is the scope of records no scope matches (FILTER_ROUTING__RULES)")
+        return value
+
+
 class RoutingSettings(_Section):
     """Reloaded from the config file on SIGHUP (the only settings that are): thresholds get tuned live."""
 
     rules: list[Rule] = Field(default_factory=lambda: [r.model_copy() for r in DEFAULT_RULES])
+    # Evaluated in order; the first scope matching a record decides which rules apply to it, and a
+    # record no scope matches gets ``rules`` (scope "default").
+    scopes: list[Scope] = Field(default_factory=list)
     # Decide as usual but publish every classified record to the allow topic, marked with the decision
     # it would have had: watch a new model or new thresholds before they act on anyone's messages.
     shadow: bool = False
+
+    _rule_names = field_validator("rules")(_unique_rule_names)
+
+    @field_validator("scopes")
+    @classmethod
+    def _unique(cls, scopes: list[Scope]) -> list[Scope]:
+        names = [scope.name for scope in scopes]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"scope names must be unique; repeated: {repeated}")
+        return scopes
 
 
 class DeadLetterSettings(_Section):
@@ -263,6 +340,31 @@ class MetricsSettings(_Section):
     port: int = Field(9100, ge=0, le=65535)  # 0 picks a free port (tests)
 
 
+class FeedbackSettings(_Section):
+    """``filter-worker feedback``: reviewers' verdicts in, precision per scope, rule and model out."""
+
+    topic: str = "messages.verdicts"
+    # Default "<FILTER_KAFKA__GROUP_ID>-feedback": its own group, so it never takes the worker's partitions.
+    group_id: str | None = None
+    # Verdicts per (scope, rule, action, model) that the precision is taken over: the most recent ones.
+    window: int = Field(200, ge=1)
+    # Verdicts per partition read again at start-up to refill the windows (the window lives in memory;
+    # without this a restart would empty every precision gauge until reviewers catch up). 0: none.
+    replay: int = Field(10_000, ge=0)
+    metrics_port: int = Field(9101, ge=0, le=65535)  # 0 picks a free port (tests)
+
+    def group(self, kafka: KafkaSettings) -> str:
+        return self.group_id or f"{kafka.group_id}-feedback"
+
+
+class DriftSettings(_Section):
+    """Score drift against a reference written by ``filter-worker drift snapshot``."""
+
+    reference: Path | None = None
+    # Records per scope the live distribution is taken over; the index appears once the window is full.
+    window: int = Field(1000, ge=100)
+
+
 class HealthSettings(_Section):
     # /healthz fails when the Kafka loop has not turned for this long; the loop turns at least every
     # 100 ms while healthy, so the window only has to cover GC pauses and a slow rebalance callback.
@@ -287,7 +389,27 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
     shutdown_timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _fields_need_json(self) -> Settings:
+        # A field scope can never match a plain-text record: refuse it rather than route by the default rules.
+        if self.message.format == "text":
+            by_field = [scope.name for scope in self.routing.scopes if scope.match.field is not None]
+            if by_field:
+                raise ValueError(
+                    f"FILTER_ROUTING__SCOPES: scope(s) {by_field} match on a JSON field, but "
+                    "FILTER_MESSAGE__FORMAT is text; match on a header instead"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _feedback_apart(self) -> Settings:
+        if self.feedback.topic in {*self.topics.input, *self.topics.outputs().values()}:
+            raise ValueError("FILTER_FEEDBACK__TOPIC must not be an input or output topic of the worker")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -332,6 +454,9 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         loc = tuple(item["loc"])
+        if not loc:  # a check across sections: its message names the variables itself
+            lines.append(item["msg"].removeprefix("Value error, "))
+            continue
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         lines.append(f"{env_name(loc)} ({where}): {item['msg']}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -7,11 +7,15 @@ from collections.abc import Sequence
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from filter_worker.pipeline.drift import SCORE_EDGES
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 _FORWARD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 _RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+# The drift index's bins (finer near 0 and 1, where softmax outputs pile up), as upper bounds.
+_SCORE_BUCKETS = SCORE_EDGES[1:]
 
 
 class Metrics:
@@ -92,6 +96,64 @@ class Metrics:
             "filter_routing_reloads", "Routing reloads on SIGHUP, by result", ["result"], registry=r
         )
         self.model = Info("filter_model", "The loaded model", registry=r)
+        # Moderation, per scope (labels from FILTER_ROUTING__SCOPES and rule names: configuration only).
+        self.decisions = Counter(
+            "filter_decisions",
+            "Routing decisions per scope, action and rule (in shadow mode: the would-be ones)",
+            ["scope", "action", "rule"],
+            registry=r,
+        )
+        self.rule_score = Histogram(
+            "filter_rule_score",
+            "Every rule's score on every record of its scope, matched or not",
+            ["scope", "rule"],
+            buckets=_SCORE_BUCKETS,
+            registry=r,
+        )
+        self.top_label_probability = Histogram(
+            "filter_top_label_probability",
+            "The top label's probability per record",
+            ["scope"],
+            buckets=_SCORE_BUCKETS,
+            registry=r,
+        )
+        self.score_psi = Gauge(
+            "filter_score_psi",
+            "Population stability index of a rule's score over the scope's last FILTER_DRIFT__WINDOW records "
+            "against FILTER_DRIFT__REFERENCE",
+            ["scope", "rule"],
+            registry=r,
+        )
+
+
+class FeedbackMetrics:
+    """``filter-worker feedback``: reviewers' verdicts and the precision they give each rule."""
+
+    def __init__(self, invalid_reasons: tuple[str, ...]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        key = ["scope", "rule", "action", "model"]
+        self.verdicts = Counter(
+            "filter_feedback_verdicts", "Verdicts counted, per decision and verdict", [*key, "verdict"], registry=r
+        )
+        self.invalid = Counter("filter_feedback_invalid", "Verdict records skipped, by reason", ["reason"], registry=r)
+        for reason in invalid_reasons:  # every reason exists from the start, so rate() sees the first one
+            self.invalid.labels(reason)
+        self.precision = Gauge(
+            "filter_feedback_precision",
+            "Share of 'abuse' among the last FILTER_FEEDBACK__WINDOW verdicts on a rule's decisions",
+            key,
+            registry=r,
+        )
+        self.window = Gauge(
+            "filter_feedback_window_verdicts",
+            "Verdicts the precision is taken over (up to the window)",
+            key,
+            registry=r,
+        )
+        self.rule_reloads = Counter(
+            "filter_routing_reloads", "Routing reloads on SIGHUP, by result", ["result"], registry=r
+        )
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:

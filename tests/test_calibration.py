@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from filter_worker.config import ModelSettings, Rule
+from filter_worker.config import ModelSettings, RoutingSettings, Rule
 from filter_worker.model import Classifier
 from filter_worker.pipeline.routing import Router
 from filter_worker.tools.calibration import calibrate, calibration_json, lowest_threshold, rule_scores
@@ -57,5 +57,5 @@ def test_calibrated_rule_routes_live_scores_exactly_as_calibrated(keyword_model)
     assert result.threshold == score[:5].min() and result.threshold > 0.8
     assert (result.precision, result.recall, result.taken) == (pytest.approx(0.8), pytest.approx(0.8), 5)
     rule = Rule(action="quarantine", labels=labels, min_score=result.threshold)
-    router = Router([rule], model.labels)
+    router = Router(RoutingSettings(rules=[rule]), model.labels)
     assert [router.decide(row).action for row in probs] == ["quarantine"] * 5 + ["allow"] * 4

@@ -11,7 +11,7 @@ import csv
 import numpy as np
 import pytest
 
-from filter_worker.config import DEFAULT_RULES, ConfigError, ModelSettings
+from filter_worker.config import ConfigError, ModelSettings, RoutingSettings
 from filter_worker.model import Classifier
 from filter_worker.pipeline.routing import Router
 from filter_worker.tools.evaluation import (
@@ -100,7 +100,7 @@ def model(keyword_model) -> Classifier:
 def test_metrics_on_the_keyword_model_are_exact(model, tmp_path):
     examples = load_examples(write_csv(tmp_path / "d.csv"), lang_field="lang", label_map=LABEL_MAP)
     probs, _ = model.classify([e.text for e in examples])
-    result = evaluate(examples, probs, model.labels, Router(DEFAULT_RULES, model.labels))
+    result = evaluate(examples, probs, model.labels, Router(RoutingSettings(), model.labels))
     overall = result.overall
     assert overall.accuracy == pytest.approx(0.7)
     assert overall.confusion.tolist() == [
@@ -127,7 +127,7 @@ def test_metrics_on_the_keyword_model_are_exact(model, tmp_path):
     assert result.actions_by_label["Very Negative"] == {"allow": 0, "quarantine": 1, "drop": 2}
     assert result.curves["Neutral"].precision[-1] == pytest.approx(3 / 10)
 
-    document = evaluation_json(result, model.identity, "d.csv", DEFAULT_RULES)
+    document = evaluation_json(result, model.identity, "d.csv", RoutingSettings())
     assert document["accuracy"] == pytest.approx(0.7) and document["examples"] == 10
     assert document["by_language"]["en"]["confusion_matrix"]["counts"][0] == [2, 1, 0, 0, 0]
     assert document["actions"]["overall"]["drop"] == {"count": 3, "rate": pytest.approx(0.3)}

@@ -7,7 +7,9 @@ from filter_worker.pipeline.records import InputRecord, dead_letter, routed
 from filter_worker.pipeline.routing import Decision
 
 RECORD = InputRecord("in", 2, 41, b"key", b'{"text": "x"}', [("trace", b"1"), ("filter.action", b"old")], 1700000000000)
-DECISION = Decision("quarantine", "negative", "Negative", 0.8123456789, {"Negative": 0.81, "Neutral": 0.19})
+DECISION = Decision(
+    "quarantine", "negative", "Negative", 0.8123456789, {"Negative": 0.81, "Neutral": 0.19}, "kids", {"negative": 0.81}
+)
 
 
 def test_routed_record_keeps_value_key_timestamp_and_headers():
@@ -20,6 +22,7 @@ def test_routed_record_keeps_value_key_timestamp_and_headers():
     assert headers["filter.label"] == b"Negative"
     assert headers["filter.score"] == b"0.812346"
     assert headers["filter.rule"] == b"negative"
+    assert headers["filter.scope"] == b"kids"
     assert headers["filter.model"] == b"m@rev"
     assert headers["filter.source"] == b"in/2/41"
     assert "filter.truncated" not in headers
@@ -34,6 +37,7 @@ def test_embedded_value_holds_original_fields_and_moderation():
         "label": "Negative",
         "score": 0.8123456789,
         "rule": "negative",
+        "scope": "kids",
         "scores": {"Negative": 0.81, "Neutral": 0.19},
         "model": "m@rev",
         "source": "in/2/41",

@@ -12,14 +12,14 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from filter_worker import __version__
-from filter_worker.cli import bench, calibrate, classify, demo, evaluate, model, produce, run
+from filter_worker.cli import bench, calibrate, classify, demo, drift, evaluate, feedback, model, produce, run
 from filter_worker.config import ConfigError
 from filter_worker.exit_codes import ExitCode
 from filter_worker.lockfile import LockError
 from filter_worker.model import ModelLoadError
 
 # In the order ``--help`` lists them.
-COMMANDS: tuple[ModuleType, ...] = (run, classify, demo, produce, bench, evaluate, calibrate, model)
+COMMANDS: tuple[ModuleType, ...] = (run, feedback, classify, demo, produce, bench, evaluate, calibrate, drift, model)
 
 
 def parser() -> argparse.ArgumentParser:

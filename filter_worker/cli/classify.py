@@ -9,8 +9,8 @@ from typing import Any
 
 import orjson
 
-from filter_worker.cli.common import model_argument, settings_with_model, subcommand
-from filter_worker.config import ConfigError
+from filter_worker.cli.common import checked_scope, model_argument, scope_argument, settings_with_model, subcommand
+from filter_worker.config import DEFAULT_SCOPE, ConfigError
 
 
 def add_parser(commands: Any) -> None:
@@ -18,6 +18,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("texts", nargs="*", help="texts to classify")
     parser.add_argument("--file", metavar="PATH", help="one text per line; '-' reads standard input")
     model_argument(parser)
+    scope_argument(parser, "decide with this scope's rules (default: FILTER_ROUTING__RULES, scope default)")
     parser.set_defaults(handler=run)
 
 
@@ -40,18 +41,21 @@ def run(args: argparse.Namespace) -> int:
     from filter_worker.pipeline.routing import Router
 
     settings = settings_with_model(args)
+    scope = checked_scope(settings, args.scope) or DEFAULT_SCOPE
     texts = _read_texts(args)
     classifier = Classifier.load(settings.model)
-    router = Router(settings.routing.rules, classifier.labels)
+    router = Router(settings.routing, classifier.labels)
     probs, truncated = classifier.classify(texts, settings.batch.max_size, settings.batch.max_tokens)
-    for text, row, cut in zip(texts, probs, truncated, strict=True):
-        decision = router.decide(row)
+    decisions = router.decide_batch(probs, [scope] * len(texts))
+    for text, decision, cut in zip(texts, decisions, truncated, strict=True):
         line = {
             "text": text,
             "action": decision.action,
             "rule": decision.rule,
+            "scope": decision.scope,
             "label": decision.label,
             "score": round(decision.score, 6),
+            "rule_scores": {k: round(v, 6) for k, v in decision.rule_scores.items()},
             "scores": {k: round(v, 6) for k, v in decision.scores.items()},
             "truncated": cut,
             "model": classifier.identity,

@@ -48,9 +48,11 @@ def write(option: str, path: str, text: str) -> None:
         raise ConfigError(f"{option} {path}: {exc.strerror}") from None
 
 
-def data_arguments(parser: argparse.ArgumentParser) -> None:
+def data_arguments(parser: argparse.ArgumentParser, optional: bool = False) -> None:
     """Options of the commands that read labeled examples (``eval``, ``calibrate``)."""
-    parser.add_argument("data", help="labeled examples: .csv with a header line, or .jsonl")
+    parser.add_argument(
+        "data", nargs="?" if optional else None, help="labeled examples: .csv with a header line, or .jsonl"
+    )
     parser.add_argument("--text-field", default="text", help="field holding the text (default text)")
     parser.add_argument("--label-field", default="label", help="field holding the gold label (default label)")
     parser.add_argument("--lang-field", help="field holding the language: adds metrics per language")
@@ -60,14 +62,38 @@ def data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", metavar="PATH", help="also write a self-contained HTML report (needs matplotlib)")
 
 
+def scope_argument(parser: argparse.ArgumentParser, help: str) -> None:  # noqa: A002 - argparse's name
+    parser.add_argument("--scope", metavar="NAME", help=help)
+
+
+def checked_scope(settings: Settings, scope: str | None) -> str | None:
+    """``--scope NAME`` must be ``default`` or a scope of FILTER_ROUTING__SCOPES."""
+    from filter_worker.pipeline.routing import ScopeMatcher
+
+    names = ScopeMatcher(settings.routing.scopes).names
+    if scope is not None and scope not in names:
+        raise ConfigError(f"--scope {scope}: no such scope; FILTER_ROUTING__SCOPES gives {names}")
+    return scope
+
+
 def labeled_data(args: argparse.Namespace) -> tuple[Settings, list[Any]]:
-    """Settings and examples, validated before the (slow) model load."""
+    """Settings and examples, validated before the (slow) model load.
+
+    Each example's scope is the one its columns select; ``--scope NAME`` makes every row NAME's.
+    """
+    import dataclasses
+
+    from filter_worker.pipeline.routing import ScopeMatcher
     from filter_worker.tools.evaluation import load_examples, parse_label_map
     from filter_worker.tools.report import require_matplotlib
 
     settings = settings_with_model(args)
+    scope = checked_scope(settings, args.scope)
     if args.report:
         require_matplotlib()
     label_map = parse_label_map(args.label_map)
-    examples = load_examples(args.data, args.text_field, args.label_field, args.lang_field, label_map)
+    scopes = ScopeMatcher(settings.routing.scopes)
+    examples = load_examples(args.data, args.text_field, args.label_field, args.lang_field, label_map, scopes)
+    if scope is not None:
+        examples = [dataclasses.replace(e, scope=scope) for e in examples]
     return settings, examples

@@ -8,12 +8,17 @@ from typing import Any
 
 import orjson
 
-from filter_worker.cli.common import data_arguments, labeled_data, subcommand, write
+from filter_worker.cli.common import data_arguments, labeled_data, scope_argument, subcommand, write
 
 
 def add_parser(commands: Any) -> None:
     parser = subcommand(commands, "eval", "accuracy, macro-F1, precision/recall and action rates on labeled data")
     data_arguments(parser)
+    scope_argument(
+        parser,
+        "route every row with this scope's rules (the data is that scope's traffic); without it, each row "
+        "gets the scope its columns select and action rates are broken down by scope",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -26,12 +31,12 @@ def run(args: argparse.Namespace) -> int:
     settings, examples = labeled_data(args)
     classifier = Classifier.load(settings.model)
     check_labels(examples, classifier.labels, args.data)
-    router = Router(settings.routing.rules, classifier.labels)
+    router = Router(settings.routing, classifier.labels)
     probs, _ = classifier.classify([e.text for e in examples], settings.batch.max_size, settings.batch.max_tokens)
     result = evaluate(examples, probs, classifier.labels, router)
     sys.stdout.write(evaluation_text(result, classifier.identity, args.data))
     if args.out_json:
-        document = evaluation_json(result, classifier.identity, args.data, settings.routing.rules)
+        document = evaluation_json(result, classifier.identity, args.data, settings.routing)
         write("--out-json", args.out_json, orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
     if args.report:
         write_evaluation_html(args.report, result, classifier.identity, args.data)

@@ -94,6 +94,7 @@ def routed(
         ("label", decision.label),
         ("score", f"{decision.score:.6f}"),
         ("rule", decision.rule),
+        ("scope", decision.scope),
         ("model", model),
         ("source", record.source),
     ]
@@ -109,6 +110,7 @@ def routed(
             "label": decision.label,
             "score": decision.score,
             "rule": decision.rule,
+            "scope": decision.scope,
             "scores": decision.scores,
             "model": model,
             "source": record.source,

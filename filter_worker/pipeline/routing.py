@@ -1,13 +1,21 @@
-"""Rules x label probabilities -> an action. First matching rule wins; no match means allow."""
+"""Scopes, then rules x label probabilities -> an action. First matching rule wins; no match means allow.
+
+A record's scope (a tenant, a language: ``FILTER_ROUTING__SCOPES``) picks the rule list that applies
+to it; the first scope whose match accepts the record wins, and a record no scope matches gets
+``FILTER_ROUTING__RULES`` as scope ``default``. Everything here is pure: built once from settings
+(every scope's rules checked against the model's labels, so a reload is all-or-nothing), then a
+function of its inputs.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from filter_worker.config import ConfigError, Rule
+from filter_worker.config import DEFAULT_SCOPE, ConfigError, RoutingSettings, Rule, Scope, rule_names
 
 ACTIONS: tuple[str, ...] = ("allow", "quarantine", "drop")
 DEFAULT_RULE = "default"
@@ -18,7 +26,9 @@ class Decision:
     """What happens to one record and why.
 
     ``score`` is the matched rule's summed probability, or the top label's probability when no rule
-    matched; ``scores`` holds every label's probability for the embedded output and for audits.
+    matched; ``scores`` holds every label's probability for the embedded output and for audits;
+    ``rule_scores`` every rule of the scope with its score (what drift and score histograms watch:
+    the matched rule's score alone would hide how close the others came).
     """
 
     action: str
@@ -26,36 +36,188 @@ class Decision:
     label: str
     score: float
     scores: dict[str, float]
+    scope: str
+    rule_scores: dict[str, float]
+
+
+class _ScopeTest:
+    """One scope's match, compiled: a header compared as bytes, or a path walked into the JSON value."""
+
+    def __init__(self, scope: Scope) -> None:
+        match = scope.match
+        self.name = scope.name
+        self.header = match.header
+        self.path = tuple(match.field.split(".")) if match.field is not None else None
+        self.values = frozenset(match.values)
+        self.raw_values = frozenset(value.encode() for value in match.values)
+
+    def matches(self, headers: Sequence[tuple[str, bytes | None]], document: dict[str, Any] | None) -> bool:
+        if self.header is not None:
+            # The last header of that name counts, as Kafka's own clients read headers (lastHeader).
+            value = None
+            for key, raw in headers:
+                if key == self.header:
+                    value = raw
+            return value is not None and value in self.raw_values
+        node: Any = document
+        for part in self.path or ():
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return isinstance(node, str) and node in self.values
+
+
+class ScopeMatcher:
+    """Which scope a record belongs to. Needs no model, so data files can be split by scope before one loads."""
+
+    def __init__(self, scopes: Sequence[Scope]) -> None:
+        self._tests = [_ScopeTest(scope) for scope in scopes]
+
+    @property
+    def names(self) -> list[str]:
+        """Every scope a record can get: ``default`` first, then the configured ones in order."""
+        return [DEFAULT_SCOPE, *(test.name for test in self._tests)]
+
+    @property
+    def header_names(self) -> list[str]:
+        """Headers some scope matches on (a data file supplies them as columns of the same name)."""
+        return list(dict.fromkeys(test.header for test in self._tests if test.header is not None))
+
+    def scope_of(self, headers: Sequence[tuple[str, bytes | None]], document: dict[str, Any] | None) -> str:
+        """The first scope that matches, else ``default``. ``document`` is the parsed JSON value (None for text)."""
+        for test in self._tests:
+            if test.matches(headers, document):
+                return test.name
+        return DEFAULT_SCOPE
+
+
+def scope_rules(routing: RoutingSettings) -> dict[str, list[Rule]]:
+    """Every scope's rule list, ``default`` first."""
+    return {DEFAULT_SCOPE: list(routing.rules), **{scope.name: list(scope.rules) for scope in routing.scopes}}
+
+
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    """One scope's rules as arrays: first-match routing becomes a few numpy operations per batch."""
+
+    names: tuple[str, ...]
+    actions: tuple[str, ...]
+    labels: tuple[tuple[str, ...], ...]
+    indices: tuple[np.ndarray, ...]
+    min_scores: np.ndarray  # float64, one per rule
+
+
+def rule_score_matrix(probs: np.ndarray, indices: Sequence[np.ndarray]) -> np.ndarray:
+    """Each rule's score per row, (rows, rules): its labels' probabilities summed in the model's dtype.
+
+    The one place a rule's score is computed, so calibration picks thresholds on exactly the numbers
+    routing compares with ``min_score``.
+    """
+    columns = [probs[:, index].sum(axis=1) for index in indices]
+    if not columns:
+        return np.zeros((len(probs), 0), dtype=np.float64)
+    return np.stack(columns, axis=1).astype(np.float64)
 
 
 class Router:
-    """Rules compiled against a model's labels; built once at start-up, then a pure function."""
+    """Scopes and their rules compiled against a model's labels; built once, then a pure function."""
 
-    def __init__(self, rules: Sequence[Rule], labels: Sequence[str]) -> None:
-        known = {label: i for i, label in enumerate(labels)}
+    def __init__(self, routing: RoutingSettings | Sequence[Rule], labels: Sequence[str]) -> None:
+        if not isinstance(routing, RoutingSettings):
+            # Transitional: worker.py on this branch still passes the default rule list (the main branch
+            # passes RoutingSettings). Remove once it does.
+            routing = RoutingSettings(rules=list(routing))
+        self._labels = list(labels)
+        self._matcher = ScopeMatcher(routing.scopes)
+        self._rules = {DEFAULT_SCOPE: self._compile(routing.rules, "FILTER_ROUTING__RULES", "routing.rules")}
+        for i, scope in enumerate(routing.scopes):
+            where = f"routing.scopes[{i}].rules"
+            self._rules[scope.name] = self._compile(scope.rules, "FILTER_ROUTING__SCOPES", where, scope.name)
+
+    def _compile(self, rules: Sequence[Rule], variable: str, where: str, scope: str | None = None) -> _Rules:
+        known = {label: i for i, label in enumerate(self._labels)}
         for position, rule in enumerate(rules):
             unknown = [label for label in rule.labels if label not in known]
             if unknown:
+                of_scope = f", scope '{scope}'" if scope else ""
                 raise ConfigError(
-                    f"FILTER_ROUTING__RULES (routing.rules[{position}].labels): unknown label(s) {unknown}; "
-                    f"the model's labels are {list(labels)}"
+                    f"{variable} ({where}[{position}].labels{of_scope}): unknown label(s) {unknown}; "
+                    f"the model's labels are {self._labels}"
                 )
-        self._labels = list(labels)
-        self._rules = [
-            (rule.name or f"rules[{position}]", rule.action, np.array([known[x] for x in rule.labels]), rule.min_score)
-            for position, rule in enumerate(rules)
-        ]
+        return _Rules(
+            names=tuple(rule_names(list(rules))),
+            actions=tuple(rule.action for rule in rules),
+            labels=tuple(tuple(rule.labels) for rule in rules),
+            indices=tuple(np.array([known[label] for label in rule.labels]) for rule in rules),
+            min_scores=np.array([rule.min_score for rule in rules], dtype=np.float64),
+        )
 
     @property
     def labels(self) -> list[str]:
         return list(self._labels)
 
-    def decide(self, probabilities: np.ndarray) -> Decision:
+    @property
+    def scopes(self) -> list[str]:
+        """``default`` and every configured scope, in order."""
+        return self._matcher.names
+
+    def rules(self, scope: str) -> dict[str, tuple[str, ...]]:
+        """The scope's rule names, in order, with their labels."""
+        rules = self._scope_rules(scope)
+        return dict(zip(rules.names, rules.labels, strict=True))
+
+    def _scope_rules(self, scope: str) -> _Rules:
+        try:
+            return self._rules[scope]
+        except KeyError:
+            raise ValueError(f"unknown scope {scope!r}; the scopes are {self.scopes}") from None
+
+    def scope_of(self, headers: Sequence[tuple[str, bytes | None]], document: dict[str, Any] | None) -> str:
+        """The scope whose rules apply to a record: see ``ScopeMatcher.scope_of``."""
+        return self._matcher.scope_of(headers, document)
+
+    def rule_scores(self, probs: np.ndarray, scope: str) -> np.ndarray:
+        """Every rule of ``scope`` scored on every row of ``probs``: (rows, rules), rule order."""
+        return rule_score_matrix(np.asarray(probs), self._scope_rules(scope).indices)
+
+    def decide(self, probabilities: np.ndarray, scope: str = DEFAULT_SCOPE) -> Decision:
         """Route one record from its probability vector (one entry per label, summing to 1)."""
-        top = int(np.argmax(probabilities))
-        scores = {label: float(p) for label, p in zip(self._labels, probabilities, strict=True)}
-        for name, action, indices, min_score in self._rules:
-            score = float(probabilities[indices].sum())
-            if score >= min_score:
-                return Decision(action, name, self._labels[top], score, scores)
-        return Decision("allow", DEFAULT_RULE, self._labels[top], float(probabilities[top]), scores)
+        return self.decide_batch(np.asarray(probabilities)[np.newaxis, :], [scope])[0]
+
+    def decide_batch(self, probs: np.ndarray, scopes: Sequence[str]) -> list[Decision]:
+        """Route a batch: ``probs`` (rows, labels), ``scopes[i]`` the scope of row ``i``.
+
+        Scores, the first matching rule and the top label are computed per scope with numpy; only the
+        Decision objects themselves are built row by row.
+        """
+        probs = np.asarray(probs)
+        if probs.ndim != 2 or probs.shape != (len(scopes), len(self._labels)):
+            raise ValueError(f"probs must be ({len(scopes)}, {len(self._labels)}), got {probs.shape}")
+        top = probs.argmax(axis=1)
+        top_probability = probs[np.arange(len(probs)), top].astype(np.float64)
+        rows_as_floats = probs.tolist()
+        decisions: list[Decision | None] = [None] * len(scopes)
+        scope_of_row = np.array(scopes, dtype=object)
+        for scope in dict.fromkeys(scopes):
+            rules = self._scope_rules(scope)
+            rows = np.flatnonzero(scope_of_row == scope)
+            scored = rule_score_matrix(probs[rows], rules.indices)
+            hits = scored >= rules.min_scores
+            matched: list[bool] = hits.any(axis=1).tolist()
+            first = hits.argmax(axis=1) if len(rules.names) else np.zeros(len(rows), dtype=np.int64)
+            for row, rule_row, hit, at in zip(rows, scored.tolist(), matched, first.tolist(), strict=True):
+                label = self._labels[top[row]]
+                if hit:
+                    action, rule, score = rules.actions[at], rules.names[at], rule_row[at]
+                else:
+                    action, rule, score = "allow", DEFAULT_RULE, float(top_probability[row])
+                decisions[row] = Decision(
+                    action,
+                    rule,
+                    label,
+                    score,
+                    dict(zip(self._labels, rows_as_floats[row], strict=True)),
+                    scope,
+                    dict(zip(rules.names, rule_row, strict=True)),
+                )
+        return decisions  # type: ignore[return-value]  # every row belongs to exactly one scope

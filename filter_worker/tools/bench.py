@@ -41,7 +41,7 @@ from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
 from filter_worker import kafka_io
-from filter_worker.config import ConfigError, Settings
+from filter_worker.config import DEFAULT_SCOPE, ConfigError, Settings
 from filter_worker.exit_codes import ExitCode
 from filter_worker.model import Classifier, resolve_dtype
 from filter_worker.pipeline.batching import padded_tokens
@@ -105,7 +105,7 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
         raise ConfigError("--rounds must be at least 1")
     say(f"loading {settings.model.name} ({settings.model.dtype} on {settings.model.device}) ...")
     classifier = Classifier.load(settings.model)
-    router = Router(settings.routing.rules, classifier.labels)
+    router = Router(settings.routing, classifier.labels)
     batch = settings.batch
     ids = [t.ids for t in classifier.tokenize(texts)]
     lengths = [len(row) for row in ids]
@@ -558,7 +558,7 @@ def _classify(
     started = time.perf_counter()
     probs, _ = classifier.classify(texts, settings.batch.max_size, settings.batch.max_tokens)
     speed = len(texts) / (time.perf_counter() - started)
-    return probs, [router.decide(row).action for row in probs], speed
+    return probs, [d.action for d in router.decide_batch(probs, [DEFAULT_SCOPE] * len(probs))], speed
 
 
 # -- report -----------------------------------------------------------------------------------------

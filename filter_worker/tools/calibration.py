@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from filter_worker.pipeline.routing import rule_score_matrix
 from filter_worker.tools.evaluation import Curve, pr_curve
 
 
@@ -45,9 +46,9 @@ class Calibration:
 
 
 def rule_scores(probs: np.ndarray, labels: Sequence[str], rule_labels: Sequence[str]) -> np.ndarray:
-    """A rule's score per row: the same float32 sum ``Router.decide`` compares with ``min_score``."""
+    """A rule's score per row: the float32 sum ``Router`` compares with ``min_score`` (the same function)."""
     indices = np.array([list(labels).index(label) for label in rule_labels])
-    return np.array([float(row[indices].sum()) for row in probs], dtype=np.float64)
+    return rule_score_matrix(probs, [indices])[:, 0]
 
 
 def lowest_threshold(curve: Curve, target: float) -> int | None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from filter_worker.config import ConfigError
-from filter_worker.pipeline.routing import ACTIONS, Router
+from filter_worker.config import DEFAULT_SCOPE, ConfigError, RoutingSettings
+from filter_worker.pipeline.routing import ACTIONS, Router, ScopeMatcher
 
 UNKNOWN_LANGUAGE = "unknown"
 
@@ -28,6 +28,7 @@ class Example:
     text: str
     label: str  # after the label map: a model label
     lang: str | None = None
+    scope: str = DEFAULT_SCOPE  # the routing scope the row's columns select (``scope_of_row``)
 
 
 def parse_label_map(text: str | None) -> dict[str, str]:
@@ -44,12 +45,16 @@ def parse_label_map(text: str | None) -> dict[str, str]:
 
 
 def _rows(path: Path) -> list[tuple[int, dict[str, object]]]:
-    """(line number, row) pairs from a CSV file with a header line, or a JSON-lines file."""
+    """(line number, row) pairs from a CSV file with a header line, or a JSON-lines file.
+
+    CSV has no nesting, so a column named like a dotted path (``meta.lang``) becomes the nested field
+    a routing scope looks up, as in a JSON value.
+    """
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
             with path.open(encoding="utf-8-sig", newline="") as f:
-                return [(n + 2, dict(row)) for n, row in enumerate(csv.DictReader(f))]
+                return [(n + 2, _nested(dict(row))) for n, row in enumerate(csv.DictReader(f))]
         if suffix in (".jsonl", ".ndjson"):
             rows = []
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -68,44 +73,89 @@ def _rows(path: Path) -> list[tuple[int, dict[str, object]]]:
     raise ConfigError(f"{path}: the data must be a .csv file with a header line or a .jsonl file")
 
 
+def _nested(row: dict[str, object]) -> dict[str, object]:
+    """``{"meta.lang": "de"}`` also as ``{"meta": {"lang": "de"}}``; flat columns stay as they are."""
+    nested: dict[str, object] = dict(row)
+    for key, value in row.items():
+        if "." not in key:
+            continue
+        *parents, last = key.split(".")
+        node = nested
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                break  # a flat column of that name wins
+            node = child
+        else:
+            node.setdefault(last, value)
+    return nested
+
+
+def scope_of_row(row: dict[str, object], scopes: ScopeMatcher) -> str:
+    """A data row's routing scope: header scopes read the column named like the header, field scopes
+    the (dotted) field. A row without them gets ``default``, as a live record without them would."""
+    headers = [(name, str(row[name]).encode()) for name in scopes.header_names if row.get(name) not in (None, "")]
+    return scopes.scope_of(headers, row)
+
+
+def _read(path: str | Path) -> list[tuple[int, dict[str, object]]]:
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(f"{path}: no such file")
+    rows = _rows(source)
+    if not rows:
+        raise ConfigError(f"{path}: no examples")
+    return rows
+
+
+def _required(path: str | Path, line: int, row: dict[str, object], name: str) -> object:
+    value = row.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ConfigError(f"{path} line {line}: no value for field '{name}' (fields: {sorted(row)})")
+    return value
+
+
+def _text(path: str | Path, line: int, row: dict[str, object], name: str) -> str:
+    text = _required(path, line, row, name)
+    if not isinstance(text, str):
+        raise ConfigError(f"{path} line {line}: field '{name}' is not text")
+    return text
+
+
 def load_examples(
     path: str | Path,
     text_field: str = "text",
     label_field: str = "label",
     lang_field: str | None = None,
     label_map: Mapping[str, str] | None = None,
+    scopes: ScopeMatcher | None = None,
 ) -> list[Example]:
     """Read labeled examples, mapping data labels onto model labels. Errors name the file, line and field.
 
     A row without the language field counts as language ``unknown``; a row without text or label is
-    an error, since silently skipping it would change the metrics.
+    an error, since silently skipping it would change the metrics. With ``scopes`` each example gets
+    the routing scope its columns select.
     """
-    source = Path(path)
-    if not source.is_file():
-        raise ConfigError(f"{path}: no such file")
     mapping = dict(label_map or {})
     examples = []
-    for line, row in _rows(source):
-        values = []
-        for name in (text_field, label_field):
-            value = row.get(name)
-            if value is None or (isinstance(value, str) and not value.strip()):
-                raise ConfigError(f"{path} line {line}: no value for field '{name}' (fields: {sorted(row)})")
-            values.append(value)
-        text, label = values
-        if not isinstance(text, str):
-            raise ConfigError(f"{path} line {line}: field '{text_field}' is not text")
+    for line, row in _read(path):
+        text = _text(path, line, row, text_field)
+        label = _required(path, line, row, label_field)
         lang = row.get(lang_field) if lang_field else None
         examples.append(
             Example(
                 text,
                 mapping.get(str(label), str(label)),
                 (str(lang) if lang not in (None, "") else UNKNOWN_LANGUAGE) if lang_field else None,
+                scope_of_row(row, scopes) if scopes is not None else DEFAULT_SCOPE,
             )
         )
-    if not examples:
-        raise ConfigError(f"{path}: no examples")
     return examples
+
+
+def load_texts(path: str | Path, text_field: str, scopes: ScopeMatcher) -> list[tuple[str, str]]:
+    """(text, scope) per row of labeled or unlabeled data: a sample of traffic, for drift references."""
+    return [(_text(path, line, row, text_field), scope_of_row(row, scopes)) for line, row in _read(path)]
 
 
 def check_labels(examples: Sequence[Example], labels: Sequence[str], path: str | Path) -> None:
@@ -151,9 +201,11 @@ class Curve:
 class Evaluation:
     overall: Scores
     by_language: dict[str, Scores]
-    # action -> count under the routing rules; and gold label -> action -> count
+    # action -> count under the routing rules; gold label -> action -> count; scope -> action -> count
+    # (every scope of the routing, so one the data never selects shows with zero examples)
     actions: dict[str, int]
     actions_by_label: dict[str, dict[str, int]]
+    actions_by_scope: dict[str, dict[str, int]]
     curves: dict[str, Curve]  # per label with gold examples: that label's probability as the score
 
 
@@ -210,16 +262,17 @@ def evaluate(examples: Sequence[Example], probs: np.ndarray, labels: Sequence[st
         by_language[lang] = scores(gold[rows], predicted[rows], labels)
     actions = dict.fromkeys(ACTIONS, 0)
     by_label: dict[str, dict[str, int]] = {}
-    for example, row in zip(examples, probs, strict=True):
-        action = router.decide(row).action
-        actions[action] += 1
-        by_label.setdefault(example.label, dict.fromkeys(ACTIONS, 0))[action] += 1
+    by_scope = {scope: dict.fromkeys(ACTIONS, 0) for scope in router.scopes}
+    for example, decision in zip(examples, router.decide_batch(probs, [e.scope for e in examples]), strict=True):
+        actions[decision.action] += 1
+        by_label.setdefault(example.label, dict.fromkeys(ACTIONS, 0))[decision.action] += 1
+        by_scope[decision.scope][decision.action] += 1
     curves = {
         label: pr_curve(probs[:, i].astype(np.float64), gold == i)
         for i, label in enumerate(labels)
         if (gold == i).any()
     }
-    return Evaluation(scores(gold, predicted, labels), by_language, actions, by_label, curves)
+    return Evaluation(scores(gold, predicted, labels), by_language, actions, by_label, by_scope, curves)
 
 
 def _scores_json(s: Scores) -> dict[str, object]:
@@ -240,20 +293,26 @@ def _scores_json(s: Scores) -> dict[str, object]:
     }
 
 
-def evaluation_json(result: Evaluation, model: str, data: str, rules: Sequence[object]) -> dict[str, object]:
+def _action_rates(counts: Mapping[str, int]) -> dict[str, dict[str, float]]:
+    total = sum(counts.values())
+    return {a: {"count": c, "rate": _ratio(c, total)} for a, c in counts.items()}
+
+
+def evaluation_json(result: Evaluation, model: str, data: str, routing: RoutingSettings) -> dict[str, object]:
     """The machine-readable form (``--out-json``); curves are left to the HTML report."""
-    n = result.overall.examples
     return {
         "model": model,
         "data": data,
         **_scores_json(result.overall),
         "by_language": {lang: _scores_json(s) for lang, s in result.by_language.items()},
         "actions": {
-            "rules": [r.model_dump(exclude_none=True) for r in rules],  # type: ignore[attr-defined]
-            "overall": {a: {"count": c, "rate": _ratio(c, n)} for a, c in result.actions.items()},
-            "by_label": {
-                label: {a: {"count": c, "rate": _ratio(c, sum(counts.values()))} for a, c in counts.items()}
-                for label, counts in sorted(result.actions_by_label.items())
+            "rules": [r.model_dump(exclude_none=True) for r in routing.rules],
+            "scopes": [s.model_dump(exclude_none=True) for s in routing.scopes],
+            "overall": _action_rates(result.actions),
+            "by_label": {label: _action_rates(counts) for label, counts in sorted(result.actions_by_label.items())},
+            "by_scope": {
+                scope: {"examples": sum(counts.values()), "actions": _action_rates(counts)}
+                for scope, counts in result.actions_by_scope.items()
             },
         },
     }

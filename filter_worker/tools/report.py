@@ -69,6 +69,12 @@ def evaluation_text(result: Evaluation, model: str, data: str) -> str:
     for label, counts in sorted(result.actions_by_label.items()):
         n = sum(counts.values())
         lines.append(f"  gold {label}: " + "   ".join(f"{a} {_rate(c, n)}" for a, c in counts.items()))
+    if len(result.actions_by_scope) > 1:
+        lines += ["", "actions by scope (each row's scope from its columns, as FILTER_ROUTING__SCOPES matches records)"]
+        for scope, counts in result.actions_by_scope.items():
+            n = sum(counts.values())
+            rates = "   ".join(f"{a} {_rate(c, n)}" for a, c in counts.items()) if n else "no row selects this scope"
+            lines.append(f"  {scope} ({n} examples): {rates}")
     return "\n".join(lines) + "\n"
 
 
@@ -76,11 +82,12 @@ def _interval(value: tuple[float, float] | None) -> str:
     return f"[{value[0]:.4f}, {value[1]:.4f}]" if value else "n/a"
 
 
-def calibration_text(result: Calibration, action: str, labels: Sequence[str]) -> str:
-    """The readable part of ``filter-worker calibrate`` (the rule itself is printed after it)."""
+def calibration_text(result: Calibration, action: str, labels: Sequence[str], unit: str = "examples") -> str:
+    """The readable part of ``filter-worker calibrate`` (the rule itself is printed after it); ``unit``
+    names what was counted (labeled examples, or reviewers' verdicts)."""
     level = f"{100 * result.confidence:.0f}%"
     head = (
-        f"{action} when {' + '.join(labels)} >= min_score; {result.positives} of {result.examples} examples "
+        f"{action} when {' + '.join(labels)} >= min_score; {result.positives} of {result.examples} {unit} "
         f"are positive; target precision {result.target_precision}"
     )
     if not result.meets_target:
@@ -92,7 +99,7 @@ def calibration_text(result: Calibration, action: str, labels: Sequence[str]) ->
         f"{head}\n"
         f"min_score {result.threshold:.6f}: "
         f"precision {result.precision:.4f} {level} {_interval(result.precision_interval)}, "
-        f"recall {result.recall:.4f} {level} {_interval(result.recall_interval)}, takes {result.taken} examples\n"
+        f"recall {result.recall:.4f} {level} {_interval(result.recall_interval)}, takes {result.taken} {unit}\n"
         f"bootstrap ({result.resamples} resamples): min_score {level} {_interval(result.threshold_interval)}, "
         f"target reached in {100 * result.reached_share:.1f}% of resamples\n"
     )
@@ -225,6 +232,17 @@ def write_evaluation_html(path: str | Path, result: Evaluation, model: str, data
             ],
         ),
     ]
+    if len(result.actions_by_scope) > 1:
+        body += [
+            "<h2>Actions by scope</h2>",
+            _table(
+                ["scope", "examples", *result.actions],
+                [
+                    [scope, sum(counts.values()), *(_rate(c, sum(counts.values())) for c in counts.values())]
+                    for scope, counts in result.actions_by_scope.items()
+                ],
+            ),
+        ]
     Path(path).write_text(_page("filter-worker evaluation", body), encoding="utf-8")
 
 

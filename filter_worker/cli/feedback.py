@@ -1,0 +1,39 @@
+"""``filter-worker feedback``: reviewers' verdicts in, precision per scope, rule and model out, until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from typing import Any
+
+from filter_worker.cli.common import subcommand
+from filter_worker.config import load_settings
+
+
+def add_parser(commands: Any) -> None:
+    parser = subcommand(
+        commands,
+        "feedback",
+        "consume reviewers' verdicts and export each rule's precision on FILTER_FEEDBACK__METRICS_PORT",
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from filter_worker.feedback import FeedbackService
+    from filter_worker.logs import configure
+
+    settings = load_settings(args.config)
+    configure(settings.log)
+    service = FeedbackService(settings, reload_routing=lambda: load_settings(args.config).routing)
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        service.stop()
+
+    def request_reload(signum: int, _frame: Any) -> None:
+        service.request_reload()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
+    return service.run()
