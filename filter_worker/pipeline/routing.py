@@ -202,7 +202,7 @@ class Router:
             rules = self._scope_rules(scope)
             rows = np.flatnonzero(scope_of_row == scope)
             scored = rule_score_matrix(probs[rows], rules.indices)
-            hits = scored >= rules.min_scores
+            hits: np.ndarray = np.asarray(scored >= rules.min_scores)
             matched: list[bool] = hits.any(axis=1).tolist()
             first = hits.argmax(axis=1) if len(rules.names) else np.zeros(len(rows), dtype=np.int64)
             for row, rule_row, hit, at in zip(rows, scored.tolist(), matched, first.tolist(), strict=True):
