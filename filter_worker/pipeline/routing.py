@@ -203,7 +203,7 @@ class Router:
             rows = np.flatnonzero(scope_of_row == scope)
             scored = rule_score_matrix(probs[rows], rules.indices)
             hits: np.ndarray = np.asarray(scored >= rules.min_scores)
-            matched: list[bool] = hits.any(axis=1).tolist()
+            matched = [bool(hit) for hit in hits.any(axis=1)]
             first = hits.argmax(axis=1) if len(rules.names) else np.zeros(len(rows), dtype=np.int64)
             for row, rule_row, hit, at in zip(rows, scored.tolist(), matched, first.tolist(), strict=True):
                 label = self._labels[top[row]]
