@@ -18,10 +18,11 @@ import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -40,10 +41,11 @@ from filter_worker.metrics import Metrics
 from filter_worker.model import Classifier
 from filter_worker.pipeline.batching import BatchBuffer
 from filter_worker.pipeline.cache import DecisionCache
-from filter_worker.pipeline.decide import Decider
+from filter_worker.pipeline.decide import Classified, Decider
 from filter_worker.pipeline.decode import DecodeFailure
 from filter_worker.pipeline.inference import InferenceThread, Result
 from filter_worker.pipeline.intake import Answered, Pending, take_in
+from filter_worker.pipeline.observe import Observer
 from filter_worker.pipeline.records import InputRecord
 from filter_worker.pipeline.routing import Router
 
@@ -98,9 +100,9 @@ class Worker:
         self._classifier = classifier
         self._topics = settings.topics.outputs()
         routing = settings.routing
-        self._decider = Decider(
-            Router(routing.rules, classifier.labels), routing.shadow, self._topics, classifier.identity
-        )
+        self._decider = Decider(Router(routing, classifier.labels), routing.shadow, self._topics, classifier.identity)
+        self.metrics = Metrics()
+        self._observer = Observer.from_settings(self.metrics, settings, classifier.labels, classifier.identity)
         self._reload_routing = reload_routing
         self._reload_requested = threading.Event()
         self._clock = clock
@@ -113,7 +115,6 @@ class Worker:
         self._budget = InFlightBudget(settings.budget.max_records, settings.budget.max_bytes)
         self._cache = DecisionCache(settings.cache.size) if settings.cache.size else None
         self._failures = FailureSlot()
-        self.metrics = Metrics()
         self.health = Health(settings.health.liveness_window_s, clock)
         self._running: _Running | None = None
         self._http: HealthServer | None = None
@@ -420,7 +421,10 @@ class Worker:
             self._answer_buffered_repeats()
 
     def _route(self, result: Result[Pending]) -> None:
+        """One forward pass's records: decided together; a record the model failed on is dead-lettered."""
         committer = self._r.committer
+        decided: list[Pending] = []
+        rows: list[int] = []
         for i, pending in enumerate(result.items):
             record = pending.record
             if not committer.is_current((record.topic, record.partition), pending.generation):
@@ -430,15 +434,23 @@ class Worker:
                 failure = DecodeFailure("model_error", f"the model failed on this record: {error}")
                 self._dead_letter(record, pending.generation, failure)
                 continue
-            if self._cache is not None and pending.cache_key is not None:
-                self._cache.put(pending.cache_key, result.probs[i], pending.truncated)
-                self.metrics.cache_records.labels("miss").inc()
-            self._decide(record, pending.generation, result.probs[i], pending.truncated, pending.embed_into)
+            decided.append(pending)
+            rows.append(i)
+        if not decided:
+            return
+        assert result.probs is not None
+        probs = result.probs[rows]
+        if self._cache is not None:
+            for pending, row in zip(decided, probs, strict=True):
+                if pending.cache_key is not None:
+                    self._cache.put(pending.cache_key, row, pending.truncated)
+            self.metrics.cache_records.labels("miss").inc(len(decided))
+        self._decide(decided, probs)
 
     def _answer(self, answered: list[Answered]) -> None:
-        for item in answered:
-            self.metrics.cache_records.labels("hit").inc()
-            self._decide(item.record, item.generation, item.probs, item.truncated, item.embed_into)
+        if answered:
+            self.metrics.cache_records.labels("hit").inc(len(answered))
+            self._decide(answered, np.stack([item.probs for item in answered]))
 
     def _answer_buffered_repeats(self) -> None:
         """Decide buffered records whose text a finished batch just classified, instead of classifying it again.
@@ -452,14 +464,23 @@ class Worker:
         for pending in self._buffer.extract(lambda p: p.cache_key is not None and p.cache_key in cache):
             hit = cache.get(pending.cache_key)  # type: ignore[arg-type]  # not None: extracted for it
             assert hit is not None
-            answered.append(Answered(pending.record, pending.generation, hit.probs, hit.truncated, pending.embed_into))
+            answered.append(
+                Answered(
+                    pending.record, pending.generation, hit.probs, hit.truncated, pending.document, pending.embed_into
+                )
+            )
         self._answer(answered)
 
-    def _decide(self, record: InputRecord, generation: int, probs: Any, truncated: bool, embed_into: Any) -> None:
-        item, decision = self._decider.classified(record, generation, probs, truncated, embed_into)
+    def _decide(self, items: Sequence[Classified], probs: np.ndarray) -> None:
+        """Decide a batch under the current rules, count it, and hand the outputs to the gate."""
+        outputs, decisions = self._decider.classified(items, probs)
+        self._observer.observe(probs, decisions)
         if self._decider.shadow:
-            self.metrics.shadow_decisions.labels(decision.action).inc()
-        self._r.gate.submit(item)
+            for action, count in Counter(d.action for d in decisions).items():
+                self.metrics.shadow_decisions.labels(action).inc(count)
+        submit = self._r.gate.submit
+        for item in outputs:
+            submit(item)
 
     def _dead_letter(self, record: InputRecord, generation: int, failure: DecodeFailure) -> None:
         fields: dict[str, Any] = {"error": failure.error, "reason": failure.reason}
@@ -481,14 +502,19 @@ class Worker:
         self._reload_requested.clear()
         try:
             routing = self._reload_routing()
-            router = Router(routing.rules, self._classifier.labels)
+            router = Router(routing, self._classifier.labels)
         except ConfigError as exc:
             self.metrics.rule_reloads.labels("refused").inc()
             log.error("routing reload refused; the previous rules stay in force", error=str(exc))
             return
         self._decider = Decider(router, routing.shadow, self._topics, self._classifier.identity)
         self.metrics.rule_reloads.labels("applied").inc()
-        log.info("routing reloaded", rules=[r.model_dump() for r in routing.rules], shadow=routing.shadow)
+        log.info(
+            "routing reloaded",
+            rules=[r.model_dump() for r in routing.rules],
+            scopes=[scope.name for scope in routing.scopes],
+            shadow=routing.shadow,
+        )
 
     # -- backpressure -----------------------------------------------------------------------------
 

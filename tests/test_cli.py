@@ -132,6 +132,15 @@ def test_metrics_port_in_use_exits_2_naming_the_setting(keyword_model):
     assert f"FILTER_METRICS__PORT={port}" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_run_with_a_bad_drift_reference_exits_2_naming_the_setting(keyword_model, tmp_path):
+    broken = tmp_path / "reference.json"
+    broken.write_text('{"version": 1}', encoding="utf-8")
+    for reference in (str(tmp_path / "missing.json"), str(broken)):
+        result = cli("run", FILTER_MODEL__NAME=str(keyword_model), FILTER_DRIFT__REFERENCE=reference)
+        assert result.returncode == 2, result.stderr
+        assert "FILTER_DRIFT__REFERENCE" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_eval_prints_a_table_and_writes_json_and_an_html_report(keyword_model, tmp_path):
     data = write_csv(tmp_path / "labeled.csv")
     out, report = tmp_path / "eval.json", tmp_path / "eval.html"

@@ -60,10 +60,6 @@ def test_unknown_label_stops_startup_listing_the_valid_ones():
     assert "FILTER_ROUTING__RULES" in message and "'toxic'" in message and "Very Positive" in message
 
 
-def test_a_rule_list_is_the_default_scope_while_worker_py_still_passes_one():
-    assert Router(DEFAULT_RULES, LABELS).decide(probs(0.95, 0.03, 0.01, 0.005, 0.005)).rule == "very-negative"
-
-
 # ------------------------------------------------------------------------------------------- scopes
 
 KIDS = Scope.model_validate(

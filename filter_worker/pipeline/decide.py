@@ -1,18 +1,39 @@
-"""Probabilities (or a failure) -> the output record: topic, headers, value, under the current rules.
+"""Probabilities (or a failure) -> output records: topic, headers, value, under the current rules.
 
-Plain functions of the record and the routing settings; the worker swaps in a new ``Decider`` when
-the rules are reloaded, so a record is decided entirely under one set of rules.
+A batch at a time: the scopes' rules are applied with numpy (``Router.decide_batch``), and only the
+output records are built one by one. The worker swaps in a new ``Decider`` when the rules are
+reloaded, so a record is decided entirely under one set of rules, scopes included.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from filter_worker.pipeline.decode import DecodeFailure
 from filter_worker.pipeline.records import InputRecord, Outgoing, dead_letter, routed
 from filter_worker.pipeline.routing import Decision, Router
+
+
+class Classified(Protocol):
+    """A record the model (or the cache) classified: what deciding it needs besides its probabilities."""
+
+    @property
+    def record(self) -> InputRecord: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def truncated(self) -> bool: ...
+
+    @property
+    def document(self) -> dict[str, Any] | None: ...
+
+    @property
+    def embed_into(self) -> dict[str, Any] | None: ...
 
 
 class Decider:
@@ -22,19 +43,21 @@ class Decider:
         self._topics = topics
         self._model = model
 
-    def classified(
-        self,
-        record: InputRecord,
-        generation: int,
-        probs: np.ndarray,
-        truncated: bool,
-        embed_into: dict[str, Any] | None,
-    ) -> tuple[Outgoing, Decision]:
-        """The routed output, and the decision (in shadow mode its action is not the one published)."""
-        decision = self.router.decide(probs)
-        action = "allow" if self.shadow else decision.action
-        out = routed(record, decision, self._topics[action], self._model, truncated, embed_into, self.shadow)
-        return Outgoing(out, record, generation, action), decision
+    def classified(self, items: Sequence[Classified], probs: np.ndarray) -> tuple[list[Outgoing], list[Decision]]:
+        """The routed outputs of ``items`` (row ``i`` of ``probs`` is item ``i``'s), and their decisions.
+
+        In shadow mode every output goes to the allow topic and the decision says what would have happened.
+        """
+        router = self.router
+        scopes = [router.scope_of(item.record.headers, item.document) for item in items]
+        decisions = router.decide_batch(probs, scopes)
+        outputs = []
+        topics, model, shadow = self._topics, self._model, self.shadow
+        for item, decision in zip(items, decisions, strict=True):
+            action = "allow" if shadow else decision.action
+            out = routed(item.record, decision, topics[action], model, item.truncated, item.embed_into, shadow)
+            outputs.append(Outgoing(out, item.record, item.generation, action))
+        return outputs, decisions
 
     def failed(self, record: InputRecord, generation: int, failure: DecodeFailure) -> Outgoing:
         out = dead_letter(record, failure, self._topics["dead_letter"])

@@ -34,12 +34,18 @@ Tokenize = Callable[[Sequence[str]], Sequence[Tokens]]
 
 @dataclass(slots=True)
 class Pending:
-    """A record waiting for the model."""
+    """A record waiting for the model.
+
+    ``document`` is the parsed JSON value (``None`` for text): scopes match its fields when the
+    record is decided, under the rules in force then. ``embed_into`` is what the embedded output
+    extends, when embedding is on.
+    """
 
     record: InputRecord
     generation: int
     ids: list[int]
     truncated: bool
+    document: dict[str, Any] | None
     embed_into: dict[str, Any] | None
     cache_key: bytes | None = None  # set when the decision cache is on
 
@@ -52,6 +58,7 @@ class Answered:
     generation: int
     probs: np.ndarray
     truncated: bool
+    document: dict[str, Any] | None
     embed_into: dict[str, Any] | None
 
 
@@ -72,7 +79,7 @@ def take_in(
     """Sort a fetched batch (records with their partition generation) into the three kinds."""
     intake = Intake()
     texts: list[str] = []
-    waiting: list[tuple[InputRecord, int, dict[str, Any] | None, bytes | None]] = []
+    waiting: list[tuple[InputRecord, int, dict[str, Any] | None, dict[str, Any] | None, bytes | None]] = []
     for record, generation in records:
         decoded = decode(record.value, message.format, message.text_field)
         if isinstance(decoded, DecodeFailure):
@@ -83,12 +90,13 @@ def take_in(
             embed_into = decoded.document if decoded.document is not None else {"text": decoded.text}
         key = cache_key(decoded.text) if cache is not None else None
         hit = cache.get(key) if cache is not None and key is not None else None
+        document = decoded.document
         if hit is not None:
-            intake.answered.append(Answered(record, generation, hit.probs, hit.truncated, embed_into))
+            intake.answered.append(Answered(record, generation, hit.probs, hit.truncated, document, embed_into))
             continue
         texts.append(decoded.text)
-        waiting.append((record, generation, embed_into, key))
+        waiting.append((record, generation, document, embed_into, key))
     if texts:
-        for (record, generation, embed_into, key), tokens in zip(waiting, tokenize(texts), strict=True):
-            intake.pending.append(Pending(record, generation, tokens.ids, tokens.truncated, embed_into, key))
+        for (record, generation, document, embed_into, key), tokens in zip(waiting, tokenize(texts), strict=True):
+            intake.pending.append(Pending(record, generation, tokens.ids, tokens.truncated, document, embed_into, key))
     return intake

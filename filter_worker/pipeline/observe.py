@@ -6,14 +6,14 @@ configuration (scope and rule names, actions), never from a record, so series st
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 
 from filter_worker.config import Settings
 from filter_worker.logs import get_logger
-from filter_worker.metrics import Metrics
+from filter_worker.metrics import Metrics, observe_many
 from filter_worker.pipeline.drift import DriftMonitor, expected_noise, load_reference
 from filter_worker.pipeline.routing import Decision, ScopeMatcher
 
@@ -42,10 +42,16 @@ class Observer:
         m = self._metrics
         for (scope, action, rule), count in Counter((d.scope, d.action, d.rule) for d in decisions).items():
             m.decisions.labels(scope, action, rule).inc(count)
+        rule_scores: dict[tuple[str, str], list[float]] = defaultdict(list)
+        top: dict[str, list[float]] = defaultdict(list)
         for decision in decisions:
             for rule, score in decision.rule_scores.items():
-                m.rule_score.labels(decision.scope, rule).observe(score)
-            m.top_label_probability.labels(decision.scope).observe(decision.scores[decision.label])
+                rule_scores[(decision.scope, rule)].append(score)
+            top[decision.scope].append(decision.scores[decision.label])
+        for (scope, rule), values in rule_scores.items():
+            observe_many(m.rule_score.labels(scope, rule), values)
+        for scope, values in top.items():
+            observe_many(m.top_label_probability.labels(scope), values)
         if self._drift is not None:
             for (scope, rule), value in self._drift.observe(probs, [d.scope for d in decisions]).items():
                 m.score_psi.labels(scope, rule).set(value)

@@ -122,11 +122,7 @@ def rule_score_matrix(probs: np.ndarray, indices: Sequence[np.ndarray]) -> np.nd
 class Router:
     """Scopes and their rules compiled against a model's labels; built once, then a pure function."""
 
-    def __init__(self, routing: RoutingSettings | Sequence[Rule], labels: Sequence[str]) -> None:
-        if not isinstance(routing, RoutingSettings):
-            # Transitional: worker.py on this branch still passes the default rule list (the main branch
-            # passes RoutingSettings). Remove once it does.
-            routing = RoutingSettings(rules=list(routing))
+    def __init__(self, routing: RoutingSettings, labels: Sequence[str]) -> None:
         self._labels = list(labels)
         self._matcher = ScopeMatcher(routing.scopes)
         self._rules = {DEFAULT_SCOPE: self._compile(routing.rules, "FILTER_ROUTING__RULES", "routing.rules")}
@@ -203,7 +199,7 @@ class Router:
             rows = np.flatnonzero(scope_of_row == scope)
             scored = rule_score_matrix(probs[rows], rules.indices)
             hits: np.ndarray = np.asarray(scored >= rules.min_scores)
-            matched = [bool(hit) for hit in hits.any(axis=1)]
+            matched: list[bool] = np.asarray(hits.any(axis=1)).tolist()
             first = hits.argmax(axis=1) if len(rules.names) else np.zeros(len(rows), dtype=np.int64)
             for row, rule_row, hit, at in zip(rows, scored.tolist(), matched, first.tolist(), strict=True):
                 label = self._labels[top[row]]
