@@ -7,6 +7,7 @@ runs forward passes on the inference thread.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import warnings
@@ -198,12 +199,11 @@ class Classifier:
         """One forward pass over token-id rows (padded here); returns probabilities, shape (rows, labels)."""
         import torch
 
-        width = max(len(row) for row in batch)
-        ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        for i, row in enumerate(batch):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
+        lengths = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
+        real = np.arange(int(lengths.max())) < lengths[:, np.newaxis]  # (rows, width): True where a token is
+        ids = np.full(real.shape, self._pad_id, dtype=np.int64)
+        ids[real] = np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum()))
+        mask = real.astype(np.int64)
         ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
         if self._pin:  # from the caching host allocator, so pinning costs no allocation per batch
             ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()

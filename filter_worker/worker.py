@@ -478,9 +478,7 @@ class Worker:
         if self._decider.shadow:
             for action, count in Counter(d.action for d in decisions).items():
                 self.metrics.shadow_decisions.labels(action).inc(count)
-        submit = self._r.gate.submit
-        for item in outputs:
-            submit(item)
+        self._r.gate.submit_many(outputs)
 
     def _dead_letter(self, record: InputRecord, generation: int, failure: DecodeFailure) -> None:
         fields: dict[str, Any] = {"error": failure.error, "reason": failure.reason}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from filter_worker.config import DeadLetterSettings
 from filter_worker.delivery.dead_letter_limit import DeadLetterLimit
 
@@ -36,3 +38,19 @@ def test_ratio_window_slides():
 def test_no_limits_never_trip():
     limit = DeadLetterLimit(DeadLetterSettings(max_consecutive=0, max_ratio=1.0, window=2))
     assert all(limit.exceeded_by(True) is None for _ in range(100))
+
+
+def test_a_batch_of_successes_counts_as_that_many_single_ones():
+    rng = random.Random(3)
+    settings = DeadLetterSettings(max_consecutive=0, max_ratio=0.9, window=50)
+    one_by_one, batched = DeadLetterLimit(settings), DeadLetterLimit(settings)
+    for _ in range(300):
+        if rng.random() < 0.3:
+            count = rng.choice([1, 7, 49, 50, 51, 120])
+            for _ in range(count):
+                one_by_one.exceeded_by(False)
+            batched.succeeded(count)
+        else:
+            dead = rng.random() < 0.6
+            assert one_by_one.exceeded_by(dead) == batched.exceeded_by(dead)
+        assert (batched._dead_in_window, batched.consecutive) == (one_by_one._dead_in_window, one_by_one.consecutive)  # noqa: SLF001

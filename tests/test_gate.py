@@ -61,3 +61,15 @@ def test_without_a_consecutive_limit_nothing_is_held():
     for offset in range(5000):
         gate.submit(item(offset, True))
     assert len(released) == 5000 and len(gate) == 0
+
+
+def test_a_batch_without_dead_letters_ends_the_run_and_passes_in_order():
+    released: list[Outgoing] = []
+    gate = DeadLetterGate(DeadLetterSettings(max_consecutive=3, max_ratio=1.0), released.append)
+    gate.submit_many([item(0, True), item(1, True)])
+    assert released == [] and len(gate) == 2
+    gate.submit_many([item(2, False), item(3, False)])
+    assert offsets(released) == [0, 1, 2, 3]
+    gate.submit_many([item(4, True), item(5, True)])
+    with pytest.raises(FatalError):
+        gate.submit_many([item(6, True)])

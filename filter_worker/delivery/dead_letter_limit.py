@@ -9,6 +9,7 @@ it is unit-tested directly.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 from filter_worker.config import DeadLetterSettings
@@ -22,6 +23,16 @@ class DeadLetterLimit:
         self._max_ratio = settings.max_ratio
         self._window: deque[bool] = deque(maxlen=settings.window)
         self._dead_in_window = 0
+        self.consecutive = 0
+
+    def succeeded(self, count: int) -> None:
+        """``count`` records classified: a success never crosses a limit, so a batch is taken at once."""
+        window = self._window
+        assert window.maxlen is not None
+        evicted = min(len(window), max(0, len(window) + count - window.maxlen))
+        if evicted:
+            self._dead_in_window -= sum(itertools.islice(window, evicted))
+        window.extend(itertools.repeat(False, min(count, window.maxlen)))
         self.consecutive = 0
 
     def exceeded_by(self, dead: bool) -> str | None:

@@ -47,6 +47,18 @@ class DeadLetterGate:
         self.open()
         self._release(item)
 
+    def submit_many(self, items: list[Outgoing]) -> None:
+        """``submit`` for a routed batch; a batch without dead letters ends any run and passes at once."""
+        if any(item.failure is not None for item in items):
+            for item in items:
+                self.submit(item)
+            return
+        self._limit.succeeded(len(items))
+        self.open()
+        release = self._release
+        for item in items:
+            release(item)
+
     def open(self) -> None:
         """The run ended or stalled below the limit (or the worker stops): let its dead letters through."""
         held, self._held = self._held, []

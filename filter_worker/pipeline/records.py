@@ -7,6 +7,7 @@ headers see exactly what was produced upstream.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,12 @@ class Outgoing:
         return self.failure.error if self.failure is not None else None
 
 
+@functools.lru_cache(maxsize=4096)
+def _encoded(text: str) -> bytes:
+    """Actions, labels, rules, scopes and the model name come from configuration: encode each once."""
+    return text.encode()
+
+
 def _kept_headers(record: InputRecord) -> Headers:
     # Earlier filter.* headers (a record filtered twice) are replaced, so each name appears once.
     return [(k, v) for k, v in record.headers if not k.startswith(HEADER_PREFIX)]
@@ -89,20 +96,20 @@ def routed(
     embedded form: a JSON value holding the original fields plus a ``moderation`` object. ``shadow``
     marks a decision that was recorded but not enforced (the record goes to the allow topic).
     """
-    facts: list[tuple[str, str]] = [
-        ("action", decision.action),
-        ("label", decision.label),
-        ("score", f"{decision.score:.6f}"),
-        ("rule", decision.rule),
-        ("scope", decision.scope),
-        ("model", model),
-        ("source", record.source),
+    headers = _kept_headers(record)
+    headers += [
+        ("filter.action", _encoded(decision.action)),
+        ("filter.label", _encoded(decision.label)),
+        ("filter.score", b"%.6f" % decision.score),
+        ("filter.rule", _encoded(decision.rule)),
+        ("filter.scope", _encoded(decision.scope)),
+        ("filter.model", _encoded(model)),
+        ("filter.source", record.source.encode()),
     ]
     if truncated:
-        facts.append(("truncated", "true"))
+        headers.append(("filter.truncated", b"true"))
     if shadow:
-        facts.append(("shadow", "true"))
-    headers = _kept_headers(record) + [(HEADER_PREFIX + k, v.encode()) for k, v in facts]
+        headers.append(("filter.shadow", b"true"))
     value = record.value
     if embed_into is not None:
         moderation = {
