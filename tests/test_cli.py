@@ -387,3 +387,49 @@ def test_every_setting_with_a_wrong_value_exits_2_naming_it():
     with ThreadPoolExecutor(max_workers=4) as pool:
         problems = [p for p in pool.map(attempt, sorted(fields)) if p is not None]
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.integration
+def test_broker_creates_the_topics_of_the_settings_and_stops_on_sigterm():
+    import queue
+    import signal
+    import socket
+    import threading
+
+    from confluent_kafka.admin import AdminClient
+
+    from filter_worker.tools.broker import free_port
+
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FILTER_")}
+    env = {**clean, "FILTER_TOPICS__INPUT": "in-a,in-b", "FILTER_TOPICS__DEAD_LETTER": "bad"}
+    args = [sys.executable, "-m", "filter_worker", "broker", "--port", str(port), "--topics", "--partitions", "2"]
+    broker = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in broker.stdout], daemon=True)
+    reader.start()
+    try:
+        printed = ""
+        while "Ctrl-C stops the broker." not in printed:
+            try:
+                printed += lines.get(timeout=60)
+            except queue.Empty:
+                pytest.fail(f"the broker printed no instructions within 60 s: {printed!r}")
+        assert f"FILTER_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:{port}" in printed
+        assert "FILTER_KAFKA__SESSION_TIMEOUT_MS=6000" in printed
+
+        topics = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=10).topics
+        expected = {"in-a", "in-b", "messages.allow", "messages.quarantine", "messages.drop", "bad"}
+        assert expected <= set(topics)
+        assert {len(topics[name].partitions) for name in expected} == {2}
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        broker.wait(timeout=30)
+        reader.join(timeout=10)  # the pipe is closed: the reader has read everything
+    assert broker.returncode == 0, printed
+    rest = []
+    while not lines.empty():
+        rest.append(lines.get())
+    assert rest[-1:] == ["broker stopped\n"], rest
+    with socket.socket() as again:  # the broker process is gone with it
+        again.bind(("127.0.0.1", port))
