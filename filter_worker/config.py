@@ -9,10 +9,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -33,6 +43,34 @@ class ConfigError(Exception):
     """A setting is wrong; the message names it. Start-up stops with exit code 2."""
 
 
+def _not_blank(value: str) -> str:
+    # An empty value is always a mistake (often an unset variable interpolated by compose or a shell),
+    # and some are dangerous: an empty model name would load whatever is in the working directory.
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_not_blank)]
+
+# Kafka's own rule for topic names (kafka.common.internals.Topic): a typo here would otherwise only
+# show up as a topic that never exists.
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _topic_name(value: str) -> str:
+    if not _TOPIC.fullmatch(value) or value in (".", ".."):
+        raise ValueError(f"{value!r} is not a Kafka topic name (letters, digits, '.', '_', '-'; at most 249)")
+    return value
+
+
+Topic = Annotated[str, AfterValidator(_topic_name)]
+
+# SASL mechanisms that authenticate with a user name and password; GSSAPI (Kerberos) and OAUTHBEARER
+# take their credentials from elsewhere (a keytab, a token provider).
+_PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -40,8 +78,8 @@ class _Section(BaseModel):
 class KafkaSettings(_Section):
     """Connection and group settings; ``properties`` passes any librdkafka property through."""
 
-    bootstrap_servers: str = "localhost:9092"
-    group_id: str = "filter-worker"
+    bootstrap_servers: Text = "localhost:9092"
+    group_id: Text = "filter-worker"
     # Eager "range" by default: incremental cooperative rebalancing has had commit pitfalls in
     # librdkafka (commits racing partial revocations), and eager revocation makes "commit what is
     # done, drop the rest" exact. Operators with many partitions per pod may choose cooperative-sticky.
@@ -52,14 +90,14 @@ class KafkaSettings(_Section):
     commit_interval_ms: int = Field(1_000, ge=10)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
-    sasl_username: str | None = None
+    sasl_username: Text | None = None
     sasl_password: SecretStr | None = None
     # Kafka transactions: outputs and consumed offsets commit atomically, so read_committed consumers
     # of the output topics see every input exactly once, crashes included.
     exactly_once: bool = False
     # Stable per worker and unique among running workers; a restarted worker with the same id fences
     # its previous incarnation and aborts its open transaction. Default: "<group_id>-<hostname>".
-    transactional_id: str | None = None
+    transactional_id: Text | None = None
     # Exactly-once: transactions aborted in a row (each followed by a backoff and a re-read from the
     # last commit) before the worker gives up with exit code 1. A record refused for its size needs
     # up to three (its dead letter, cut, then left out), so keep it above 3.
@@ -68,6 +106,13 @@ class KafkaSettings(_Section):
     consumer_properties: dict[str, SecretStr] = Field(default_factory=dict)
     producer_properties: dict[str, SecretStr] = Field(default_factory=dict)
 
+    @field_validator("sasl_password")
+    @classmethod
+    def _password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
     @field_validator("properties", "consumer_properties", "producer_properties", mode="before")
     @classmethod
     def _stringify(cls, value: Any) -> Any:
@@ -75,16 +120,37 @@ class KafkaSettings(_Section):
             return {str(k): v if isinstance(v, SecretStr) else str(v) for k, v in value.items()}
         return value
 
+    # Errors of these validators concern several variables, so their messages name them all.
     @model_validator(mode="after")
     def _poll_interval(self) -> KafkaSettings:
         if self.max_poll_interval_ms < self.session_timeout_ms:  # librdkafka refuses it, less clearly
-            raise ValueError("max_poll_interval_ms must be at least session_timeout_ms")
+            raise ValueError(
+                f"FILTER_KAFKA__MAX_POLL_INTERVAL_MS ({self.max_poll_interval_ms}) must be at least "
+                f"FILTER_KAFKA__SESSION_TIMEOUT_MS ({self.session_timeout_ms})"
+            )
         return self
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
-        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
-            raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
+        protocol = self.security_protocol
+        if not protocol.startswith("SASL"):
+            return self
+        if self.sasl_mechanism is None:
+            raise ValueError(
+                f"FILTER_KAFKA__SASL_MECHANISM is required when FILTER_KAFKA__SECURITY_PROTOCOL is {protocol}"
+            )
+        if self.sasl_mechanism in _PASSWORD_MECHANISMS:
+            # The credentials may also come as librdkafka properties (FILTER_KAFKA__PROPERTIES).
+            missing = [
+                f"FILTER_KAFKA__SASL_{name.upper()}"
+                for name, value in (("username", self.sasl_username), ("password", self.sasl_password))
+                if value is None and f"sasl.{name}" not in self.properties
+            ]
+            if missing:
+                raise ValueError(
+                    f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required with "
+                    f"FILTER_KAFKA__SASL_MECHANISM={self.sasl_mechanism}"
+                )
         return self
 
     def client_properties(self) -> dict[str, str]:
@@ -118,15 +184,21 @@ def _split_topics(value: Any) -> Any:
 
 class TopicSettings(_Section):
     input: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["messages"], min_length=1)
-    allow: str = "messages.allow"
-    quarantine: str = "messages.quarantine"
-    drop: str = "messages.drop"
-    dead_letter: str = "messages.dlq"
+    allow: Topic = "messages.allow"
+    quarantine: Topic = "messages.quarantine"
+    drop: Topic = "messages.drop"
+    dead_letter: Topic = "messages.dlq"
     # Create missing output topics at start-up (with the input's partition count and the broker's
     # default replication). Input topics are never created: a missing one is a typo or a wrong cluster.
     create: bool = False
 
     _split = field_validator("input", mode="before")(_split_topics)
+
+    @field_validator("input")
+    @classmethod
+    def _input_names(cls, value: list[str]) -> list[str]:
+        # "^..." subscribes to every topic matching the regular expression (librdkafka's convention).
+        return [name if name.startswith("^") and len(name) > 1 else _topic_name(name) for name in value]
 
     @model_validator(mode="after")
     def _no_loops(self) -> TopicSettings:
@@ -140,9 +212,21 @@ class TopicSettings(_Section):
         return {"allow": self.allow, "quarantine": self.quarantine, "drop": self.drop, "dead_letter": self.dead_letter}
 
 
+def looks_like_path(name: str) -> bool:
+    """A model name that can only be a directory: hub ids are ``NAME`` or ``ORG/NAME`` and never start with '.'."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
+def _model_name(name: str) -> str:
+    if looks_like_path(name) and not Path(name).is_dir():
+        problem = "it is a file, not a model directory" if Path(name).exists() else "there is no such directory"
+        raise ValueError(f"{name!r} looks like a path but {problem} (a hub id is NAME or ORG/NAME)")
+    return name
+
+
 class ModelSettings(_Section):
-    name: str = DEFAULT_MODEL
-    revision: str | None = None
+    name: Annotated[Text, AfterValidator(_model_name)] = DEFAULT_MODEL
+    revision: Text | None = None
     device: str = "auto"
     max_length: int = Field(512, ge=8)
     trust_remote_code: bool = False
@@ -437,29 +521,59 @@ def env_name(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + "__".join(names)
 
 
+def _is_json_field(field: Any) -> bool:
+    """Whether pydantic-settings parses the field's environment variable as JSON (lists, objects, sections)."""
+    if NoDecode in field.metadata:
+        return False
+    annotation = field.annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return typing.get_origin(annotation) in (list, dict)
+
+
+def json_variables() -> dict[str, str]:
+    """Every FILTER_ variable whose value is JSON, with what it must hold ("list", "object")."""
+    names: dict[str, str] = {}
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names[f"{ENV_PREFIX}{name.upper()}"] = "object"
+            for sub, subfield in annotation.model_fields.items():
+                if _is_json_field(subfield):
+                    kind = "list" if typing.get_origin(subfield.annotation) is list else "object"
+                    names[f"{ENV_PREFIX}{name.upper()}__{sub.upper()}"] = kind
+        elif _is_json_field(field):
+            names[f"{ENV_PREFIX}{name.upper()}"] = "object"
+    return names
+
+
 def _bad_json_variables() -> list[str]:
-    """Names of FILTER_ variables that look like JSON but do not parse."""
+    """The JSON variables that are set but do not parse, each with what it must hold."""
+    expected = json_variables()
     bad = []
     for key, value in os.environ.items():
-        if key.startswith(ENV_PREFIX) and value.lstrip()[:1] in ("[", "{"):
-            try:
-                json.loads(value)
-            except ValueError:
-                bad.append(key)
+        kind = expected.get(key.upper())
+        if kind is None:
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            bad.append(f"{key} is not valid JSON (it must be a JSON {kind})")
     return sorted(bad)
 
 
 def _describe(error: ValidationError) -> str:
     # Input values are left out on purpose: they may be secrets.
-    lines = []
+    problems = []
     for item in error.errors():
         loc = tuple(item["loc"])
-        if not loc:  # a check across sections: its message names the variables itself
-            lines.append(item["msg"].removeprefix("Value error, "))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "value_error" and len(loc) <= 1:
+            problems.append(message)  # a check across several settings: its message names them
             continue
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-        lines.append(f"{env_name(loc)} ({where}): {item['msg']}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+        problems.append(f"{env_name(loc)} ({where}): {message}")
+    return "invalid configuration: " + "; ".join(problems)
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
@@ -480,7 +594,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     except SettingsError as exc:
         bad = _bad_json_variables()
         if bad:
-            raise ConfigError(f"invalid configuration: {', '.join(bad)} is not valid JSON") from None
+            raise ConfigError(f"invalid configuration: {'; '.join(bad)}") from None
         raise ConfigError(f"invalid configuration: {exc}") from None
     except ValueError as exc:  # malformed TOML
         raise ConfigError(f"invalid configuration in {config_file}: {exc}") from None

@@ -25,6 +25,8 @@ LOCK_FORMAT = 1
 PULL_PATTERNS: tuple[str, ...] = ("*.json", "*.safetensors", "*.txt", "*.model")
 # Files that, if present but not locked, could still be loaded; ``verify`` reports them.
 _LOADABLE_PATTERNS: tuple[str, ...] = (*PULL_PATTERNS, "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack")
+# A fast tokenizer loads from tokenizer.json, or is converted from one of these vocabularies.
+_TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _CHUNK = 1 << 20
 
@@ -96,6 +98,23 @@ def directory_weights_sha256(directory: str | Path) -> str:
     """``weights_sha256`` of a directory without a lock (a hub snapshot, an unlocked copy): hashes the files."""
     root = Path(directory)
     return weights_sha256({p.name: sha256_file(p) for p in root.glob("*.safetensors") if p.is_file()})
+
+
+def missing_model_files(directory: str | Path) -> list[str]:
+    """What a model directory lacks to be loaded (config, tokenizer, safetensors weights); empty when complete.
+
+    Checked before transformers reads the directory, whose own errors for an incomplete one are cut
+    off mid-sentence ("Couldn't instantiate the backend tokenizer from one of: ...").
+    """
+    root = Path(directory)
+    missing = []
+    if not (root / "config.json").is_file():
+        missing.append("config.json")
+    if not any(p.is_file() for pattern in _TOKENIZER_FILES for p in root.glob(pattern)):
+        missing.append("tokenizer.json")
+    if not any(p.is_file() for p in root.glob("*.safetensors")):
+        missing.append("*.safetensors weights")
+    return missing
 
 
 def _files(directory: Path) -> list[Path]:
@@ -196,6 +215,14 @@ def pull(
             )
         )
     except (OSError, ValueError) as exc:  # hub errors derive from these
+        if local_files_only:  # the hub client's own text here is advice for its Python API
+            from huggingface_hub import constants
+
+            raise LockError(
+                f"the Hugging Face Hub is unreachable from here and '{model_id}' (revision {revision or 'main'}) is "
+                f"not in the local cache {cache_dir or constants.HF_HUB_CACHE}; run this pull on a machine with hub "
+                "access and copy the directory here, or try the pipeline offline with 'filter-worker model synth DIR'"
+            ) from exc
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LockError(f"could not download '{model_id}' (revision {revision or 'main'}): {cause}") from exc
     commit = snapshot.name

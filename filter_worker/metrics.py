@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
+from filter_worker.config import Rule
+from filter_worker.pipeline.decode import ERROR_CLASSES
 from filter_worker.pipeline.drift import SCORE_EDGES
+
+# Dead-letter classes: the decoder's, plus the two the worker assigns after decoding.
+DEAD_LETTER_ERRORS: tuple[str, ...] = (*ERROR_CLASSES, "model_error", "publish_rejected")
+ACTIONS: tuple[str, ...] = typing.get_args(Rule.model_fields["action"].annotation)  # a rule's actions
+REBALANCE_KINDS: tuple[str, ...] = ("assign", "revoke", "lost")
+RELOAD_RESULTS: tuple[str, ...] = ("applied", "refused")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 _FORWARD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -19,6 +28,8 @@ _SCORE_BUCKETS = SCORE_EDGES[1:]
 
 
 class Metrics:
+    """Every metric the worker exports; ``initialise`` and ``track_readiness`` are called once at start-up."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -124,6 +135,46 @@ class Metrics:
             ["scope", "rule"],
             registry=r,
         )
+
+        self.ready = Gauge(
+            "filter_ready", "1 while /readyz answers 200 (model warm, group joined, broker up)", registry=r
+        )
+        # process_start_time_seconds (restarts), CPU and memory, on this registry like everything else.
+        ProcessCollector(registry=r)
+
+    def initialise(self, topics: dict[str, str], inputs: Iterable[str], cache: bool) -> None:
+        """Create every labelled series at 0, so ``rate()`` and ``increase()`` see its first event.
+
+        A labelled counter otherwise appears only on first use, at 1: Prometheus then has no earlier
+        sample to compare with, so the first dead letter of a class, the first lost partition, the
+        first refused reload never show in a rate or fire an alert. ``topics`` is the action -> output
+        topic map (``TopicSettings.outputs()``); ``inputs`` are the input topics (regex subscriptions,
+        "^...", name no topic and are skipped); ``cache`` is whether the decision cache is on.
+        """
+        named = [topic for topic in inputs if not topic.startswith("^")]
+        for topic in named:
+            self.consumed.labels(topic)
+            for action in topics:
+                self.published.labels(action, topic)
+        for error in DEAD_LETTER_ERRORS:
+            self.dead_letters.labels(error)
+        for kind in REBALANCE_KINDS:
+            self.rebalances.labels(kind)
+        for result in RELOAD_RESULTS:
+            self.rule_reloads.labels(result)
+        for action in ACTIONS:  # shadow mode can be switched on by a reload, so always
+            self.shadow_decisions.labels(action)
+        for kind in ("real", "padded"):
+            self.forward_tokens.labels(kind)
+        for form in ("cut", "omitted"):
+            self.oversized.labels(form)
+        if cache:
+            for result in ("hit", "miss"):
+                self.cache_records.labels(result)
+
+    def track_readiness(self, ready: Callable[[], bool]) -> None:
+        """``filter_ready`` reads ``ready`` (``Health.ready``) at every scrape: no call site per state change."""
+        self.ready.set_function(lambda: 1.0 if ready() else 0.0)
 
 
 class FeedbackMetrics:

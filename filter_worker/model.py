@@ -126,6 +126,8 @@ class Classifier:
         dtype = resolve_dtype(settings.dtype, device)
         local = Path(settings.name).is_dir()
         lock = _verified_lock(settings, local)
+        if local:
+            _check_complete(settings.name)
         kwargs: dict[str, object] = {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
         if not local and not hub_reachable():
             # Without this, the hub client retries for most of a minute before failing; a model
@@ -253,6 +255,20 @@ def _verified_lock(settings: ModelSettings, local: bool) -> lockfile.Lock | None
     return lock
 
 
+def _check_complete(directory: str) -> None:
+    missing = lockfile.missing_model_files(directory)
+    if missing == ["*.safetensors weights"] and any(Path(directory).glob("*.bin")):
+        raise ModelLoadError(
+            f"model directory '{directory}' has pickle weights but no safetensors; only safetensors are loaded "
+            "(pickle files can run code)"
+        )
+    if missing:
+        raise ModelLoadError(
+            f"model directory '{directory}' has no {', no '.join(missing)}: it is not a complete model; write one with "
+            f"{_FETCH_ADVICE}"
+        )
+
+
 def _hub_snapshot(name: str, revision: str | None) -> Path | None:
     """The cache folder the model was just loaded from; its name is the resolved commit."""
     from huggingface_hub import try_to_load_from_cache
@@ -310,14 +326,23 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
     return True
 
 
+# The project's own commands, so the advice works with whatever huggingface-hub version is installed
+# (current ones no longer install huggingface-cli).
+_FETCH_ADVICE = (
+    "'filter-worker model pull NAME --to DIR' on a machine with hub access (then copy DIR here), "
+    "or 'filter-worker model synth DIR' for an offline stand-in"
+)
+
+
 def _load_failure(name: str, local: bool, exc: Exception) -> str:
     cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "safetensors" in str(exc).lower():
         return f"model '{name}' has no safetensors weights; only safetensors are loaded (pickle files can run code)"
     if local:
         return f"could not load the model in directory '{name}': {cause}"
+    # "org/name" is also a relative path: say that no such directory is here either.
+    nowhere = " (nor is there a directory of that name here)" if "/" in name else ""
     return (
-        f"could not load model '{name}' from the Hugging Face Hub ({cause}); on a machine without hub access, "
-        f"download it elsewhere (huggingface-cli download {name} --local-dir DIR), copy DIR here and pass "
-        "--model DIR (or set FILTER_MODEL__NAME=DIR)"
+        f"could not load model '{name}' from the Hugging Face Hub ({cause.rstrip('.')}){nowhere}; get a model "
+        f"directory with {_FETCH_ADVICE}, and pass --model DIR (or set FILTER_MODEL__NAME=DIR)"
     )

@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
+import typing
+from typing import Any
 
 import orjson
 import pytest
+from pydantic import BaseModel
+from pydantic_settings import NoDecode
 
-from filter_worker.config import Rule
+from filter_worker.config import Rule, Settings
 from filter_worker.lockfile import LOCK_NAME
 from tests.conftest import HUB_COMMIT, HUB_REPO
 from tests.test_evaluation import write_csv
@@ -213,3 +218,227 @@ def test_hub_load_reports_the_resolved_commit_and_warns_when_unpinned(hub_cache)
     pinned = cli("classify", "you idiot", "--model", HUB_REPO, FILTER_MODEL__REVISION=HUB_COMMIT, **hub)
     assert pinned.returncode == 0, pinned.stderr
     assert "not pinned" not in pinned.stderr and orjson.loads(pinned.stdout)["model"] == decision["model"]
+
+
+# ------------------------------------------------------------------------- bad input: exit 2, one line
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one ``filter-worker:`` line a refused start prints; anything like a traceback fails the test."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("filter-worker:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_classify_refuses_invalid_utf8_in_a_file_and_on_stdin(keyword_model, tmp_path):
+    data = tmp_path / "texts.txt"
+    data.write_bytes(b"fine\n\xff\xfe broken\n")
+    from_file = cli("classify", "--file", str(data), "--model", str(keyword_model))
+    assert from_file.returncode == 2
+    assert f"--file {data} line 2: not valid UTF-8" in error_line(from_file)
+
+    piped = subprocess.run(
+        [sys.executable, "-m", "filter_worker", "classify", "--file", "-", "--model", str(keyword_model)],
+        input=b"fine\n\xff\xfe broken\n",
+        capture_output=True,
+        timeout=180,
+    )
+    result = subprocess.CompletedProcess(piped.args, piped.returncode, piped.stdout.decode(), piped.stderr.decode())
+    assert result.returncode == 2 and "standard input" in error_line(result) and not result.stdout
+
+
+def test_classify_reports_empty_text_as_the_worker_would_dead_letter_it(keyword_model):
+    result = cli("classify", "", "  ", "a wonderful day", "--model", str(keyword_model))
+    assert result.returncode == 0, result.stderr
+    empty, blank, fine = (orjson.loads(line) for line in result.stdout.splitlines())
+    for decision in (empty, blank):
+        assert (decision["action"], decision["error"]) == ("dead_letter", "empty_text")
+        assert decision["reason"] and "label" not in decision
+    assert (fine["action"], fine["label"]) == ("allow", "Very Positive")
+    only_empty = cli("classify", "", "--model", str(keyword_model))
+    assert only_empty.returncode == 0 and orjson.loads(only_empty.stdout)["error"] == "empty_text"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"FILTER_KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "FILTER_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512"},
+         "FILTER_KAFKA__SASL_USERNAME and FILTER_KAFKA__SASL_PASSWORD are required"),
+        ({"FILTER_KAFKA__PROPERTIES": '{"bogus.property": "1"}'}, "FILTER_KAFKA__PROPERTIES"),
+        ({"FILTER_KAFKA__CONSUMER_PROPERTIES": '{"fetch.wait.max.ms": "never"}'}, "FILTER_KAFKA__CONSUMER_PROPERTIES"),
+        ({"FILTER_KAFKA__PRODUCER_PROPERTIES": '{"compression.type": "zipzap-secret"}'},
+         "FILTER_KAFKA__PRODUCER_PROPERTIES"),
+        ({"FILTER_ROUTING__RULES": "not json"}, "FILTER_ROUTING__RULES is not valid JSON"),
+        ({"FILTER_KAFKA__BOOTSTRAP_SERVERS": ""}, "FILTER_KAFKA__BOOTSTRAP_SERVERS"),
+        ({"FILTER_MODEL__NAME": "/no/such/dir"}, "FILTER_MODEL__NAME"),
+    ],
+)  # fmt: skip
+def test_bad_settings_stop_run_before_the_model_loads(env, named):
+    # The hub is unreachable, so reaching the model load would end in exit code 3 instead.
+    result = cli("run", HF_ENDPOINT="http://127.0.0.1:9", **env)
+    assert result.returncode == 2, result.stderr
+    line = error_line(result)
+    assert named in line
+    assert "zipzap-secret" not in result.stderr, "pass-through values are secrets"
+
+
+def test_model_paths_that_do_not_exist_are_setting_errors_and_incomplete_directories_model_errors(tmp_path):
+    missing = cli("classify", "x", "--model", "./nope")
+    assert missing.returncode == 2 and "--model: './nope' looks like a path" in error_line(missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    incomplete = cli("classify", "x", "--model", str(empty))
+    assert incomplete.returncode == 3
+    assert "has no config.json, no tokenizer.json, no *.safetensors weights" in error_line(incomplete)
+
+
+def test_hub_failure_recommends_the_projects_own_commands():
+    result = cli("classify", "x", "--model", "acme/not-cached", HF_ENDPOINT="http://127.0.0.1:9")
+    assert result.returncode == 3
+    line = error_line(result)
+    assert "filter-worker model pull NAME --to DIR" in line and "filter-worker model synth DIR" in line
+    assert "huggingface-cli" not in line
+
+
+def test_model_pull_without_hub_access_says_so_in_one_sentence(tmp_path):
+    result = cli("model", "pull", "acme/not-cached", "--to", str(tmp_path / "m"), HF_HUB_CACHE=str(tmp_path / "c"),
+                 HF_HUB_OFFLINE="1")  # fmt: skip
+    assert result.returncode == 3
+    line = error_line(result)
+    assert "the Hugging Face Hub is unreachable from here" in line and "local_files_only" not in line
+
+
+def test_model_lock_then_verify_and_load_report_the_locked_identity(keyword_model, tmp_path):
+    import shutil
+
+    target = tmp_path / "mine"
+    shutil.copytree(keyword_model, target)
+    locked = cli("model", "lock", str(target), "--name", "acme/mine", "--revision", "v1")
+    assert locked.returncode == 0, locked.stderr
+    assert (target / LOCK_NAME).is_file() and "acme/mine@v1" in locked.stdout
+    assert cli("model", "verify", str(target)).returncode == 0
+    again = cli("model", "lock", str(target))
+    assert again.returncode == 3 and "--force" in error_line(again)
+    decision = cli("classify", "you idiot", "--model", str(target))
+    assert decision.returncode == 0, decision.stderr
+    assert orjson.loads(decision.stdout)["model"].startswith("acme/mine@v1#sha256:")
+    (target / "vocab.txt").write_text("sneaked in\n")
+    assert cli("model", "verify", str(target)).returncode == 3
+
+
+@pytest.mark.parametrize("command", [["verify"], ["lock"]])
+def test_model_commands_on_a_missing_directory_exit_2(command, tmp_path):
+    result = cli("model", *command, str(tmp_path / "nope"))
+    assert result.returncode == 2 and "does not exist" in error_line(result)
+
+
+def test_config_after_the_subcommand_is_used_and_help_names_the_sources(keyword_model, tmp_path):
+    config = tmp_path / "filter.toml"
+    config.write_text('[[routing.rules]]\naction = "quarantine"\nlabels = ["Very Positive"]\nmin_score = 0.5\n'
+                      'name = "from-file"\n')  # fmt: skip
+    result = cli("classify", "a wonderful day", "--model", str(keyword_model), "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout)["rule"] == "from-file"
+    missing = cli("classify", "x", "--config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 2 and "--config" in error_line(missing)
+    helped = cli("run", "--help")
+    assert helped.returncode == 0
+    text = " ".join(helped.stdout.split())
+    assert "--config FILE" in text and "FILTER_* environment variables over the TOML file given with --config" in text
+
+
+def _wrong_value(field: Any) -> str:
+    """A value of the wrong kind for ``field``'s type, as an operator might type it."""
+    annotation = field.annotation
+    members = [a for a in typing.get_args(annotation) if a is not type(None)] if typing.get_origin(annotation) in (
+        typing.Union, types.UnionType) else [annotation]  # fmt: skip
+    first = members[0]
+    if first is bool:
+        return "maybe"
+    if first is int:
+        return "many"
+    if first is float:
+        return "lots"
+    if typing.get_origin(first) is typing.Literal:
+        return "no-such-choice"
+    if typing.get_origin(first) in (list, dict):
+        return "bad topic!" if NoDecode in field.metadata else "not json"
+    return ""  # free text (names, ids, secrets): empty is the one value that is always wrong
+
+
+def setting_fields() -> dict[str, Any]:
+    """Every FILTER_ variable with its pydantic field, derived from the Settings class."""
+    fields = {}
+    for name, field in Settings.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            fields |= {f"FILTER_{name.upper()}__{sub.upper()}": f for sub, f in section.model_fields.items()}
+        else:
+            fields[f"FILTER_{name.upper()}"] = field
+    return fields
+
+
+def test_every_setting_with_a_wrong_value_exits_2_naming_it():
+    from concurrent.futures import ThreadPoolExecutor
+
+    fields = setting_fields()
+    assert len(fields) >= 40 and "FILTER_SHUTDOWN_TIMEOUT_S" in fields
+
+    def attempt(name: str) -> str | None:
+        # run fails at the settings, before any model or broker is touched.
+        result = cli("run", **{name: _wrong_value(fields[name])})
+        lines = [line for line in result.stderr.splitlines() if line.startswith("filter-worker:")]
+        if result.returncode != 2 or "Traceback" in result.stderr or len(lines) != 1 or name not in lines[0]:
+            return f"{name}={_wrong_value(fields[name])!r}: exit {result.returncode}, {result.stderr.strip()[:300]}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        problems = [p for p in pool.map(attempt, sorted(fields)) if p is not None]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.integration
+def test_broker_creates_the_topics_of_the_settings_and_stops_on_sigterm():
+    import queue
+    import signal
+    import socket
+    import threading
+
+    from confluent_kafka.admin import AdminClient
+
+    from filter_worker.tools.broker import free_port
+
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FILTER_")}
+    env = {**clean, "FILTER_TOPICS__INPUT": "in-a,in-b", "FILTER_TOPICS__DEAD_LETTER": "bad"}
+    args = [sys.executable, "-m", "filter_worker", "broker", "--port", str(port), "--topics", "--partitions", "2"]
+    broker = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in broker.stdout], daemon=True)
+    reader.start()
+    try:
+        printed = ""
+        while "Ctrl-C stops the broker." not in printed:
+            try:
+                printed += lines.get(timeout=60)
+            except queue.Empty:
+                pytest.fail(f"the broker printed no instructions within 60 s: {printed!r}")
+        assert f"FILTER_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:{port}" in printed
+        assert "FILTER_KAFKA__SESSION_TIMEOUT_MS=6000" in printed
+
+        topics = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=10).topics
+        expected = {"in-a", "in-b", "messages.allow", "messages.quarantine", "messages.drop", "bad"}
+        assert expected <= set(topics)
+        assert {len(topics[name].partitions) for name in expected} == {2}
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        broker.wait(timeout=30)
+        reader.join(timeout=10)  # the pipe is closed: the reader has read everything
+    assert broker.returncode == 0, printed
+    rest = []
+    while not lines.empty():
+        rest.append(lines.get())
+    assert rest[-1:] == ["broker stopped\n"], rest
+    with socket.socket() as again:  # the broker process is gone with it
+        again.bind(("127.0.0.1", port))

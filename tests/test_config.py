@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from filter_worker.config import DEFAULT_MODEL, ConfigError, load_settings
+from filter_worker.config import DEFAULT_MODEL, ConfigError, load_settings, looks_like_path
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +66,7 @@ def test_env_overrides_toml_file(tmp_path, monkeypatch):
         ("FILTER_ROUTING__RULES", '[{"action": "drop"', "FILTER_ROUTING__RULES is not valid JSON"),
         ("FILTER_TOPICS__ALLOW", "messages", "must not also be output topics"),
         ("FILTER_SHUTDOWN_TIMEOUT_S", "-1", "FILTER_SHUTDOWN_TIMEOUT_S"),
-        ("FILTER_MODEL__VERIFY", "maybe", "FILTER_MODEL__VERIFY (model.verify): Value error, must be auto, true or"),
+        ("FILTER_MODEL__VERIFY", "maybe", "FILTER_MODEL__VERIFY (model.verify): must be auto, true or"),
     ],
 )
 def test_bad_settings_stop_startup_naming_the_setting(monkeypatch, var, value, named):
@@ -90,7 +90,7 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 def test_sasl_requires_a_mechanism(monkeypatch):
     monkeypatch.setenv("FILTER_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
-    with pytest.raises(ConfigError, match="sasl_mechanism"):
+    with pytest.raises(ConfigError, match="FILTER_KAFKA__SASL_MECHANISM is required"):
         load_settings()
 
 
@@ -123,3 +123,88 @@ def test_model_verify_is_auto_true_or_false(monkeypatch, value, expected):
 def test_poll_interval_below_session_timeout_is_named():
     with pytest.raises(ConfigError, match="FILTER_KAFKA"):
         load_settings(kafka={"session_timeout_ms": 10_000, "max_poll_interval_ms": 5_000})
+
+
+@pytest.mark.parametrize(
+    ("kafka", "named"),
+    [
+        ({"security_protocol": "SASL_SSL"}, "FILTER_KAFKA__SASL_MECHANISM is required"),
+        ({"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN"}, "FILTER_KAFKA__SASL_USERNAME and"),
+        (
+            {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-256", "sasl_username": "u"},
+            "FILTER_KAFKA__SASL_PASSWORD is required with FILTER_KAFKA__SASL_MECHANISM=SCRAM-SHA-256",
+        ),
+    ],
+)
+def test_sasl_password_mechanisms_need_credentials(kafka, named):
+    with pytest.raises(ConfigError, match=named):
+        load_settings(kafka=kafka)
+
+
+@pytest.mark.parametrize(
+    "kafka",
+    [
+        {"security_protocol": "SASL_SSL", "sasl_mechanism": "GSSAPI"},
+        {"security_protocol": "SASL_SSL", "sasl_mechanism": "OAUTHBEARER"},
+        {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "p"},
+        {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "properties": {"sasl.username": "u",
+                                                                                   "sasl.password": "p"}},
+    ],
+)  # fmt: skip
+def test_sasl_mechanisms_with_their_credentials_are_accepted(kafka):
+    assert load_settings(kafka=kafka).kafka.sasl_mechanism == kafka["sasl_mechanism"]
+
+
+@pytest.mark.parametrize("name", ["acme/model", "model-name", "tabularisai/multilingual-sentiment-analysis"])
+def test_hub_ids_are_not_paths(name):
+    assert not looks_like_path(name)
+    assert load_settings(model={"name": name}).model.name == name
+
+
+@pytest.mark.parametrize("name", ["./nope", "../nope", "/no/such/dir", "~/model", "a/b/c", "acme/model/"])
+def test_model_names_that_can_only_be_paths_must_exist(name):
+    assert looks_like_path(name)
+    with pytest.raises(ConfigError, match=r"FILTER_MODEL__NAME \(model.name\): .* looks like a path but there is no"):
+        load_settings(model={"name": name})
+
+
+def test_an_existing_relative_directory_is_a_model_name(tmp_path, monkeypatch):
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(model={"name": "./models/mine"}).model.name == "./models/mine"
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("FILTER_TOPICS__INPUT", "in put"),
+        ("FILTER_TOPICS__DEAD_LETTER", "dlq/x"),
+        ("FILTER_TOPICS__ALLOW", ".."),
+        ("FILTER_KAFKA__BOOTSTRAP_SERVERS", " "),
+        ("FILTER_KAFKA__GROUP_ID", ""),
+        ("FILTER_MODEL__REVISION", ""),
+    ],
+)
+def test_topic_names_and_empty_values_are_refused(monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match=var):
+        load_settings()
+
+
+def test_regex_input_subscriptions_are_accepted(monkeypatch):
+    monkeypatch.setenv("FILTER_TOPICS__INPUT", "^messages\\..*,plain")
+    assert load_settings().topics.input == ["^messages\\..*", "plain"]
+
+
+@pytest.mark.parametrize("var", ["FILTER_ROUTING__RULES", "FILTER_KAFKA__PROPERTIES", "FILTER_KAFKA"])
+def test_json_variables_that_do_not_parse_are_named(monkeypatch, var):
+    monkeypatch.setenv(var, "not json")
+    with pytest.raises(ConfigError, match=f"{var} is not valid JSON"):
+        load_settings()
+
+
+def test_one_error_is_one_line():
+    with pytest.raises(ConfigError) as err:
+        load_settings(batch={"max_size": 0})
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("invalid configuration: FILTER_BATCH__MAX_SIZE (batch.max_size): ")

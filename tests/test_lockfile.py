@@ -47,7 +47,7 @@ def test_pull_refuses_a_non_empty_directory_and_an_unknown_revision(hub_cache, t
     (tmp_path / "old.txt").write_text("x")
     with pytest.raises(lockfile.LockError, match="not an empty directory"):
         lockfile.pull(HUB_REPO, None, tmp_path, cache_dir=hub_cache, local_files_only=True)
-    with pytest.raises(lockfile.LockError, match="could not download"):
+    with pytest.raises(lockfile.LockError, match="revision v9.* is not in the local cache"):
         lockfile.pull(HUB_REPO, "v9", tmp_path / "new", cache_dir=hub_cache, local_files_only=True)
 
 
@@ -100,3 +100,12 @@ def test_verify_true_requires_a_lock_file(keyword_model, tmp_path):
     with pytest.raises(ModelLoadError, match="needs a local model directory"):
         Classifier.load(ModelSettings(name=HUB_REPO, verify=True))
     Classifier.load(ModelSettings(name=str(copy)))  # auto: no lock, nothing to verify
+
+
+def test_missing_model_files_names_what_a_directory_lacks(keyword_model, tmp_path):
+    assert lockfile.missing_model_files(keyword_model) == []
+    assert lockfile.missing_model_files(tmp_path) == ["config.json", "tokenizer.json", "*.safetensors weights"]
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "vocab.txt").write_text("[PAD]\n")  # a fast tokenizer can be converted from a vocabulary
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    assert lockfile.missing_model_files(tmp_path) == ["*.safetensors weights"]

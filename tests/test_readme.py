@@ -34,3 +34,34 @@ def test_quick_start_is_the_two_commands_ci_runs():
     assert "pip install torch==2.13.0 -e '.[dev]' && .venv/bin/filter-worker demo" in text
     assert ".venv/bin/python -m pytest\n" in text
     assert "torch==2.13.0 -e '.[dev]'" in ci and "\n.venv/bin/python -m pytest\n" in ci
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _prose(path: Path) -> str:
+    """The file without its fenced code blocks (where brackets are code, not links)."""
+    return re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL)
+
+
+def test_links_between_the_readme_and_docs_resolve():
+    pages = [README, *sorted((README.parent / "docs").glob("*.md"))]
+    assert len(pages) >= 4, "the README links to its docs pages"
+    anchors = {
+        page.resolve(): {_slug(h) for h in re.findall(r"^#+ (.+)$", _prose(page), re.MULTILINE)} for page in pages
+    }
+    checked = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _prose(page)):
+            if target.startswith(("http://", "https://")):
+                continue
+            file, _, anchor = target.partition("#")
+            resolved = (page.parent / file).resolve() if file else page.resolve()
+            assert resolved.exists(), f"{page.name}: {target} points at nothing"
+            if anchor:
+                where = file or page.name
+                assert anchor in anchors.get(resolved, set()), f"{page.name}: no heading for #{anchor} in {where}"
+            checked += 1
+    assert checked >= 10

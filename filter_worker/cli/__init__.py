@@ -12,14 +12,27 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from filter_worker import __version__
-from filter_worker.cli import bench, calibrate, classify, demo, drift, evaluate, feedback, model, produce, run
+from filter_worker.cli import bench, broker, calibrate, classify, demo, drift, evaluate, feedback, model, produce, run
 from filter_worker.config import ConfigError
 from filter_worker.exit_codes import ExitCode
 from filter_worker.lockfile import LockError
 from filter_worker.model import ModelLoadError
+from filter_worker.tools.broker import BrokerError
 
 # In the order ``--help`` lists them.
-COMMANDS: tuple[ModuleType, ...] = (run, feedback, classify, demo, produce, bench, evaluate, calibrate, drift, model)
+COMMANDS: tuple[ModuleType, ...] = (
+    run,
+    feedback,
+    classify,
+    demo,
+    broker,
+    produce,
+    bench,
+    evaluate,
+    calibrate,
+    drift,
+    model,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModelLoadError, LockError) as exc:
         print(f"filter-worker: {exc}", file=sys.stderr)
         return ExitCode.MODEL
+    except BrokerError as exc:  # the embedded broker (demo, bench, broker) could not start
+        print(f"filter-worker: {exc}", file=sys.stderr)
+        return ExitCode.FAILED
 
 
 if __name__ == "__main__":

@@ -41,16 +41,18 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from filter_worker.client_check import check_clients
     from filter_worker.logs import configure
     from filter_worker.tools.bench import BenchOptions, run_bench
 
     # Options override their settings and are validated with them (merged over environment and file),
     # so a bad value is reported under the setting's name.
-    model = {k: v for k, v in {"name": args.model, "dtype": args.dtype, "device": args.device}.items() if v}
+    model = {k: v for k, v in {"name": args.model, "dtype": args.dtype, "device": args.device}.items() if v is not None}
     overrides: dict[str, Any] = {"model": model} if model else {}
     if args.batch_size is not None:
         overrides["batch"] = {"max_size": args.batch_size}
     settings = load_settings(args.config, **overrides)
+    check_clients(settings.kafka)
     settings.log.level = "WARNING" if settings.log.level == "INFO" else settings.log.level
     configure(settings.log)
     compare = None

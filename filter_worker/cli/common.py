@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from filter_worker.config import ConfigError, Settings, load_settings
+from pydantic import ValidationError
+
+from filter_worker.config import ConfigError, ModelSettings, Settings, load_settings
 
 SOURCES = (
     "Settings come from FILTER_* environment variables over the TOML file given with --config, over "
@@ -35,10 +37,18 @@ def settings_with_model(args: argparse.Namespace) -> Settings:
     from filter_worker.logs import configure
 
     settings = load_settings(args.config)
-    if getattr(args, "model", None):
-        settings.model.name = args.model
+    if getattr(args, "model", None) is not None:
+        settings.model = with_model_name(settings.model, args.model)
     configure(settings.log)  # log lines (an unpinned model, say) go to stderr, never into the output
     return settings
+
+
+def with_model_name(model: ModelSettings, name: str) -> ModelSettings:
+    """``model`` with ``--model NAME``, validated as FILTER_MODEL__NAME is but reported under the option."""
+    try:
+        return ModelSettings.model_validate({**model.model_dump(), "name": name})
+    except ValidationError as exc:
+        raise ConfigError(f"--model: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 def write(option: str, path: str, text: str) -> None:

@@ -16,6 +16,9 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from filter_worker.client_check import check_clients
     from filter_worker.tools.demo import run_demo
 
-    return run_demo(settings_with_model(args), args.messages)
+    settings = settings_with_model(args)
+    check_clients(settings.kafka)  # FILTER_KAFKA__*PROPERTIES apply to the demo's clients too
+    return run_demo(settings, args.messages)

@@ -1,4 +1,4 @@
-"""``filter-worker model``: pull, verify and synthesize model directories."""
+"""``filter-worker model``: pull, lock, verify and synthesize model directories."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from filter_worker.cli.common import subcommand
+from filter_worker.config import ConfigError
 from filter_worker.exit_codes import ExitCode
 
 
@@ -19,8 +20,16 @@ def add_parser(commands: Any) -> None:
     pull.add_argument("name", help="hub model id, e.g. tabularisai/multilingual-sentiment-analysis")
     pull.add_argument("--revision", help="branch, tag or commit (default main); the lock records the commit")
     pull.add_argument("--to", required=True, metavar="DIR", help="new or empty directory to write the model to")
+    lock = model.add_parser(
+        "lock",
+        help="write a lock file for a model directory you trust (your own model, one copied in by other means)",
+    )
+    lock.add_argument("path", metavar="DIR", help="the model directory")
+    lock.add_argument("--name", help="model id to record (default: the directory's name)")
+    lock.add_argument("--revision", default="local", help="revision to record, e.g. a commit (default local)")
+    lock.add_argument("--force", action="store_true", help="replace an existing lock file")
     verify = model.add_parser("verify", help="check a model directory against its lock file")
-    verify.add_argument("path", metavar="DIR", help="directory written by model pull")
+    verify.add_argument("path", metavar="DIR", help="directory written by model pull or locked by model lock")
     synth = model.add_parser("synth", help="write an offline stand-in model (no hub access needed)")
     synth.add_argument("path", help="directory to write the model to")
     synth.add_argument(
@@ -33,7 +42,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    handlers = {"pull": _pull, "verify": _verify, "synth": _synth}
+    handlers = {"pull": _pull, "lock": _lock, "verify": _verify, "synth": _synth}
     return handlers[args.model_command](args)
 
 
@@ -60,9 +69,36 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_directory(path: str) -> Path:
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ConfigError(f"model directory {path} {'is a file' if directory.exists() else 'does not exist'}")
+    return directory
+
+
+def _lock(args: argparse.Namespace) -> int:
+    from filter_worker.lockfile import LOCK_NAME, LockError, lock_directory, missing_model_files
+
+    directory = _existing_directory(args.path)
+    missing = missing_model_files(directory)
+    if missing:
+        raise LockError(f"{args.path} is not a complete model directory: it has no {', no '.join(missing)}")
+    if (directory / LOCK_NAME).exists() and not args.force:
+        raise LockError(
+            f"{args.path} already has a {LOCK_NAME}; check it with model verify, or pass --force to replace it"
+        )
+    lock = lock_directory(directory, args.name or directory.resolve().name, args.revision)
+    print(
+        f"locked {len(lock.files)} files of {args.path} as {lock.model_id}@{lock.revision}, weights sha256 "
+        f"{lock.weights_sha256}; lock file {directory / LOCK_NAME}. Every load now verifies them"
+    )
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     from filter_worker.lockfile import LOCK_NAME, read_lock, verify_directory
 
+    _existing_directory(args.path)
     lock = read_lock(args.path)
     problems = verify_directory(args.path, lock)
     if problems:

@@ -18,7 +18,9 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from filter_worker.client_check import check_clients
     from filter_worker.tools.loadgen import produce_samples
 
     settings = load_settings(args.config)
+    check_clients(settings.kafka)
     return produce_samples(settings, args.topic or settings.topics.input[0], args.rate, args.count)

@@ -11,6 +11,17 @@ from typing import Any, Literal
 
 import orjson
 
+# Every ``DecodeFailure.error`` that ``decode`` returns (metrics initialise a counter for each).
+ERROR_CLASSES: tuple[str, ...] = (
+    "empty_value",
+    "invalid_utf8",
+    "invalid_json",
+    "not_object",
+    "missing_text",
+    "text_not_string",
+    "empty_text",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class DecodeFailure:

@@ -76,6 +76,10 @@ class EmbeddedBroker:
         self.stop()
         raise BrokerError(f"the embedded broker did not listen on port {self.port} within {timeout_s:.0f}s")
 
+    def exit_code(self) -> int | None:
+        """The broker process's exit code once it has exited on its own; None while it runs (or was never started)."""
+        return self._process.poll() if self._process is not None else None
+
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import orjson
@@ -16,6 +17,7 @@ from tests.integration.kafka_helpers import (
     worker_settings,
 )
 from tests.integration.processes import start_worker, worker_env
+from tests.k8s_config import ConfigMapVolume
 
 
 def test_shadow_mode_publishes_everything_to_allow_with_the_would_be_decision(
@@ -87,3 +89,44 @@ def test_sighup_reloads_rules_and_refuses_invalid_ones(bootstrap_servers, keywor
     }
     assert '"routing reloaded"' in log
     assert '"routing reload refused; the previous rules stay in force"' in log and "No Such Label" in log
+
+
+def test_a_changed_config_file_reloads_the_rules_without_a_signal(bootstrap_servers, keyword_model, tmp_path):
+    """The Kubernetes path: the mounted ConfigMap changes (a symlink swap), nobody sends SIGHUP."""
+    settings = worker_settings(bootstrap_servers, str(keyword_model))
+    create_topics(settings, input_partitions=1)
+    volume = ConfigMapVolume(tmp_path / "etc", "filter-worker.toml", _rules_toml("drop", ["Very Negative"], "first"))
+    topic = settings.topics.input[0]
+    worker = start_worker(worker_env(settings), str(volume.path))
+    lines: list[str] = []
+    reloaded = threading.Event()
+
+    def read_log() -> None:
+        assert worker.stdout is not None
+        for raw in worker.stdout:
+            lines.append(raw.decode())
+            if '"routing reloaded"' in lines[-1]:
+                reloaded.set()
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+    try:
+        produce(bootstrap_servers, topic, [orjson.dumps({"text": "idiot one"})])
+        read_outputs(settings, expected=1, settle_s=0)
+        volume.update(_rules_toml("quarantine", ["Very Negative"], "second"))
+        assert reloaded.wait(30), "the worker did not reload the changed file:\n" + "".join(lines)
+        produced = produce(bootstrap_servers, topic, [orjson.dumps({"text": "idiot two"})])
+        outputs = read_outputs(settings, expected=2)
+        wait_for_commits(settings, {0: produced[0].offset + 1})
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+        reader.join(timeout=10)
+    log = "".join(lines)
+    assert worker.returncode == 0, log
+    decided = {orjson.loads(o.value)["text"]: (o.topic, o.headers["filter.rule"].decode()) for o in outputs}
+    assert decided == {
+        "idiot one": (settings.topics.drop, "first"),
+        "idiot two": (settings.topics.quarantine, "second"),
+    }
+    assert '"config file changed; reloading the routing settings"' in log
