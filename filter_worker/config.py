@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -427,9 +428,9 @@ class MetricsSettings(_Section):
 class FeedbackSettings(_Section):
     """``filter-worker feedback``: reviewers' verdicts in, precision per scope, rule and model out."""
 
-    topic: str = "messages.verdicts"
+    topic: Topic = "messages.verdicts"
     # Default "<FILTER_KAFKA__GROUP_ID>-feedback": its own group, so it never takes the worker's partitions.
-    group_id: str | None = None
+    group_id: Text | None = None
     # Verdicts per (scope, rule, action, model) that the precision is taken over: the most recent ones.
     window: int = Field(200, ge=1)
     # Verdicts per partition read again at start-up to refill the windows (the window lives in memory;
@@ -444,7 +445,7 @@ class FeedbackSettings(_Section):
 class DriftSettings(_Section):
     """Score drift against a reference written by ``filter-worker drift snapshot``."""
 
-    reference: Path | None = None
+    reference: Annotated[Path, BeforeValidator(_not_blank)] | None = None
     # Records per scope the live distribution is taken over; the index appears once the window is full.
     window: int = Field(1000, ge=100)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -68,6 +69,9 @@ _QUIET_S = 2.0
 # While waiting for Kafka at start-up: how long one metadata request may take, and how often to log.
 _METADATA_TIMEOUT_S = 2.0
 _WAITING_LOG_INTERVAL_S = 10.0
+# Group joins: statistics (the group state) this often; the first "waiting to join" line after this long.
+_STATS_INTERVAL_MS = 5000
+_JOIN_LOG_AFTER_S = 5.0
 # Batches' worth of records buffered ahead of the model before fetching pauses: the bound on tokenized
 # work waiting for the model (and so on what a revocation may have to finish), inside the budget.
 _BUFFER_BATCHES = 32
@@ -116,11 +120,17 @@ class Worker:
         self._cache = DecisionCache(settings.cache.size) if settings.cache.size else None
         self._failures = FailureSlot()
         self.health = Health(settings.health.liveness_window_s, clock)
+        self.metrics.initialise(self._topics, settings.topics.input, settings.cache.size > 0)
+        self.metrics.track_readiness(self.health.ready)
         self._running: _Running | None = None
         self._http: HealthServer | None = None
         self._paused = False
         self._closing = False
         self._last_consumed = self._last_lag = self._last_probe = clock()
+        # Joining the group: librdkafka's group state (from its statistics), and since when nothing is assigned.
+        self._group_state: dict[str, Any] = {}
+        self._unassigned_since: float | None = None
+        self._last_join_log = 0.0
 
     @property
     def http_port(self) -> int | None:
@@ -197,7 +207,15 @@ class Worker:
         settings = self._settings
         callbacks = {"error_cb": self._client_error, "logger": librdkafka_logger()}
         producer = Producer({**kafka_io.producer_config(settings.kafka), **callbacks})
-        consumer = Consumer({**kafka_io.consumer_config(settings.kafka), **callbacks, "on_commit": self._on_commit})
+        consumer = Consumer(
+            {
+                **kafka_io.consumer_config(settings.kafka),
+                **callbacks,
+                "on_commit": self._on_commit,
+                "statistics.interval.ms": _STATS_INTERVAL_MS,
+                "stats_cb": self._on_stats,
+            }
+        )
         publisher = Publisher(
             producer,
             self._topics["dead_letter"],
@@ -241,6 +259,7 @@ class Worker:
         self._r.consumer.subscribe(
             self._settings.topics.input, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
+        self._unassigned_since = self._clock()
         return True
 
     def _await_kafka(self) -> dict[str, int] | None:
@@ -342,6 +361,7 @@ class Worker:
             self._last_lag = now
             self._update_lag()
         self._probe_broker()
+        self._log_join_wait()
         self.metrics.in_flight.set(r.committer.tracker.in_flight())
         self.metrics.in_flight_bytes.set(r.committer.tracker.in_flight_bytes())
         self.health.progress()
@@ -569,6 +589,37 @@ class Worker:
 
     # -- rebalances -------------------------------------------------------------------------------
 
+    def _on_stats(self, stats: str) -> None:
+        """librdkafka's statistics (every few seconds): only the consumer-group part is kept, for the join log."""
+        self._group_state = orjson.loads(stats).get("cgrp") or {}
+
+    def _log_join_wait(self) -> None:
+        """While no partition is assigned for a while, say every 10 s where the group join stands.
+
+        A join can take long for reasons the worker cannot see otherwise: the coordinator waits for a
+        member that died to time out (``join_state`` going ``wait-join`` -> ``wait-sync`` ->
+        ``wait-join``), or the coordinator is not found (``state`` other than ``up``). The embedded
+        broker also holds every join answer for half the session timeout.
+        """
+        since = self._unassigned_since
+        now = self._clock()
+        if since is None or now - since < _JOIN_LOG_AFTER_S or now - self._last_join_log < _WAITING_LOG_INTERVAL_S:
+            return
+        self._last_join_log = now
+        group = self._group_state
+        log.info(
+            "waiting to join the consumer group",
+            group=self._settings.kafka.group_id,
+            waited_s=round(now - since, 1),
+            state=group.get("state"),
+            join_state=group.get("join_state"),
+            state_age_ms=group.get("stateage"),
+            rebalance_reason=group.get("rebalance_reason") or None,
+            rebalances=group.get("rebalance_cnt"),
+            member_id=self._r.consumer.memberid() or None,
+            session_timeout_ms=self._settings.kafka.session_timeout_ms,
+        )
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Assigned here, not by confluent-kafka after this returns: that later assign would undo the
         # pause below, and a worker over its budget would fetch from its new partitions anyway.
@@ -581,6 +632,7 @@ class Worker:
             consumer.pause(partitions)
         self.metrics.rebalances.labels("assign").inc()
         self.health.joined = self.health.broker_reachable = True
+        self._unassigned_since = None
         log.info("partitions assigned", partitions=[f"{p.topic}/{p.partition}" for p in partitions])
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -602,6 +654,8 @@ class Worker:
             self._failures.set(exc)
             finished = False
         dropped = self._forget(tps)
+        if not self._r.committer.tracker.assigned():
+            self._unassigned_since = self._clock()
         self.metrics.rebalances.labels("revoke").inc()
         log.info(
             "partitions revoked",
@@ -616,6 +670,7 @@ class Worker:
         if self._r.committer.lost(tps):
             self._discard_stale()
         self._forget(tps)
+        self._unassigned_since = self._clock()
         self.metrics.rebalances.labels("lost").inc()
         self.health.joined = False
         log.warning("partitions lost", partitions=[f"{t}/{p}" for t, p in tps])

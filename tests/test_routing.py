@@ -184,7 +184,7 @@ def scope(name: str, **match: object) -> dict:
                     "rules": [{"action": "drop", "labels": ["Negative"], "min_score": 0.5, "name": "x"}] * 2,
                 }
             ],
-            "routing.scopes[0].rules): Value error, rule names must be unique within a rule list; repeated: ['x']",
+            "routing.scopes[0].rules): rule names must be unique within a rule list; repeated: ['x']",
         ),
     ],
 )
@@ -201,7 +201,7 @@ def test_field_scopes_need_json_records(monkeypatch):
     with pytest.raises(ConfigError) as err:
         load_settings()
     assert str(err.value) == (
-        "invalid configuration:\n  FILTER_ROUTING__SCOPES: scope(s) ['de'] match on a JSON field, but "
+        "invalid configuration: FILTER_ROUTING__SCOPES: scope(s) ['de'] match on a JSON field, but "
         "FILTER_MESSAGE__FORMAT is text; match on a header instead"
     )
     monkeypatch.setenv("FILTER_ROUTING__SCOPES", json.dumps([scope("kids")]))

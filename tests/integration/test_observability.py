@@ -95,3 +95,33 @@ def test_metrics_and_probes_reflect_the_run(bootstrap_servers, keyword_model, ru
         "device": "cpu",
         "dtype": "float32",
     }
+
+
+def test_a_slow_group_join_is_logged_with_the_group_state(bootstrap_servers, keyword_model, classifier):
+    """After a member was killed, the coordinator waits for its session to time out before the join ends."""
+    import signal
+
+    from tests.integration.processes import start_worker, wait_for_committed, worker_env
+    from tests.integration.worker_thread import worker_thread
+
+    settings = worker_settings(bootstrap_servers, str(keyword_model))
+    create_topics(settings, input_partitions=2)
+    produce(bootstrap_servers, settings.topics.input[0], [orjson.dumps({"text": "fine"})] * 20)
+    killed = start_worker(worker_env(settings))
+    try:
+        wait_for_committed(settings, partitions=2, at_least=20)
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.communicate(timeout=30)
+    with capture_logs() as logs, worker_thread(settings, classifier) as (worker, _, _thread):
+        started = time.monotonic()
+        while not worker.health.joined:
+            assert time.monotonic() - started < 90, "no join after 90 s"
+            time.sleep(0.1)
+    waits = [e for e in logs if e["event"] == "waiting to join the consumer group"]
+    print(
+        f"joined after {time.monotonic() - started:.1f}s; logged: {[(e['waited_s'], e['join_state']) for e in waits]}"
+    )
+    assert waits, "a join that took longer than 5 s says so"
+    assert waits[0]["group"] == settings.kafka.group_id and waits[0]["session_timeout_ms"] == 6000
+    assert waits[0]["state"] is not None and waits[0]["join_state"] is not None
