@@ -494,7 +494,7 @@ class Worker:
     def _decide(self, items: Sequence[Classified], probs: np.ndarray) -> None:
         """Decide a batch under the current rules, count it, and hand the outputs to the gate."""
         outputs, decisions = self._decider.classified(items, probs)
-        self._observer.observe(probs, decisions)
+        self._observer.observe(probs, decisions, self._decider.router)
         if self._decider.shadow:
             for action, count in Counter(d.action for d in decisions).items():
                 self.metrics.shadow_decisions.labels(action).inc(count)

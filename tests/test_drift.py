@@ -167,7 +167,7 @@ def test_observer_counts_decisions_and_fills_histograms_and_the_drift_gauge(tmp_
     scores = sample(4, 2, 100, seed=15)  # far above the reference
     probs = probs_of(scores)
     decisions = router.decide_batch(probs, ["default"] * 100)
-    observer.observe(probs, decisions)
+    observer.observe(probs, decisions, router)
     registry = metrics.registry
     drops = int((scores.astype(np.float32) >= 0.5).sum())
     assert (
@@ -193,7 +193,7 @@ def test_without_a_reference_there_is_no_drift_gauge():
     router = Router(RoutingSettings(rules=[]), LABELS)
     observer = Observer.from_settings(metrics, load_settings(), LABELS, model="m@1")
     probs = probs_of(sample(1, 1, 10, seed=16))
-    observer.observe(probs, router.decide_batch(probs, ["default"] * 10))
+    observer.observe(probs, router.decide_batch(probs, ["default"] * 10), router)
     assert (
         metrics.registry.get_sample_value(
             "filter_decisions_total", {"scope": "default", "action": "allow", "rule": "default"}
