@@ -205,6 +205,8 @@ class FeedbackMetrics:
         self.rule_reloads = Counter(
             "filter_routing_reloads", "Routing reloads on SIGHUP, by result", ["result"], registry=r
         )
+        for result in RELOAD_RESULTS:  # at 0 from the start, as the worker's: increase() sees the first
+            self.rule_reloads.labels(result)
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:

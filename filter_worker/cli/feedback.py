@@ -1,4 +1,8 @@
-"""``filter-worker feedback``: reviewers' verdicts in, precision per scope, rule and model out, until SIGTERM."""
+"""``filter-worker feedback``: reviewers' verdicts in, precision per scope, rule and model out, until SIGTERM.
+
+The routing settings (which scopes and rules exist) are reloaded on SIGHUP and when the ``--config``
+file's content changes, as for ``run``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any
 
 from filter_worker.cli.common import subcommand
 from filter_worker.config import load_settings
+from filter_worker.config_watcher import ConfigWatcher
 
 
 def add_parser(commands: Any) -> None:
@@ -23,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from filter_worker.feedback import FeedbackService
     from filter_worker.logs import configure
 
+    # The baseline is the content the settings are loaded from, as in ``run``.
+    watcher = ConfigWatcher(args.config, lambda: service.request_reload()) if args.config else None
     settings = load_settings(args.config)
     configure(settings.log)
     service = FeedbackService(settings, reload_routing=lambda: load_settings(args.config).routing)
@@ -36,4 +43,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGHUP, request_reload)
-    return service.run()
+    if watcher is not None:
+        watcher.start()
+    try:
+        return service.run()
+    finally:
+        if watcher is not None:
+            watcher.stop()

@@ -302,3 +302,63 @@ def test_calibrate_from_a_verdict_topic_proposes_a_higher_threshold(bootstrap_se
         "name": "negative",
     }
     assert orjson.loads((tmp_path / "c.json").read_bytes())["precision"] == 1.0
+
+
+def test_the_feedback_command_reloads_a_changed_config_file_without_a_signal(bootstrap_servers, tmp_path):
+    """The Kubernetes path for the feedback service: the mounted ConfigMap changes, nobody sends SIGHUP."""
+    import os
+    import signal
+
+    from filter_worker.tools.broker import free_port
+    from tests.k8s_config import ConfigMapVolume
+
+    topic = create_topic(bootstrap_servers)
+    rules = '[[routing.rules]]\naction = "quarantine"\nlabels = ["Negative"]\nmin_score = 0.5\nname = "{name}"\n'
+    volume = ConfigMapVolume(tmp_path / "etc", "filter-worker.toml", rules.format(name="first"))
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FILTER_")},
+        "FILTER_KAFKA__BOOTSTRAP_SERVERS": bootstrap_servers,
+        "FILTER_KAFKA__GROUP_ID": f"fb{uuid.uuid4().hex[:8]}",
+        "FILTER_KAFKA__SESSION_TIMEOUT_MS": "6000",
+        "FILTER_FEEDBACK__TOPIC": topic,
+        "FILTER_FEEDBACK__METRICS_PORT": str(port),
+        "FILTER_LOG__FORMAT": "json",
+    }
+    service = subprocess.Popen(
+        [sys.executable, "-m", "filter_worker", "feedback", "--config", str(volume.path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+    def scraped(name: str, **labels: str) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+    def scrape_or_zero(name: str, **labels: str) -> float:
+        try:
+            return scraped(name, **labels)
+        except OSError:  # not listening yet
+            return 0.0
+
+    try:
+        produce(bootstrap_servers, topic, [verdict(1, "abuse", "default", "second", "quarantine", 0.9, MODEL_A)])
+        wait_until(lambda: scrape_or_zero("filter_feedback_invalid_total", reason="unknown_rule") == 1, 60, "refusal")
+        volume.update(rules.format(name="second"))
+        wait_until(lambda: scraped("filter_routing_reloads_total", result="applied") == 1, 30, "the reload")
+        produce(bootstrap_servers, topic, [verdict(2, "abuse", "default", "second", "quarantine", 0.9, MODEL_A)])
+        second = key("default", "second", "quarantine", MODEL_A)
+        wait_until(lambda: scraped("filter_feedback_window_verdicts", **second) == 1, 30, "the new rule's verdict")
+    finally:
+        service.send_signal(signal.SIGTERM)
+        log = service.communicate(timeout=60)[0].decode()
+    assert service.returncode == 0, log
+    assert '"config file changed; reloading the routing settings"' in log
