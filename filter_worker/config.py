@@ -404,7 +404,7 @@ class DeadLetterSettings(_Section):
 
 
 class BudgetSettings(_Section):
-    """Every record between consume and commit counts against these; fetching pauses while either is spent."""
+    """Records from consume to their output's acknowledgement; fetching pauses while either bound is spent."""
 
     max_records: int = Field(10_000, ge=1)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)

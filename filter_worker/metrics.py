@@ -70,10 +70,14 @@ class Metrics:
         self.lag = Gauge("filter_consumer_lag", "Records behind the high watermark", ["topic", "partition"], registry=r)
         self.rebalances = Counter("filter_rebalances", "Rebalance events", ["kind"], registry=r)
         self.in_flight = Gauge(
-            "filter_in_flight_records", "Records consumed and not yet committable (the in-flight budget)", registry=r
+            "filter_in_flight_records",
+            "Records consumed whose output is not acknowledged yet (the in-flight budget)",
+            registry=r,
         )
         self.in_flight_bytes = Gauge(
-            "filter_in_flight_bytes", "Input bytes of the records consumed and not yet committable", registry=r
+            "filter_in_flight_bytes",
+            "Input bytes of the records consumed whose output is not acknowledged yet",
+            registry=r,
         )
         self.fetch_paused = Gauge(
             "filter_fetch_paused",

@@ -539,7 +539,7 @@ class Worker:
     def _apply_fetch_gate(self) -> None:
         """Pause fetching while the budget is spent, the buffer is full or the committer backs off.
 
-        The budget counts every record between consume and commit, so memory stays bounded whichever
+        The budget counts every record between consume and acknowledgement, so memory stays bounded whichever
         stage is slow: the model, the broker's acknowledgements, a transaction.
         """
         r = self._r

@@ -83,16 +83,19 @@ def test_out_of_order_consumption_is_a_bug_not_silently_accepted():
         t.track(TP, 4)
 
 
-def test_in_flight_counts_records_and_bytes_until_they_are_committable():
+def test_in_flight_counts_records_and_bytes_until_they_are_acknowledged():
     tracker = OffsetTracker()
     gen = tracker.assign(TP)
     for offset, size in ((5, 100), (6, 10), (7, 1)):
         tracker.track(TP, offset, size)
     assert (tracker.in_flight(), tracker.in_flight_bytes()) == (3, 111)
-    tracker.ack(TP, 6, gen)  # acknowledged behind a gap: still not committable, still counted
-    assert (tracker.in_flight(), tracker.in_flight_bytes()) == (3, 111)
+    tracker.ack(TP, 6, gen)  # acknowledged behind a gap: not committable yet, but it holds no memory
+    assert (tracker.in_flight(), tracker.in_flight_bytes()) == (2, 101)
+    assert tracker.watermark(TP) == 5
+    tracker.ack(TP, 6, gen)  # a second report for the same record changes nothing
+    assert tracker.in_flight() == 2
     tracker.ack(TP, 5, gen)
-    assert (tracker.in_flight(), tracker.in_flight_bytes()) == (1, 1)
+    assert (tracker.in_flight(), tracker.in_flight_bytes()) == (1, 1) and tracker.watermark(TP) == 7
     tracker.revoke(TP)
     assert (tracker.in_flight(), tracker.in_flight_bytes()) == (0, 0)
 

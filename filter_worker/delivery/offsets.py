@@ -24,7 +24,7 @@ class _PartitionState:
     generation: int
     pending: deque[int] = field(default_factory=deque)  # consumed and not yet committable, in offset order
     acked: set[int] = field(default_factory=set)  # acknowledged but not yet at the front
-    sizes: dict[int, int] = field(default_factory=dict)  # bytes of each pending record
+    sizes: dict[int, int] = field(default_factory=dict)  # bytes of each unacknowledged record
     bytes: int = 0  # sum of ``sizes``
     first: int | None = None  # the first offset consumed in this generation
     next_offset: int | None = None  # one past the highest consumed offset
@@ -51,7 +51,7 @@ class OffsetTracker:
         """Forget a partition; later acknowledgements for it are ignored."""
         state = self._partitions.pop(tp, None)
         if state is not None:
-            self._records -= len(state.pending)
+            self._records -= len(state.sizes)
             self._bytes -= state.bytes
 
     def rewind(self, tp: TopicPartition) -> int | None:
@@ -103,16 +103,15 @@ class OffsetTracker:
     def ack(self, tp: TopicPartition, offset: int, generation: int) -> None:
         """Mark a record's output as acknowledged by the broker."""
         state = self._partitions.get(tp)
-        if state is None or state.generation != generation:
+        if state is None or state.generation != generation or offset not in state.sizes:
             return
+        size = state.sizes.pop(offset)
+        state.bytes -= size
+        self._records -= 1
+        self._bytes -= size
         state.acked.add(offset)
         while state.pending and state.pending[0] in state.acked:
-            done = state.pending.popleft()
-            state.acked.discard(done)
-            size = state.sizes.pop(done)
-            state.bytes -= size
-            self._records -= 1
-            self._bytes -= size
+            state.acked.discard(state.pending.popleft())
 
     def highest_decided(self, tp: TopicPartition, undecided: set[int]) -> int | None:
         """The highest consumed offset above the watermark that is not in ``undecided`` (still buffered)."""
@@ -131,7 +130,11 @@ class OffsetTracker:
         return state.next_offset
 
     def in_flight(self) -> int:
-        """Records consumed and not yet committable, across all partitions."""
+        """Records consumed whose output is not acknowledged yet, across all partitions.
+
+        What holds memory: a record acknowledged behind a gap (a lower offset still in the model)
+        is one integer here until the watermark passes it, so it does not count.
+        """
         return self._records
 
     def in_flight_bytes(self) -> int:
