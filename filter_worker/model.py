@@ -1,8 +1,10 @@
 """The model wrapper: load a sequence classifier, tokenize, run forward passes, return probabilities.
 
-This is the only module that imports torch and transformers. Tokenization and the forward pass are
-separate calls because the worker tokenizes on its Kafka thread (to know lengths for batching) and
-runs forward passes on the inference thread.
+This is the only module that runs torch (``model_onnx`` exports through it and runs ONNX Runtime).
+Tokenization and the forward pass are separate calls because the worker tokenizes on its Kafka thread
+(to know lengths for batching) and runs forward passes on the inference thread. The forward pass is an
+``Engine``: eager PyTorch here, or an ONNX Runtime session (``FILTER_MODEL__BACKEND=onnx``); the rest
+of the classifier (tokenizer, padding, labels, identity) is the same for both.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -40,7 +42,11 @@ class Tokenized:
     truncated: bool
 
 
-def resolve_device(requested: str) -> str:
+def resolve_device(requested: str, backend: str = "torch") -> str:
+    if backend == "onnx":
+        from filter_worker import model_onnx
+
+        return model_onnx.resolve_device(requested)
     import torch
 
     if requested == "auto":
@@ -50,14 +56,20 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def resolve_dtype(requested: str, device: str) -> str:
+def resolve_dtype(requested: str, device: str, backend: str = "torch") -> str:
     """The precision to load for ``FILTER_MODEL__DTYPE`` on ``device``; refuses what the device cannot run well.
 
     - ``auto``: float16 on CUDA (tensor cores, half the memory traffic), float32 elsewhere.
     - ``int8``: dynamic quantization of the Linear layers, which PyTorch implements for CPU only.
     - ``float16`` on CPU is refused: most CPUs have no float16 arithmetic, so it runs slower than
       float32, and bfloat16 gives the same memory saving with float32's range.
+
+    The onnx backend has its own rules (``model_onnx.resolve_dtype``): float32 and int8 graphs.
     """
+    if backend == "onnx":
+        from filter_worker import model_onnx
+
+        return model_onnx.resolve_dtype(requested, device)
     setting = f"FILTER_MODEL__DTYPE={requested}"
     if requested == "auto":
         return "float16" if device.startswith("cuda") else "float32"
@@ -72,34 +84,79 @@ def resolve_dtype(requested: str, device: str) -> str:
     return requested
 
 
+class Engine(Protocol):
+    """What runs the forward pass: padded token ids and attention mask (int64, rows x width) in,
+    probabilities (float32, rows x labels, the config's label order) out."""
+
+    def probabilities(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray: ...
+
+
+class TorchEngine:
+    """Eager PyTorch: the model as transformers loads it (int8: dynamically quantized)."""
+
+    def __init__(self, module: Any, device: str) -> None:
+        self.module = module
+        self._device = device
+        # Pinned host memory lets the copy to the GPU run asynchronously (non_blocking).
+        self._pin = device.startswith("cuda")
+
+    def probabilities(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        if self._pin:  # from the caching host allocator, so pinning costs no allocation per batch
+            ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
+        with torch.inference_mode():
+            logits = self.module(
+                input_ids=ids_t.to(self._device, non_blocking=self._pin),
+                attention_mask=mask_t.to(self._device, non_blocking=self._pin),
+            ).logits
+            return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+
+def pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id rows padded to the longest one, and the attention mask that marks the real tokens."""
+    width = max(len(row) for row in batch)
+    ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(batch), width), dtype=np.int64)
+    for i, row in enumerate(batch):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def labels_of(config: Any) -> list[str]:
+    """The model's labels in output order (``id2label``), which routing rules and graphs refer to."""
+    return [config.id2label[i] for i in range(len(config.id2label))]
+
+
 class Classifier:
     """A loaded classifier. Thread use: ``tokenize`` on one thread and ``predict`` on another is safe."""
 
     def __init__(
         self,
         tokenizer: Any,
-        model: Any,
+        engine: Engine,
+        labels: list[str],
         name: str,
         revision: str,
         device: str,
         max_length: int,
-        weights_sha256: str = "",
-        dtype: str | None = None,
+        weights_sha256: str,
+        dtype: str,
+        backend: str = "torch",
     ) -> None:
-        self._tokenizer = tokenizer
-        self._model = model
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.labels = labels
         self.name = name
         self.revision = revision
         self.weights_sha256 = weights_sha256
         self.device = device
         self.max_length = max_length
-        id2label = model.config.id2label
-        self.labels: list[str] = [id2label[i] for i in range(len(id2label))]
-        # Quantized Linear weights are not parameters, so int8 has to be named by the loader.
-        self.dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
-        # Pinned host memory lets the copy to the GPU run asynchronously (non_blocking).
-        self._pin = device.startswith("cuda")
-        self._pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.dtype = dtype
+        self.backend = backend
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @classmethod
     def load(cls, settings: ModelSettings) -> Classifier:
@@ -108,17 +165,25 @@ class Classifier:
         A local directory is first checked against its lock file (``settings.verify``); a mismatch
         raises before any of its files is read by transformers. A locked directory reports the model id
         and commit it was pulled from, so headers and metrics name the real model, not a path.
+
+        With ``FILTER_MODEL__BACKEND=onnx`` the weights are not loaded into PyTorch: the graph exported
+        from them runs instead (``model_onnx``), which needs a local directory to keep it in.
         """
-        import torch
         import transformers
         from safetensors import SafetensorError
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        device = resolve_device(settings.device)
-        dtype = resolve_dtype(settings.dtype, device)
+        onnx = settings.backend == "onnx"
+        device = resolve_device(settings.device, settings.backend)
+        dtype = resolve_dtype(settings.dtype, device, settings.backend)
         local = Path(settings.name).is_dir()
+        if onnx and not local:
+            raise ModelLoadError(
+                f"FILTER_MODEL__BACKEND=onnx needs a local model directory for its exported graph, not the hub id "
+                f"'{settings.name}'; pull it first: filter-worker model pull {settings.name} --to DIR"
+            )
         lock = _verified_lock(settings, local)
         kwargs: dict[str, object] = {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
         if not local and not hub_reachable():
@@ -127,16 +192,16 @@ class Classifier:
             kwargs["local_files_only"] = True
         try:
             tokenizer = AutoTokenizer.from_pretrained(settings.name, **kwargs)
-            model = _load_weights(AutoModelForSequenceClassification, settings.name, dtype, device, kwargs)
+            if onnx:
+                model, config = None, AutoConfig.from_pretrained(settings.name, **kwargs)
+            else:
+                model = _load_weights(AutoModelForSequenceClassification, settings.name, dtype, device, kwargs)
+                config = model.config
         except (OSError, ValueError, SafetensorError) as exc:  # a corrupt weight file raises SafetensorError
             raise ModelLoadError(_load_failure(settings.name, local, exc)) from exc
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(f"model '{settings.name}' has no fast (Rust) tokenizer; tokenizer.json is required")
-        model.to(device).eval()
-        torch.set_grad_enabled(False)
-        if dtype == "int8":
-            model = _quantize_dynamic(model)
-        positions = getattr(model.config, "max_position_embeddings", settings.max_length)
+        positions = getattr(config, "max_position_embeddings", settings.max_length)
         max_length = min(settings.max_length, positions)
         if lock is not None:
             name, revision, weights = lock.model_id, lock.revision, lock.weights_sha256
@@ -144,7 +209,7 @@ class Classifier:
             name, revision, weights = settings.name, "local", lockfile.directory_weights_sha256(settings.name)
         else:
             snapshot = _hub_snapshot(settings.name, settings.revision)
-            commit = snapshot.name if snapshot is not None else getattr(model.config, "_commit_hash", None)
+            commit = snapshot.name if snapshot is not None else getattr(config, "_commit_hash", None)
             if not lockfile.is_commit(settings.revision):
                 log.warning(
                     "model revision is not pinned: set FILTER_MODEL__REVISION to a commit so every worker loads "
@@ -155,6 +220,18 @@ class Classifier:
                 )
             name, revision = settings.name, commit or settings.revision or "main"
             weights = lockfile.directory_weights_sha256(snapshot) if snapshot is not None else ""
+        labels = labels_of(config)
+        engine: Engine
+        if model is None:
+            from filter_worker import model_onnx
+
+            engine = model_onnx.load_engine(Path(settings.name), dtype, device, weights, labels, lock is not None)
+        else:
+            import torch
+
+            model.to(device).eval()
+            torch.set_grad_enabled(False)
+            engine = TorchEngine(_quantize_dynamic(model) if dtype == "int8" else model, device)
         log.info(
             "model loaded",
             model=name,
@@ -163,8 +240,10 @@ class Classifier:
             verified=lock is not None,
             source=settings.name,
             device=device,
+            dtype=dtype,
+            backend=settings.backend,
         )
-        return cls(tokenizer, model, name, revision, device, max_length, weights, dtype)
+        return cls(tokenizer, engine, labels, name, revision, device, max_length, weights, dtype, settings.backend)
 
     @property
     def identity(self) -> str:
@@ -176,7 +255,7 @@ class Classifier:
         """Token ids per text, truncated to ``max_length``; ``truncated`` says whether text was cut."""
         limit = self.max_length * _CHARS_PER_TOKEN_BOUND
         clipped = [t[:limit] for t in texts]
-        encoded = self._tokenizer(
+        encoded = self.tokenizer(
             clipped,
             truncation=True,
             max_length=self.max_length,
@@ -196,23 +275,7 @@ class Classifier:
 
     def predict(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         """One forward pass over token-id rows (padded here); returns probabilities, shape (rows, labels)."""
-        import torch
-
-        width = max(len(row) for row in batch)
-        ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        for i, row in enumerate(batch):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
-        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-        if self._pin:  # from the caching host allocator, so pinning costs no allocation per batch
-            ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
-        with torch.inference_mode():
-            logits = self._model(
-                input_ids=ids_t.to(self.device, non_blocking=self._pin),
-                attention_mask=mask_t.to(self.device, non_blocking=self._pin),
-            ).logits
-            return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return self.engine.probabilities(*pad(batch, self.pad_id))
 
     def classify(
         self, texts: Sequence[str], max_size: int = 32, max_tokens: int = 16_384
