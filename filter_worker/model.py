@@ -225,7 +225,9 @@ class Classifier:
         if model is None:
             from filter_worker import model_onnx
 
-            engine = model_onnx.load_engine(Path(settings.name), dtype, device, weights, labels, lock is not None)
+            # A locked directory is never written to at load, also when its verification is turned off.
+            locked = (Path(settings.name) / lockfile.LOCK_NAME).is_file()
+            engine = model_onnx.load_engine(Path(settings.name), dtype, device, weights, labels, locked)
         else:
             import torch
 

@@ -112,7 +112,12 @@ class OnnxEngine:
 
 
 def threads() -> int:
-    """Intra-op threads: every CPU this process may run on (what PyTorch uses too)."""
+    """Intra-op threads: ``OMP_NUM_THREADS`` when set, as PyTorch does (the Kubernetes manifests set it
+    to the container's CPU limit, which the CPU count does not show), else every CPU this process may
+    run on."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -214,6 +219,13 @@ def export(directory: str | Path, dtypes: Sequence[str] = DTYPES) -> list[Export
     if unknown:
         raise ConfigError(f"--dtype {','.join(unknown)}: the onnx backend exports {', '.join(DTYPES)}")
     runtime()
+    try:
+        import onnx  # noqa: F401 - the quantizer's dependency
+        import onnxscript  # noqa: F401 - torch.onnx's exporter's dependency
+    except ImportError as exc:
+        raise ConfigError(
+            f"exporting needs the onnx extra ({exc.name} is not installed): pip install 'filter-worker[onnx]'"
+        ) from None
     lock = _verified_for_export(root, dtypes)
     weights = root / "model.safetensors"
     if weights.is_file() and weights.stat().st_size > _MAX_GRAPH_BYTES:
@@ -291,7 +303,7 @@ def _temporary(path: Path) -> Iterator[Path]:
 @contextmanager
 def _quiet() -> Iterator[None]:
     """The exporter and quantizer print progress, deprecation notes and advice on every call."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "root", "")]
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "")]
     levels = [logger.level for logger in loggers]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -344,10 +356,6 @@ def _export_float32(reference: Classifier, path: Path, meta: dict[str, str]) -> 
                 dynamo=True,
                 verbose=False,
             )
-    except ImportError as exc:
-        raise ConfigError(
-            f"exporting needs the onnx extra ({exc.name} is missing): pip install 'filter-worker[onnx]'"
-        ) from None
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; one sentence for the operator
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"torch.onnx could not export the model: {first}") from exc

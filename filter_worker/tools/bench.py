@@ -34,6 +34,7 @@ Every option is checked before the first phase: a run that cannot work stops at 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import platform
@@ -43,10 +44,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -83,6 +85,12 @@ _ONNX_SPEED_GOAL = 2.0
 # smaller runs scale both down so a small run finishes quickly.
 _LATENCY_SECONDS, _NAIVE_COUNT, _FULL_SIZE = 20.0, 100, 1000
 _MIN_LATENCY_SECONDS, _MIN_NAIVE_COUNT = 2.0, 5
+T = TypeVar("T")
+# Model-only passes run on a thread of their own, as the worker runs them (its inference thread), not
+# on the main thread: under CPU contention from other processes, eager PyTorch's OpenMP team on the
+# main thread was measured up to 40x slower than the same passes on another thread at the same
+# moment, which put ceilings below the worker's own throughput.
+_MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")
 # Records per fetched batch of the minimal loop in the plumbing measurement (librdkafka hands over at
 # most this many per consume call; the worker's own fetch loop takes what is there).
 _LOOP_BATCH = 500
@@ -300,16 +308,24 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
 # -- phases -----------------------------------------------------------------------------------------
 
 
+def _on_model_thread(work: Callable[[], T]) -> T:
+    return _MODEL_THREAD.submit(work).result()
+
+
 def _model_only(classifier: Classifier, ids: Sequence[list[int]], order: list[int], size: int) -> dict[str, Any]:
     """Forward passes over ``order`` cut into consecutive batches of ``size``: nothing but the model."""
     lengths = [len(row) for row in ids]
     batches = [order[i : i + size] for i in range(0, len(order), size)]
-    times = []
-    for batch in batches:
-        started = time.perf_counter()
-        classifier.predict([ids[i] for i in batch])
-        times.append(time.perf_counter() - started)
-    seconds = sum(times)
+
+    def passes() -> list[float]:
+        times = []
+        for batch in batches:
+            started = time.perf_counter()
+            classifier.predict([ids[i] for i in batch])
+            times.append(time.perf_counter() - started)
+        return times
+
+    seconds = sum(_on_model_thread(passes))
     padded = padded_tokens(lengths, batches)
     return {
         "messages": len(order),
@@ -683,17 +699,22 @@ def _variants(
     classifiers = {variant_name(*REFERENCE): models.get(*REFERENCE)}
     classifiers |= {variant_name(b, d): models.get(b, d) for b, d in runnable}
     batch = settings.batch
+
+    def timed(variant: Classifier, some: Sequence[str]) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        probs, _ = variant.classify(some, batch.max_size, batch.max_tokens)
+        return probs, time.perf_counter() - started
+
     probs: dict[str, np.ndarray] = {}
     speeds: dict[str, list[float]] = {name: [] for name in classifiers}
     for name, variant in classifiers.items():  # warm-up, and the probabilities compared
-        variant.classify(texts[: batch.max_size], batch.max_size, batch.max_tokens)
-        probs[name], _ = variant.classify(texts, batch.max_size, batch.max_tokens)
+        _on_model_thread(functools.partial(timed, variant, texts[: batch.max_size]))
+        probs[name] = _on_model_thread(functools.partial(timed, variant, texts))[0]
     for n in range(rounds):
         order = names[n % len(names) :] + names[: n % len(names)]
         for name in order:
-            started = time.perf_counter()
-            classifiers[name].classify(texts, batch.max_size, batch.max_tokens)
-            speeds[name].append(len(texts) / (time.perf_counter() - started))
+            seconds = _on_model_thread(functools.partial(timed, classifiers[name], texts))[1]
+            speeds[name].append(len(texts) / seconds)
     reference = names[0]
     base_actions = [router.decide(row).action for row in probs[reference]]
     results: dict[str, Any] = {
