@@ -227,9 +227,11 @@ def export(directory: str | Path, dtypes: Sequence[str] = DTYPES) -> list[Export
             f"exporting needs the onnx extra ({exc.name} is not installed): pip install 'filter-worker[onnx]'"
         ) from None
     lock = _verified_for_export(root, dtypes)
-    weights = root / "model.safetensors"
-    if weights.is_file() and weights.stat().st_size > _MAX_GRAPH_BYTES:
-        raise ExportError(f"{weights} is above 2 GB, more than one ONNX file holds; use FILTER_MODEL__BACKEND=torch")
+    if sum(p.stat().st_size for p in root.glob("*.safetensors")) > _MAX_GRAPH_BYTES:
+        raise ExportError(
+            f"the weights in '{root}' are above 2 GB, more than a single ONNX file can hold (protobuf's limit); "
+            "use FILTER_MODEL__BACKEND=torch"
+        )
     reference = Classifier.load(ModelSettings(name=str(root), dtype="float32", device="cpu", verify=False))
     texts = check_texts()
     expected, _ = reference.classify(texts, max_size=16)
@@ -243,7 +245,7 @@ def export(directory: str | Path, dtypes: Sequence[str] = DTYPES) -> list[Export
         ) from None
     written: list[ExportedGraph] = []
     float32 = root / GRAPH_FILES["float32"]
-    with _temporary(root / GRAPH_DIR / ".model.onnx.tmp") as tmp:
+    with _temporary(root / GRAPH_DIR / f".model.onnx.{os.getpid()}.tmp") as tmp:
         _export_float32(reference, tmp, meta)
         difference, agreement = _compare(tmp, reference, texts, expected)
         if difference > TOLERANCE:
@@ -255,7 +257,7 @@ def export(directory: str | Path, dtypes: Sequence[str] = DTYPES) -> list[Export
     written.append(ExportedGraph("float32", float32, float32.stat().st_size, difference, agreement))
     if "int8" in dtypes:
         int8 = root / GRAPH_FILES["int8"]
-        with _temporary(root / GRAPH_DIR / ".model.int8.onnx.tmp") as tmp:
+        with _temporary(root / GRAPH_DIR / f".model.int8.onnx.{os.getpid()}.tmp") as tmp:
             _quantize(float32, tmp)
             difference, agreement = _compare(tmp, reference, texts, expected)
             if not np.isfinite(difference):
@@ -293,7 +295,8 @@ def _verified_for_export(root: Path, dtypes: Sequence[str]) -> lockfile.Lock | N
 
 @contextmanager
 def _temporary(path: Path) -> Iterator[Path]:
-    """A hidden file name (lock files ignore hidden paths) that is removed unless it was renamed away."""
+    """A hidden file name (lock files ignore hidden paths), one per process so that two workers exporting
+    into one directory at once do not write into each other's file; removed unless renamed away."""
     try:
         yield path
     finally:
