@@ -87,9 +87,9 @@ _LATENCY_SECONDS, _NAIVE_COUNT, _FULL_SIZE = 20.0, 100, 1000
 _MIN_LATENCY_SECONDS, _MIN_NAIVE_COUNT = 2.0, 5
 T = TypeVar("T")
 # Model-only passes run on a thread of their own, as the worker runs them (its inference thread), not
-# on the main thread: under CPU contention from other processes, eager PyTorch's OpenMP team on the
-# main thread was measured up to 40x slower than the same passes on another thread at the same
-# moment, which put ceilings below the worker's own throughput.
+# on the main thread: under CPU contention from other processes, eager PyTorch's passes on the main
+# thread ran far slower than the same passes on another thread at the same moment, which put ceilings
+# below the worker's own throughput in the same run.
 _MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")
 # Records per fetched batch of the minimal loop in the plumbing measurement (librdkafka hands over at
 # most this many per consume call; the worker's own fetch loop takes what is there).
