@@ -251,6 +251,9 @@ class ModelSettings(_Section):
     # quantization of the Linear layers, a CPU technique; the combinations a device cannot run are
     # refused at load time with the reason (model.resolve_dtype).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
+    # What runs the forward pass: eager PyTorch, or ONNX Runtime on a graph exported from the same
+    # safetensors weights (``filter-worker model export``; needs the ``onnx`` extra).
+    backend: Literal["torch", "onnx"] = "torch"
 
     @field_validator("device")
     @classmethod

@@ -23,8 +23,19 @@ LOCK_FORMAT = 1
 # What a sequence classifier needs: config, tokenizer files, safetensors weights. Pickle weights
 # (*.bin, *.pt, ...) are never downloaded: loading them can run code.
 PULL_PATTERNS: tuple[str, ...] = ("*.json", "*.safetensors", "*.txt", "*.model")
-# Files that, if present but not locked, could still be loaded; ``verify`` reports them.
-_LOADABLE_PATTERNS: tuple[str, ...] = (*PULL_PATTERNS, "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack")
+# Files that, if present but not locked, could still be loaded; ``verify`` reports them. ONNX graphs
+# (``filter-worker model export``) run in place of the weights with FILTER_MODEL__BACKEND=onnx.
+_LOADABLE_PATTERNS: tuple[str, ...] = (
+    *PULL_PATTERNS,
+    "*.onnx",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.pkl",
+    "*.h5",
+    "*.msgpack",
+)
 # A fast tokenizer loads from tokenizer.json, or is converted from one of these vocabularies.
 _TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -132,13 +143,29 @@ def lock_directory(directory: str | Path, model_id: str, revision: str) -> Lock:
     """Hash every file in ``directory`` and write its lock file; returns the lock."""
     root = Path(directory)
     files = tuple(LockedFile(p.relative_to(root).as_posix(), p.stat().st_size, sha256_file(p)) for p in _files(root))
-    lock = Lock(model_id, revision, files)
+    return _write_lock(root, Lock(model_id, revision, files))
+
+
+def add_files(directory: str | Path, paths: list[str]) -> Lock:
+    """Hash ``paths`` (relative to ``directory``) into its lock file, replacing their old entries.
+
+    For files derived from locked ones (an exported ONNX graph): the model id and revision stay, and
+    no other entry changes, so nothing unverified is locked along with them.
+    """
+    root = Path(directory)
+    lock = read_lock(root)
+    added = tuple(LockedFile(p, (root / p).stat().st_size, sha256_file(root / p)) for p in paths)
+    kept = tuple(f for f in lock.files if f.path not in paths)
+    return _write_lock(root, Lock(lock.model_id, lock.revision, tuple(sorted((*kept, *added), key=lambda f: f.path))))
+
+
+def _write_lock(root: Path, lock: Lock) -> Lock:
     document = {
         "format": LOCK_FORMAT,
-        "model_id": model_id,
-        "revision": revision,
+        "model_id": lock.model_id,
+        "revision": lock.revision,
         "weights_sha256": lock.weights_sha256,
-        "files": [asdict(f) for f in files],
+        "files": [asdict(f) for f in lock.files],
     }
     (root / LOCK_NAME).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return lock

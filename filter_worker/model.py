@@ -1,8 +1,10 @@
 """The model wrapper: load a sequence classifier, tokenize, run forward passes, return probabilities.
 
-This is the only module that imports torch and transformers. Tokenization and the forward pass are
-separate calls because the worker tokenizes on its Kafka thread (to know lengths for batching) and
-runs forward passes on the inference thread.
+This is the only module that runs torch (``model_onnx`` exports through it and runs ONNX Runtime).
+Tokenization and the forward pass are separate calls because the worker tokenizes on its Kafka thread
+(to know lengths for batching) and runs forward passes on the inference thread. The forward pass is an
+``Engine``: eager PyTorch here, or an ONNX Runtime session (``FILTER_MODEL__BACKEND=onnx``); the rest
+of the classifier (tokenizer, padding, labels, identity) is the same for both.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -41,7 +43,11 @@ class Tokenized:
     truncated: bool
 
 
-def resolve_device(requested: str) -> str:
+def resolve_device(requested: str, backend: str = "torch") -> str:
+    if backend == "onnx":
+        from filter_worker import model_onnx
+
+        return model_onnx.resolve_device(requested)
     import torch
 
     if requested == "auto":
@@ -51,14 +57,20 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def resolve_dtype(requested: str, device: str) -> str:
+def resolve_dtype(requested: str, device: str, backend: str = "torch") -> str:
     """The precision to load for ``FILTER_MODEL__DTYPE`` on ``device``; refuses what the device cannot run well.
 
     - ``auto``: float16 on CUDA (tensor cores, half the memory traffic), float32 elsewhere.
     - ``int8``: dynamic quantization of the Linear layers, which PyTorch implements for CPU only.
     - ``float16`` on CPU is refused: most CPUs have no float16 arithmetic, so it runs slower than
       float32, and bfloat16 gives the same memory saving with float32's range.
+
+    The onnx backend has its own rules (``model_onnx.resolve_dtype``): float32 and int8 graphs.
     """
+    if backend == "onnx":
+        from filter_worker import model_onnx
+
+        return model_onnx.resolve_dtype(requested, device)
     setting = f"FILTER_MODEL__DTYPE={requested}"
     if requested == "auto":
         return "float16" if device.startswith("cuda") else "float32"
@@ -73,39 +85,86 @@ def resolve_dtype(requested: str, device: str) -> str:
     return requested
 
 
+class Engine(Protocol):
+    """What runs the forward pass: padded token ids and attention mask (int64, rows x width) in,
+    probabilities (float32, rows x labels, the config's label order) out."""
+
+    def probabilities(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray: ...
+
+
+class TorchEngine:
+    """Eager PyTorch: the model as transformers loads it (int8: dynamically quantized)."""
+
+    def __init__(self, module: Any, device: str) -> None:
+        self.module = module
+        self._device = device
+        # Pinned host memory lets the copy to the GPU run asynchronously (non_blocking).
+        self._pin = device.startswith("cuda")
+
+    def probabilities(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        if self._pin:  # from the caching host allocator, so pinning costs no allocation per batch
+            ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
+        with torch.inference_mode():
+            logits = self.module(
+                input_ids=ids_t.to(self._device, non_blocking=self._pin),
+                attention_mask=mask_t.to(self._device, non_blocking=self._pin),
+            ).logits
+            return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+
+def pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id rows padded to the longest one, and the attention mask that marks the real tokens.
+
+    In numpy, not a loop per row: at a few hundred rows a pass the loop was a visible cost.
+    """
+    lengths = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
+    real = np.arange(int(lengths.max())) < lengths[:, np.newaxis]  # (rows, width): True where a token is
+    ids = np.full(real.shape, pad_id, dtype=np.int64)
+    ids[real] = np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum()))
+    return ids, real.astype(np.int64)
+
+
+def labels_of(config: Any) -> list[str]:
+    """The model's labels in output order (``id2label``), which routing rules and graphs refer to."""
+    return [config.id2label[i] for i in range(len(config.id2label))]
+
+
 class Classifier:
     """A loaded classifier. Thread use: ``tokenize`` on one thread and ``predict`` on another is safe."""
 
     def __init__(
         self,
         tokenizer: Any,
-        model: Any,
+        engine: Engine,
+        labels: list[str],
         name: str,
         revision: str,
         device: str,
         max_length: int,
-        weights_sha256: str = "",
-        dtype: str | None = None,
+        weights_sha256: str,
+        dtype: str,
+        backend: str = "torch",
     ) -> None:
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
         # A copy of the fast tokenizer's Rust backend that truncates to max_length by itself.
-        backend = type(tokenizer.backend_tokenizer).from_str(tokenizer.backend_tokenizer.to_str())
-        backend.enable_truncation(max_length)
-        backend.no_padding()
-        self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: tokenizers >= 0.21
-        self._model = model
+        backend_tokenizer = type(tokenizer.backend_tokenizer).from_str(tokenizer.backend_tokenizer.to_str())
+        backend_tokenizer.enable_truncation(max_length)
+        backend_tokenizer.no_padding()
+        # encode_batch_fast skips character offsets (tokenizers >= 0.21).
+        self._encode = getattr(backend_tokenizer, "encode_batch_fast", backend_tokenizer.encode_batch)
+        self.engine = engine
+        self.labels = labels
         self.name = name
         self.revision = revision
         self.weights_sha256 = weights_sha256
         self.device = device
         self.max_length = max_length
-        id2label = model.config.id2label
-        self.labels: list[str] = [id2label[i] for i in range(len(id2label))]
-        # Quantized Linear weights are not parameters, so int8 has to be named by the loader.
-        self.dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
-        # Pinned host memory lets the copy to the GPU run asynchronously (non_blocking).
-        self._pin = device.startswith("cuda")
-        self._pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.dtype = dtype
+        self.backend = backend
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @classmethod
     def load(cls, settings: ModelSettings) -> Classifier:
@@ -114,17 +173,25 @@ class Classifier:
         A local directory is first checked against its lock file (``settings.verify``); a mismatch
         raises before any of its files is read by transformers. A locked directory reports the model id
         and commit it was pulled from, so headers and metrics name the real model, not a path.
+
+        With ``FILTER_MODEL__BACKEND=onnx`` the weights are not loaded into PyTorch: the graph exported
+        from them runs instead (``model_onnx``), which needs a local directory to keep it in.
         """
-        import torch
         import transformers
         from safetensors import SafetensorError
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        device = resolve_device(settings.device)
-        dtype = resolve_dtype(settings.dtype, device)
+        onnx = settings.backend == "onnx"
+        device = resolve_device(settings.device, settings.backend)
+        dtype = resolve_dtype(settings.dtype, device, settings.backend)
         local = Path(settings.name).is_dir()
+        if onnx and not local:
+            raise ModelLoadError(
+                f"FILTER_MODEL__BACKEND=onnx needs a local model directory for its exported graph, not the hub id "
+                f"'{settings.name}'; pull it first: filter-worker model pull {settings.name} --to DIR"
+            )
         lock = _verified_lock(settings, local)
         if local:
             _check_complete(settings.name)
@@ -135,16 +202,16 @@ class Classifier:
             kwargs["local_files_only"] = True
         try:
             tokenizer = AutoTokenizer.from_pretrained(settings.name, **kwargs)
-            model = _load_weights(AutoModelForSequenceClassification, settings.name, dtype, device, kwargs)
+            if onnx:
+                model, config = None, AutoConfig.from_pretrained(settings.name, **kwargs)
+            else:
+                model = _load_weights(AutoModelForSequenceClassification, settings.name, dtype, device, kwargs)
+                config = model.config
         except (OSError, ValueError, SafetensorError) as exc:  # a corrupt weight file raises SafetensorError
             raise ModelLoadError(_load_failure(settings.name, local, exc)) from exc
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(f"model '{settings.name}' has no fast (Rust) tokenizer; tokenizer.json is required")
-        model.to(device).eval()
-        torch.set_grad_enabled(False)
-        if dtype == "int8":
-            model = _quantize_dynamic(model)
-        positions = getattr(model.config, "max_position_embeddings", settings.max_length)
+        positions = getattr(config, "max_position_embeddings", settings.max_length)
         max_length = min(settings.max_length, positions)
         if lock is not None:
             name, revision, weights = lock.model_id, lock.revision, lock.weights_sha256
@@ -152,7 +219,7 @@ class Classifier:
             name, revision, weights = settings.name, "local", lockfile.directory_weights_sha256(settings.name)
         else:
             snapshot = _hub_snapshot(settings.name, settings.revision)
-            commit = snapshot.name if snapshot is not None else getattr(model.config, "_commit_hash", None)
+            commit = snapshot.name if snapshot is not None else getattr(config, "_commit_hash", None)
             if not lockfile.is_commit(settings.revision):
                 log.warning(
                     "model revision is not pinned: set FILTER_MODEL__REVISION to a commit so every worker loads "
@@ -163,6 +230,20 @@ class Classifier:
                 )
             name, revision = settings.name, commit or settings.revision or "main"
             weights = lockfile.directory_weights_sha256(snapshot) if snapshot is not None else ""
+        labels = labels_of(config)
+        engine: Engine
+        if model is None:
+            from filter_worker import model_onnx
+
+            # A locked directory is never written to at load, also when its verification is turned off.
+            locked = (Path(settings.name) / lockfile.LOCK_NAME).is_file()
+            engine = model_onnx.load_engine(Path(settings.name), dtype, device, weights, labels, locked)
+        else:
+            import torch
+
+            model.to(device).eval()
+            torch.set_grad_enabled(False)
+            engine = TorchEngine(_quantize_dynamic(model) if dtype == "int8" else model, device)
         log.info(
             "model loaded",
             model=name,
@@ -171,8 +252,10 @@ class Classifier:
             verified=lock is not None,
             source=settings.name,
             device=device,
+            dtype=dtype,
+            backend=settings.backend,
         )
-        return cls(tokenizer, model, name, revision, device, max_length, weights, dtype)
+        return cls(tokenizer, engine, labels, name, revision, device, max_length, weights, dtype, settings.backend)
 
     @property
     def identity(self) -> str:
@@ -199,22 +282,7 @@ class Classifier:
 
     def predict(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         """One forward pass over token-id rows (padded here); returns probabilities, shape (rows, labels)."""
-        import torch
-
-        lengths = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
-        real = np.arange(int(lengths.max())) < lengths[:, np.newaxis]  # (rows, width): True where a token is
-        ids = np.full(real.shape, self._pad_id, dtype=np.int64)
-        ids[real] = np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum()))
-        mask = real.astype(np.int64)
-        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-        if self._pin:  # from the caching host allocator, so pinning costs no allocation per batch
-            ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
-        with torch.inference_mode():
-            logits = self._model(
-                input_ids=ids_t.to(self.device, non_blocking=self._pin),
-                attention_mask=mask_t.to(self.device, non_blocking=self._pin),
-            ).logits
-            return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return self.engine.probabilities(*pad(batch, self.pad_id))
 
     def classify(
         self, texts: Sequence[str], max_size: int = 32, max_tokens: int = 16_384

@@ -1,10 +1,15 @@
-"""``filter-worker bench`` runs every phase on a tiny model and writes a complete JSON report (no timings asserted)."""
+"""``filter-worker bench``: every phase on a tiny model writes a complete JSON report (no timings asserted);
+options that cannot work are refused before any phase; the rules that judge a run."""
 
 from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
 
 import orjson
 import pytest
 
+from filter_worker.tools.bench import BenchOptions, _variant_list, judge_end_to_end
 from tests.test_cli import cli
 
 
@@ -56,7 +61,138 @@ def test_bench_runs_every_phase_and_writes_the_report(tiny_model, bootstrap_serv
     assert latency["messages"] == 20 and latency["offered_rate"] == 20
     assert 0 <= latency["p50_s"] <= latency["p95_s"] <= latency["p99_s"] <= latency["max_s"]
 
-    int8 = report["precision"]["int8"]
+    assert set(report["variants"]) == {"torch float32", "torch int8"}, "torch only: no other backend configured"
+    int8 = report["variants"]["torch int8"]
     assert int8["messages"] == 10 and 0 <= int8["action_changed_share"] <= 1
+    assert len(int8["speed_ratios"]) == 3 and int8["speed_ratio"] == sorted(int8["speed_ratios"])[1]
     assert set(report["ratios"]) >= {"end_to_end_vs_model_only", "end_to_end_vs_naive"}
     assert report["targets"]["end_to_end_vs_model_only"]["goal"] == 0.9
+    assert "model_only_vs_torch_float32" not in report["targets"]
+
+
+@pytest.mark.integration
+def test_bench_with_the_onnx_backend_compares_it_with_torch_float32(tiny_model, bootstrap_servers, tmp_path):
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model, model)  # the graph is exported into the model directory at first load
+    report_path = tmp_path / "bench.json"
+    result = cli(
+        "bench",
+        "--model", str(model),
+        "--backend", "onnx",
+        "--dtype", "int8",
+        "--bootstrap-servers", bootstrap_servers,
+        "--messages", "24",
+        "--rounds", "1",
+        "--batch-size", "8",
+        "--compare-count", "12",
+        "--compare-rounds", "2",
+        "--plumbing-messages", "400",
+        "--json", str(report_path),
+        FILTER_KAFKA__SESSION_TIMEOUT_MS="6000",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = orjson.loads(report_path.read_bytes())
+    env = report["environment"]
+    assert (env["backend"], env["dtype"]) == ("onnx", "int8") and env["onnxruntime_threads"] >= 1
+    assert report["end_to_end"]["published"] == 24
+    assert report["naive"]["messages"] == 5 and report["latency"]["seconds"] == 2.0, "scaled down to 24 messages"
+    assert set(report["variants"]) == {"torch float32", "torch bfloat16", "torch int8", "onnx float32", "onnx int8"}
+    onnx_int8 = report["variants"]["onnx int8"]
+    assert len(onnx_int8["speed_ratios"]) == 2 and 0 <= onnx_int8["action_changed_share"] <= 1
+    assert report["variants"]["onnx float32"]["max_abs_probability_difference"] <= 1e-4
+    target = report["targets"]["model_only_vs_torch_float32"]
+    assert target["goal"] == 2.0 and target["measured"] == onnx_int8["speed_ratio"]
+    e2e = report["targets"]["end_to_end_vs_model_only"]
+    if e2e["measured"] < 0.9:  # a tiny model outruns one-by-one runs of 24 records: the check ran
+        assert report["plumbing_capacity"]["messages"] == 400 and report["plumbing_capacity"]["messages_per_s"] > 0
+    assert "onnx int8" in result.stdout and "speed" in result.stdout
+
+
+@pytest.mark.integration
+def test_plumbing_measures_the_worker_against_the_minimal_loop(bootstrap_servers, tmp_path):
+    report_path = tmp_path / "plumbing.json"
+    result = cli(
+        "bench",
+        "--plumbing",
+        "--plumbing-messages", "600",
+        "--rounds", "2",
+        "--bootstrap-servers", bootstrap_servers,
+        "--json", str(report_path),
+        FILTER_KAFKA__SESSION_TIMEOUT_MS="6000",
+        FILTER_KAFKA__CONSUMER_PROPERTIES='{"fetch.wait.max.ms": "10"}',
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = orjson.loads(report_path.read_bytes())
+    assert report["workload"]["messages"] == 600 and len(report["rounds"]) == 2
+    for one in report["rounds"]:
+        assert one["worker"]["published"] == 600
+        assert one["loop"]["messages"] == one["loop_tokenized"]["messages"] == 600
+        worker = one["worker"]["messages"] / one["worker"]["seconds_to_last_ack"]
+        assert one["worker_vs_loop"] == pytest.approx(worker / one["loop"]["messages_per_s"])
+        assert one["worker_vs_loop_tokenized"] == pytest.approx(worker / one["loop_tokenized"]["messages_per_s"])
+    lower_median = min(report["rounds"], key=lambda r: r["worker_vs_loop_tokenized"])
+    assert report["worker_vs_loop_tokenized"] == lower_median["worker_vs_loop_tokenized"]
+    assert report["near_free_model"]["model_only"]["messages_per_s"] > 0
+    assert "worker / minimal loop with tokenizer" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--messages", "0"], "--messages must be at least 1, not 0"),
+        (["--naive-count", "0"], "--naive-count must be at least 1, not 0"),
+        (["--rounds", "-1"], "--rounds must be at least 1, not -1"),
+        (["--compare-rounds", "0"], "--compare-rounds must be at least 1"),
+        (["--partitions", "0"], "--partitions must be at least 1"),
+        (["--plumbing", "--plumbing-messages", "0"], "--plumbing-messages must be at least 1"),
+        (["--compare-dtypes", "int8,fp8"], "--compare-dtypes: unknown precision 'fp8'"),
+        (["--latency-seconds", "0"], "--latency-seconds must be above 0"),
+        (["--rate", "-5"], "--rate must be above 0"),
+        (["--duplicate-ratio", "1"], "--duplicate-ratio must be at least 0 and below 1"),
+        (["--json", "/no/such/folder/bench.json"], "--json /no/such/folder/bench.json: the directory"),
+        (["--backend", "tensorrt"], "FILTER_MODEL__BACKEND"),
+    ],
+)
+def test_options_that_cannot_work_are_refused_before_any_phase(arguments, message):
+    # A model that does not exist: had any phase started, loading it would be the error.
+    result = cli("bench", "--model", "nobody/no-such-model", *arguments)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and result.stderr.count("\n") <= 2
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_latency_and_naive_phases_scale_down_with_the_messages():
+    options = BenchOptions()
+    assert (options.scaled_naive_count(1000), options.scaled_latency_seconds(1000)) == (100, 20.0)
+    assert (options.scaled_naive_count(5000), options.scaled_latency_seconds(5000)) == (100, 20.0)
+    assert (options.scaled_naive_count(300), options.scaled_latency_seconds(300)) == (30, 6.0)
+    assert (options.scaled_naive_count(20), options.scaled_latency_seconds(20)) == (5, 2.0)
+    given = BenchOptions(naive_count=7, latency_seconds=1.5)
+    assert (given.scaled_naive_count(20), given.scaled_latency_seconds(20)) == (7, 1.5)
+
+
+def test_end_to_end_target_is_not_judged_when_the_broker_sets_the_pace():
+    assert judge_end_to_end(0.95, 0.9, 100.0, None) == {"goal": 0.9, "measured": 0.95, "met": True}
+    assert judge_end_to_end(0.5, 0.9, 100.0, 5000.0)["met"] is False, "the broker could have kept up"
+    assert judge_end_to_end(0.5, 0.9, 100.0, None)["met"] is False
+    bound = judge_end_to_end(0.3, 0.9, 20_000.0, 7_000.0)
+    assert bound["met"] is None and "not judged" in bound["reason"] and "7000 msg/s" in bound["reason"]
+    assert judge_end_to_end(0.3, 0.9, 7_000.0, 6_400.0)["met"] is False, "6400 >= 0.9 x 7000: judged"
+
+
+def test_variants_are_torch_and_the_configured_backend_at_every_precision_the_device_takes():
+    torch_cpu = SimpleNamespace(backend="torch", dtype="float32", device="cpu")
+    assert _variant_list(torch_cpu, None) == [("torch", "bfloat16", None), ("torch", "int8", None)]  # type: ignore[arg-type]
+    assert _variant_list(torch_cpu, []) == []  # type: ignore[arg-type]
+    onnx_cpu = SimpleNamespace(backend="onnx", dtype="int8", device="cpu")
+    assert [v[:2] for v in _variant_list(onnx_cpu, None)] == [  # type: ignore[arg-type]
+        ("torch", "bfloat16"),
+        ("torch", "int8"),
+        ("onnx", "float32"),
+        ("onnx", "int8"),
+    ]
+    asked = _variant_list(onnx_cpu, ["bfloat16"])  # type: ignore[arg-type]
+    expected = [("torch", "bfloat16"), ("onnx", "float32"), ("onnx", "bfloat16"), ("onnx", "int8")]
+    assert [v[:2] for v in asked] == expected
+    assert "the onnx backend runs float32 and int8 graphs" in (asked[2][2] or "")
+    assert asked[3][2] is None, "the configured variant is always compared"

@@ -15,6 +15,7 @@ def add_parser(commands: Any) -> None:
     )
     model_argument(parser)
     parser.add_argument("--dtype", help="overrides FILTER_MODEL__DTYPE: auto, float32, bfloat16, float16, int8")
+    parser.add_argument("--backend", help="overrides FILTER_MODEL__BACKEND: torch or onnx")
     parser.add_argument("--device", help="overrides FILTER_MODEL__DEVICE: auto, cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, help="overrides FILTER_BATCH__MAX_SIZE")
     parser.add_argument("--messages", type=int, default=1000, help="size of the built-in message mix (default 1000)")
@@ -23,18 +24,38 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--duplicate-ratio", type=float, default=0.0, help="share of campaign repeats; adds a run with the cache"
     )
-    parser.add_argument("--naive-count", type=int, default=100, help="records for the naive loop (default 100)")
+    parser.add_argument(
+        "--naive-count", type=int, help="records for the naive loop (default 100 at 1000 messages, scaled down below)"
+    )
     parser.add_argument("--arrival-count", type=int, default=256, help="texts for arrival-order batches (default 256)")
     parser.add_argument("--compare-count", type=int, default=300, help="texts for precision comparisons (default 300)")
     parser.add_argument(
-        "--compare-dtypes", help="comma list of precisions to compare with float32 ('none' skips; default by device)"
+        "--compare-dtypes",
+        help="comma list of precisions to compare, on torch and the configured backend, with torch float32 "
+        "('none' skips; default by device)",
+    )
+    parser.add_argument(
+        "--compare-rounds", type=int, default=3, help="interleaved speed rounds of the comparison (default 3)"
     )
     parser.add_argument("--rate", type=float, help="offered msg/s for latency (default: half the measured throughput)")
-    parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of the latency run (default 20)")
+    parser.add_argument(
+        "--latency-seconds", type=float, help="seconds of the latency run (default 20 at 1000 messages, fewer below)"
+    )
     parser.add_argument(
         "--rounds", type=int, default=3, help="end-to-end rounds, each between two ceiling runs (default 3)"
     )
     parser.add_argument("--partitions", type=int, default=3, help="input topic partitions (default 3)")
+    parser.add_argument(
+        "--plumbing",
+        action="store_true",
+        help="only the plumbing measurement: the worker with a near-free model against a minimal loop",
+    )
+    parser.add_argument(
+        "--plumbing-messages",
+        type=int,
+        default=50_000,
+        help="records for the plumbing measurement and the near-free-model check (default 50000)",
+    )
     parser.add_argument("--bootstrap-servers", help="use this Kafka cluster instead of the embedded broker")
     parser.add_argument("--json", default="bench-results.json", help="report file (default bench-results.json)")
     parser.set_defaults(handler=run)
@@ -47,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Options override their settings and are validated with them (merged over environment and file),
     # so a bad value is reported under the setting's name.
-    model = {k: v for k, v in {"name": args.model, "dtype": args.dtype, "device": args.device}.items() if v is not None}
+    options = {"name": args.model, "dtype": args.dtype, "device": args.device, "backend": args.backend}
+    model = {k: v for k, v in options.items() if v is not None}
     overrides: dict[str, Any] = {"model": model} if model else {}
     if args.batch_size is not None:
         overrides["batch"] = {"max_size": args.batch_size}
@@ -58,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     compare = None
     if args.compare_dtypes is not None:
         compare = [] if args.compare_dtypes == "none" else [d.strip() for d in args.compare_dtypes.split(",") if d]
-    options = BenchOptions(
+    bench = BenchOptions(
         messages=args.messages,
         file=args.file,
         seed=args.seed,
@@ -66,13 +88,16 @@ def run(args: argparse.Namespace) -> int:
         arrival_count=args.arrival_count,
         compare_count=args.compare_count,
         compare_dtypes=compare,
+        compare_rounds=args.compare_rounds,
         rate=args.rate,
         latency_seconds=args.latency_seconds,
         duplicate_ratio=args.duplicate_ratio,
         rounds=args.rounds,
         partitions=args.partitions,
+        plumbing=args.plumbing,
+        plumbing_messages=args.plumbing_messages,
         bootstrap_servers=args.bootstrap_servers,
         json_path=args.json,
     )
-    run_bench(settings, options)
+    run_bench(settings, bench)
     return 0

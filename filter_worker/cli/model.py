@@ -1,4 +1,4 @@
-"""``filter-worker model``: pull, lock, verify and synthesize model directories."""
+"""``filter-worker model``: pull, lock, verify, export and synthesize model directories."""
 
 from __future__ import annotations
 
@@ -30,6 +30,17 @@ def add_parser(commands: Any) -> None:
     lock.add_argument("--force", action="store_true", help="replace an existing lock file")
     verify = model.add_parser("verify", help="check a model directory against its lock file")
     verify.add_argument("path", metavar="DIR", help="directory written by model pull or locked by model lock")
+    export = model.add_parser(
+        "export",
+        help="write the ONNX graphs that FILTER_MODEL__BACKEND=onnx runs, checked against PyTorch (and locked)",
+    )
+    export.add_argument("path", metavar="DIR", help="local model directory (safetensors weights)")
+    export.add_argument(
+        "--dtype",
+        choices=["float32", "int8", "all"],
+        default="all",
+        help="which graphs (default all; int8 is quantized from the checked float32 graph, which is written too)",
+    )
     synth = model.add_parser("synth", help="write an offline stand-in model (no hub access needed)")
     synth.add_argument("path", help="directory to write the model to")
     synth.add_argument(
@@ -42,7 +53,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    handlers = {"pull": _pull, "lock": _lock, "verify": _verify, "synth": _synth}
+    handlers = {"pull": _pull, "lock": _lock, "verify": _verify, "export": _export, "synth": _synth}
     return handlers[args.model_command](args)
 
 
@@ -54,6 +65,26 @@ def _synth(args: argparse.Namespace) -> int:
     else:
         path = build_model(args.path, size="base")
     print(f"wrote a {args.kind} model to {path}; use it with --model {path} or FILTER_MODEL__NAME={path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from filter_worker.config import ConfigError, LogSettings
+    from filter_worker.logs import configure
+    from filter_worker.model_onnx import DTYPES, TOLERANCE, export
+
+    if not Path(args.path).is_dir():
+        raise ConfigError(f"model export {args.path}: not a directory; export a local model directory")
+    configure(LogSettings(level="WARNING"))  # this command prints what it wrote itself
+    graphs = export(args.path, DTYPES if args.dtype == "all" else [args.dtype])
+    for graph in graphs:
+        print(
+            f"wrote {graph.path} ({graph.bytes / 1e6:.1f} MB): {graph.dtype}, probabilities within "
+            f"{graph.max_abs_difference:.1e} of PyTorch float32 on the check texts"
+            + (f" (tolerance {TOLERANCE:.0e})" if graph.dtype == "float32" else "")
+            + f", same top label on {graph.top_label_agreement:.0%}"
+        )
+    print(f"use them with FILTER_MODEL__BACKEND=onnx FILTER_MODEL__NAME={args.path}")
     return 0
 
 

@@ -15,33 +15,49 @@ publishing, commits) has to hide behind it. One run measures, on the same texts:
    record timestamp to publish acknowledgement, p50/p95/p99.
 4. **naive baseline**: what a user's first loop does (consume one record, run a transformers
    ``pipeline`` on its text, produce, wait for the acknowledgement, commit), float32, on a subset.
-5. **precision**: each lower precision against float32 on the same texts: how often the routed
-   action (and the top label) changes, the largest probability difference, and model-only speed.
+5. **variants**: each other backend and precision against eager PyTorch float32 on the same texts:
+   how often the routed action (and the top label) changes, the largest probability difference, and
+   model-only speed, measured in interleaved rounds and reported as the median ratio.
+
+When the worker misses its end-to-end target, the bench checks whether the model could have set the
+pace at all: it runs the worker with a near-free model on the same broker, and if that is below the
+target fraction of this model's ceiling, the broker and the per-record costs set the pace and the
+target is reported as not judged instead of missed.
+
+``--plumbing`` measures only that: the worker with a near-free model against a minimal correct
+at-least-once loop written directly on confluent-kafka (with and without the model's tokenizer over
+each fetched batch), on the same broker and records, as ratios.
 
 The texts are ``samples.message_mix`` (deterministic for ``--seed``) or one per line of ``--file``.
+Every option is checked before the first phase: a run that cannot work stops at once (exit 2).
 """
 
 from __future__ import annotations
 
-import gc
+import functools
+import itertools
 import os
 import platform
+import statistics
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
 from filter_worker import kafka_io
-from filter_worker.config import DEFAULT_SCOPE, ConfigError, Settings
+from filter_worker.config import ConfigError, Settings
 from filter_worker.exit_codes import ExitCode
 from filter_worker.model import Classifier, resolve_dtype
 from filter_worker.pipeline.batching import padded_tokens
@@ -58,25 +74,97 @@ _POLL_S = 0.005
 _EMBEDDED_FETCH_WAIT_MS = "10"
 
 
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16", "int8")
+# The reference every variant is compared with: what a user's first deployment runs.
+REFERENCE = ("torch", "float32")
+# Below this ratio of end to end to the ceiling, the worker's own goal (issue #5) is missed...
+_GOAL_CPU, _GOAL_GPU = 0.9, 0.8
+# ...and the onnx backend's model-only speed goal against eager PyTorch float32 (issue #15).
+_ONNX_SPEED_GOAL = 2.0
+# At --messages 1000 (the default) the latency run lasts 20 s and the naive loop takes 100 records;
+# smaller runs scale both down so a small run finishes quickly.
+_LATENCY_SECONDS, _NAIVE_COUNT, _FULL_SIZE = 20.0, 100, 1000
+_MIN_LATENCY_SECONDS, _MIN_NAIVE_COUNT = 2.0, 5
+T = TypeVar("T")
+# Model-only passes run on a thread of their own, as the worker runs them (its inference thread), not
+# on the main thread: under CPU contention from other processes, eager PyTorch's passes on the main
+# thread ran far slower than the same passes on another thread at the same moment, which put ceilings
+# below the worker's own throughput in the same run.
+_MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")
+# Records per fetched batch of the minimal loop in the plumbing measurement (librdkafka hands over at
+# most this many per consume call; the worker's own fetch loop takes what is there).
+_LOOP_BATCH = 500
+
+
 @dataclass
 class BenchOptions:
-    """Command-line options of ``bench`` (the model, device, precision and batch come from settings)."""
+    """Command-line options of ``bench`` (the model, backend, device, precision and batch come from settings).
+
+    ``None`` for ``naive_count`` and ``latency_seconds`` means scaled to ``messages`` (full size at
+    1000 messages), so a small run finishes quickly.
+    """
 
     messages: int = 1000
     file: str | None = None
     seed: int = 7
-    naive_count: int = 100
+    naive_count: int | None = None
     arrival_count: int = 256
     compare_count: int = 300
     compare_dtypes: list[str] | None = None  # None: the lower precisions that suit the device
+    compare_rounds: int = 3
     rate: float | None = None  # None: half the measured end-to-end throughput
-    latency_seconds: float = 20.0
+    latency_seconds: float | None = None
     duplicate_ratio: float = 0.0
     rounds: int = 3
     partitions: int = 3
+    plumbing: bool = False  # only the plumbing measurement
+    plumbing_messages: int = 50_000
     bootstrap_servers: str | None = None
     json_path: str = "bench-results.json"
     progress: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
+
+    def validate(self) -> None:
+        """Refuse what cannot work, naming the option, before any phase runs (``ConfigError``: exit 2)."""
+        at_least_one = {
+            "--messages": self.messages,
+            "--arrival-count": self.arrival_count,
+            "--compare-count": self.compare_count,
+            "--compare-rounds": self.compare_rounds,
+            "--rounds": self.rounds,
+            "--partitions": self.partitions,
+            "--plumbing-messages": self.plumbing_messages,
+        }
+        if self.naive_count is not None:
+            at_least_one["--naive-count"] = self.naive_count
+        for option, value in at_least_one.items():
+            if value < 1:
+                raise ConfigError(f"{option} must be at least 1, not {value}")
+        for option, number in (("--rate", self.rate), ("--latency-seconds", self.latency_seconds)):
+            if number is not None and not number > 0:
+                raise ConfigError(f"{option} must be above 0, not {number}")
+        if not 0.0 <= self.duplicate_ratio < 1.0:
+            raise ConfigError("--duplicate-ratio must be at least 0 and below 1")
+        unknown = [d for d in self.compare_dtypes or [] if d not in PRECISIONS]
+        if unknown:
+            raise ConfigError(
+                f"--compare-dtypes: unknown precision {', '.join(map(repr, unknown))}; "
+                f"choose from {', '.join(PRECISIONS)}, or none"
+            )
+        if self.bootstrap_servers is not None and not self.bootstrap_servers.strip():
+            raise ConfigError("--bootstrap-servers is empty; leave it out to use the embedded broker")
+        folder = Path(self.json_path).parent
+        if not folder.is_dir():
+            raise ConfigError(f"--json {self.json_path}: the directory {folder} does not exist")
+
+    def scaled_naive_count(self, messages: int) -> int:
+        if self.naive_count is not None:
+            return self.naive_count
+        return max(_MIN_NAIVE_COUNT, min(_NAIVE_COUNT, _NAIVE_COUNT * messages // _FULL_SIZE))
+
+    def scaled_latency_seconds(self, messages: int) -> float:
+        if self.latency_seconds is not None:
+            return self.latency_seconds
+        return max(_MIN_LATENCY_SECONDS, min(_LATENCY_SECONDS, _LATENCY_SECONDS * messages / _FULL_SIZE))
 
 
 def load_texts(options: BenchOptions) -> list[str]:
@@ -91,20 +179,45 @@ def load_texts(options: BenchOptions) -> list[str]:
     return texts
 
 
+class _Models:
+    """Classifiers by (backend, dtype), each loaded once: the variants, the naive loop's reference."""
+
+    def __init__(self, settings: Settings, first: Classifier) -> None:
+        self._settings = settings
+        self._loaded = {(first.backend, first.dtype): first}
+
+    def get(self, backend: str, dtype: str) -> Classifier:
+        if (backend, dtype) not in self._loaded:
+            model = self._settings.model.model_copy(update={"backend": backend, "dtype": dtype})
+            self._loaded[backend, dtype] = Classifier.load(model)
+        return self._loaded[backend, dtype]
+
+
+@contextmanager
+def _broker(options: BenchOptions) -> Iterator[_Broker]:
+    """The broker every phase uses: ``--bootstrap-servers``, or an embedded one for the run."""
+    if options.bootstrap_servers:
+        yield _Broker(options.bootstrap_servers, embedded=False)
+        return
+    with EmbeddedBroker() as embedded:
+        yield _Broker(embedded.bootstrap_servers, embedded=True)
+
+
 def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
-    """Run every phase, print a table, write the JSON report; returns the report."""
+    """Run every phase (or only the plumbing measurement), print a table, write the JSON report."""
+    options.validate()
+    if options.plumbing:
+        return run_plumbing(settings, options)
     began = time.monotonic()
 
     def say(line: str) -> None:
         options.progress(f"[{time.monotonic() - began:6.1f}s] {line}" if line.endswith("...") else line)
 
     texts = load_texts(options)
-    if not 0.0 <= options.duplicate_ratio < 1.0:
-        raise ConfigError("--duplicate-ratio must be at least 0 and below 1")
-    if options.rounds < 1:
-        raise ConfigError("--rounds must be at least 1")
-    say(f"loading {settings.model.name} ({settings.model.dtype} on {settings.model.device}) ...")
-    classifier = Classifier.load(settings.model)
+    model = settings.model
+    say(f"loading {model.name} ({model.backend}, {model.dtype} on {model.device}) ...")
+    classifier = Classifier.load(model)
+    models = _Models(settings, classifier)
     router = Router(settings.routing, classifier.labels)
     batch = settings.batch
     ids = [t.ids for t in classifier.tokenize(texts)]
@@ -135,9 +248,7 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
     report["model_only"] = ceilings[0]
     report["model_only_arrival_order"] = arrival
 
-    own_broker = None if options.bootstrap_servers else EmbeddedBroker().start()
-    try:
-        broker = _Broker(options.bootstrap_servers or own_broker.bootstrap_servers, own_broker is not None)  # type: ignore[union-attr]
+    with _broker(options) as broker:
         cache_size = 0 if options.duplicate_ratio > 0 else settings.cache.size
         rounds = []
         for n in range(1, options.rounds + 1):
@@ -152,6 +263,10 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
         report["end_to_end"] = last = sorted(rounds, key=lambda r: r["vs_model_only"])[(len(rounds) - 1) // 2]
         report["end_to_end_rounds"] = rounds
         report["model_only_after"] = ceilings[-1]
+        goal = _GOAL_GPU if classifier.device.startswith("cuda") else _GOAL_CPU
+        if last["vs_model_only"] < goal:
+            say(f"end to end below {goal} of the ceiling: can this broker move records faster than the model? ...")
+            report["plumbing_capacity"] = _plumbing_capacity(settings, broker, texts, options)
         if options.duplicate_ratio > 0:
             cached = settings.cache.size or _BENCH_CACHE_SIZE
             say(f"end to end with the decision cache: {len(texts)} records (cache size {cached}) ...")
@@ -161,21 +276,19 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
             report["cache_gain"] = last["messages_per_s"] / report["end_to_end"]["messages_per_s"]
 
         rate = options.rate or last["messages_per_s"] / 2
-        say(f"latency: a steady {rate:.1f} msg/s for {options.latency_seconds:.0f}s ...")
+        seconds = options.scaled_latency_seconds(len(texts))
+        say(f"latency: a steady {rate:.1f} msg/s for {seconds:.0f}s ...")
         # The rate comes from the last run, so the latency run uses that run's cache size.
         report["latency"] = _latency(
-            settings, classifier, texts, broker, options, rate, ceilings[0], last["cache_size"]
+            settings, classifier, texts, broker, options.partitions, rate, seconds, ceilings[0], last["cache_size"]
         )
 
-        naive_texts = texts[: options.naive_count]
-        say(f"naive loop: {len(naive_texts)} records, one at a time (float32) ...")
-        report["naive"] = _naive(settings, classifier, naive_texts, broker, router)
-    finally:
-        if own_broker is not None:
-            own_broker.stop()
+        naive_texts = texts[: options.scaled_naive_count(len(texts))]
+        say(f"naive loop: {len(naive_texts)} records, one at a time (torch float32) ...")
+        report["naive"] = _naive(models.get(*REFERENCE), naive_texts, broker, router)
 
     compare = texts[: options.compare_count]
-    report["precision"] = _precisions(settings, classifier, router, compare, options.compare_dtypes, say)
+    report["variants"] = _variants(settings, models, classifier, router, compare, options, say)
     e2e = report["end_to_end"]["messages_per_s"]
     report["ratios"] = {
         # The median round, against the mean of the ceilings measured just before and after it.
@@ -195,16 +308,24 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
 # -- phases -----------------------------------------------------------------------------------------
 
 
+def _on_model_thread(work: Callable[[], T]) -> T:
+    return _MODEL_THREAD.submit(work).result()
+
+
 def _model_only(classifier: Classifier, ids: Sequence[list[int]], order: list[int], size: int) -> dict[str, Any]:
     """Forward passes over ``order`` cut into consecutive batches of ``size``: nothing but the model."""
     lengths = [len(row) for row in ids]
     batches = [order[i : i + size] for i in range(0, len(order), size)]
-    times = []
-    for batch in batches:
-        started = time.perf_counter()
-        classifier.predict([ids[i] for i in batch])
-        times.append(time.perf_counter() - started)
-    seconds = sum(times)
+
+    def passes() -> list[float]:
+        times = []
+        for batch in batches:
+            started = time.perf_counter()
+            classifier.predict([ids[i] for i in batch])
+            times.append(time.perf_counter() - started)
+        return times
+
+    seconds = sum(_on_model_thread(passes))
     padded = padded_tokens(lengths, batches)
     return {
         "messages": len(order),
@@ -220,6 +341,11 @@ def _model_only(classifier: Classifier, ids: Sequence[list[int]], order: list[in
 class _Broker:
     bootstrap_servers: str
     embedded: bool
+
+
+def _admin(bootstrap: str) -> AdminClient:
+    # librdkafka logs "Purging unserved events" (level 6) when a short-lived admin client is collected.
+    return AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
 
 
 def _embedded_consumer_properties(broker: _Broker) -> dict[str, str]:
@@ -256,7 +382,9 @@ class _Run:
         partitions: int,
         cache_size: int,
         trickle: bool = False,
+        topic: str | None = None,
     ) -> None:
+        """A worker on fresh topics, or on ``topic`` (already filled) with fresh outputs and group."""
         prefix = f"bench-{uuid.uuid4().hex[:8]}"
         self.settings = settings.model_copy(deep=True)
         s = self.settings
@@ -269,7 +397,7 @@ class _Run:
         if broker.embedded:
             s.kafka.session_timeout_ms = min(s.kafka.session_timeout_ms, 6000)  # its group joins wait for it
         s.kafka.group_id = f"{prefix}-group"
-        s.topics.input = [f"{prefix}.in"]
+        s.topics.input = [topic or f"{prefix}.in"]
         s.topics.allow, s.topics.quarantine = f"{prefix}.allow", f"{prefix}.quarantine"
         s.topics.drop, s.topics.dead_letter = f"{prefix}.drop", f"{prefix}.dlq"
         s.metrics.enabled = False
@@ -361,10 +489,17 @@ def _send(producer: Producer, topic: str, i: int, text: str, report: Callable[..
 
 
 def _end_to_end(
-    settings: Settings, classifier: Classifier, texts: Sequence[str], broker: _Broker, partitions: int, cache_size: int
+    settings: Settings,
+    classifier: Classifier,
+    texts: Sequence[str],
+    broker: _Broker,
+    partitions: int,
+    cache_size: int,
+    filled: tuple[str, dict[int, int]] | None = None,
 ) -> dict[str, Any]:
-    run = _Run(settings, classifier, broker, partitions, cache_size)
-    ends = _produce(broker.bootstrap_servers, run.topic, texts)
+    """The worker through every record of a fresh topic (or of ``filled``: a topic and its end offsets)."""
+    run = _Run(settings, classifier, broker, partitions, cache_size, topic=filled[0] if filled else None)
+    ends = filled[1] if filled else _produce(broker.bootstrap_servers, run.topic, texts)
     run.start()
     try:
         timeout = 300 + len(texts)
@@ -402,14 +537,15 @@ def _latency(
     classifier: Classifier,
     texts: Sequence[str],
     broker: _Broker,
-    options: BenchOptions,
+    partitions: int,
     rate: float,
+    seconds: float,
     ceiling: dict[str, Any],
     cache_size: int,
 ) -> dict[str, Any]:
     """A steady offered rate into a running, caught-up worker: record timestamp to acknowledgement."""
-    run = _Run(settings, classifier, broker, options.partitions, cache_size, trickle=True)
-    count = max(1, int(rate * options.latency_seconds))
+    run = _Run(settings, classifier, broker, partitions, cache_size, trickle=True)
+    count = max(1, int(rate * seconds))
     run.start()
     producer = Producer({"bootstrap.servers": broker.bootstrap_servers, "linger.ms": 0, "enable.idempotence": True})
     try:
@@ -431,6 +567,7 @@ def _latency(
     p50, p95, p99 = (float(np.percentile(samples, q)) for q in (50, 95, 99))
     return {
         "offered_rate": rate,
+        "seconds": seconds,
         "cache_size": cache_size,
         "messages": count,
         "p50_s": p50,
@@ -442,20 +579,17 @@ def _latency(
     }
 
 
-def _naive(
-    settings: Settings, classifier: Classifier, texts: Sequence[str], broker: _Broker, router: Router
-) -> dict[str, Any]:
+def _naive(reference: Classifier, texts: Sequence[str], broker: _Broker, router: Router) -> dict[str, Any]:
     """The loop a user writes first: poll one record, classify it alone, produce, wait for the ack, commit.
 
-    The classification is the worker's own float32 forward pass on a batch of one (the cost of a
+    The classification is eager PyTorch's float32 forward pass on a batch of one (the cost of a
     per-record ``pipeline(text)`` call without the pipeline's Python overhead), so the comparison
     measures batching and pipelining, not one library's call overhead.
     """
-    reference = classifier if classifier.dtype == "float32" else _load(settings, "float32")
     prefix = f"naive-{uuid.uuid4().hex[:8]}"
     topic, out_topic = f"{prefix}.in", f"{prefix}.out"
     bootstrap = broker.bootstrap_servers
-    kafka_io.create_topics(AdminClient({"bootstrap.servers": bootstrap}), [topic, out_topic], 1)
+    kafka_io.create_topics(_admin(bootstrap), [topic, out_topic], 1)
     _produce(bootstrap, topic, texts)
     reference.classify(["warm-up"])
     consumer = Consumer(
@@ -468,7 +602,8 @@ def _naive(
         }
     )
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
-    consumer.subscribe([topic])
+    # Assigned rather than subscribed: the same loop without waiting for a group join (not timed anyway).
+    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
     done = 0
     model_seconds = 0.0
     started: float | None = None
@@ -499,7 +634,7 @@ def _naive(
         "messages_per_s": done / seconds,
         # The forward passes alone: the loop's speed on a broker with negligible round trips.
         "model_messages_per_s": done / model_seconds,
-        "method": "one record at a time: tokenize, float32 forward pass of one row, produce, flush, commit",
+        "method": "one record at a time: tokenize, torch float32 forward pass of one row, produce, flush, commit",
     }
 
 
@@ -508,57 +643,278 @@ def default_compare_dtypes(device: str) -> list[str]:
     return ["float16", "bfloat16"] if device.startswith("cuda") else ["bfloat16", "int8"]
 
 
-def _precisions(
+def variant_name(backend: str, dtype: str) -> str:
+    return f"{backend} {dtype}"
+
+
+def _variant_list(classifier: Classifier, requested: list[str] | None) -> list[tuple[str, str, str | None]]:
+    """(backend, dtype, reason it is skipped or None) for every variant compared with the reference.
+
+    The backends are torch and the configured one; the precisions are float32 and the requested ones
+    (default: those the device accepts). The configured variant is always among them. A requested
+    combination the device or backend refuses is listed with the reason; a default one is left out.
+    """
+    backends = list(dict.fromkeys(["torch", classifier.backend]))
+    dtypes = requested if requested is not None else default_compare_dtypes(classifier.device)
+    if requested is not None and not requested:
+        return []
+    chosen = [(b, d) for b in backends for d in dict.fromkeys(["float32", *dtypes])]
+    chosen += [(classifier.backend, classifier.dtype)]
+    listed: list[tuple[str, str, str | None]] = []
+    for backend, dtype in dict.fromkeys(chosen):
+        if (backend, dtype) == REFERENCE:
+            continue
+        try:
+            resolve_dtype(dtype, classifier.device, backend)
+        except ConfigError as exc:
+            if requested is not None:
+                listed.append((backend, dtype, str(exc)))
+            continue
+        listed.append((backend, dtype, None))
+    return listed
+
+
+def _variants(
     settings: Settings,
+    models: _Models,
     classifier: Classifier,
     router: Router,
     texts: Sequence[str],
-    requested: list[str] | None,
+    options: BenchOptions,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Each lower precision against float32 on ``texts``: changed actions and labels, speed."""
-    device = classifier.device
-    dtypes = requested if requested is not None else default_compare_dtypes(device)
-    if not dtypes:
+    """Every variant against eager PyTorch float32 on ``texts``: changed actions and labels, speed.
+
+    Speed is measured in ``options.compare_rounds`` rounds, each running every variant once in a
+    rotated order; a variant's ratio is the median of its per-round ratios to the reference, so the
+    machine's drift between rounds cancels out.
+    """
+    listed = _variant_list(classifier, options.compare_dtypes)
+    if not listed:
         return {}
-    say(f"precision: {', '.join(dtypes)} against float32 on {len(texts)} texts ...")
-    reference = classifier if classifier.dtype == "float32" else _load(settings, "float32")
-    base_probs, base_actions, base_speed = _classify(reference, router, texts, settings)
-    results: dict[str, Any] = {"float32": {"messages_per_s": base_speed}}
-    for dtype in dtypes:
-        try:
-            resolve_dtype(dtype, device)
-        except ConfigError as exc:
-            results[dtype] = {"skipped": str(exc)}
+    runnable = [(b, d) for b, d, reason in listed if reason is None]
+    names = [variant_name(*REFERENCE)] + [variant_name(b, d) for b, d in runnable]
+    rounds = options.compare_rounds
+    say(f"variants: {', '.join(names[1:])} against {names[0]} on {len(texts)} texts, {rounds} rounds ...")
+    classifiers = {variant_name(*REFERENCE): models.get(*REFERENCE)}
+    classifiers |= {variant_name(b, d): models.get(b, d) for b, d in runnable}
+    batch = settings.batch
+
+    def timed(variant: Classifier, some: Sequence[str]) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        probs, _ = variant.classify(some, batch.max_size, batch.max_tokens)
+        return probs, time.perf_counter() - started
+
+    probs: dict[str, np.ndarray] = {}
+    speeds: dict[str, list[float]] = {name: [] for name in classifiers}
+    for name, variant in classifiers.items():  # warm-up, and the probabilities compared
+        _on_model_thread(functools.partial(timed, variant, texts[: batch.max_size]))
+        probs[name] = _on_model_thread(functools.partial(timed, variant, texts))[0]
+    for n in range(rounds):
+        order = names[n % len(names) :] + names[: n % len(names)]
+        for name in order:
+            seconds = _on_model_thread(functools.partial(timed, classifiers[name], texts))[1]
+            speeds[name].append(len(texts) / seconds)
+    reference = names[0]
+    base_actions = [router.decide(row).action for row in probs[reference]]
+    results: dict[str, Any] = {
+        reference: {"messages": len(texts), "messages_per_s": statistics.median(speeds[reference]), "reference": True}
+    }
+    for backend, dtype, reason in listed:
+        name = variant_name(backend, dtype)
+        if reason is not None:
+            results[name] = {"skipped": reason}
             continue
-        other = classifier if classifier.dtype == dtype else _load(settings, dtype)
-        probs, actions, speed = _classify(other, router, texts, settings)
-        results[dtype] = {
+        actions = [router.decide(row).action for row in probs[name]]
+        ratios = [a / b for a, b in zip(speeds[name], speeds[reference], strict=True)]
+        results[name] = {
             "messages": len(texts),
-            "messages_per_s": speed,
+            "messages_per_s": statistics.median(speeds[name]),
+            "speed_ratio": statistics.median(ratios),
+            "speed_ratios": ratios,
             "action_changed_share": float(np.mean([a != b for a, b in zip(actions, base_actions, strict=True)])),
-            "top_label_changed_share": float(np.mean(probs.argmax(axis=1) != base_probs.argmax(axis=1))),
-            "max_abs_probability_difference": float(np.abs(probs - base_probs).max()),
+            "top_label_changed_share": float(np.mean(probs[name].argmax(axis=1) != probs[reference].argmax(axis=1))),
+            "max_abs_probability_difference": float(np.abs(probs[name] - probs[reference]).max()),
         }
-        if other is not classifier:
-            del other
-            gc.collect()
     return results
 
 
-def _load(settings: Settings, dtype: str) -> Classifier:
-    model = settings.model.model_copy(update={"dtype": dtype})
-    return Classifier.load(model)
+# -- plumbing ---------------------------------------------------------------------------------------
 
 
-def _classify(
-    classifier: Classifier, router: Router, texts: Sequence[str], settings: Settings
-) -> tuple[np.ndarray, list[str], float]:
-    classifier.classify(texts[: settings.batch.max_size], settings.batch.max_size, settings.batch.max_tokens)
-    started = time.perf_counter()
-    probs, _ = classifier.classify(texts, settings.batch.max_size, settings.batch.max_tokens)
-    speed = len(texts) / (time.perf_counter() - started)
-    return probs, [d.action for d in router.decide_batch(probs, [DEFAULT_SCOPE] * len(probs))], speed
+@contextmanager
+def _near_free_classifier(settings: Settings) -> Iterator[Classifier]:
+    """A micro DistilBERT (one layer, dim 16, random weights) on the configured backend, in a temporary dir."""
+    from filter_worker.tools.synthetic import build_model
+
+    with tempfile.TemporaryDirectory(prefix="filter-worker-micro-") as folder:
+        build_model(folder, size="micro")
+        model = settings.model.model_copy(update={"name": folder, "dtype": "float32", "verify": False})
+        yield Classifier.load(model)
+
+
+def _filled_topic(broker: _Broker, texts: Sequence[str], partitions: int) -> tuple[str, dict[int, int]]:
+    topic = f"plumbing-{uuid.uuid4().hex[:8]}.in"
+    kafka_io.create_topics(_admin(broker.bootstrap_servers), [topic], partitions)
+    return topic, _produce(broker.bootstrap_servers, topic, texts)
+
+
+def _worker_rate(run: dict[str, Any]) -> float:
+    """Records per second to the last acknowledgement: the final commit waits for the commit interval,
+    a fixed delay rather than a per-record cost, so it is left out (the periodic commits are in)."""
+    return float(run["messages"] / run["seconds_to_last_ack"])
+
+
+def _plumbing_settings(settings: Settings, broker: _Broker) -> Settings:
+    """Settings for plumbing runs: on the embedded broker, the short fetch wait for every consumer.
+
+    The embedded broker now and then holds a fetch for the whole ``fetch.wait.max.ms`` (500 ms by
+    default) even with records waiting; in runs that last a few seconds one such stall would count
+    as a per-record cost of whichever consumer met it.
+    """
+    adjusted = settings.model_copy(deep=True)
+    for key, value in _embedded_consumer_properties(broker).items():
+        adjusted.kafka.consumer_properties.setdefault(key, SecretStr(value))
+    return adjusted
+
+
+def _plumbing_capacity(
+    settings: Settings, broker: _Broker, texts: Sequence[str], options: BenchOptions
+) -> dict[str, Any]:
+    """The worker with a near-free model on this broker: the most the plumbing moves, whatever the model."""
+    records = list(itertools.islice(itertools.cycle(texts), max(len(texts), options.plumbing_messages)))
+    settings = _plumbing_settings(settings, broker)
+    with _near_free_classifier(settings) as micro:
+        filled = _filled_topic(broker, records, options.partitions)
+        run = _end_to_end(settings, micro, records, broker, options.partitions, 0, filled)
+    return {
+        "messages": len(records),
+        "messages_per_s": _worker_rate(run),
+        "model": f"micro DistilBERT ({micro.backend})",
+        "model_busy_share": run["model_busy_share"],
+    }
+
+
+def _minimal_loop(
+    settings: Settings, broker: _Broker, filled: tuple[str, dict[int, int]], tokenize: Callable[..., Any] | None
+) -> dict[str, Any]:
+    """A minimal correct at-least-once loop on confluent-kafka, the worker's client settings.
+
+    Consume a batch, parse each value as JSON (and tokenize the batch's texts when ``tokenize`` is
+    given), produce each record with two headers, flush (every acknowledgement in), commit the
+    batch's offsets synchronously. Partitions are assigned, not subscribed: no group join to wait for.
+    """
+    topic, ends = filled
+    total = sum(ends.values())
+    prefix = f"loop-{uuid.uuid4().hex[:8]}"
+    out = f"{prefix}.out"
+    kafka_io.create_topics(_admin(broker.bootstrap_servers), [out], 1)
+    kafka = settings.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap_servers, "group_id": prefix})
+    consumer = Consumer(kafka_io.consumer_config(kafka))
+    producer = Producer(kafka_io.producer_config(kafka))
+    headers: list[tuple[str, str | bytes | None]] = [("filter.action", b"allow"), ("filter.model", b"plumbing")]
+    # The producer's set-up (idempotence handshake, the new topic's metadata: up to a second on the
+    # embedded broker) happens before the clock starts, as the worker's does before it joins.
+    producer.produce(out, value=b"warm-up", headers=headers)
+    if producer.flush(30):
+        raise RuntimeError("the minimal loop's producer could not reach the broker")
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+    done, started = 0, 0.0
+    deadline = time.monotonic() + 300 + total / 100
+    try:
+        while done < total:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the minimal loop moved {done} of {total} records before its deadline")
+            batch = [m for m in consumer.consume(_LOOP_BATCH, 1.0) if m.error() is None]
+            if not batch:
+                continue
+            started = started or time.perf_counter()
+            texts = [orjson.loads(m.value() or b"{}")["text"] for m in batch]
+            if tokenize is not None:
+                tokenize(texts)
+            for message in batch:
+                while True:
+                    try:
+                        producer.produce(out, value=message.value(), key=message.key(), headers=headers)
+                        break
+                    except BufferError:
+                        producer.poll(0.01)
+            if producer.flush(60):
+                raise RuntimeError("the minimal loop's records were not acknowledged within 60 s")
+            offsets: dict[int, int] = {}
+            for message in batch:
+                partition, offset = message.partition(), message.offset()
+                assert partition is not None and offset is not None, "a record, not an error event"
+                offsets[partition] = max(offsets.get(partition, 0), offset + 1)
+            consumer.commit(offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False)
+            done += len(batch)
+        seconds = time.perf_counter() - started
+    finally:
+        consumer.close()
+    return {"messages": done, "seconds": seconds, "messages_per_s": done / seconds}
+
+
+def run_plumbing(settings: Settings, options: BenchOptions) -> dict[str, Any]:
+    """The worker with a near-free model against a minimal loop, on the same broker and records.
+
+    Each round runs the three (worker, loop with tokenizer, loop) in a rotated order; the ratios are
+    per round, and the median round's are reported.
+    """
+    began = time.monotonic()
+
+    def say(line: str) -> None:
+        options.progress(f"[{time.monotonic() - began:6.1f}s] {line}" if line.endswith("...") else line)
+
+    texts = message_mix(options.plumbing_messages, seed=options.seed)
+    say(f"building a near-free model (micro DistilBERT, {settings.model.backend}) ...")
+    with _near_free_classifier(settings) as micro, _broker(options) as broker:
+        settings = _plumbing_settings(settings, broker)
+        ids = [t.ids for t in micro.tokenize(texts)]
+        lengths = [len(row) for row in ids]
+        micro.predict(ids[: settings.batch.max_size])
+        ceiling = _model_only(micro, ids, sorted(range(len(ids)), key=lambda i: lengths[i]), settings.batch.max_size)
+        say(f"producing {len(texts)} records to {options.partitions} partitions ...")
+        filled = _filled_topic(broker, texts, options.partitions)
+        steps: dict[str, Callable[[], dict[str, Any]]] = {
+            "worker": lambda: _end_to_end(settings, micro, texts, broker, options.partitions, 0, filled),
+            "loop_tokenized": lambda: _minimal_loop(settings, broker, filled, micro.tokenize),
+            "loop": lambda: _minimal_loop(settings, broker, filled, None),
+        }
+        names = list(steps)
+        rounds = []
+        for n in range(options.rounds):
+            round_: dict[str, Any] = {}
+            for name in names[n % len(names) :] + names[: n % len(names)]:
+                say(f"round {n + 1} of {options.rounds}: {name.replace('_', ' ')}, {len(texts)} records ...")
+                round_[name] = steps[name]()
+            worker = _worker_rate(round_["worker"])
+            round_["worker_vs_loop_tokenized"] = worker / round_["loop_tokenized"]["messages_per_s"]
+            round_["worker_vs_loop"] = worker / round_["loop"]["messages_per_s"]
+            rounds.append(round_)
+    median = sorted(rounds, key=lambda r: r["worker_vs_loop_tokenized"])[(len(rounds) - 1) // 2]
+    report: dict[str, Any] = {
+        "environment": _environment(micro),
+        "workload": {
+            "messages": len(texts),
+            "source": f"built-in mix, seed {options.seed}",
+            "partitions": options.partitions,
+            "batch_max_size": settings.batch.max_size,
+            "batch_max_wait_ms": settings.batch.max_wait_ms,
+            "loop_batch": _LOOP_BATCH,
+            "broker": "embedded" if broker.embedded else broker.bootstrap_servers,
+        },
+        "near_free_model": {"description": "micro DistilBERT: 1 layer, dim 16, random weights", "model_only": ceiling},
+        "worker_messages_per_s": _worker_rate(median["worker"]),
+        "loop_tokenized_messages_per_s": median["loop_tokenized"]["messages_per_s"],
+        "loop_messages_per_s": median["loop"]["messages_per_s"],
+        "worker_vs_loop_tokenized": median["worker_vs_loop_tokenized"],
+        "worker_vs_loop": median["worker_vs_loop"],
+        "rounds": rounds,
+    }
+    Path(options.json_path).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    say(format_plumbing(report))
+    say(f"wrote {options.json_path}")
+    return report
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -570,6 +926,7 @@ def _environment(classifier: Classifier) -> dict[str, Any]:
 
     env: dict[str, Any] = {
         "device": classifier.device,
+        "backend": classifier.backend,
         "dtype": classifier.dtype,
         "model": classifier.identity,
         "torch": torch.__version__,
@@ -579,12 +936,30 @@ def _environment(classifier: Classifier) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu": _cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": _cpu_flags(),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-    if classifier.device.startswith("cuda"):
+    if classifier.backend == "onnx":
+        from filter_worker import model_onnx
+
+        env["onnxruntime"] = model_onnx.runtime().__version__
+        env["onnxruntime_threads"] = model_onnx.threads()
+    if classifier.device.startswith("cuda") and classifier.backend == "torch":
         env["gpu"] = torch.cuda.get_device_name(torch.device(classifier.device))
     return env
+
+
+def _cpu_flags() -> list[str]:
+    """The vector extensions that decide float32, bfloat16 and int8 speed (AVX2, AVX-512, VNNI, BF16, AMX)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+                return [flag for flag in line.split(":", 1)[1].split() if flag in wanted]
+    except OSError:
+        pass
+    return []
 
 
 def _cpu_name() -> str:
@@ -597,21 +972,56 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def judge_end_to_end(ratio: float, goal: float, ceiling: float, capacity: float | None) -> dict[str, Any]:
+    """The end-to-end target, or why it cannot be judged on this broker.
+
+    When the worker misses ``goal`` and even a near-free model moves fewer than ``goal`` x ``ceiling``
+    records per second (``capacity``), this model is too fast for the broker and the per-record costs:
+    they set the pace, and a miss says nothing about hiding the model's latency.
+    """
+    target: dict[str, Any] = {"goal": goal, "measured": ratio, "met": ratio >= goal}
+    if ratio < goal and capacity is not None and capacity < goal * ceiling:
+        target |= {
+            "met": None,
+            "reason": (
+                f"not judged: the worker moves at most {capacity:.0f} msg/s on this broker even with a near-free "
+                f"model, below {goal} x this model's ceiling of {ceiling:.0f} msg/s; the broker and the per-record "
+                "costs set the pace, not the model (see bench --plumbing)"
+            ),
+        }
+    return target
+
+
 def _targets(report: dict[str, Any], classifier: Classifier) -> dict[str, Any]:
-    """The goals of issue #5, checked against this run (informational: machines differ)."""
+    """The goals of issues #5 and #15, checked against this run (informational: machines differ)."""
     gpu = classifier.device.startswith("cuda")
     ratios = report["ratios"]
     latency = report["latency"]
+    capacity = report.get("plumbing_capacity")
     targets: dict[str, Any] = {
-        "end_to_end_vs_model_only": {"goal": 0.8 if gpu else 0.9, "measured": ratios["end_to_end_vs_model_only"]},
-        "p99_latency_s": {"goal": latency["p99_bound_s"], "measured": latency["p99_s"]},
+        "end_to_end_vs_model_only": judge_end_to_end(
+            ratios["end_to_end_vs_model_only"],
+            _GOAL_GPU if gpu else _GOAL_CPU,
+            float(np.mean(report["end_to_end"]["ceiling_messages_per_s"])),
+            capacity["messages_per_s"] if capacity else None,
+        ),
+        "p99_latency_s": {
+            "goal": latency["p99_bound_s"],
+            "measured": latency["p99_s"],
+            "met": latency["p99_s"] <= latency["p99_bound_s"],
+        },
     }
     if classifier.dtype == "int8":
-        targets["end_to_end_vs_naive"] = {"goal": 4.0, "measured": ratios["end_to_end_vs_naive"]}
-    for name, target in targets.items():
-        lower_is_better = name.startswith("p99")
-        met = target["measured"] <= target["goal"] if lower_is_better else target["measured"] >= target["goal"]
-        target["met"] = bool(met)
+        measured = ratios["end_to_end_vs_naive"]
+        targets["end_to_end_vs_naive"] = {"goal": 4.0, "measured": measured, "met": measured >= 4.0}
+    configured = report["variants"].get(variant_name(classifier.backend, classifier.dtype), {})
+    if classifier.backend == "onnx" and "speed_ratio" in configured:
+        measured = configured["speed_ratio"]
+        targets["model_only_vs_torch_float32"] = {
+            "goal": _ONNX_SPEED_GOAL,
+            "measured": measured,
+            "met": measured >= _ONNX_SPEED_GOAL,
+        }
     return targets
 
 
@@ -619,8 +1029,10 @@ def format_table(report: dict[str, Any]) -> str:
     env, work = report["environment"], report["workload"]
     lines = [
         "",
-        f"{env['model']} | {env['device']} {env['dtype']} | torch {env['torch']}, {env['torch_threads']} threads | "
-        f"{env['cpu']}",
+        f"{env['model']} | {env['backend']} {env['dtype']} on {env['device']} | torch {env['torch']}, "
+        f"{env['torch_threads']} threads"
+        + (f", onnxruntime {env['onnxruntime']}, {env['onnxruntime_threads']} threads" if "onnxruntime" in env else "")
+        + f" | {env['cpu']} ({' '.join(env['cpu_flags'])})",
         f"{work['messages']} messages ({work['source']}), tokens p50 {work['tokens_p50']:.0f} / p95 "
         f"{work['tokens_p95']:.0f} / max {work['tokens_max']}, batch {work['batch_max_size']}",
         "",
@@ -645,13 +1057,14 @@ def format_table(report: dict[str, Any]) -> str:
             f"end to end, decision cache ({report['end_to_end_cached']['cache_hits']} hits)",
             report["end_to_end_cached"],
         )
-    row(f"naive loop ({report['naive']['messages']} msgs, float32)", report["naive"])
+    row(f"naive loop ({report['naive']['messages']} msgs, torch float32)", report["naive"])
     ratios = report["ratios"]
     lat = report["latency"]
+    e2e_target = report["targets"]["end_to_end_vs_model_only"]
     lines += [
         "",
         f"end to end / ceiling (median round, each against the ceilings just before and after it): "
-        f"{ratios['end_to_end_vs_model_only']:.2f}",
+        f"{ratios['end_to_end_vs_model_only']:.2f}" + (f" ({e2e_target['reason']})" if "reason" in e2e_target else ""),
         "  rounds: "
         + ", ".join(
             f"{r['vs_model_only']:.2f} ({r['messages_per_s']:.1f} msg/s, ceilings "
@@ -659,22 +1072,72 @@ def format_table(report: dict[str, Any]) -> str:
             + ")"
             for r in report["end_to_end_rounds"]
         ),
+    ]
+    if "plumbing_capacity" in report:
+        capacity = report["plumbing_capacity"]
+        lines.append(
+            f"  with a near-free model ({capacity['model']}) the worker moves {capacity['messages_per_s']:.0f} msg/s "
+            f"on this broker ({capacity['messages']} records)"
+        )
+    lines += [
         f"end to end / naive: {ratios['end_to_end_vs_naive']:.1f}x "
         f"({ratios['end_to_end_vs_naive_model_calls']:.1f}x its pipeline calls alone)   "
         f"model busy: {report['end_to_end']['model_busy_share']:.0%} of the end-to-end run",
-        f"latency at {lat['offered_rate']:.1f} msg/s: p50 {lat['p50_s'] * 1000:.0f} ms, p95 {lat['p95_s'] * 1000:.0f} "
-        f"ms, p99 {lat['p99_s'] * 1000:.0f} ms (bound {lat['p99_bound_s'] * 1000:.0f} ms)",
+        f"latency at {lat['offered_rate']:.1f} msg/s for {lat['seconds']:.0f}s: p50 {lat['p50_s'] * 1000:.0f} ms, "
+        f"p95 {lat['p95_s'] * 1000:.0f} ms, p99 {lat['p99_s'] * 1000:.0f} ms "
+        f"(bound {lat['p99_bound_s'] * 1000:.0f} ms)",
     ]
-    for dtype, result in report["precision"].items():
-        if dtype == "float32":
-            continue
-        if "skipped" in result:
-            lines.append(f"{dtype}: skipped ({result['skipped']})")
-            continue
-        lines.append(
-            f"{dtype} vs float32: {result['messages_per_s']:.1f} msg/s model only (float32 "
-            f"{report['precision']['float32']['messages_per_s']:.1f}), actions changed "
-            f"{result['action_changed_share']:.1%}, top label changed {result['top_label_changed_share']:.1%}, "
-            f"max |dp| {result['max_abs_probability_difference']:.4f}"
-        )
+    variants = report["variants"]
+    if variants:
+        reference = variant_name(*REFERENCE)
+        lines += [
+            "",
+            f"{'variant (model only, vs ' + reference + ')':<30} {'msg/s':>9} {'speed':>7} {'actions changed':>16} "
+            f"{'top label changed':>18} {'max |dp|':>9}",
+            f"{reference:<30} {variants[reference]['messages_per_s']:>9.1f} {'1.00x':>7}",
+        ]
+        for name, result in variants.items():
+            if name == reference:
+                continue
+            if "skipped" in result:
+                lines.append(f"{name:<30} skipped: {result['skipped']}")
+                continue
+            lines.append(
+                f"{name:<30} {result['messages_per_s']:>9.1f} {result['speed_ratio']:>6.2f}x "
+                f"{result['action_changed_share']:>16.1%} {result['top_label_changed_share']:>18.1%} "
+                f"{result['max_abs_probability_difference']:>9.4f}"
+            )
+    return "\n".join(lines)
+
+
+def format_plumbing(report: dict[str, Any]) -> str:
+    env, work = report["environment"], report["workload"]
+    model = report["near_free_model"]["model_only"]
+    rows = [
+        ("worker (near-free model), to the last acknowledgement", "worker", "worker_messages_per_s"),
+        ("minimal loop + the model's tokenizer per batch", "loop_tokenized", "loop_tokenized_messages_per_s"),
+        ("minimal loop (consume, parse, produce, flush, commit)", "loop", "loop_messages_per_s"),
+    ]
+    lines = [
+        "",
+        f"plumbing | {work['messages']} records, {work['partitions']} partitions, {work['broker']} broker | "
+        f"worker batch {work['batch_max_size']}, loop batch {work['loop_batch']} | {env['cpu']}",
+        f"near-free model: {report['near_free_model']['description']} ({env['backend']}), "
+        f"{model['messages_per_s']:.0f} msg/s model only",
+        "",
+        f"{'measurement (median round)':<56} {'msg/s':>9}   rounds",
+    ]
+    for label, key, median in rows:
+        rates = [_worker_rate(r["worker"]) if key == "worker" else r[key]["messages_per_s"] for r in report["rounds"]]
+        per_round = ", ".join(f"{rate:.0f}" for rate in rates)
+        lines.append(f"{label:<56} {report[median]:>9.0f}   {per_round}")
+    lines += [
+        "",
+        f"worker / minimal loop with tokenizer: {report['worker_vs_loop_tokenized']:.2f} (rounds "
+        + ", ".join(f"{r['worker_vs_loop_tokenized']:.2f}" for r in report["rounds"])
+        + ")",
+        f"worker / minimal loop: {report['worker_vs_loop']:.2f} (rounds "
+        + ", ".join(f"{r['worker_vs_loop']:.2f}" for r in report["rounds"])
+        + ")",
+    ]
     return "\n".join(lines)

@@ -5,7 +5,8 @@ Tests, the benchmark and air-gapped trials need a model without reaching a model
 multilingual samples), loaded through exactly the code path a downloaded model takes.
 
 - ``build_model``: random weights; predictions are meaningless, but shapes and speed are real when
-  ``size="base"`` (the shape of distilbert-base-multilingual-cased). For benchmarks.
+  ``size="base"`` (the shape of distilbert-base-multilingual-cased). For benchmarks; ``size="micro"``
+  is as close to free as a real checkpoint gets, for measuring everything but the model.
 - ``build_keyword_model``: weights set by hand so that chosen words push a text towards chosen labels
   and everything else is the default label. For tests that must know the right answer.
 """
@@ -31,6 +32,9 @@ DEMO_KEYWORDS: dict[str, list[str]] = {
 # distilbert-base-multilingual-cased, the architecture of the default model.
 _BASE = {"dim": 768, "n_layers": 6, "n_heads": 12, "hidden_dim": 3072, "vocab_size": 119547}
 _TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64, "vocab_size": 0}
+# One layer, the fewest ops a forward pass can have: what the plumbing measurement runs.
+_MICRO = {"dim": 16, "n_layers": 1, "n_heads": 2, "hidden_dim": 32, "vocab_size": 0}
+_SHAPES = {"tiny": _TINY, "micro": _MICRO, "base": _BASE}
 
 
 def _train_tokenizer(out: Path, texts: list[str]) -> int:
@@ -45,7 +49,8 @@ def _train_tokenizer(out: Path, texts: list[str]) -> int:
     backend.normalizer = normalizers.BertNormalizer(lowercase=False)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()
-    backend.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials))
+    trainer = trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator(texts, trainer)
     cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -79,14 +84,14 @@ def _config(shape: dict[str, int], labels: Sequence[str]) -> Any:
 
 def build_model(
     path: str | Path,
-    size: Literal["tiny", "base"] = "tiny",
+    size: Literal["micro", "tiny", "base"] = "tiny",
     labels: Sequence[str] = DEFAULT_LABELS,
     seed: int = 0,
 ) -> Path:
     """Write a random-weight sequence classifier to ``path`` and return the path.
 
-    Tiny sizes its vocabulary to the trained tokenizer; base keeps the real multilingual vocabulary
-    size so the embedding matrix has its true shape.
+    Micro and tiny size their vocabulary to the trained tokenizer; base keeps the real multilingual
+    vocabulary size so the embedding matrix has its true shape.
     """
     import torch
     from transformers import DistilBertForSequenceClassification
@@ -94,7 +99,7 @@ def build_model(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     vocab = _train_tokenizer(out, list(corpus()))
-    shape = dict(_BASE if size == "base" else _TINY)
+    shape = dict(_SHAPES[size])
     shape["vocab_size"] = max(shape["vocab_size"], vocab)
     torch.manual_seed(seed)
     model = DistilBertForSequenceClassification(_config(shape, labels)).eval()
