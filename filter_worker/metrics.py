@@ -111,6 +111,7 @@ class Metrics:
             "filter_routing_reloads", "Routing reloads on SIGHUP, by result", ["result"], registry=r
         )
         self.model = Info("filter_model", "The loaded model", registry=r)
+        self.latency_listeners: list[Callable[[Sequence[float]], None]] = []
         # Moderation, per scope (labels from FILTER_ROUTING__SCOPES and rule names: configuration only).
         self.decisions = Counter(
             "filter_decisions",
@@ -145,6 +146,16 @@ class Metrics:
         )
         # process_start_time_seconds (restarts), CPU and memory, on this registry like everything else.
         ProcessCollector(registry=r)
+
+    def record_latencies(self, seconds: Sequence[float]) -> None:
+        """End-to-end latencies of a batch of acknowledged records: the histogram, then any listener.
+
+        ``latency_listeners`` lets a tool watch every acknowledgement without reading the registry
+        (``bench`` counts them and notes the last one's time).
+        """
+        observe_many(self.latency, seconds)
+        for listener in self.latency_listeners:
+            listener(seconds)
 
     def initialise(self, topics: dict[str, str], inputs: Iterable[str], cache: bool) -> None:
         """Create every labelled series at 0, so ``rate()`` and ``increase()`` see its first event.

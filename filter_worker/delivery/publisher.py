@@ -23,7 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from filter_worker.exit_codes import FailureSlot, FatalError
 from filter_worker.logs import get_logger
-from filter_worker.metrics import Metrics, observe_many
+from filter_worker.metrics import Metrics
 from filter_worker.pipeline.decode import DecodeFailure
 from filter_worker.pipeline.records import Outgoing, dead_letter, fitted_dead_letter, omitted_dead_letter
 
@@ -217,9 +217,8 @@ class Publisher:
             if form is not None:
                 metrics.oversized.labels(form.decode()).inc()
         now = time.time()
-        observe_many(
-            metrics.latency,
-            [max(0.0, now - i.source.timestamp_ms / 1000) for i in delivered if i.source.timestamp_ms is not None],
+        metrics.record_latencies(
+            [max(0.0, now - i.source.timestamp_ms / 1000) for i in delivered if i.source.timestamp_ms is not None]
         )
 
 
