@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +126,8 @@ class Worker:
         self._http: HealthServer | None = None
         self._paused = False
         self._closing = False
+        # Finished passes taken from the model and not yet routed (see _route_collected).
+        self._collected: deque[Result[Pending]] = deque()
         self._last_consumed = self._last_lag = self._last_probe = clock()
         # Joining the group: librdkafka's group state (from its statistics), and since when nothing is assigned.
         self._group_state: dict[str, Any] = {}
@@ -344,11 +346,11 @@ class Worker:
         self._failures.raise_if_set()
         self._maybe_reload()
         self._apply_fetch_gate()
-        finished, messages = self._wait()
+        messages = self._wait()
         self._ingest(messages)
-        finished += r.inference.completed()
+        self._collected += r.inference.completed()
         self._dispatch()  # the model starts its next batch before this turn publishes the last one
-        self._route_all(finished)
+        self._route_collected()
         now = self._clock()
         if messages:
             self._last_consumed = now
@@ -373,8 +375,8 @@ class Worker:
         """Nothing buffered, nothing in the model, no dead letters held: everything consumed is decided."""
         return self._pipeline_empty() and not len(self._r.gate)
 
-    def _wait(self) -> tuple[list[Result[Pending]], list[Message]]:
-        """Block until there is something to do; returns finished forward passes and new records.
+    def _wait(self) -> list[Message]:
+        """Block until there is something to do; returns new records, finished passes go to ``_collected``.
 
         What the loop waits on depends on what can happen next. While the model runs and nothing can
         be dispatched, only the pass's end matters: the loop sleeps on the result queue, so it wakes
@@ -390,16 +392,16 @@ class Worker:
         cap = _DELIVERY_POLL_S if awaiting_reports else _IDLE_POLL_S
         max_size = self._settings.batch.max_size
         if r.inference.in_flight and not self._can_dispatch():
-            finished = r.inference.completed(cap)
-            return finished, r.consumer.consume(num_messages=max_size, timeout=0)
+            self._collected += r.inference.completed(cap)
+            return r.consumer.consume(num_messages=max_size, timeout=0)
         messages = r.consumer.consume(num_messages=max_size, timeout=0)
         if messages or self._can_dispatch():
-            return [], messages
+            return messages
         due = self._buffer.time_to_due()
         first = r.consumer.poll(cap if due is None else min(due, cap))
         if first is None:
-            return [], []
-        return [], [first, *r.consumer.consume(num_messages=max_size - 1, timeout=0)]
+            return []
+        return [first, *r.consumer.consume(num_messages=max_size - 1, timeout=0)]
 
     def _can_dispatch(self) -> bool:
         inference = self._r.inference
@@ -435,9 +437,16 @@ class Worker:
         while self._can_dispatch():
             self._r.inference.submit(self._buffer.take())
 
-    def _route_all(self, finished: list[Result[Pending]]) -> None:
-        for result in finished:
-            self._route(result)
+    def _route_collected(self) -> None:
+        """Route the finished passes taken from the model, oldest first.
+
+        They wait in ``_collected`` rather than in a local variable because a consumer call may run a
+        revocation between taking them and routing them: ``_finish`` routes them too, so their records
+        are published before the revocation commits (else the commit stops below them and the next
+        owner repeats every published record above).
+        """
+        while self._collected:
+            self._route(self._collected.popleft())
             self._answer_buffered_repeats()
 
     def _route(self, result: Result[Pending]) -> None:
@@ -708,13 +717,15 @@ class Worker:
         above every decided one stay buffered: dropping them repeats nothing.
         """
         r = self._r
+        self._route_collected()  # taken from the model before this revocation or stop: decided first
         holes = self._take_holes(tps)
         max_size = self._settings.batch.max_size
         while (holes or r.inference.in_flight) and self._clock() < deadline:
             while holes and r.inference.has_capacity():
                 r.inference.submit(holes[:max_size])
                 del holes[:max_size]
-            self._route_all(r.inference.completed(timeout_s=min(0.1, max(0.001, deadline - self._clock()))))
+            self._collected += r.inference.completed(timeout_s=min(0.1, max(0.001, deadline - self._clock())))
+            self._route_collected()
             r.publisher.poll(0)
             self.health.progress()
         return not holes and not r.inference.in_flight

@@ -436,4 +436,4 @@ def test_rebalance_repeats_no_record_published_out_of_offset_order(bootstrap_ser
     assert set(counts) == {(p.partition, p.offset) for p in produced}
     repeats = sum(n - 1 for n in counts.values())
     print(f"repeats after {len(revocations)} revocations: {repeats} of {len(produced)}")
-    assert repeats == 0
+    assert repeats == 0, f"repeated (partition, offset): {sorted(k for k, n in counts.items() if n > 1)}"
