@@ -15,6 +15,7 @@ No loop here blocks without serving stop requests and liveness.
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import time
 from collections import Counter, deque
@@ -172,6 +173,10 @@ class Worker:
             except OSError as exc:
                 raise ConfigError(f"FILTER_METRICS__PORT={settings.metrics.port}: {exc.strerror}") from None
         self._warm_up()
+        # Everything alive now (torch, transformers, the model) lives as long as the process: moved out
+        # of the collector's generations, a full collection no longer walks millions of objects each
+        # time the loop's short-lived records trigger one.
+        gc.freeze()
         code = ExitCode.OK
         try:
             self._running = self._build()
@@ -392,6 +397,11 @@ class Worker:
         cap = _DELIVERY_POLL_S if awaiting_reports else _IDLE_POLL_S
         max_size = self._settings.batch.max_size
         if r.inference.in_flight and not self._can_dispatch():
+            if not self._buffer.full():  # read what is there, so the next batch is ready when the pass ends
+                messages = r.consumer.consume(num_messages=max_size, timeout=0)
+                if messages:
+                    return messages
+                cap = min(cap, _DELIVERY_POLL_S)
             self._collected += r.inference.completed(cap)
             return r.consumer.consume(num_messages=max_size, timeout=0)
         messages = r.consumer.consume(num_messages=max_size, timeout=0)

@@ -63,10 +63,10 @@ def test_a_busy_model_is_handed_only_full_batches_an_idle_one_any_due_batch():
     assert not buf.ready(model_busy=True)  # due but partial: better taken when the running pass ends
     buf.add("b", 10)
     buf.add("c", 10)
-    assert buf.ready(model_busy=True)  # full by count
+    assert buf.full() and buf.ready(model_busy=True)  # full by count
     buf.take()
     buf.add("long", 50)
-    assert buf.ready(model_busy=True)  # full by tokens
+    assert buf.full() and buf.ready(model_busy=True)  # full by tokens
 
 
 def test_take_keeps_overflow_with_its_original_age_and_discard_filters():

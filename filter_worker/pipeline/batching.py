@@ -107,7 +107,7 @@ class BatchBuffer(Generic[T]):
     def due(self) -> bool:
         if not self._items:
             return False
-        return self._full() or self._clock() - self._items[0].arrived >= self._max_wait_s
+        return self.full() or self._clock() - self._items[0].arrived >= self._max_wait_s
 
     def ready(self, model_busy: bool) -> bool:
         """Whether to hand the model a batch now.
@@ -116,9 +116,10 @@ class BatchBuffer(Generic[T]):
         pass: a partial batch queued there would just wait while records that could have joined it
         arrive, adding a forward pass to their latency; taken when the pass ends, it includes them.
         """
-        return self.due() and (not model_busy or self._full())
+        return self.due() and (not model_busy or self.full())
 
-    def _full(self) -> bool:
+    def full(self) -> bool:
+        """A whole batch is buffered (``max_size`` items or ``max_tokens`` tokens)."""
         return len(self._items) >= self._max_size or self._tokens >= self._max_tokens
 
     def time_to_due(self) -> float | None:

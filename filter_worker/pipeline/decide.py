@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from filter_worker.config import DEFAULT_SCOPE
 from filter_worker.pipeline.decode import DecodeFailure
 from filter_worker.pipeline.records import InputRecord, Outgoing, dead_letter, routed
 from filter_worker.pipeline.routing import Decision, Router
@@ -49,7 +50,10 @@ class Decider:
         In shadow mode every output goes to the allow topic and the decision says what would have happened.
         """
         router = self.router
-        scopes = [router.scope_of(item.record.headers, item.document) for item in items]
+        if router.has_scopes:
+            scopes = [router.scope_of(item.record.headers, item.document) for item in items]
+        else:
+            scopes = [DEFAULT_SCOPE] * len(items)
         decisions = router.decide_batch(probs, scopes)
         outputs = []
         topics, model, shadow = self._topics, self._model, self.shadow

@@ -7,7 +7,7 @@ raised) so the caller dead-letters the record and moves on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -31,8 +31,8 @@ class DecodeFailure:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class Decoded:
+# A NamedTuple, not a frozen dataclass: as immutable, built in a third of the time (one per record).
+class Decoded(NamedTuple):
     """The text to classify, and the parsed JSON object when the format is ``json`` (for embedding)."""
 
     text: str

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -21,8 +21,8 @@ HEADER_PREFIX = "filter."
 Headers = list[tuple[str, bytes | None]]
 
 
-@dataclass(frozen=True, slots=True)
-class InputRecord:
+# A NamedTuple, not a frozen dataclass: as immutable, built in a third of the time (one per record).
+class InputRecord(NamedTuple):
     topic: str
     partition: int
     offset: int
@@ -36,8 +36,8 @@ class InputRecord:
         return f"{self.topic}/{self.partition}/{self.offset}"
 
 
-@dataclass(frozen=True, slots=True)
-class OutputRecord:
+# A NamedTuple, not a frozen dataclass: as immutable, built in a third of the time (one per record).
+class OutputRecord(NamedTuple):
     topic: str
     key: bytes | None
     value: bytes | None
@@ -71,14 +71,24 @@ class Outgoing:
 
 
 @functools.lru_cache(maxsize=4096)
-def _encoded(text: str) -> bytes:
-    """Actions, labels, rules, scopes and the model name come from configuration: encode each once."""
-    return text.encode()
+def _decision_headers(action: str, label: str, rule: str, scope: str, model: str) -> Headers:
+    """The headers a decision shares with every record decided alike, encoded once.
+
+    All five come from configuration and the model, so the combinations are few; per record only the
+    score and the source are formatted.
+    """
+    return [
+        ("filter.action", action.encode()),
+        ("filter.label", label.encode()),
+        ("filter.rule", rule.encode()),
+        ("filter.scope", scope.encode()),
+        ("filter.model", model.encode()),
+    ]
 
 
 def _kept_headers(record: InputRecord) -> Headers:
     # Earlier filter.* headers (a record filtered twice) are replaced, so each name appears once.
-    return [(k, v) for k, v in record.headers if not k.startswith(HEADER_PREFIX)]
+    return [(k, v) for k, v in record.headers if not k.startswith(HEADER_PREFIX)] if record.headers else []
 
 
 def routed(
@@ -97,15 +107,8 @@ def routed(
     marks a decision that was recorded but not enforced (the record goes to the allow topic).
     """
     headers = _kept_headers(record)
-    headers += [
-        ("filter.action", _encoded(decision.action)),
-        ("filter.label", _encoded(decision.label)),
-        ("filter.score", b"%.6f" % decision.score),
-        ("filter.rule", _encoded(decision.rule)),
-        ("filter.scope", _encoded(decision.scope)),
-        ("filter.model", _encoded(model)),
-        ("filter.source", record.source.encode()),
-    ]
+    headers += _decision_headers(decision.action, decision.label, decision.rule, decision.scope, model)
+    headers += [("filter.score", b"%.6f" % decision.score), ("filter.source", record.source.encode())]
     if truncated:
         headers.append(("filter.truncated", b"true"))
     if shadow:
