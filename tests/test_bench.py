@@ -134,6 +134,14 @@ def test_plumbing_measures_the_worker_against_the_minimal_loop(bootstrap_servers
     assert report["worker_vs_loop_tokenized"] == lower_median["worker_vs_loop_tokenized"]
     assert report["near_free_model"]["model_only"]["messages_per_s"] > 0
     assert "worker / minimal loop with tokenizer" in result.stdout
+    # CPU per record, by thread: the worker's model runs on a thread of its own, the loop's on the caller's.
+    worker_cpu = lower_median["worker"]["cpu_us_per_record"]
+    assert worker_cpu["loop_thread"] > 0 and worker_cpu["inference_thread"] > 0
+    assert worker_cpu["process"] >= worker_cpu["loop_thread"] + worker_cpu["inference_thread"] - 1  # read in turn
+    loop_cpu = lower_median["loop_tokenized"]["cpu_us_per_record"]
+    assert set(loop_cpu) == {"process", "loop_thread", "other_threads"} and loop_cpu["loop_thread"] > 0
+    assert report["cpu_us_per_record"]["worker"] == worker_cpu
+    assert "CPU per record" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -414,6 +414,11 @@ class _Run:
     def start(self) -> None:
         self._thread.start()
 
+    def threads(self) -> dict[str, int | None]:
+        """The worker's Kafka loop thread and its model's thread (the newest named ``inference``), by ident."""
+        inference = [t.ident for t in threading.enumerate() if t.name == "inference"]
+        return {"loop_thread": self._thread.ident, "inference_thread": inference[-1] if inference else None}
+
     def metric(self, name: str, **labels: str) -> float:
         value = self.worker.metrics.registry.get_sample_value(name, labels or None)
         return value or 0.0
@@ -503,10 +508,13 @@ def _end_to_end(
     try:
         timeout = 300 + len(texts)
         started = run.wait(lambda: run.metric("filter_records_consumed_total", topic=run.topic) > 0, timeout, "records")
+        threads = run.threads()
+        cpu_before = _cpu_seconds(threads)
         # Every wake-up takes the GIL from the forward pass, so the long wait polls slowly; the
         # recorder still knows the exact moment of the last acknowledgement.
         run.wait(lambda: len(run.acks.samples) >= len(texts), timeout, "acknowledgements", poll_s=0.1)
         acked = run.acks.last_at
+        cpu = _cpu_per_record(cpu_before, _cpu_seconds(threads), len(texts))
         committed = run.wait(run.committed(ends), timeout, "commits")
     finally:
         run.stop()
@@ -528,6 +536,7 @@ def _end_to_end(
         "cache_hits": int(hits),
         "partitions": partitions,
         "commit_interval_ms": settings.kafka.commit_interval_ms,
+        "cpu_us_per_record": cpu,
     }
 
 
@@ -764,6 +773,27 @@ def _worker_rate(run: dict[str, Any]) -> float:
     return float(run["messages"] / run["seconds_to_last_ack"])
 
 
+def _cpu_seconds(threads: dict[str, int | None]) -> dict[str, float]:
+    """CPU seconds used so far by this process and by each thread in ``threads`` (name -> ident).
+
+    Read from another thread through the thread's CPU clock, so the worker is not touched. What the
+    process used beyond the named threads is librdkafka's threads, the tokenizer's and the model's
+    intra-op threads (and the bench's own waiting, a few polls a second).
+    """
+    used = {"process": time.process_time()}
+    for name, ident in threads.items():
+        if ident is not None:
+            used[name] = time.clock_gettime(time.pthread_getcpuclockid(ident))
+    return used
+
+
+def _cpu_per_record(before: dict[str, float], after: dict[str, float], records: int) -> dict[str, float]:
+    """Microseconds of CPU per record, per clock of ``_cpu_seconds``, plus ``other_threads``."""
+    used = {name: (after[name] - before[name]) * 1e6 / records for name in before}
+    used["other_threads"] = used["process"] - sum(v for k, v in used.items() if k != "process")
+    return used
+
+
 def _plumbing_settings(settings: Settings, broker: _Broker) -> Settings:
     """Settings for plumbing runs: on the embedded broker, the short fetch wait for every consumer.
 
@@ -818,7 +848,7 @@ def _minimal_loop(
     if producer.flush(30):
         raise RuntimeError("the minimal loop's producer could not reach the broker")
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-    done, started = 0, 0.0
+    done, started, cpu_before = 0, 0.0, {}
     deadline = time.monotonic() + 300 + total / 100
     try:
         while done < total:
@@ -827,7 +857,8 @@ def _minimal_loop(
             batch = [m for m in consumer.consume(_LOOP_BATCH, 1.0) if m.error() is None]
             if not batch:
                 continue
-            started = started or time.perf_counter()
+            if not started:
+                started, cpu_before = time.perf_counter(), _cpu_seconds({"loop_thread": threading.get_ident()})
             texts = [orjson.loads(m.value() or b"{}")["text"] for m in batch]
             if tokenize is not None:
                 tokenize(texts)
@@ -848,9 +879,10 @@ def _minimal_loop(
             consumer.commit(offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False)
             done += len(batch)
         seconds = time.perf_counter() - started
+        cpu = _cpu_per_record(cpu_before, _cpu_seconds({"loop_thread": threading.get_ident()}), done)
     finally:
         consumer.close()
-    return {"messages": done, "seconds": seconds, "messages_per_s": done / seconds}
+    return {"messages": done, "seconds": seconds, "messages_per_s": done / seconds, "cpu_us_per_record": cpu}
 
 
 def run_plumbing(settings: Settings, options: BenchOptions) -> dict[str, Any]:
@@ -908,6 +940,7 @@ def run_plumbing(settings: Settings, options: BenchOptions) -> dict[str, Any]:
         "loop_messages_per_s": median["loop"]["messages_per_s"],
         "worker_vs_loop_tokenized": median["worker_vs_loop_tokenized"],
         "worker_vs_loop": median["worker_vs_loop"],
+        "cpu_us_per_record": {name: median[name]["cpu_us_per_record"] for name in names},
         "rounds": rounds,
     }
     Path(options.json_path).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
@@ -1138,5 +1171,17 @@ def format_plumbing(report: dict[str, Any]) -> str:
         f"worker / minimal loop: {report['worker_vs_loop']:.2f} (rounds "
         + ", ".join(f"{r['worker_vs_loop']:.2f}" for r in report["rounds"])
         + ")",
+        "",
+        f"{'CPU per record, median round (us)':<34} {'process':>8} {'loop thread':>12} {'model thread':>13} "
+        f"{'other threads':>14}",
     ]
+    short = {"worker": "worker", "loop_tokenized": "minimal loop + tokenizer", "loop": "minimal loop"}
+    for _, key, _ in rows:
+        cpu = report["cpu_us_per_record"][key]
+        model_thread = f"{cpu['inference_thread']:.0f}" if "inference_thread" in cpu else "-"
+        lines.append(
+            f"{short[key]:<34} {cpu['process']:>8.0f} {cpu['loop_thread']:>12.0f} "
+            f"{model_thread:>13} {cpu['other_threads']:>14.0f}"
+        )
+    lines.append("other threads: librdkafka's, the tokenizer's and the model's intra-op threads")
     return "\n".join(lines)
