@@ -130,10 +130,18 @@ def test_plumbing_measures_the_worker_against_the_minimal_loop(bootstrap_servers
         worker = one["worker"]["messages"] / one["worker"]["seconds_to_last_ack"]
         assert one["worker_vs_loop"] == pytest.approx(worker / one["loop"]["messages_per_s"])
         assert one["worker_vs_loop_tokenized"] == pytest.approx(worker / one["loop_tokenized"]["messages_per_s"])
+        # Without a forward pass every record still goes the whole way, and the rate is its own.
+        assert one["worker_no_model"]["published"] == 600
+        no_model = one["worker_no_model"]["messages"] / one["worker_no_model"]["seconds_to_last_ack"]
+        assert one["worker_no_model_vs_loop_tokenized"] == pytest.approx(
+            no_model / one["loop_tokenized"]["messages_per_s"]
+        )
     lower_median = min(report["rounds"], key=lambda r: r["worker_vs_loop_tokenized"])
     assert report["worker_vs_loop_tokenized"] == lower_median["worker_vs_loop_tokenized"]
     assert report["near_free_model"]["model_only"]["messages_per_s"] > 0
     assert "worker / minimal loop with tokenizer" in result.stdout
+    assert "worker without a forward pass / minimal loop with tokenizer" in result.stdout
+    assert report["worker_no_model_vs_loop_tokenized"] == lower_median["worker_no_model_vs_loop_tokenized"]
     # CPU per record, by thread: the worker's model runs on a thread of its own, the loop's on the caller's.
     worker_cpu = lower_median["worker"]["cpu_us_per_record"]
     assert worker_cpu["loop_thread"] > 0 and worker_cpu["inference_thread"] > 0
@@ -141,6 +149,9 @@ def test_plumbing_measures_the_worker_against_the_minimal_loop(bootstrap_servers
     loop_cpu = lower_median["loop_tokenized"]["cpu_us_per_record"]
     assert set(loop_cpu) == {"process", "loop_thread", "other_threads"} and loop_cpu["loop_thread"] > 0
     assert report["cpu_us_per_record"]["worker"] == worker_cpu
+    # No forward pass: the model thread still pads and hands over, at a fraction of the micro model's cost.
+    no_model_cpu = lower_median["worker_no_model"]["cpu_us_per_record"]
+    assert 0 < no_model_cpu["inference_thread"] < worker_cpu["inference_thread"]
     assert "CPU per record" in result.stdout
 
 

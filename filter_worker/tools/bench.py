@@ -34,6 +34,7 @@ Every option is checked before the first phase: a run that cannot work stops at 
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import os
@@ -761,6 +762,29 @@ def _near_free_classifier(settings: Settings) -> Iterator[Classifier]:
         yield Classifier.load(model)
 
 
+class _ConstantEngine:
+    """Returns the same probabilities for every row: the worker with no forward pass at all.
+
+    On a small CPU even the micro model costs about as much per record as the whole tokenizing loop
+    (its model-only rate is printed), so the worker with it measures model and plumbing together.
+    With this engine the tokenizer, padding, the hand-offs to the model thread and everything after
+    the model still run; only the forward pass does not.
+    """
+
+    def __init__(self, labels: int) -> None:
+        self._row = np.full((1, labels), 1.0 / labels, dtype=np.float32)
+
+    def probabilities(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.repeat(self._row, len(ids), axis=0)
+
+
+def _without_model(classifier: Classifier) -> Classifier:
+    """The same classifier (tokenizer, labels, identity) with ``_ConstantEngine`` in place of its model."""
+    constant = copy.copy(classifier)
+    constant.engine = _ConstantEngine(len(classifier.labels))
+    return constant
+
+
 def _filled_topic(broker: _Broker, texts: Sequence[str], partitions: int) -> tuple[str, dict[int, int]]:
     topic = f"plumbing-{uuid.uuid4().hex[:8]}.in"
     kafka_io.create_topics(_admin(broker.bootstrap_servers), [topic], partitions)
@@ -908,6 +932,9 @@ def run_plumbing(settings: Settings, options: BenchOptions) -> dict[str, Any]:
         filled = _filled_topic(broker, texts, options.partitions)
         steps: dict[str, Callable[[], dict[str, Any]]] = {
             "worker": lambda: _end_to_end(settings, micro, texts, broker, options.partitions, 0, filled),
+            "worker_no_model": lambda: _end_to_end(
+                settings, _without_model(micro), texts, broker, options.partitions, 0, filled
+            ),
             "loop_tokenized": lambda: _minimal_loop(settings, broker, filled, micro.tokenize),
             "loop": lambda: _minimal_loop(settings, broker, filled, None),
         }
@@ -920,6 +947,8 @@ def run_plumbing(settings: Settings, options: BenchOptions) -> dict[str, Any]:
                 round_[name] = steps[name]()
             worker = _worker_rate(round_["worker"])
             round_["worker_vs_loop_tokenized"] = worker / round_["loop_tokenized"]["messages_per_s"]
+            no_model = _worker_rate(round_["worker_no_model"])
+            round_["worker_no_model_vs_loop_tokenized"] = no_model / round_["loop_tokenized"]["messages_per_s"]
             round_["worker_vs_loop"] = worker / round_["loop"]["messages_per_s"]
             rounds.append(round_)
     median = sorted(rounds, key=lambda r: r["worker_vs_loop_tokenized"])[(len(rounds) - 1) // 2]
@@ -936,9 +965,11 @@ def run_plumbing(settings: Settings, options: BenchOptions) -> dict[str, Any]:
         },
         "near_free_model": {"description": "micro DistilBERT: 1 layer, dim 16, random weights", "model_only": ceiling},
         "worker_messages_per_s": _worker_rate(median["worker"]),
+        "worker_no_model_messages_per_s": _worker_rate(median["worker_no_model"]),
         "loop_tokenized_messages_per_s": median["loop_tokenized"]["messages_per_s"],
         "loop_messages_per_s": median["loop"]["messages_per_s"],
         "worker_vs_loop_tokenized": median["worker_vs_loop_tokenized"],
+        "worker_no_model_vs_loop_tokenized": median["worker_no_model_vs_loop_tokenized"],
         "worker_vs_loop": median["worker_vs_loop"],
         "cpu_us_per_record": {name: median[name]["cpu_us_per_record"] for name in names},
         "rounds": rounds,
@@ -1147,6 +1178,7 @@ def format_plumbing(report: dict[str, Any]) -> str:
     model = report["near_free_model"]["model_only"]
     rows = [
         ("worker (near-free model), to the last acknowledgement", "worker", "worker_messages_per_s"),
+        ("worker, no forward pass (constant probabilities)", "worker_no_model", "worker_no_model_messages_per_s"),
         ("minimal loop + the model's tokenizer per batch", "loop_tokenized", "loop_tokenized_messages_per_s"),
         ("minimal loop (consume, parse, produce, flush, commit)", "loop", "loop_messages_per_s"),
     ]
@@ -1160,13 +1192,19 @@ def format_plumbing(report: dict[str, Any]) -> str:
         f"{'measurement (median round)':<56} {'msg/s':>9}   rounds",
     ]
     for label, key, median in rows:
-        rates = [_worker_rate(r["worker"]) if key == "worker" else r[key]["messages_per_s"] for r in report["rounds"]]
+        rates = [
+            _worker_rate(r[key]) if key.startswith("worker") else r[key]["messages_per_s"] for r in report["rounds"]
+        ]
         per_round = ", ".join(f"{rate:.0f}" for rate in rates)
         lines.append(f"{label:<56} {report[median]:>9.0f}   {per_round}")
     lines += [
         "",
         f"worker / minimal loop with tokenizer: {report['worker_vs_loop_tokenized']:.2f} (rounds "
         + ", ".join(f"{r['worker_vs_loop_tokenized']:.2f}" for r in report["rounds"])
+        + ")",
+        "worker without a forward pass / minimal loop with tokenizer: "
+        f"{report['worker_no_model_vs_loop_tokenized']:.2f} (rounds "
+        + ", ".join(f"{r['worker_no_model_vs_loop_tokenized']:.2f}" for r in report["rounds"])
         + ")",
         f"worker / minimal loop: {report['worker_vs_loop']:.2f} (rounds "
         + ", ".join(f"{r['worker_vs_loop']:.2f}" for r in report["rounds"])
@@ -1175,7 +1213,12 @@ def format_plumbing(report: dict[str, Any]) -> str:
         f"{'CPU per record, median round (us)':<34} {'process':>8} {'loop thread':>12} {'model thread':>13} "
         f"{'other threads':>14}",
     ]
-    short = {"worker": "worker", "loop_tokenized": "minimal loop + tokenizer", "loop": "minimal loop"}
+    short = {
+        "worker": "worker",
+        "worker_no_model": "worker, no forward pass",
+        "loop_tokenized": "minimal loop + tokenizer",
+        "loop": "minimal loop",
+    }
     for _, key, _ in rows:
         cpu = report["cpu_us_per_record"][key]
         model_thread = f"{cpu['inference_thread']:.0f}" if "inference_thread" in cpu else "-"
