@@ -20,11 +20,11 @@ publishing, commits) has to hide behind it. One run measures, on the same texts:
    model-only speed, measured in interleaved rounds and reported as the median ratio.
 
 When the worker misses its end-to-end target, the bench checks whether the model could have set the
-pace at all: it runs the worker with a near-free model on the same broker, and if that is below the
+pace at all: it runs the worker without a forward pass on the same broker, and if that is below the
 target fraction of this model's ceiling, the broker and the per-record costs set the pace and the
 target is reported as not judged instead of missed.
 
-``--plumbing`` measures only that: the worker with a near-free model against a minimal correct
+``--plumbing`` measures only that: the worker with a micro model, and without a forward pass, against a minimal correct
 at-least-once loop written directly on confluent-kafka (with and without the model's tokenizer over
 each fetched batch), on the same broker and records, as ratios.
 
@@ -834,18 +834,13 @@ def _plumbing_settings(settings: Settings, broker: _Broker) -> Settings:
 def _plumbing_capacity(
     settings: Settings, broker: _Broker, texts: Sequence[str], options: BenchOptions
 ) -> dict[str, Any]:
-    """The worker with a near-free model on this broker: the most the plumbing moves, whatever the model."""
+    """The worker without a forward pass on this broker: the most the plumbing moves, whatever the model."""
     records = list(itertools.islice(itertools.cycle(texts), max(len(texts), options.plumbing_messages)))
     settings = _plumbing_settings(settings, broker)
     with _near_free_classifier(settings) as micro:
         filled = _filled_topic(broker, records, options.partitions)
-        run = _end_to_end(settings, micro, records, broker, options.partitions, 0, filled)
-    return {
-        "messages": len(records),
-        "messages_per_s": _worker_rate(run),
-        "model": f"micro DistilBERT ({micro.backend})",
-        "model_busy_share": run["model_busy_share"],
-    }
+        run = _end_to_end(settings, _without_model(micro), records, broker, options.partitions, 0, filled)
+    return {"messages": len(records), "messages_per_s": _worker_rate(run)}
 
 
 def _minimal_loop(
@@ -1038,7 +1033,7 @@ def _cpu_name() -> str:
 def judge_end_to_end(ratio: float, goal: float, ceiling: float, capacity: float | None) -> dict[str, Any]:
     """The end-to-end target, or why it cannot be judged on this broker.
 
-    When the worker misses ``goal`` and even a near-free model moves fewer than ``goal`` x ``ceiling``
+    When the worker misses ``goal`` and even without a forward pass it moves fewer than ``goal`` x ``ceiling``
     records per second (``capacity``), this model is too fast for the broker and the per-record costs:
     they set the pace, and a miss says nothing about hiding the model's latency.
     """
@@ -1047,8 +1042,8 @@ def judge_end_to_end(ratio: float, goal: float, ceiling: float, capacity: float 
         target |= {
             "met": None,
             "reason": (
-                f"not judged: the worker moves at most {capacity:.0f} msg/s on this broker even with a near-free "
-                f"model, below {goal} x this model's ceiling of {ceiling:.0f} msg/s; the broker and the per-record "
+                f"not judged: the worker moves at most {capacity:.0f} msg/s on this broker even without a forward "
+                f"pass, below {goal} x this model's ceiling of {ceiling:.0f} msg/s; the broker and the per-record "
                 "costs set the pace, not the model (see bench --plumbing)"
             ),
         }
@@ -1139,7 +1134,7 @@ def format_table(report: dict[str, Any]) -> str:
     if "plumbing_capacity" in report:
         capacity = report["plumbing_capacity"]
         lines.append(
-            f"  with a near-free model ({capacity['model']}) the worker moves {capacity['messages_per_s']:.0f} msg/s "
+            f"  without a forward pass the worker moves {capacity['messages_per_s']:.0f} msg/s "
             f"on this broker ({capacity['messages']} records)"
         )
     lines += [
