@@ -24,9 +24,9 @@ pace at all: it runs the worker without a forward pass on the same broker, and i
 target fraction of this model's ceiling, the broker and the per-record costs set the pace and the
 target is reported as not judged instead of missed.
 
-``--plumbing`` measures only that: the worker with a micro model, and without a forward pass, against a minimal correct
-at-least-once loop written directly on confluent-kafka (with and without the model's tokenizer over
-each fetched batch), on the same broker and records, as ratios.
+``--plumbing`` measures only that: the worker with a micro model, and without a forward pass,
+against a minimal correct at-least-once loop written directly on confluent-kafka (with and without
+the model's tokenizer over each fetched batch), on the same broker and records, as ratios.
 
 The texts are ``samples.message_mix`` (deterministic for ``--seed``) or one per line of ``--file``.
 Every option is checked before the first phase: a run that cannot work stops at once (exit 2).
@@ -1033,9 +1033,9 @@ def _cpu_name() -> str:
 def judge_end_to_end(ratio: float, goal: float, ceiling: float, capacity: float | None) -> dict[str, Any]:
     """The end-to-end target, or why it cannot be judged on this broker.
 
-    When the worker misses ``goal`` and even without a forward pass it moves fewer than ``goal`` x ``ceiling``
-    records per second (``capacity``), this model is too fast for the broker and the per-record costs:
-    they set the pace, and a miss says nothing about hiding the model's latency.
+    When the worker misses ``goal`` and even without a forward pass it moves fewer than ``goal`` x
+    ``ceiling`` records per second (``capacity``), this model is too fast for the broker and the
+    per-record costs: they set the pace, and a miss says nothing about hiding the model's latency.
     """
     target: dict[str, Any] = {"goal": goal, "measured": ratio, "met": ratio >= goal}
     if ratio < goal and capacity is not None and capacity < goal * ceiling:
