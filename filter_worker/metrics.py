@@ -81,7 +81,7 @@ class Metrics:
         )
         self.fetch_paused = Gauge(
             "filter_fetch_paused",
-            "1 while fetching is paused: in-flight budget spent, batch buffer full, or a transaction backoff",
+            "1 while fetching is paused: in-flight budget spent, or a transaction backoff",
             registry=r,
         )
         self.oversized = Counter(

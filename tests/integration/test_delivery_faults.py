@@ -13,7 +13,7 @@ from collections import Counter
 
 import orjson
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import Consumer, KafkaError
 from structlog.testing import capture_logs
 
 from filter_worker import worker as worker_module
@@ -339,6 +339,48 @@ def test_new_partitions_stay_paused_while_the_budget_is_spent(bootstrap_servers,
     print(f"paused assignment: in-flight records peaked at {peaks[-1]} (budget {budget})")
     assert codes == [ExitCode.OK] and second_codes == [ExitCode.OK]
     assert peaks[-1] <= budget + settings.batch.max_size, f"in flight peaked at {peaks[-1]} (budget {budget})"
+
+
+class PauseCountingConsumer(Consumer):
+    """The real consumer, counting the partitions the worker pauses."""
+
+    paused: list[int] = []
+
+    def pause(self, partitions):  # type: ignore[no-untyped-def]
+        PauseCountingConsumer.paused.append(len(partitions))
+        return super().pause(partitions)
+
+
+def test_a_full_batch_buffer_stops_reading_without_pausing_the_fetch(
+    bootstrap_servers, keyword_model, classifier, monkeypatch
+):
+    """A slow model fills the batch buffer; the loop must stop reading, not pause the partitions.
+
+    A pause throws away what librdkafka has prefetched, and on the embedded broker the first record
+    after a resume came 0.5 to 0.95 s later: a worker whose buffer filled behind a fast model then
+    sat idle once per fill. The pause is for the in-flight budget, which this test never spends.
+    """
+    PauseCountingConsumer.paused = []
+    monkeypatch.setattr(worker_module, "Consumer", PauseCountingConsumer)
+    settings = worker_settings(bootstrap_servers, str(keyword_model), batch={"max_size": 4, "max_wait_ms": 5})
+    create_topics(settings, input_partitions=2)
+    produced = produce(bootstrap_servers, settings.topics.input[0], texts(600))  # buffer holds 4 x 32 = 128
+    slow = SlowClassifier(classifier, seconds=0.01)
+    peaks = [0]
+    with worker_thread(settings, slow) as (worker, codes, thread):  # type: ignore[arg-type]
+
+        def watch() -> None:
+            while thread.is_alive():
+                peaks.append(max(peaks[-1], int(sample(worker.metrics.registry, "filter_in_flight_records"))))
+                time.sleep(0.01)
+
+        threading.Thread(target=watch, daemon=True).start()
+        outputs = read_outputs(settings, expected=len(produced), timeout_s=120)
+        wait_for_commits(settings, end_offsets(produced), timeout_s=60)
+    assert codes == [ExitCode.OK]
+    assert {o.source for o in outputs} == {(p.partition, p.offset) for p in produced}
+    assert 128 <= peaks[-1] < settings.budget.max_records, f"in flight peaked at {peaks[-1]}: the buffer filled"
+    assert PauseCountingConsumer.paused == [], f"paused {len(PauseCountingConsumer.paused)} times, budget never spent"
 
 
 # -- 5. a graceful stop after a trailing run of dead letters ---------------------------------------
