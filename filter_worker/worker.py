@@ -663,7 +663,7 @@ class Worker:
         self._r.committer.assign([(p.topic, p.partition) for p in partitions])
         # Set either way: librdkafka keeps a partition's pause across its revocation, so one paused
         # when it was revoked came back paused, and with fetching resumed meanwhile for the others
-        # it was never read again (test_new_partitions_stay_paused_while_the_budget_is_spent, 2 runs in 3).
+        # it was never read again (test_new_partitions_stay_paused_while_the_budget_is_spent, 7 runs in 9).
         if partitions:
             (consumer.pause if self._paused else consumer.resume)(partitions)
         self.metrics.rebalances.labels("assign").inc()

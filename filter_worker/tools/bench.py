@@ -925,11 +925,10 @@ def run_plumbing(settings: Settings, options: BenchOptions) -> dict[str, Any]:
         ceiling = _model_only(micro, ids, sorted(range(len(ids)), key=lambda i: lengths[i]), settings.batch.max_size)
         say(f"producing {len(texts)} records to {options.partitions} partitions ...")
         filled = _filled_topic(broker, texts, options.partitions)
+        constant = _without_model(micro)
         steps: dict[str, Callable[[], dict[str, Any]]] = {
             "worker": lambda: _end_to_end(settings, micro, texts, broker, options.partitions, 0, filled),
-            "worker_no_model": lambda: _end_to_end(
-                settings, _without_model(micro), texts, broker, options.partitions, 0, filled
-            ),
+            "worker_no_model": lambda: _end_to_end(settings, constant, texts, broker, options.partitions, 0, filled),
             "loop_tokenized": lambda: _minimal_loop(settings, broker, filled, micro.tokenize),
             "loop": lambda: _minimal_loop(settings, broker, filled, None),
         }
@@ -1192,18 +1191,16 @@ def format_plumbing(report: dict[str, Any]) -> str:
         ]
         per_round = ", ".join(f"{rate:.0f}" for rate in rates)
         lines.append(f"{label:<56} {report[median]:>9.0f}   {per_round}")
+    lines.append("")
+    ratios = [
+        ("worker / minimal loop with tokenizer", "worker_vs_loop_tokenized"),
+        ("worker without a forward pass / minimal loop with tokenizer", "worker_no_model_vs_loop_tokenized"),
+        ("worker / minimal loop", "worker_vs_loop"),
+    ]
+    for label, key in ratios:
+        per_round = ", ".join(f"{r[key]:.2f}" for r in report["rounds"])
+        lines.append(f"{label}: {report[key]:.2f} (rounds {per_round})")
     lines += [
-        "",
-        f"worker / minimal loop with tokenizer: {report['worker_vs_loop_tokenized']:.2f} (rounds "
-        + ", ".join(f"{r['worker_vs_loop_tokenized']:.2f}" for r in report["rounds"])
-        + ")",
-        "worker without a forward pass / minimal loop with tokenizer: "
-        f"{report['worker_no_model_vs_loop_tokenized']:.2f} (rounds "
-        + ", ".join(f"{r['worker_no_model_vs_loop_tokenized']:.2f}" for r in report["rounds"])
-        + ")",
-        f"worker / minimal loop: {report['worker_vs_loop']:.2f} (rounds "
-        + ", ".join(f"{r['worker_vs_loop']:.2f}" for r in report["rounds"])
-        + ")",
         "",
         f"{'CPU per record, median round (us)':<34} {'process':>8} {'loop thread':>12} {'model thread':>13} "
         f"{'other threads':>14}",

@@ -52,6 +52,19 @@ def sample(registry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels or None) or 0.0
 
 
+def watch_in_flight(worker, thread: threading.Thread) -> list[int]:
+    """Start sampling ``filter_in_flight_records`` every 10 ms while ``thread`` runs; ``[-1]`` is the peak so far."""
+    peaks = [0]
+
+    def watch() -> None:
+        while thread.is_alive():
+            peaks.append(max(peaks[-1], int(sample(worker.metrics.registry, "filter_in_flight_records"))))
+            time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return peaks
+
+
 # -- 1. one oversized record -----------------------------------------------------------------------
 
 
@@ -321,15 +334,8 @@ def test_new_partitions_stay_paused_while_the_budget_is_spent(bootstrap_servers,
     create_topics(settings, input_partitions=4)
     produced = produce(bootstrap_servers, settings.topics.input[0], texts(400))
     slow = SlowClassifier(classifier, seconds=0.1)
-    peaks = [0]
     with worker_thread(settings, slow) as (first, codes, thread):  # type: ignore[arg-type]
-
-        def watch() -> None:
-            while thread.is_alive():
-                peaks.append(max(peaks[-1], int(sample(first.metrics.registry, "filter_in_flight_records"))))
-                time.sleep(0.01)
-
-        threading.Thread(target=watch, daemon=True).start()
+        peaks = watch_in_flight(first, thread)
         wait_until(lambda: first.health.joined, 60, "the first worker to join")
         with worker_thread(settings, slow) as (second, second_codes, _):  # type: ignore[arg-type]
             wait_until(lambda: second.health.joined, 60, "the second worker to join")
@@ -366,15 +372,8 @@ def test_a_full_batch_buffer_stops_reading_without_pausing_the_fetch(
     create_topics(settings, input_partitions=2)
     produced = produce(bootstrap_servers, settings.topics.input[0], texts(600))  # buffer holds 4 x 32 = 128
     slow = SlowClassifier(classifier, seconds=0.01)
-    peaks = [0]
     with worker_thread(settings, slow) as (worker, codes, thread):  # type: ignore[arg-type]
-
-        def watch() -> None:
-            while thread.is_alive():
-                peaks.append(max(peaks[-1], int(sample(worker.metrics.registry, "filter_in_flight_records"))))
-                time.sleep(0.01)
-
-        threading.Thread(target=watch, daemon=True).start()
+        peaks = watch_in_flight(worker, thread)
         outputs = read_outputs(settings, expected=len(produced), timeout_s=120)
         wait_for_commits(settings, end_offsets(produced), timeout_s=60)
     assert codes == [ExitCode.OK]
