@@ -48,8 +48,14 @@ def test_three_workers_scale_out_and_in(bootstrap_servers, keyword_model):
         wait_for_committed(settings, PARTITIONS, at_least=RECORDS * 3 // 5)
         second.send_signal(signal.SIGKILL)  # ... and a crash mid-stream
         second.wait(30)
+        # Records on every partition after the kill: only an owner can commit them, so the commits
+        # below prove the survivor took the killed worker's partitions (it may have finished them
+        # before the kill, and the survivor then be stopped before the session timeout moved them).
+        late = produce(bootstrap_servers, settings.topics.input[0], values[: PARTITIONS * 100], key_prefix="late")
+        assert {p.partition for p in late} == set(range(PARTITIONS)), "a late record on every partition"
+        produced += late
         committed = wait_for_commits(settings, end_offsets(produced), timeout_s=240)
-        outputs = read_outputs(settings, expected=RECORDS, timeout_s=60)
+        outputs = read_outputs(settings, expected=len(produced), timeout_s=60)
     finally:
         for worker in (first, second, third):
             if worker.poll() is None:
