@@ -191,6 +191,7 @@ class Worker:
             log.error("worker failed; offsets stay at the last acknowledged record", error=str(exc), exit_code=exc.code)
             code = exc.code
         finally:
+            self._observer.flush()  # what was decided is in the histograms of the last scrape
             self._close()
         return int(code)
 
@@ -356,6 +357,7 @@ class Worker:
         self._collected += r.inference.completed()
         self._dispatch()  # the model starts its next batch before this turn publishes the last one
         self._route_collected()
+        self._observer.flush_if_due(caught_up=self._caught_up())
         now = self._clock()
         if messages:
             self._last_consumed = now
@@ -464,43 +466,45 @@ class Worker:
             self._r.inference.submit(self._buffer.take())
 
     def _route_collected(self) -> None:
-        """Route the finished passes taken from the model, oldest first.
+        """Route the finished passes taken from the model, oldest first, decided together.
 
         They wait in ``_collected`` rather than in a local variable because a consumer call may run a
         revocation between taking them and routing them: ``_finish`` routes them too, so their records
         are published before the revocation commits (else the commit stops below them and the next
-        owner repeats every published record above).
+        owner repeats every published record above). Passes collected in one turn are decided in one
+        call: at small batch sizes the per-call costs (numpy routing, metrics) are shared by more records.
         """
-        while self._collected:
-            self._route(self._collected.popleft())
-            self._answer_buffered_repeats()
-
-    def _route(self, result: Result[Pending]) -> None:
-        """One forward pass's records: decided together; a record the model failed on is dead-lettered."""
+        if not self._collected:
+            return
         committer = self._r.committer
         decided: list[Pending] = []
-        rows: list[int] = []
-        for i, pending in enumerate(result.items):
-            record = pending.record
-            if not committer.is_current((record.topic, record.partition), pending.generation):
-                continue  # revoked or rewound since; read again
-            error = result.errors[i]
-            if error is not None or result.probs is None:
-                failure = DecodeFailure("model_error", f"the model failed on this record: {error}")
-                self._dead_letter(record, pending.generation, failure)
-                continue
-            decided.append(pending)
-            rows.append(i)
-        if not decided:
-            return
-        assert result.probs is not None
-        probs = result.probs[rows]
-        if self._cache is not None:
-            for pending, row in zip(decided, probs, strict=True):
-                if pending.cache_key is not None:
-                    self._cache.put(pending.cache_key, row, pending.truncated)
-            self.metrics.cache_records.labels("miss").inc(len(decided))
-        self._decide(decided, probs)
+        rows: list[np.ndarray] = []
+        while self._collected:
+            result = self._collected.popleft()
+            picked: list[int] = []
+            for i, pending in enumerate(result.items):
+                record = pending.record
+                if not committer.is_current((record.topic, record.partition), pending.generation):
+                    continue  # revoked or rewound since; read again
+                error = result.errors[i]
+                if error is not None or result.probs is None:
+                    failure = DecodeFailure("model_error", f"the model failed on this record: {error}")
+                    self._dead_letter(record, pending.generation, failure)
+                    continue
+                decided.append(pending)
+                picked.append(i)
+            if picked:
+                assert result.probs is not None
+                rows.append(result.probs if len(picked) == len(result.items) else result.probs[picked])
+        if decided:
+            probs = rows[0] if len(rows) == 1 else np.concatenate(rows)
+            if self._cache is not None:
+                for pending, row in zip(decided, probs, strict=True):
+                    if pending.cache_key is not None:
+                        self._cache.put(pending.cache_key, row, pending.truncated)
+                self.metrics.cache_records.labels("miss").inc(len(decided))
+            self._decide(decided, probs)
+        self._answer_buffered_repeats()
 
     def _answer(self, answered: list[Answered]) -> None:
         if answered:

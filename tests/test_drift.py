@@ -23,7 +23,7 @@ from filter_worker.pipeline.drift import (
     psi,
     reference_of,
 )
-from filter_worker.pipeline.observe import Observer
+from filter_worker.pipeline.observe import FLUSH_INTERVAL_S, FLUSH_RECORDS, Observer
 from filter_worker.pipeline.routing import Router
 
 LABELS = ["bad", "good"]
@@ -168,6 +168,7 @@ def test_observer_counts_decisions_and_fills_histograms_and_the_drift_gauge(tmp_
     probs = probs_of(scores)
     decisions = router.decide_batch(probs, ["default"] * 100)
     observer.observe(probs, decisions, router)
+    observer.flush()
     registry = metrics.registry
     drops = int((scores.astype(np.float32) >= 0.5).sum())
     assert (
@@ -201,3 +202,53 @@ def test_without_a_reference_there_is_no_drift_gauge():
         == 10
     )
     assert "filter_score_psi{" not in generate_latest(metrics.registry).decode()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_histograms_take_held_rows_after_the_interval_when_caught_up_or_when_the_rules_change():
+    metrics = Metrics()
+    clock = _Clock()
+    observer = Observer(metrics, clock=clock)
+    rules = RoutingSettings.model_validate({"rules": [{"action": "drop", "labels": ["bad"], "min_score": 0.99}]})
+    router = Router(rules, LABELS)
+    registry = metrics.registry
+
+    def scored() -> float:
+        return registry.get_sample_value("filter_top_label_probability_count", {"scope": "default"}) or 0.0
+
+    def decided() -> float | None:
+        return registry.get_sample_value(
+            "filter_decisions_total", {"scope": "default", "action": "allow", "rule": "default"}
+        )
+
+    calm = probs_of(sample(1, 8, 10, seed=17))
+    observer.observe(calm, router.decide_batch(calm, ["default"] * 10), router)
+    assert decided() == 10, "decisions are counted at once"
+    assert scored() == 0, "score rows are held"
+    clock.now += FLUSH_INTERVAL_S / 2
+    observer.flush_if_due(caught_up=False)
+    assert scored() == 0
+    clock.now += FLUSH_INTERVAL_S / 2
+    observer.flush_if_due(caught_up=False)
+    assert scored() == 10, "held no longer than the interval"
+
+    observer.observe(calm, router.decide_batch(calm, ["default"] * 10), router)
+    observer.flush_if_due(caught_up=True)
+    assert scored() == 20, "caught up: nothing more is coming, so nothing is held"
+
+    observer.observe(calm, router.decide_batch(calm, ["default"] * 10), router)
+    reloaded = Router(RoutingSettings(rules=[]), LABELS)
+    observer.observe(calm, reloaded.decide_batch(calm, ["default"] * 10), reloaded)
+    assert scored() == 30, "rows decided under the old rules are scored under them before new ones are held"
+    assert registry.get_sample_value("filter_rule_score_count", {"scope": "default", "rule": "rules[0]"}) == 30
+
+    many = probs_of(sample(1, 8, FLUSH_RECORDS, seed=18))
+    observer.observe(many, reloaded.decide_batch(many, ["default"] * FLUSH_RECORDS), reloaded)
+    assert scored() == 40 + FLUSH_RECORDS, "a full hold is fed at once"

@@ -8,7 +8,7 @@ from filter_worker.pipeline.routing import Decision
 
 RECORD = InputRecord("in", 2, 41, b"key", b'{"text": "x"}', [("trace", b"1"), ("filter.action", b"old")], 1700000000000)
 DECISION = Decision(
-    "quarantine", "negative", "Negative", 0.8123456789, {"Negative": 0.81, "Neutral": 0.19}, "kids", {"negative": 0.81}
+    "quarantine", "negative", "Negative", 0.8123456789, "kids", ["Negative", "Neutral"], [0.81, 0.19], ("negative",), [0.81]
 )
 
 

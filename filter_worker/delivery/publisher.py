@@ -133,10 +133,11 @@ class Publisher:
 
     def send(self, item: Outgoing) -> None:
         """Produce ``item`` (or what replaces it); never blocks: a full queue keeps it in the backlog."""
-        source = item.source
-        replacement = self._replacements.get((source.topic, source.partition, source.offset))
-        if replacement is not None:
-            item = replace(replacement, generation=item.generation)
+        if self._replacements:  # almost always empty: no key to build per record
+            source = item.source
+            replacement = self._replacements.get((source.topic, source.partition, source.offset))
+            if replacement is not None:
+                item = replace(replacement, generation=item.generation)
         if self._backlog or not self._produce(item):
             self._backlog.append(item)
 

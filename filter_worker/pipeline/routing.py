@@ -26,18 +26,32 @@ class Decision(NamedTuple):
     """What happens to one record and why.
 
     ``score`` is the matched rule's summed probability, or the top label's probability when no rule
-    matched; ``scores`` holds every label's probability for the embedded output and for audits;
-    ``rule_scores`` every rule of the scope with its score (what drift and score histograms watch:
-    the matched rule's score alone would hide how close the others came).
+    matched. ``probabilities`` (one per label, in ``labels`` order) and ``rule_row`` (one per rule of
+    the scope, in ``rule_names`` order) are kept as they came out of the batch; ``scores`` and
+    ``rule_scores`` name them on demand (the embedded output, audits, drift). Building those two
+    dicts for every record cost more than the rest of the decision; most records never need them.
     """
 
     action: str
     rule: str
     label: str
     score: float
-    scores: dict[str, float]
     scope: str
-    rule_scores: dict[str, float]
+    labels: Sequence[str]
+    probabilities: Sequence[float]
+    rule_names: Sequence[str]
+    rule_row: Sequence[float]
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Every label's probability, by label."""
+        return dict(zip(self.labels, self.probabilities, strict=True))
+
+    @property
+    def rule_scores(self) -> dict[str, float]:
+        """Every rule of the scope with its score (what drift and the score histograms watch: the
+        matched rule's score alone would hide how close the others came)."""
+        return dict(zip(self.rule_names, self.rule_row, strict=True))
 
 
 class _ScopeTest:
@@ -214,12 +228,6 @@ class Router:
                 else:
                     action, rule, score = "allow", DEFAULT_RULE, top_probability[row]
                 decisions[row] = Decision(
-                    action,
-                    rule,
-                    top_label[row],
-                    score,
-                    dict(zip(labels, rows_as_floats[row], strict=True)),
-                    scope,
-                    dict(zip(names, rule_row, strict=True)),
+                    action, rule, top_label[row], score, scope, labels, rows_as_floats[row], names, rule_row
                 )
         return decisions  # type: ignore[return-value]  # every row belongs to exactly one scope
