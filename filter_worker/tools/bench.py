@@ -907,8 +907,9 @@ def _minimal_loop(
 def run_plumbing(settings: Settings, options: BenchOptions) -> dict[str, Any]:
     """The worker with a near-free model against a minimal loop, on the same broker and records.
 
-    Each round runs the three (worker, loop with tokenizer, loop) in a rotated order; the ratios are
-    per round, and the median round's are reported.
+    Each round runs the four (worker, worker without a forward pass, loop with tokenizer, loop) in a
+    rotated order; the ratios are per round, and the round with the median ratio of the worker
+    without a forward pass (the target's measure) is reported.
     """
     began = time.monotonic()
 
@@ -945,7 +946,8 @@ def run_plumbing(settings: Settings, options: BenchOptions) -> dict[str, Any]:
             round_["worker_no_model_vs_loop_tokenized"] = no_model / round_["loop_tokenized"]["messages_per_s"]
             round_["worker_vs_loop"] = worker / round_["loop"]["messages_per_s"]
             rounds.append(round_)
-    median = sorted(rounds, key=lambda r: r["worker_vs_loop_tokenized"])[(len(rounds) - 1) // 2]
+    # The median round by the ratio the target is judged on; every figure reported is that round's.
+    median = sorted(rounds, key=lambda r: r["worker_no_model_vs_loop_tokenized"])[(len(rounds) - 1) // 2]
     report: dict[str, Any] = {
         "environment": _environment(micro),
         "workload": {
