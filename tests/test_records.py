@@ -8,7 +8,15 @@ from filter_worker.pipeline.routing import Decision
 
 RECORD = InputRecord("in", 2, 41, b"key", b'{"text": "x"}', [("trace", b"1"), ("filter.action", b"old")], 1700000000000)
 DECISION = Decision(
-    "quarantine", "negative", "Negative", 0.8123456789, "kids", ["Negative", "Neutral"], [0.81, 0.19], ("negative",), [0.81]
+    action="quarantine",
+    rule="negative",
+    label="Negative",
+    score=0.8123456789,
+    scope="kids",
+    labels=["Negative", "Neutral"],
+    probabilities=[0.81, 0.19],
+    rule_names=("negative",),
+    rule_row=[0.81],
 )
 
 
