@@ -195,12 +195,14 @@ def test_without_a_reference_there_is_no_drift_gauge():
     observer = Observer.from_settings(metrics, load_settings(), LABELS, model="m@1")
     probs = probs_of(sample(1, 1, 10, seed=16))
     observer.observe(probs, router.decide_batch(probs, ["default"] * 10), router)
+    observer.flush()
     assert (
         metrics.registry.get_sample_value(
             "filter_decisions_total", {"scope": "default", "action": "allow", "rule": "default"}
         )
         == 10
     )
+    assert metrics.registry.get_sample_value("filter_top_label_probability_count", {"scope": "default"}) == 10
     assert "filter_score_psi{" not in generate_latest(metrics.registry).decode()
 
 

@@ -29,28 +29,30 @@ def infer_resilient(predict: Predict, rows: Sequence[Sequence[int]]) -> tuple[np
 
     Returns probabilities (a row of NaN where a record failed on its own) and per-row error texts.
     A CUDA out-of-memory on a big batch thus costs a few smaller passes instead of the whole batch.
+    The halves wait on a stack rather than in a recursive closure: a closure that calls itself is a
+    reference cycle, and one per pass kept every pass's token rows alive until the garbage collector
+    found them (a tenth of a second's collections per 50 000 records on the loop's thread).
     """
     errors: list[str | None] = [None] * len(rows)
     probs: np.ndarray | None = None
-
-    def run(indices: list[int]) -> None:
-        nonlocal probs
+    todo = [list(range(len(rows)))]
+    while todo:
+        indices = todo.pop()
         try:
             out = predict([rows[i] for i in indices])
         except Exception as exc:  # noqa: BLE001 - any model failure is contained here
             if len(indices) == 1:
                 errors[indices[0]] = f"{type(exc).__name__}: {exc}"
                 _release_cached_memory()
-                return
+                continue
             half = len(indices) // 2
-            run(indices[:half])
-            run(indices[half:])
-            return
+            todo += [indices[half:], indices[:half]]  # the first half runs first
+            continue
+        if probs is None and len(indices) == len(rows):
+            return np.asarray(out, dtype=np.float32), errors  # the whole batch in one pass: the common case
         if probs is None:
             probs = np.full((len(rows), out.shape[1]), np.nan, dtype=np.float32)
         probs[indices] = out
-
-    run(list(range(len(rows))))
     return probs, errors
 
 

@@ -31,10 +31,11 @@ class Observer:
     """Feeds the moderation metrics: ``filter_decisions_total``, the score histograms and ``filter_score_psi``.
 
     Decisions are counted as they are made. The histograms and the drift index are fed from the
-    probability rows of several batches at once (``FLUSH_RECORDS`` or ``FLUSH_INTERVAL_S``, and
-    whenever the worker has caught up): their numpy work costs about the same for 20 rows as for 2000,
-    and at small batch sizes it was a visible share of the loop. A scrape may therefore lag the
-    decisions by at most that interval.
+    probability rows of several batches at once (``FLUSH_RECORDS``, ``FLUSH_INTERVAL_S`` checked once
+    per loop turn, whenever the worker has caught up, and when the rules change): their numpy work
+    costs about the same for 20 rows as for 2000, and at small batch sizes it was a visible share of
+    the loop. A scrape may therefore lag the decisions by about that interval (longer while a loop
+    turn blocks).
     """
 
     def __init__(

@@ -30,6 +30,7 @@ class Decision(NamedTuple):
     the scope, in ``rule_names`` order) are kept as they came out of the batch; ``scores`` and
     ``rule_scores`` name them on demand (the embedded output, audits, drift). Building those two
     dicts for every record cost more than the rest of the decision; most records never need them.
+    Only the embedded output and ``classify`` read them.
     """
 
     action: str
@@ -137,7 +138,7 @@ class Router:
     """Scopes and their rules compiled against a model's labels; built once, then a pure function."""
 
     def __init__(self, routing: RoutingSettings, labels: Sequence[str]) -> None:
-        self._labels = list(labels)
+        self._labels = tuple(labels)  # shared by every Decision: immutable
         self._matcher = ScopeMatcher(routing.scopes)
         self._rules = {DEFAULT_SCOPE: self._compile(routing.rules, "FILTER_ROUTING__RULES", "routing.rules")}
         for i, scope in enumerate(routing.scopes):
@@ -152,7 +153,7 @@ class Router:
                 of_scope = f", scope '{scope}'" if scope else ""
                 raise ConfigError(
                     f"{variable} ({where}[{position}].labels{of_scope}): unknown label(s) {unknown}; "
-                    f"the model's labels are {self._labels}"
+                    f"the model's labels are {list(self._labels)}"
                 )
         return _Rules(
             names=tuple(rule_names(list(rules))),
