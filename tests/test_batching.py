@@ -3,6 +3,7 @@ from __future__ import annotations
 import random
 
 from filter_worker.pipeline.batching import BatchBuffer, choose_bucket, padded_tokens, plan_batches
+from tests.clock import ManualClock
 
 
 def test_batches_respect_size_and_token_budget_and_cover_every_index():
@@ -26,16 +27,8 @@ def test_a_row_longer_than_the_budget_gets_its_own_batch():
     assert plan_batches([5, 600, 5], max_size=8, max_tokens=100) == [[0, 2], [1]]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_buffer_is_due_on_count_tokens_or_wait():
-    clock = Clock()
+    clock = ManualClock()
     buf: BatchBuffer[str] = BatchBuffer(max_size=3, max_tokens=50, max_wait_s=0.0625, clock=clock)
     assert not buf.due() and buf.time_to_due() is None
     buf.add("a", 10)
@@ -53,7 +46,7 @@ def test_buffer_is_due_on_count_tokens_or_wait():
 
 
 def test_a_busy_model_is_handed_only_full_batches_an_idle_one_any_due_batch():
-    clock = Clock()
+    clock = ManualClock()
     buf: BatchBuffer[str] = BatchBuffer(max_size=3, max_tokens=50, max_wait_s=0.0625, clock=clock)
     assert not buf.ready(model_busy=False)  # empty
     buf.add("a", 10)
@@ -70,7 +63,7 @@ def test_a_busy_model_is_handed_only_full_batches_an_idle_one_any_due_batch():
 
 
 def test_take_keeps_overflow_with_its_original_age_and_discard_filters():
-    clock = Clock()
+    clock = ManualClock()
     buf: BatchBuffer[int] = BatchBuffer(max_size=2, max_tokens=10**6, max_wait_s=1.0, clock=clock)
     for i in range(5):
         buf.add(i, 1)
@@ -82,7 +75,7 @@ def test_take_keeps_overflow_with_its_original_age_and_discard_filters():
 
 
 def test_take_groups_similar_lengths_around_the_oldest_item():
-    clock = Clock()
+    clock = ManualClock()
     buf: BatchBuffer[str] = BatchBuffer(max_size=3, max_tokens=10**6, max_wait_s=1.0, clock=clock)
     for name, tokens in [("long-old", 200), ("s1", 10), ("l1", 190), ("s2", 11), ("l2", 210), ("s3", 12)]:
         buf.add(name, tokens)
@@ -93,7 +86,7 @@ def test_take_groups_similar_lengths_around_the_oldest_item():
 
 def test_every_item_is_taken_within_as_many_batches_as_were_buffered_ahead_of_it():
     rng = random.Random(5)
-    clock = Clock()
+    clock = ManualClock()
     buf: BatchBuffer[int] = BatchBuffer(max_size=4, max_tokens=10**6, max_wait_s=1.0, clock=clock)
     for i in range(40):
         buf.add(i, rng.choice([5, 6, 7, 300]))
@@ -114,7 +107,7 @@ def test_choose_bucket_minimises_padding_among_windows_holding_item_zero():
 
 
 def test_extract_removes_matching_items_and_their_tokens():
-    clock = Clock()
+    clock = ManualClock()
     buf: BatchBuffer[str] = BatchBuffer(max_size=10, max_tokens=25, max_wait_s=1.0, clock=clock)
     for name in ["a", "dup", "b", "dup"]:
         buf.add(name, 10)

@@ -25,6 +25,7 @@ from filter_worker.pipeline.drift import (
 )
 from filter_worker.pipeline.observe import FLUSH_INTERVAL_S, FLUSH_RECORDS, Observer
 from filter_worker.pipeline.routing import Router
+from tests.clock import ManualClock
 
 LABELS = ["bad", "good"]
 ALERT_THRESHOLD = 0.2  # deploy/prometheus/moderation-alerts.yml
@@ -206,17 +207,9 @@ def test_without_a_reference_there_is_no_drift_gauge():
     assert "filter_score_psi{" not in generate_latest(metrics.registry).decode()
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_histograms_take_held_rows_after_the_interval_when_caught_up_or_when_the_rules_change():
     metrics = Metrics()
-    clock = _Clock()
+    clock = ManualClock()
     observer = Observer(metrics, clock=clock)
     rules = RoutingSettings.model_validate({"rules": [{"action": "drop", "labels": ["bad"], "min_score": 0.99}]})
     router = Router(rules, LABELS)

@@ -1,17 +1,11 @@
 from __future__ import annotations
 
 from filter_worker.health import Health
-
-
-class Clock:
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import ManualClock
 
 
 def test_liveness_fails_when_the_loop_stops_turning():
-    clock = Clock()
+    clock = ManualClock(0.0)
     health = Health(liveness_window_s=5, clock=clock)
     clock.now = 5
     assert health.live()

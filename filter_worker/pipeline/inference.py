@@ -48,7 +48,7 @@ def infer_resilient(predict: Predict, rows: Sequence[Sequence[int]]) -> tuple[np
             half = len(indices) // 2
             todo += [indices[half:], indices[:half]]  # the first half runs first
             continue
-        if probs is None and len(indices) == len(rows):
+        if len(indices) == len(rows):
             return np.asarray(out, dtype=np.float32), errors  # the whole batch in one pass: the common case
         if probs is None:
             probs = np.full((len(rows), out.shape[1]), np.nan, dtype=np.float32)

@@ -28,9 +28,8 @@ class Decision(NamedTuple):
     ``score`` is the matched rule's summed probability, or the top label's probability when no rule
     matched. ``probabilities`` (one per label, in ``labels`` order) and ``rule_row`` (one per rule of
     the scope, in ``rule_names`` order) are kept as they came out of the batch; ``scores`` and
-    ``rule_scores`` name them on demand (the embedded output, audits, drift). Building those two
+    ``rule_scores`` name them on demand, for the embedded output and ``classify``. Building those two
     dicts for every record cost more than the rest of the decision; most records never need them.
-    Only the embedded output and ``classify`` read them.
     """
 
     action: str
@@ -50,8 +49,8 @@ class Decision(NamedTuple):
 
     @property
     def rule_scores(self) -> dict[str, float]:
-        """Every rule of the scope with its score (what drift and the score histograms watch: the
-        matched rule's score alone would hide how close the others came)."""
+        """Every rule of the scope with its score: the matched rule's score alone would hide how close
+        the others came."""
         return dict(zip(self.rule_names, self.rule_row, strict=True))
 
 
