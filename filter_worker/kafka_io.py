@@ -78,18 +78,29 @@ def headers_of(message: Message) -> Headers:
 
 
 def to_input_record(message: Message) -> InputRecord:
-    """A consumed record (never an error event: those carry no topic, partition or offset)."""
+    """A consumed record (never an error event: those carry no topic, partition or offset).
+
+    Kafka allows any bytes in a header name, but confluent-kafka hands names over as ``str`` and
+    raises ``UnicodeDecodeError`` for one that is not UTF-8. Left to propagate, that one record would
+    stop the worker on every restart; instead it comes back marked, for the dead-letter topic.
+    """
     topic, partition, offset = message.topic(), message.partition(), message.offset()
     assert topic is not None and partition is not None and offset is not None, "an error event, not a record"
     kind, timestamp = message.timestamp()
+    unreadable = None
+    try:
+        headers = headers_of(message)
+    except UnicodeDecodeError as exc:
+        headers, unreadable = [], f"a header name is not valid UTF-8 (byte {exc.start} of the name)"
     return InputRecord(
         topic=topic,
         partition=partition,
         offset=offset,
         key=message.key(),
         value=message.value(),
-        headers=headers_of(message),
+        headers=headers,
         timestamp_ms=None if kind == _TIMESTAMP_NOT_AVAILABLE else timestamp,
+        unreadable_headers=unreadable,
     )
 
 

@@ -11,8 +11,10 @@ from typing import Any, Literal, NamedTuple
 
 import orjson
 
-# Every ``DecodeFailure.error`` that ``decode`` returns (metrics initialise a counter for each).
+# Every ``DecodeFailure.error`` of a record that cannot be classified: what ``decode`` returns, and
+# ``invalid_header`` from intake (metrics initialise a counter for each).
 ERROR_CLASSES: tuple[str, ...] = (
+    "invalid_header",
     "empty_value",
     "invalid_utf8",
     "invalid_json",

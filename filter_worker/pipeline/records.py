@@ -30,6 +30,9 @@ class InputRecord(NamedTuple):
     value: bytes | None
     headers: Headers
     timestamp_ms: int | None
+    # Why the client could not hand over the headers (a header name that is not UTF-8), or None. Such
+    # a record is dead-lettered, without its headers: nothing can read them.
+    unreadable_headers: str | None = None
 
     @property
     def source(self) -> str:
@@ -87,8 +90,10 @@ def _decision_headers(action: str, label: str, rule: str, scope: str, model: str
 
 
 def _kept_headers(record: InputRecord) -> Headers:
-    # Earlier filter.* headers (a record filtered twice) are replaced, so each name appears once.
-    return [(k, v) for k, v in record.headers if not k.startswith(HEADER_PREFIX)] if record.headers else []
+    # Earlier filter.* headers (a record filtered twice, or a producer imitating a decision) are
+    # replaced, so each name appears once. In any case: Kafka header names are case-sensitive, but
+    # HTTP bridges and sink connectors turn them into HTTP headers, where FILTER.ACTION is filter.action.
+    return [(k, v) for k, v in record.headers if k[:7].lower() != HEADER_PREFIX] if record.headers else []
 
 
 def routed(
@@ -166,14 +171,28 @@ def fitted_dead_letter(record: InputRecord, failure: DecodeFailure, topic: str, 
     room = max_bytes - cut.size - _FRAMING_BYTES
     if room > 0:
         return OutputRecord(topic, record.key, (record.value or b"")[:room], cut.headers, record.timestamp_ms)
-    return omitted_dead_letter(record, failure, topic)
+    return omitted_dead_letter(record, failure, topic, max_bytes)
 
 
-def omitted_dead_letter(record: InputRecord, failure: DecodeFailure, topic: str) -> OutputRecord:
-    """The smallest dead letter: key, where it came from and why; no value, none of the record's headers."""
+def omitted_dead_letter(
+    record: InputRecord, failure: DecodeFailure, topic: str, max_bytes: int | None = None, keep_key: bool = True
+) -> OutputRecord:
+    """The smallest dead letter: where it came from and why; no value, none of the record's headers.
+
+    The key stays unless it alone is too large (more than ``max_bytes`` with the rest) or ``keep_key``
+    is false (it was refused with the key): the last form must fit whatever the record held, or the
+    partition stops behind it. Then ``filter.key`` is ``omitted`` and ``filter.original-key-size`` says
+    how large it was.
+    """
     original = len(record.value or b"")
     headers = _dead_letter_headers(record, failure) + [
         ("filter.original-size", str(original).encode()),
         ("filter.value", b"omitted"),
     ]
-    return OutputRecord(topic, record.key, None, headers, record.timestamp_ms)
+    key = record.key
+    if key is not None:
+        size = len(key) + sum(len(k) + len(v or b"") for k, v in headers) + _FRAMING_BYTES
+        if not keep_key or (max_bytes is not None and size > max_bytes):
+            headers += [("filter.key", b"omitted"), ("filter.original-key-size", str(len(key)).encode())]
+            key = None
+    return OutputRecord(topic, key, None, headers, record.timestamp_ms)
