@@ -56,8 +56,7 @@ def variable(field: str) -> str:
 
 def _redact(message: str, kafka: KafkaSettings) -> str:
     secrets = [v.get_secret_value() for field in _PASS_THROUGH for v in getattr(kafka, field).values()]
-    if kafka.sasl_password is not None:
-        secrets.append(kafka.sasl_password.get_secret_value())
+    secrets += kafka.secret_values()  # passwords, and where the private key lies
     for secret in sorted(secrets, key=len, reverse=True):
         if len(secret) >= _MIN_REDACTED_LENGTH:
             message = message.replace(secret, "***")
@@ -93,6 +92,8 @@ def _blame(
             if _refusal(client, build(kafka.model_copy(update={field: rest}))) is None:
                 return f"{variable(field)}: librdkafka refuses property {key!r} ({role} client): {reason}"
     used = [variable(field) for field in fields if getattr(kafka, field)]
+    if "SASL mechanism" in reason:  # GSSAPI, with a librdkafka built without Cyrus SASL (the PyPI wheels)
+        return f"FILTER_KAFKA__SASL_MECHANISM={kafka.sasl_mechanism}: librdkafka refuses it ({role} client): {reason}"
     if not used:
         return f"the Kafka {role} client configuration from the FILTER_KAFKA__* settings is refused: {reason}"
     return f"{' and '.join(used)}: librdkafka refuses the {role} client configuration: {reason}"

@@ -33,11 +33,14 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from filter_worker import redaction, tls
+
 ENV_PREFIX = "FILTER_"
 DEFAULT_MODEL = "tabularisai/multilingual-sentiment-analysis"
 
 # librdkafka properties whose values are secrets: never logged, never echoed in errors.
-_SECRET_PROPERTY = re.compile(r"(password|secret|token|private\.key|\.pem$|jaas)", re.IGNORECASE)
+# ssl.key.location and ssl.keystore.location too: where a private key lies is itself kept quiet.
+_SECRET_PROPERTY = re.compile(r"(password|secret|token|private\.key|\.pem$|jaas|ssl\.key\.|keystore)", re.IGNORECASE)
 
 
 class ConfigError(Exception):
@@ -67,6 +70,49 @@ def _topic_name(value: str) -> str:
 
 Topic = Annotated[str, AfterValidator(_topic_name)]
 
+
+def _secret_from_file(value: Any) -> Any:
+    # Kubernetes and Docker hand secrets to containers as files. The file's content is the secret,
+    # less one trailing newline (what `echo secret > file` and most secret editors leave there).
+    # Messages never name the file: the variable says which one, and its path says where a secret lies.
+    if value is None or isinstance(value, SecretStr):
+        return value
+    if not str(value).strip():
+        raise ValueError("must not be empty")
+    try:
+        text = Path(str(value)).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError("the file does not exist") from None
+    except UnicodeDecodeError:
+        raise ValueError("the file is not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"the file cannot be read ({exc.strerror})") from None
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if not secret:
+        raise ValueError("the file is empty")
+    return SecretStr(secret)
+
+
+SecretFile = Annotated[SecretStr, BeforeValidator(_secret_from_file)]
+
+
+def _path_given(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _existing_file(path: Path) -> Path:
+    # Only the fact, never the path: this type is also used for the private key's location.
+    if not path.exists():
+        raise ValueError("no such file")
+    if not path.is_file():
+        raise ValueError("not a file")
+    return path
+
+
+ExistingFile = Annotated[Path, BeforeValidator(_path_given), AfterValidator(_existing_file)]
+
 # SASL mechanisms that authenticate with a user name and password; GSSAPI (Kerberos) and OAUTHBEARER
 # take their credentials from elsewhere (a keytab, a token provider).
 _PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -93,6 +139,18 @@ class KafkaSettings(_Section):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
     sasl_username: Text | None = None
     sasl_password: SecretStr | None = None
+    # TLS (security protocol SSL or SASL_SSL), PEM files. Dedicated settings rather than ssl.* properties
+    # passed through, because these are checked at start-up: each file exists and parses, the key opens
+    # and belongs to the certificate. Without a CA, librdkafka trusts the system's CA store. A client
+    # certificate and key are for brokers that require mutual TLS.
+    ssl_ca_location: ExistingFile | None = None
+    ssl_certificate_location: ExistingFile | None = None
+    ssl_key_location: ExistingFile | None = None
+    ssl_key_password: SecretStr | None = None
+    # The same secrets read from files (mounted Kubernetes or Docker secrets); each stands for its
+    # variable without _FILE, and setting both is an error.
+    sasl_password_file: SecretFile | None = None
+    ssl_key_password_file: SecretFile | None = None
     # Kafka transactions: outputs and consumed offsets commit atomically, so read_committed consumers
     # of the output topics see every input exactly once, crashes included.
     exactly_once: bool = False
@@ -107,7 +165,7 @@ class KafkaSettings(_Section):
     consumer_properties: dict[str, SecretStr] = Field(default_factory=dict)
     producer_properties: dict[str, SecretStr] = Field(default_factory=dict)
 
-    @field_validator("sasl_password")
+    @field_validator("sasl_password", "ssl_key_password")
     @classmethod
     def _password(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value():
@@ -120,6 +178,66 @@ class KafkaSettings(_Section):
         if isinstance(value, dict):
             return {str(k): v if isinstance(v, SecretStr) else str(v) for k, v in value.items()}
         return value
+
+    # Before every check that reads the passwords: a secret from a file counts as set.
+    @model_validator(mode="after")
+    def _secret_files(self) -> KafkaSettings:
+        for name in ("sasl_password", "ssl_key_password"):
+            from_file = getattr(self, f"{name}_file")
+            if from_file is None:
+                continue
+            if getattr(self, name) is not None:
+                variable = f"FILTER_KAFKA__{name.upper()}"
+                raise ValueError(f"set {variable} or {variable}_FILE, not both")
+            setattr(self, name, from_file)
+        return self
+
+    def _tls_settings(self) -> dict[str, tuple[str, Path | SecretStr | None]]:
+        """Each dedicated TLS setting: its librdkafka property -> (its variable, its value)."""
+        return {
+            "ssl.ca.location": ("FILTER_KAFKA__SSL_CA_LOCATION", self.ssl_ca_location),
+            "ssl.certificate.location": ("FILTER_KAFKA__SSL_CERTIFICATE_LOCATION", self.ssl_certificate_location),
+            "ssl.key.location": ("FILTER_KAFKA__SSL_KEY_LOCATION", self.ssl_key_location),
+            "ssl.key.password": ("FILTER_KAFKA__SSL_KEY_PASSWORD", self.ssl_key_password),
+        }
+
+    @model_validator(mode="after")
+    def _tls(self) -> KafkaSettings:
+        settings = self._tls_settings()
+        given = [variable for variable, value in settings.values() if value is not None]
+        if given and not self.security_protocol.endswith("SSL"):  # TLS files that would silently not be used
+            raise ValueError(
+                f"{given[0]} is set, but FILTER_KAFKA__SECURITY_PROTOCOL is {self.security_protocol}, which does not "
+                "use TLS: set it to SSL or SASL_SSL"
+            )
+        for field in ("properties", "consumer_properties", "producer_properties"):
+            for key, (variable, value) in settings.items():
+                if value is not None and key in getattr(self, field):
+                    raise ValueError(f"{variable} and {key!r} in FILTER_KAFKA__{field.upper()} both set it: keep one")
+        problem = self._tls_files_problem()
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def _tls_files_problem(self) -> str | None:
+        """What is wrong with the TLS files: a certificate without its key, files that do not parse."""
+        cert, key = self.ssl_certificate_location, self.ssl_key_location
+        if (cert is None) != (key is None):
+            missing = "FILTER_KAFKA__SSL_KEY_LOCATION" if key is None else "FILTER_KAFKA__SSL_CERTIFICATE_LOCATION"
+            return f"mutual TLS needs both FILTER_KAFKA__SSL_CERTIFICATE_LOCATION and its key: {missing} is missing"
+        if self.ssl_key_password is not None and key is None:
+            return "FILTER_KAFKA__SSL_KEY_PASSWORD is set without FILTER_KAFKA__SSL_KEY_LOCATION"
+        for variable, path in (
+            ("FILTER_KAFKA__SSL_CA_LOCATION", self.ssl_ca_location),
+            ("FILTER_KAFKA__SSL_CERTIFICATE_LOCATION", cert),
+        ):
+            problem = tls.certificates_problem(path) if path is not None else None
+            if problem:
+                return f"{variable}: {problem}"
+        if cert is None or key is None:
+            return None
+        password = self.ssl_key_password.get_secret_value() if self.ssl_key_password else None
+        return tls.key_problem(cert, key, password)
 
     # Errors of these validators concern several variables, so their messages name them all.
     @model_validator(mode="after")
@@ -166,12 +284,24 @@ class KafkaSettings(_Section):
             props["sasl.username"] = self.sasl_username
         if self.sasl_password is not None:
             props["sasl.password"] = self.sasl_password.get_secret_value()
+        for key, (_, value) in self._tls_settings().items():
+            if value is not None:
+                props[key] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
         props.update({k: v.get_secret_value() for k, v in self.properties.items()})
         return props
 
     def redacted_properties(self) -> dict[str, str]:
         """The same properties, safe to log: secret values replaced."""
         return {k: ("***" if _SECRET_PROPERTY.search(k) else v) for k, v in self.client_properties().items()}
+
+    def secret_values(self) -> list[str]:
+        """What no log line or message may show: every value ``redacted_properties`` hides, of every client."""
+        every = {
+            **self.client_properties(),
+            **{k: v.get_secret_value() for k, v in self.consumer_properties.items()},
+            **{k: v.get_secret_value() for k, v in self.producer_properties.items()},
+        }
+        return [value for key, value in every.items() if _SECRET_PROPERTY.search(key)]
 
 
 def _split_topics(value: Any) -> Any:
@@ -563,6 +693,8 @@ def _bad_json_variables() -> list[str]:
             json.loads(value)
         except ValueError:
             bad.append(f"{key} is not valid JSON (it must be a JSON {kind})")
+        except RecursionError:
+            bad.append(f"{key} nests lists or objects too deeply")
     return sorted(bad)
 
 
@@ -592,7 +724,9 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         model_config = SettingsConfigDict(toml_file=config_file)
 
     try:
-        return _FileSettings(**overrides)
+        settings = _FileSettings(**overrides)
+        redaction.register(settings.kafka.secret_values())  # before anything can log them
+        return settings
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
     except SettingsError as exc:
@@ -602,3 +736,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         raise ConfigError(f"invalid configuration: {exc}") from None
     except ValueError as exc:  # malformed TOML
         raise ConfigError(f"invalid configuration in {config_file}: {exc}") from None
+    except RecursionError:  # Python's TOML and JSON parsers recurse per level of nesting
+        bad = _bad_json_variables()
+        where = "; ".join(bad) if bad else f"{config_file} nests tables or arrays too deeply"
+        raise ConfigError(f"invalid configuration: {where}") from None

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
 
 import structlog
 
+from filter_worker import redaction
 from filter_worker.config import LogSettings
+
+# What librdkafka appends to a line and changes at every repeat: "(after 3ms in state CONNECT)",
+# ", 4 identical error(s) suppressed". Left in the key, every repeat was a new line: a name that does
+# not resolve is retried hundreds of times a second, and each retry got through.
+_TIMING = re.compile(r" \(after \d+ms in state \w+(?:, \d+ identical error\(s\) suppressed)?\)")
 
 
 def configure(settings: LogSettings) -> None:
@@ -23,6 +30,7 @@ def configure(settings: LogSettings) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redaction.redact_event,  # last before rendering: whatever was added, nothing secret leaves
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, settings.level)),
@@ -54,7 +62,7 @@ class _LibrdkafkaHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         args = record.args if isinstance(record.args, tuple) and len(record.args) == 3 else None
         facility, client, text = (str(a) for a in args) if args else ("", "", record.getMessage())
-        key = f"{facility} {text}"
+        key = f"{facility} {_TIMING.sub('', text)}"
         now = self._clock()
         if now - self._last.get(key, -self._interval_s) < self._interval_s:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1

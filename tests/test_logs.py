@@ -31,3 +31,21 @@ def test_repeats_within_the_interval_are_counted_not_logged():
         (refused, 19, "warning"),
     ]
     assert logs[0]["facility"] == "FAIL" and logs[0]["client"] == "rdkafka#consumer-1"
+
+
+def test_lines_that_differ_only_in_librdkafkas_timing_suffix_are_one_line():
+    # A typo'd broker name: librdkafka retried the name hundreds of times a second, each line ending in
+    # its own "(after Nms in state ...)", and every one of them got through as a distinct line.
+    now = [0.0]
+    handler = _LibrdkafkaHandler(interval_s=30.0, clock=lambda: now[0])
+    cause = "locahost:9092/bootstrap: Failed to resolve 'locahost:9092': Name or service not known"
+    suffixes = [
+        "(after 0ms in state CONNECT)",
+        "(after 3ms in state CONNECT)",
+        "(after 1ms in state CONNECT, 4 identical error(s) suppressed)",
+    ]
+    with capture_logs() as logs:
+        for i in range(300):
+            handler.emit(_record(f"[thrd:locahost:9092/bootstrap]: {cause} {suffixes[i % 3]}"))
+            now[0] += 0.002
+    assert len(logs) == 1 and cause in logs[0]["message"]

@@ -17,6 +17,7 @@ from filter_worker.config import ConfigError
 from filter_worker.exit_codes import ExitCode
 from filter_worker.lockfile import LockError
 from filter_worker.model import ModelLoadError
+from filter_worker.redaction import redact
 from filter_worker.tools.broker import BrokerError
 
 # In the order ``--help`` lists them.
@@ -48,16 +49,18 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    # Messages are built to leave secrets out; redact() is the last line of defence for ones that
+    # quote a client's error.
     try:
         return handler(args)
     except ConfigError as exc:
-        print(f"filter-worker: {exc}", file=sys.stderr)
+        print(f"filter-worker: {redact(str(exc))}", file=sys.stderr)
         return ExitCode.CONFIG
     except (ModelLoadError, LockError) as exc:
-        print(f"filter-worker: {exc}", file=sys.stderr)
+        print(f"filter-worker: {redact(str(exc))}", file=sys.stderr)
         return ExitCode.MODEL
     except BrokerError as exc:  # the embedded broker (demo, bench, broker) could not start
-        print(f"filter-worker: {exc}", file=sys.stderr)
+        print(f"filter-worker: {redact(str(exc))}", file=sys.stderr)
         return ExitCode.FAILED
 
 

@@ -10,12 +10,12 @@ counts it; the action rates show what the routing rules would do with the same r
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 from filter_worker.config import DEFAULT_SCOPE, ConfigError, RoutingSettings
 from filter_worker.pipeline.routing import ACTIONS, Router, ScopeMatcher
@@ -36,8 +36,8 @@ def parse_label_map(text: str | None) -> dict[str, str]:
     if not text:
         return {}
     try:
-        mapping = json.loads(text)
-    except ValueError:
+        mapping = orjson.loads(text)
+    except orjson.JSONDecodeError:
         mapping = None
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
         raise ConfigError('--label-map must be a JSON object of data label to model label, e.g. \'{"spam": "toxic"}\'')
@@ -53,24 +53,54 @@ def _rows(path: Path) -> list[tuple[int, dict[str, object]]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            with path.open(encoding="utf-8-sig", newline="") as f:
-                return [(n + 2, _nested(dict(row))) for n, row in enumerate(csv.DictReader(f))]
+            return _csv_rows(path)
         if suffix in (".jsonl", ".ndjson"):
-            rows = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    raise ConfigError(f"{path} line {n}: not valid JSON") from None
-                if not isinstance(row, dict):
-                    raise ConfigError(f"{path} line {n}: not a JSON object")
-                rows.append((n, row))
-            return rows
+            return _jsonl_rows(path)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     raise ConfigError(f"{path}: the data must be a .csv file with a header line or a .jsonl file")
+
+
+# Texts far longer than the model reads are still data (the model cuts them): the csv module's
+# default field limit (128 KiB) would refuse them. The limit is process-wide; this only raises it.
+_CSV_FIELD_LIMIT = 64 * 1024 * 1024
+_EXTRA = object()  # the key DictReader files surplus fields under
+
+
+def _csv_rows(path: Path) -> list[tuple[int, dict[str, object]]]:
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
+    rows = []
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, restkey=_EXTRA)  # type: ignore[call-overload]  # any hashable restkey works
+        try:
+            for row in reader:
+                extra = row.pop(_EXTRA, None)
+                if extra is not None:
+                    header = reader.fieldnames or []
+                    raise ConfigError(
+                        f"{path} line {reader.line_num}: {len(header) + len(extra)} fields, but the header names "
+                        f"{len(header)} ({', '.join(header)}); a comma in an unquoted field? Quote fields that hold "
+                        "commas"
+                    )
+                rows.append((reader.line_num, _nested(row)))
+        except csv.Error as exc:
+            raise ConfigError(f"{path} line {reader.line_num}: not valid CSV ({exc})") from None
+    return rows
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, dict[str, object]]]:
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:  # orjson: nesting is limited (json.loads recursed until Python's stack ran out), lone surrogates refused
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise ConfigError(f"{path} line {n}: not valid JSON") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path} line {n}: not a JSON object")
+        rows.append((n, row))
+    return rows
 
 
 def _nested(row: dict[str, object]) -> dict[str, object]:
