@@ -47,10 +47,11 @@ class ConfigError(Exception):
     """A setting is wrong; the message names it. Start-up stops with exit code 2."""
 
 
-def _not_blank(value: str) -> str:
+def _not_blank(value: Any) -> Any:
     # An empty value is always a mistake (often an unset variable interpolated by compose or a shell),
     # and some are dangerous: an empty model name would load whatever is in the working directory.
-    if not value.strip():
+    # Also run before type checks (a path): a TOML bool or number is left for them to refuse.
+    if isinstance(value, str) and not value.strip():
         raise ValueError("must not be empty")
     return value
 

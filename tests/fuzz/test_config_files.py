@@ -102,3 +102,14 @@ def test_a_json_variable_nested_too_deeply_is_named(monkeypatch):
     monkeypatch.setenv("FILTER_ROUTING__RULES", "[" * 100_000)
     with pytest.raises(ConfigError, match="FILTER_ROUTING__RULES nests lists or objects too deeply"):
         load_settings()
+
+
+@pytest.mark.parametrize("value", ["true", "3", "1.5", "[1, 2]", "{a = 1}", '""'])
+def test_every_setting_given_each_toml_type_loads_or_stops_with_one_sentence(tmp_path, value):
+    # Found by the search above: `[drift] reference = false` crashed with AttributeError ('bool' object has
+    # no attribute 'strip'); a value of any TOML type, in any setting, is at worst a configuration error.
+    path = tmp_path / "types.toml"
+    for section, fields in SECTIONS.items():
+        for field in fields:
+            path.write_text(f"[{section}]\n{field} = {value}\n")
+            _load(path.read_bytes())
