@@ -10,6 +10,7 @@ operators need them to find the wrong file.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 
@@ -48,4 +49,25 @@ def key_problem(certificate: Path, key: Path, password: str | None) -> str | Non
         return f"{_KEY}: the file holds no PEM private key that opens {given}"
     except OSError as exc:
         return f"{_KEY}: the file cannot be read ({exc.strerror})"
+    return None
+
+
+def broker_certificate_problem(address: str, ca: Path | None, timeout_s: float = 5.0) -> str | None:
+    """OpenSSL's reason the certificate at ``address`` (``host:port``) fails verification, or None.
+
+    librdkafka reports every failure as "certificate verify failed"; the operator needs to know which
+    one: an unknown CA, another host name, an expired certificate. A handshake of our own, with the
+    same CA (or the system's store) and the same host name check, tells. None when it cannot (the
+    broker went away, the address does not parse, the handshake fails for another reason).
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+            context.wrap_socket(sock, server_hostname=host).close()
+    except ssl.SSLCertVerificationError as exc:
+        return str(exc.verify_message)
+    except (OSError, ValueError):
+        return None
     return None
