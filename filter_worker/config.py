@@ -559,6 +559,11 @@ class MetricsSettings(_Section):
     port: int = Field(9100, ge=0, le=65535)  # 0 picks a free port (tests)
 
 
+# Fewest verdicts a precision window may hold: the precision alerts need 30 in a window, and below
+# about 50 a window's confidence interval is too wide to tell a failing rule from a sound one.
+MIN_FEEDBACK_WINDOW = 50
+
+
 class FeedbackSettings(_Section):
     """``filter-worker feedback``: reviewers' verdicts in, precision per scope, rule and model out."""
 
@@ -566,7 +571,18 @@ class FeedbackSettings(_Section):
     # Default "<FILTER_KAFKA__GROUP_ID>-feedback": its own group, so it never takes the worker's partitions.
     group_id: Text | None = None
     # Verdicts per (scope, rule, action, model) that the precision is taken over: the most recent ones.
-    window: int = Field(200, ge=1)
+    window: int = Field(200, ge=MIN_FEEDBACK_WINDOW)
+    # Verdicts on randomly drawn records (FILTER_REVIEW__*) per (scope, model) that recall and
+    # prevalence are estimated from: abuse is rare among allowed records, so many more are needed.
+    sample_window: int = Field(5000, ge=100)
+    # The filter.model values whose verdicts count, each a metric label: a full identity
+    # ("name@revision#sha256:..."), or a model name matching every identity of that name. Empty: the
+    # name in FILTER_MODEL__NAME. Verdicts on other models are skipped (unknown_model), so a review
+    # tool cannot invent label values.
+    models: list[Text] = Field(default_factory=list)
+    # A model with no verdict for this long is forgotten, its series with it (a rolled-back or replaced
+    # model). Verdicts on older decisions keep arriving for a while after a rollout: days, not minutes.
+    model_idle_s: float = Field(2 * 24 * 3600.0, gt=0)
     # Verdicts per partition read again at start-up to refill the windows (the window lives in memory;
     # without this a restart would empty every precision gauge until reviewers catch up). 0: none.
     replay: int = Field(10_000, ge=0)
@@ -576,12 +592,48 @@ class FeedbackSettings(_Section):
         return self.group_id or f"{kafka.group_id}-feedback"
 
 
+# Below these sizes the drift index is mostly noise: with 100-record windows it crossed the 0.2 alert
+# line in about 45 % of windows without any drift (docs/moderation.md, "Score drift").
+MIN_DRIFT_WINDOW = 500
+MIN_DRIFT_REFERENCE = 1000
+
+
 class DriftSettings(_Section):
     """Score drift against a reference written by ``filter-worker drift snapshot``."""
 
     reference: Annotated[Path, BeforeValidator(_not_blank)] | None = None
     # Records per scope the live distribution is taken over; the index appears once the window is full.
-    window: int = Field(1000, ge=100)
+    window: int = Field(1000, ge=MIN_DRIFT_WINDOW)
+    # A scope without a record for this long loses its index and take rates (it went quiet or was
+    # removed): an index on traffic that stopped describes nothing that is happening.
+    expire_s: float = Field(900.0, gt=0)
+
+
+class ReviewSettings(_Section):
+    """Random review sampling: decided records drawn with a known probability and published for review.
+
+    Off while both rates are 0. See ``pipeline/sampling.py`` and docs/moderation.md.
+    """
+
+    topic: Topic = "messages.review"
+    # Every decided record (allowed, quarantined, dropped) is drawn with this probability.
+    rate: float = Field(0.0, ge=0.0, le=1.0)
+    # An allowed record whose score for some rule of its scope is less than near_margin below that
+    # rule's min_score is drawn with this probability instead (at least rate).
+    near_rate: float = Field(0.0, ge=0.0, le=1.0)
+    near_margin: float = Field(0.1, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _near_at_least_uniform(self) -> ReviewSettings:
+        if 0.0 < self.near_rate < self.rate:
+            raise ValueError(
+                f"FILTER_REVIEW__NEAR_RATE ({self.near_rate}) must be 0 or at least FILTER_REVIEW__RATE ({self.rate})"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0.0 or self.near_rate > 0.0
 
 
 class HealthSettings(_Section):
@@ -610,6 +662,7 @@ class Settings(BaseSettings):
     health: HealthSettings = Field(default_factory=HealthSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
     shutdown_timeout_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
@@ -628,6 +681,8 @@ class Settings(BaseSettings):
     def _feedback_apart(self) -> Settings:
         if self.feedback.topic in {*self.topics.input, *self.topics.outputs().values()}:
             raise ValueError("FILTER_FEEDBACK__TOPIC must not be an input or output topic of the worker")
+        if self.review.topic in {*self.topics.input, *self.topics.outputs().values(), self.feedback.topic}:
+            raise ValueError("FILTER_REVIEW__TOPIC must not be an input or output topic, nor FILTER_FEEDBACK__TOPIC")
         return self
 
     @classmethod

@@ -1,15 +1,16 @@
-"""Reviewers' verdicts become live precision: ``filter-worker feedback`` and the verdict format.
+"""``filter-worker feedback``: reviewers' verdicts become live precision, recall and prevalence.
 
-A verdict is a record on ``FILTER_FEEDBACK__TOPIC`` whose value is JSON
-``{"source": "<topic/partition/offset>", "verdict": "abuse" | "ok", "reviewer": "..."}`` and whose
-headers are the decision headers the reviewed record carried (``filter.action``, ``filter.rule``,
-``filter.scope``, ``filter.score``, ``filter.model``, copied unchanged). Everything needed travels in
-the record, so the service keeps no state but its windows and joins nothing.
+The verdict format is ``verdicts.py``'s. Per (scope, rule, action, model) the service keeps the last
+``FILTER_FEEDBACK__WINDOW`` verdicts on quarantine and drop decisions, keyed by source (a repeated or
+revised verdict replaces the earlier one), and exports their share of "abuse" as the rule's precision,
+with its Clopper–Pearson interval: the alerts page on the interval, not on the point estimate. Verdicts
+on randomly drawn records (``FILTER_REVIEW__*``) go, per (scope, model), into a second window that
+gives prevalence and each rule's recall by inverse-probability weighting (``feedback_windows.py``).
 
-Per (scope, rule, action, model) it keeps the last ``FILTER_FEEDBACK__WINDOW`` verdicts on quarantine
-and drop decisions, keyed by source (a repeated or revised verdict replaces the earlier one), and
-exports their share of "abuse" as the rule's precision. Labels stay bounded: scopes and rules must be
-in the routing configuration, actions are two, and at most ``MAX_MODELS`` models are tracked at once.
+Series mean what they say or go: only configured scopes, named rules and configured models become
+labels; a rule removed or renamed by a reload loses its series; a raised ``min_score`` keeps only the
+verdicts the rule would still take (a lowered one empties the window); a model without verdicts for
+``FILTER_FEEDBACK__MODEL_IDLE_S`` is forgotten.
 
 Restarts: the windows live in memory. Offsets are committed only after a verdict is counted
 (at-least-once), and at start-up each partition is read again from up to ``FILTER_FEEDBACK__REPLAY``
@@ -21,261 +22,91 @@ window split across replicas would give each a partial view.
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 import time
-import uuid
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import NamedTuple
+from collections.abc import Callable
 
-import orjson
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import Gauge
+from prometheus_client.metrics import MetricWrapperBase
 
 from filter_worker import kafka_io
-from filter_worker.config import ConfigError, KafkaSettings, RoutingSettings, Settings, rule_names
+from filter_worker.config import DEFAULT_SCOPE, ConfigError, RoutingSettings, Settings
 from filter_worker.exit_codes import ExitCode
+from filter_worker.feedback_windows import (
+    MAX_MODELS,
+    Estimate,
+    Key,
+    ModelRoster,
+    PrecisionWindows,
+    RuleOrder,
+    SampleWindows,
+)
 from filter_worker.health import Health, HealthServer
-from filter_worker.kafka_io import headers_of, to_input_record
+from filter_worker.kafka_io import to_input_record
 from filter_worker.logs import get_logger, librdkafka_logger
 from filter_worker.metrics import FeedbackMetrics
-from filter_worker.pipeline.routing import scope_rules
+from filter_worker.pipeline.records import InputRecord
+from filter_worker.pipeline.routing import DEFAULT_RULE, scope_rules
+from filter_worker.verdicts import INVALID_REASONS, MODERATED, VERDICTS, Invalid, Verdict, parse_verdict
 
 log = get_logger("filter_worker.feedback")
 
-VERDICTS = ("abuse", "ok")
-MODERATED = ("quarantine", "drop")  # the decisions reviewers judge; allowed records are never held for review
-DECISION_HEADERS = ("filter.action", "filter.rule", "filter.scope", "filter.score", "filter.model")
-INVALID_REASONS = (
-    "not_json",  # the value is not JSON
-    "bad_verdict",  # not an object, or verdict not "abuse"/"ok", or reviewer not a string
-    "bad_source",  # source is not topic/partition/offset
-    "missing_header",  # a decision header is absent
-    "bad_header",  # a decision header is not UTF-8, the score not a probability, an unknown action or model form
-    "not_moderated",  # the decision was allow or dead_letter: there is no quarantine/drop to judge
-    "unknown_scope",  # filter.scope is not a scope of the routing configuration
-    "unknown_rule",  # filter.rule is not a rule of that scope
-)
-# A deploy rolls one model at a time; a few cover a rollout, a rollback and verdicts still arriving on
-# older decisions. A new model beyond this drops the one that had no verdict for longest.
-MAX_MODELS = 4
-_SOURCE = re.compile(r"[A-Za-z0-9._-]{1,249}/\d+/\d+")
-_MODEL = re.compile(r"\S{1,256}")
 _METADATA_TIMEOUT_S = 2.0
 _WAITING_LOG_INTERVAL_S = 10.0
 _POLL_S = 0.1
 _PROBE_INTERVAL_S = 2.0
 
 
-Headers = list[tuple[str, bytes | None]]
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """A reviewer's judgement of one decision (the reviewer's name is checked, not kept: it is no label)."""
-
-    source: str
-    abuse: bool
-    action: str
-    rule: str
-    scope: str
-    score: float
-    model: str
-
-
-@dataclass(frozen=True, slots=True)
-class Invalid:
-    """Why a verdict record was skipped: ``reason`` is one of ``INVALID_REASONS``, ``detail`` for people."""
-
-    reason: str
-    detail: str
-
-
-def parse_verdict(headers: Sequence[tuple[str, bytes | None]], value: bytes | None) -> Verdict | Invalid:
-    """A verdict record -> ``Verdict``, or ``Invalid`` saying why not. Never raises: a bad record is data."""
-    try:
-        body = orjson.loads(value or b"")
-    except orjson.JSONDecodeError:
-        return Invalid("not_json", "the value is not JSON")
-    if not isinstance(body, dict):
-        return Invalid("bad_verdict", f"the value is JSON {type(body).__name__}, not an object")
-    verdict, reviewer, source = body.get("verdict"), body.get("reviewer"), body.get("source")
-    if verdict not in VERDICTS:
-        return Invalid("bad_verdict", f"verdict must be one of {list(VERDICTS)}")
-    if reviewer is not None and not isinstance(reviewer, str):
-        return Invalid("bad_verdict", "reviewer must be a string")
-    if not isinstance(source, str) or not _SOURCE.fullmatch(source):
-        return Invalid("bad_source", "source must be topic/partition/offset, as in the filter.source header")
-    found: dict[str, bytes | None] = {}
-    for key, raw in headers:
-        if key in DECISION_HEADERS:
-            found[key] = raw  # the last one counts, as in routing
-    missing = [name for name in DECISION_HEADERS if found.get(name) is None]
-    if missing:
-        return Invalid("missing_header", f"missing decision header(s) {missing}")
-    try:
-        action, rule, scope, score_text, model = (found[name].decode() for name in DECISION_HEADERS)  # type: ignore[union-attr]
-    except UnicodeDecodeError:
-        return Invalid("bad_header", "a decision header is not UTF-8")
-    try:
-        score = float(score_text)
-    except ValueError:
-        score = float("nan")
-    if not 0.0 <= score <= 1.0:
-        return Invalid("bad_header", "filter.score is not a number from 0 to 1")
-    if action in ("allow", "dead_letter"):
-        return Invalid("not_moderated", f"the decision was {action}; only quarantine and drop are judged")
-    if action not in MODERATED:
-        return Invalid("bad_header", "filter.action is not an action")
-    if not _MODEL.fullmatch(model):
-        return Invalid("bad_header", "filter.model is empty, too long or has spaces")
-    return Verdict(source, verdict == "abuse", action, rule, scope, score, model)
-
-
 class RuleIndex:
-    """The scopes and rules of the routing configuration: only they may become metric labels."""
+    """The scopes and rules of the routing configuration: only they may become metric labels.
+
+    Every rule must be named. An unnamed rule is called ``rules[N]`` by its place, so reordering the
+    rules would hand one rule's verdicts (and its precision) to another.
+    """
 
     def __init__(self, routing: RoutingSettings) -> None:
-        self._rules = {scope: set(rule_names(rules)) for scope, rules in scope_rules(routing).items()}
+        self._rules: dict[str, list[RuleOrder]] = {}
+        for scope, rules in scope_rules(routing).items():
+            for position, rule in enumerate(rules):
+                if rule.name is None:
+                    where = "FILTER_ROUTING__RULES" if scope == DEFAULT_SCOPE else f"FILTER_ROUTING__SCOPES ({scope})"
+                    raise ConfigError(
+                        f"{where}: rule rules[{position}] has no name; filter-worker feedback keys each rule's "
+                        "verdicts by name, and a name taken from the rule's place would mix two rules' verdicts "
+                        "when the rules are reordered"
+                    )
+            self._rules[scope] = [RuleOrder(rule.name or "", rule.action, rule.min_score) for rule in rules]
+
+    def rules(self, scope: str) -> list[RuleOrder] | None:
+        """The scope's rules in routing order, or None for a scope that is not configured."""
+        return self._rules.get(scope)
+
+    def min_score(self, scope: str, rule: str) -> float | None:
+        """The rule's threshold in force, or None when the scope has no such rule."""
+        for candidate in self._rules.get(scope, ()):
+            if candidate.name == rule:
+                return candidate.min_score
+        return None
 
     def check(self, verdict: Verdict) -> Invalid | None:
         rules = self._rules.get(verdict.scope)
         if rules is None:
             return Invalid("unknown_scope", f"scope {verdict.scope!r} is not in FILTER_ROUTING__SCOPES")
-        if verdict.rule not in rules:
+        allowed = verdict.action == "allow" and verdict.rule == DEFAULT_RULE  # a drawn record no rule took
+        if not allowed and self.min_score(verdict.scope, verdict.rule) is None:
             return Invalid("unknown_rule", f"rule {verdict.rule!r} is not a rule of scope {verdict.scope!r}")
         return None
 
-
-class Key(NamedTuple):
-    """One precision series; the field order is the metrics' label order."""
-
-    scope: str
-    rule: str
-    action: str
-    model: str
-
-
-class PrecisionWindows:
-    """The last ``size`` verdicts per key, one per source; at most ``max_models`` models at a time."""
-
-    def __init__(self, size: int, max_models: int = MAX_MODELS) -> None:
-        self._size = size
-        self._max_models = max_models
-        self._windows: dict[Key, OrderedDict[str, bool]] = {}
-        self._models: OrderedDict[str, None] = OrderedDict()  # least recently judged first
-
-    def add(self, key: Key, source: str, abuse: bool) -> list[Key]:
-        """Record a verdict; returns the keys dropped to make room for a new model (their series go too)."""
-        window = self._windows.setdefault(key, OrderedDict())
-        window.pop(source, None)  # a repeat (re-read after a crash) or a revised verdict replaces the earlier one
-        window[source] = abuse
-        if len(window) > self._size:
-            window.popitem(last=False)
-        self._models[key.model] = None
-        self._models.move_to_end(key.model)
-        dropped: list[Key] = []
-        while len(self._models) > self._max_models:
-            model, _ = self._models.popitem(last=False)
-            dropped += [k for k in self._windows if k.model == model]
-        for k in dropped:
-            del self._windows[k]
-        return dropped
-
-    def stats(self, key: Key) -> tuple[int, int]:
-        """(abuse verdicts, verdicts) in the key's window."""
-        window = self._windows.get(key, OrderedDict())
-        return sum(window.values()), len(window)
-
-
-# ---- reading verdicts for calibration ----
-
-
-def read_verdicts(source: str, kafka: KafkaSettings) -> tuple[list[Verdict], Counter[str]]:
-    """Every verdict in a JSON-lines export (an existing file) or a topic read from its beginning, and
-    the skipped records per reason."""
-    path = Path(source)
-    records = _jsonl_records(path) if path.is_file() else _topic_records(source, kafka)
-    verdicts: list[Verdict] = []
-    skipped: Counter[str] = Counter()
-    for headers, value in records:
-        outcome = parse_verdict(headers, value)
-        if isinstance(outcome, Invalid):
-            skipped[outcome.reason] += 1
-        else:
-            verdicts.append(outcome)
-    return verdicts, skipped
-
-
-def _jsonl_records(path: Path) -> list[tuple[Headers, bytes]]:
-    """``{"headers": {"filter.action": "drop", ...}, "value": {"source": ..., "verdict": ...}}`` per line."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ConfigError(f"--from-feedback {path}: not UTF-8 text") from None
-    records = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            raise ConfigError(f"--from-feedback {path} line {n}: not valid JSON") from None
-        if not isinstance(row, dict) or not isinstance(row.get("headers"), dict) or "value" not in row:
-            raise ConfigError(f"--from-feedback {path} line {n}: expected an object with 'headers' and 'value'")
-        headers = [(str(k), None if v is None else str(v).encode()) for k, v in row["headers"].items()]
-        value = row["value"]
-        records.append((headers, value.encode() if isinstance(value, str) else orjson.dumps(value)))
-    return records
-
-
-def _topic_records(topic: str, kafka: KafkaSettings, stall_s: float = 30.0) -> list[tuple[Headers, bytes | None]]:
-    """Every record of ``topic`` up to the end it had when reading began, with a throwaway group."""
-    config = {
-        **kafka_io.consumer_config(
-            kafka.model_copy(update={"group_id": f"filter-worker-calibrate-{uuid.uuid4().hex}"})
-        ),
-        "auto.offset.reset": "earliest",
-        "logger": librdkafka_logger(),
-    }
-    consumer = Consumer(config)
-    try:
-        try:
-            metadata = consumer.list_topics(topic, timeout=10)
-        except KafkaException as exc:
-            raise ConfigError(
-                f"--from-feedback {topic}: no such file, and Kafka at FILTER_KAFKA__BOOTSTRAP_SERVERS="
-                f"{kafka.bootstrap_servers} did not answer ({exc.args[0].str() if exc.args else exc})"
-            ) from None
-        described = metadata.topics.get(topic)
-        if described is None or described.error is not None or not described.partitions:
-            raise ConfigError(f"--from-feedback {topic}: no such file, and no such topic on {kafka.bootstrap_servers}")
-        ends: dict[int, int] = {}
-        starts = []
-        for partition in described.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-            if high > low:
-                ends[partition] = high
-                starts.append(TopicPartition(topic, partition, low))
-        consumer.assign(starts)
-        records: list[tuple[Headers, bytes | None]] = []
-        last_progress = time.monotonic()
-        while ends:
-            for message in consumer.consume(500, 1.0):
-                if message.error() is None:
-                    records.append((headers_of(message), message.value()))
-                    last_progress = time.monotonic()
-            # Positions, not the last record's offset: a transaction marker may be the last offset.
-            for tp in consumer.position([TopicPartition(topic, partition) for partition in ends]):
-                if tp.offset >= ends[tp.partition]:
-                    del ends[tp.partition]
-            if time.monotonic() - last_progress > stall_s:
-                raise ConfigError(f"--from-feedback {topic}: reading stalled for {stall_s:.0f} s before the end")
-        return records
-    finally:
-        consumer.close()
+    def below_threshold(self, verdict: Verdict) -> Invalid | None:
+        """A decision the rule in force would not take: made under an older, lower ``min_score``."""
+        threshold = self.min_score(verdict.scope, verdict.rule)
+        if threshold is not None and verdict.score < threshold:
+            return Invalid(
+                "below_threshold",
+                f"score {verdict.score} is below rule {verdict.rule!r}'s min_score {threshold} in force",
+            )
+        return None
 
 
 # ---- the service ----
@@ -289,11 +120,18 @@ class FeedbackService:
         settings: Settings,
         reload_routing: Callable[[], RoutingSettings] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
         self._topic = settings.feedback.topic
+        feedback = settings.feedback
         self._rules = RuleIndex(settings.routing)
-        self._windows = PrecisionWindows(settings.feedback.window)
+        self._windows = PrecisionWindows(feedback.window)
+        self._samples = SampleWindows(feedback.sample_window)
+        self._roster = ModelRoster(feedback.models or [settings.model.name], MAX_MODELS, feedback.model_idle_s)
+        self._newest: dict[tuple[str, str, str], float] = {}  # (scope, rule, action) -> newest verdict's time
+        self._recall_rules: dict[tuple[str, str], set[str]] = {}  # (scope, model) -> rules with a recall series
+        self._wall = wall_clock  # verdict times are record timestamps: wall-clock seconds
         self._reload_routing = reload_routing
         self._reload_requested = threading.Event()
         self._stop = threading.Event()
@@ -406,6 +244,7 @@ class FeedbackService:
                 log.warning("consumer error", error=error.str())
         if self._clock() - self._last_commit >= self._settings.kafka.commit_interval_ms / 1000:
             self._commit()
+        self.expire()
 
     def _probe(self) -> None:
         """While the broker is unreachable, a metadata request now and then says when it is back (readiness)."""
@@ -422,22 +261,7 @@ class FeedbackService:
         """Count one verdict (or the reason it is skipped), then let its offset be committed."""
         record = to_input_record(message)
         replayed = record.offset < self._replay_until.get(record.partition, -1)
-        outcome = parse_verdict(record.headers, record.value)
-        if isinstance(outcome, Verdict):
-            outcome = self._rules.check(outcome) or outcome
-        if isinstance(outcome, Invalid):
-            if not replayed:
-                self.metrics.invalid.labels(outcome.reason).inc()
-                log.warning(
-                    "verdict skipped",
-                    reason=outcome.reason,
-                    detail=outcome.detail,
-                    topic=message.topic(),
-                    partition=message.partition(),
-                    offset=message.offset(),
-                )
-        else:
-            self._count(outcome, replayed)
+        self.judge(record, replayed)
         if not replayed:
             assert self._consumer is not None
             try:
@@ -446,22 +270,128 @@ class FeedbackService:
             except KafkaException as exc:  # its partition was just revoked: the new owner reads it again
                 log.warning("offset not stored", partition=message.partition(), offset=message.offset(), error=str(exc))
 
-    def _count(self, verdict: Verdict, replayed: bool) -> None:
+    def judge(self, record: InputRecord, replayed: bool = False) -> None:
+        """Count a verdict record into the windows and series, or count and log why it is skipped.
+
+        ``replayed``: read again at start-up to refill the windows; counted before the restart already,
+        so no counter moves and nothing is logged twice.
+        """
+        outcome: Verdict | Invalid | None = parse_verdict(record.headers, record.value)
+        at = record.timestamp_ms / 1000 if record.timestamp_ms is not None else self._wall()
+        if isinstance(outcome, Verdict):
+            outcome = self._rules.check(outcome) or self._roster.admit(outcome.model, at, self._wall()) or outcome
+        if isinstance(outcome, Verdict):
+            outcome = self._count(outcome, replayed, at)
+        if isinstance(outcome, Invalid) and not replayed:
+            self.metrics.invalid.labels(outcome.reason).inc()
+            log.warning(
+                "verdict skipped",
+                reason=outcome.reason,
+                detail=outcome.detail,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+            )
+
+    def _count(self, verdict: Verdict, replayed: bool, at: float) -> Invalid | None:
+        """A drawn record's verdict into its sample window; a verdict on a rule's decision into its precision."""
+        if verdict.sample is not None:
+            rules = self._rules.rules(verdict.scope) or []
+            self._samples.add(verdict.scope, verdict.model, verdict.source, verdict.abuse, verdict.sample, rules)
+            self._publish_sample(verdict.scope, verdict.model)
+            if not replayed:
+                self.metrics.sampled.labels(verdict.scope, verdict.model, _verdict_label(verdict)).inc()
+        if verdict.action not in MODERATED:
+            return None
+        stale = self._rules.below_threshold(verdict)
+        if stale is not None:
+            return stale if verdict.sample is None else None  # a drawn record still counted in its sample
         key = Key(verdict.scope, verdict.rule, verdict.action, verdict.model)
-        for dropped in self._windows.add(key, verdict.source, verdict.abuse):
-            self._forget(dropped)
-        abuse, total = self._windows.stats(key)
-        self.metrics.precision.labels(*key).set(abuse / total)
-        self.metrics.window.labels(*key).set(total)
+        self._windows.add(key, verdict.source, verdict.abuse, verdict.score)
+        self._publish_precision(key)
+        stamp = (verdict.scope, verdict.rule, verdict.action)
+        if at > self._newest.get(stamp, float("-inf")):
+            self._newest[stamp] = at
+            self.metrics.last_verdict.labels(*stamp).set(at)
         if not replayed:  # counted before the restart already
-            self.metrics.verdicts.labels(*key, "abuse" if verdict.abuse else "ok").inc()
+            self.metrics.verdicts.labels(*key, _verdict_label(verdict)).inc()
+        return None
+
+    def _publish_precision(self, key: Key) -> None:
+        estimate = self._windows.precision(key)
+        if estimate is None:
+            self._forget(key)
+            return
+        m = self.metrics
+        _set(m.precision, m.precision_lower, m.precision_upper, key, estimate)
+        m.window.labels(*key).set(estimate.size)
+
+    def _publish_sample(self, scope: str, model: str) -> None:
+        """Prevalence and recall of a (scope, model) from its drawn verdicts, under the rules in force."""
+        m = self.metrics
+        estimates = self._samples.estimates(scope, model, self._rules.rules(scope) or [])
+        m.sample_window.labels(scope, model).set(estimates.drawn)
+        _set_or_remove(m.prevalence, m.prevalence_lower, m.prevalence_upper, (scope, model), estimates.prevalence)
+        _set_or_remove(
+            m.scope_recall, m.scope_recall_lower, m.scope_recall_upper, (scope, model), estimates.scope_recall
+        )
+        published = self._recall_rules.setdefault((scope, model), set())
+        for rule in published | set(estimates.recall):
+            _set_or_remove(m.recall, m.recall_lower, m.recall_upper, (scope, rule, model), estimates.recall.get(rule))
+        published.clear()
+        published.update(estimates.recall)
 
     def _forget(self, key: Key) -> None:
-        log.info("dropping the precision of an older model", scope=key.scope, rule=key.rule, model=key.model)
         m = self.metrics
-        for metric, labels in [(m.precision, key), (m.window, key), *((m.verdicts, (*key, v)) for v in VERDICTS)]:
-            with contextlib.suppress(KeyError):  # a series that was never set
-                metric.remove(*labels)
+        series = [(m.precision, key), (m.precision_lower, key), (m.precision_upper, key), (m.window, key)]
+        for metric, labels in [*series, *((m.verdicts, (*key, v)) for v in VERDICTS)]:
+            _remove(metric, labels)
+
+    def _forget_sample(self, scope: str, model: str) -> None:
+        m = self.metrics
+        _remove(m.sample_window, (scope, model))
+        _set_or_remove(m.prevalence, m.prevalence_lower, m.prevalence_upper, (scope, model), None)
+        _set_or_remove(m.scope_recall, m.scope_recall_lower, m.scope_recall_upper, (scope, model), None)
+        for rule in self._recall_rules.pop((scope, model), set()):
+            _set_or_remove(m.recall, m.recall_lower, m.recall_upper, (scope, rule, model), None)
+        for verdict in VERDICTS:
+            _remove(m.sampled, (scope, model, verdict))
+
+    def expire(self) -> None:
+        """Forget the models that had no verdict for ``FILTER_FEEDBACK__MODEL_IDLE_S``, series and all."""
+        idle = self._roster.idle(self._wall())
+        if not idle:
+            return
+        gone = set(idle)
+        for key in self._windows.drop(lambda key: key.model in gone):
+            self._forget(key)
+        for scope, model in self._samples.drop_models(gone):
+            self._forget_sample(scope, model)
+        log.info("forgetting models without recent verdicts", models=idle)
+
+    def _apply_rules(self, rules: RuleIndex) -> None:
+        """Routing reloaded: series of rules that are gone go; windows keep only what the rules in force take."""
+        old, self._rules = self._rules, rules
+        for scope, rule in {(key.scope, key.rule) for key in self._windows.tracked()}:
+            before, now = old.min_score(scope, rule), rules.min_score(scope, rule)
+            if now is None or (before is not None and now < before):  # gone, or lowered: nothing covers the new range
+                dropped = self._windows.drop(_of_rule(scope, rule))
+            elif before is not None and now > before:
+                dropped = self._windows.keep_from(scope, rule, now)
+            else:
+                continue
+            for key in dropped:
+                self._forget(key)
+            for key in self._windows.tracked():
+                if (key.scope, key.rule) == (scope, rule):
+                    self._publish_precision(key)
+        for stamp in [stamp for stamp in self._newest if rules.min_score(stamp[0], stamp[1]) is None]:
+            del self._newest[stamp]
+            _remove(self.metrics.last_verdict, stamp)
+        for scope, model in self._samples.redecide(rules.rules):
+            self._forget_sample(scope, model)
+        for scope, model in self._samples.scopes_and_models():
+            self._publish_sample(scope, model)
 
     def _commit(self) -> None:
         self._last_commit = self._clock()
@@ -481,11 +411,12 @@ class FeedbackService:
             return
         self._reload_requested.clear()
         try:
-            self._rules = RuleIndex(self._reload_routing())
+            rules = RuleIndex(self._reload_routing())
         except ConfigError as exc:
             self.metrics.rule_reloads.labels("refused").inc()
             log.error("routing reload refused; the previous rules stay in force", error=str(exc))
             return
+        self._apply_rules(rules)
         self.metrics.rule_reloads.labels("applied").inc()
         log.info("routing reloaded")
 
@@ -533,3 +464,33 @@ class FeedbackService:
             self.health.broker_reachable = False
         else:
             log.warning("kafka client error", code=error.name(), error=error.str())
+
+
+def _of_rule(scope: str, rule: str) -> Callable[[Key], bool]:
+    return lambda key: (key.scope, key.rule) == (scope, rule)
+
+
+def _verdict_label(verdict: Verdict) -> str:
+    return "abuse" if verdict.abuse else "ok"
+
+
+def _remove(metric: MetricWrapperBase, labels: tuple[str, ...]) -> None:
+    with contextlib.suppress(KeyError):  # a series that was never set
+        metric.remove(*labels)
+
+
+def _set(value: Gauge, lower: Gauge, upper: Gauge, labels: tuple[str, ...], estimate: Estimate) -> None:
+    value.labels(*labels).set(estimate.value)
+    lower.labels(*labels).set(estimate.low)
+    upper.labels(*labels).set(estimate.high)
+
+
+def _set_or_remove(
+    value: Gauge, lower: Gauge, upper: Gauge, labels: tuple[str, ...], estimate: Estimate | None
+) -> None:
+    """An estimate's three series, or none of them when there is nothing to estimate from."""
+    if estimate is None:
+        for metric in (value, lower, upper):
+            _remove(metric, labels)
+    else:
+        _set(value, lower, upper, labels, estimate)

@@ -140,6 +140,25 @@ class Metrics:
             ["scope", "rule"],
             registry=r,
         )
+        self.take_rate = Gauge(
+            "filter_take_rate",
+            "Share of the scope's last FILTER_DRIFT__WINDOW records whose rule score is at or above the rule's "
+            "min_score",
+            ["scope", "rule"],
+            registry=r,
+        )
+        self.take_rate_reference = Gauge(
+            "filter_take_rate_reference",
+            "The same share on the FILTER_DRIFT__REFERENCE sample, at the min_score in force",
+            ["scope", "rule"],
+            registry=r,
+        )
+        self.take_rate_zscore = Gauge(
+            "filter_take_rate_zscore",
+            "Two-proportion z statistic of filter_take_rate against filter_take_rate_reference",
+            ["scope", "rule"],
+            registry=r,
+        )
 
         self.ready = Gauge(
             "filter_ready", "1 while /readyz answers 200 (model warm, group joined, broker up)", registry=r
@@ -205,11 +224,12 @@ class FeedbackMetrics:
         self.invalid = Counter("filter_feedback_invalid", "Verdict records skipped, by reason", ["reason"], registry=r)
         for reason in invalid_reasons:  # every reason exists from the start, so rate() sees the first one
             self.invalid.labels(reason)
-        self.precision = Gauge(
+        self.precision, self.precision_lower, self.precision_upper = _estimate(
             "filter_feedback_precision",
             "Share of 'abuse' among the last FILTER_FEEDBACK__WINDOW verdicts on a rule's decisions",
+            "Clopper-Pearson",
             key,
-            registry=r,
+            r,
         )
         self.window = Gauge(
             "filter_feedback_window_verdicts",
@@ -217,11 +237,64 @@ class FeedbackMetrics:
             key,
             registry=r,
         )
+        self.last_verdict = Gauge(
+            "filter_feedback_last_verdict_timestamp_seconds",
+            "Publication time of the newest verdict on a rule's decisions (time() minus it: how long reviews stopped)",
+            ["scope", "rule", "action"],
+            registry=r,
+        )
+        # Random review sampling (FILTER_REVIEW__*): verdicts weighted by 1 / their probability of being drawn.
+        sampled = ["scope", "model"]
+        self.sampled = Counter(
+            "filter_feedback_sampled_verdicts",
+            "Verdicts on records drawn at random for review, counted",
+            [*sampled, "verdict"],
+            registry=r,
+        )
+        self.sample_window = Gauge(
+            "filter_feedback_sample_window_verdicts",
+            "Drawn verdicts that prevalence and recall are estimated from (up to FILTER_FEEDBACK__SAMPLE_WINDOW)",
+            sampled,
+            registry=r,
+        )
+        self.prevalence, self.prevalence_lower, self.prevalence_upper = _estimate(
+            "filter_feedback_prevalence",
+            "Estimated share of abuse among a scope's decided records (inverse-probability weighted sample)",
+            "Wilson on the effective sample size",
+            sampled,
+            r,
+        )
+        self.recall, self.recall_lower, self.recall_upper = _estimate(
+            "filter_feedback_recall",
+            "Estimated share of a scope's abuse that the rule takes, under the rules in force",
+            "Wilson on the effective sample size",
+            ["scope", "rule", "model"],
+            r,
+        )
+        self.scope_recall, self.scope_recall_lower, self.scope_recall_upper = _estimate(
+            "filter_feedback_scope_recall",
+            "Estimated share of a scope's abuse that some rule takes (quarantine or drop), under the rules in force",
+            "Wilson on the effective sample size",
+            sampled,
+            r,
+        )
         self.rule_reloads = Counter(
             "filter_routing_reloads", "Routing reloads on SIGHUP, by result", ["result"], registry=r
         )
         for result in RELOAD_RESULTS:  # at 0 from the start, as the worker's: increase() sees the first
             self.rule_reloads.labels(result)
+
+
+def _estimate(
+    name: str, documentation: str, interval: str, labels: list[str], registry: CollectorRegistry
+) -> tuple[Gauge, Gauge, Gauge]:
+    """A share and the two ends of its 95 % interval, as three gauges: an alert compares an end with
+    a floor, so each end is a series of its own."""
+    return (
+        Gauge(name, documentation, labels, registry=registry),
+        Gauge(f"{name}_lower", f"Lower end of the 95 % interval ({interval}) of {name}", labels, registry=registry),
+        Gauge(f"{name}_upper", f"Upper end of the 95 % interval ({interval}) of {name}", labels, registry=registry),
+    )
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:

@@ -65,14 +65,31 @@ WORKER_METRICS = {
     "filter_rule_score",
     "filter_top_label_probability",
     "filter_score_psi",
+    "filter_take_rate",
+    "filter_take_rate_reference",
+    "filter_take_rate_zscore",
     "process_start_time_seconds",
 }
 # `filter-worker feedback`, on its own port (FILTER_FEEDBACK__METRICS_PORT).
 FEEDBACK_METRICS = {
     "filter_feedback_precision",
+    "filter_feedback_precision_lower",
+    "filter_feedback_precision_upper",
     "filter_feedback_window_verdicts",
+    "filter_feedback_last_verdict_timestamp_seconds",
     "filter_feedback_verdicts_total",
     "filter_feedback_invalid_total",
+    "filter_feedback_sampled_verdicts_total",
+    "filter_feedback_sample_window_verdicts",
+    "filter_feedback_prevalence",
+    "filter_feedback_prevalence_lower",
+    "filter_feedback_prevalence_upper",
+    "filter_feedback_recall",
+    "filter_feedback_recall_lower",
+    "filter_feedback_recall_upper",
+    "filter_feedback_scope_recall",
+    "filter_feedback_scope_recall_lower",
+    "filter_feedback_scope_recall_upper",
     "filter_routing_reloads_total",
 }
 METRICS = WORKER_METRICS | FEEDBACK_METRICS
@@ -833,7 +850,12 @@ def test_each_panel_shows_one_unit():
             assert not panel["fieldConfig"].get("overrides"), f"{panel['title']}: per-query units or axes"
         kinds = {"rate" if "rate(" in e else "increase" if "increase(" in e else "value" for e in exprs}
         assert len(kinds) <= 1, f"{panel['title']} mixes {kinds}"
-        families = {base_metric(n).removesuffix("_total") for e in exprs for n in promql_metric_names(e)}
+        # An estimate, the ends of its interval and its reference value are one quantity.
+        families = {
+            re.sub(r"_(lower|upper|reference)$", "", base_metric(n).removesuffix("_total"))
+            for e in exprs
+            for n in promql_metric_names(e)
+        }
         if len(exprs) > 1 and "histogram_quantile" not in " ".join(exprs):
             # Several queries only as views of one quantity (throughput by action and consumed records).
             assert families <= {"filter_records_published", "filter_records_consumed"} or len(families) == 1, (
@@ -875,8 +897,9 @@ def test_dashboard_lines_are_the_budget_and_the_alert_floors(defaults: Settings)
     for panel in psi_panels:
         assert float(psi) in drawn_thresholds(panel), panel["title"]
     for alert, action in (("FilterDropPrecisionLow", "drop"), ("FilterQuarantinePrecisionLow", "quarantine")):
-        (floor,) = re.findall(rf'filter_feedback_precision{{action="{action}"}} < ([\d.]+)', moderation[alert])
-        panel = panel_with(f'filter_feedback_precision{{action="{action}"}}')
+        (floor,) = re.findall(rf'filter_feedback_precision_upper{{action="{action}"}} < ([\d.]+)', moderation[alert])
+        panel = panel_with(f'filter_feedback_precision_upper{{action="{action}"}}')
+        assert panel == panel_with(f'filter_feedback_precision{{action="{action}"}}'), "the estimate beside its bound"
         assert drawn_thresholds(panel) == {float(floor)}, panel["title"]
         assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit"
         (minimum,) = re.findall(r"filter_feedback_window_verdicts >= (\d+)", moderation[alert])
@@ -912,7 +935,7 @@ def run_promtool(*args: str) -> str:
 
 
 def test_promtool_accepts_the_alerting_rules_and_the_prometheus_config():
-    assert "SUCCESS: 6 rules found" in run_promtool("check", "rules", str(ALERTS))
+    assert "SUCCESS: 7 rules found" in run_promtool("check", "rules", str(ALERTS))
     # check config also checks every rule file it loads (both, beside prometheus.yml).
     checked = run_promtool("check", "config", str(PROMETHEUS))
     assert "SUCCESS: 2 rule files found" in checked and f"Checking {MODERATION_ALERTS}" in checked
@@ -949,7 +972,7 @@ def exposition_names(registry) -> set[str]:
 
 def test_metric_lists_match_the_registries():
     """The lists the dashboard and alerts are checked against are what each process's registry exports."""
-    from filter_worker.feedback import INVALID_REASONS
+    from filter_worker.verdicts import INVALID_REASONS
     from filter_worker.metrics import FeedbackMetrics, Metrics
 
     for registry, listed in (

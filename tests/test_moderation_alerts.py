@@ -1,7 +1,8 @@
 """deploy/prometheus/moderation-alerts.yml: valid rules, passing promtool unit tests, real metric names.
 
-promtool comes with Prometheus (Debian: ``apt-get install prometheus``). Without it the promtool
-tests are skipped on a developer machine and fail under CI=true, so CI cannot pass without running them.
+promtool comes with Prometheus (Debian: ``apt-get install prometheus``). The promtool tests run
+wherever it is on PATH; without it they are skipped on a developer machine and fail under CI=true, so
+CI cannot pass without running them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from filter_worker.feedback import INVALID_REASONS
+from filter_worker.verdicts import INVALID_REASONS
 from filter_worker.metrics import FeedbackMetrics, Metrics
 
 PROMETHEUS = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
@@ -73,3 +74,13 @@ def test_every_alert_queries_exported_metrics_and_is_unit_tested():
         assert used and used <= exported, f"{rule['alert']}: {sorted(used - exported)} are not exported"
         assert rule["labels"]["severity"] in {"critical", "warning"} and rule["annotations"]["summary"]
         assert rule["alert"] in tested, f"{rule['alert']} has no promtool test that makes it fire"
+
+
+def test_every_alert_has_a_case_where_it_stays_silent_and_one_where_it_fires():
+    """Noise and real degradation: an alert tested only where it fires could be firing on anything."""
+    rules = [rule["alert"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    cases = [case for test in yaml.safe_load(RULE_TESTS.read_text())["tests"] for case in test["alert_rule_test"]]
+    for alert in rules:
+        outcomes = {bool(case["exp_alerts"]) for case in cases if case["alertname"] == alert}
+        assert outcomes == {False, True}, f"{alert}: cases {outcomes or 'none'}"
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import orjson
 import pytest
 
@@ -127,13 +128,16 @@ def calibrate_feedback(path, *extra: str, **env: str):
 
 
 def test_calibrate_from_a_verdict_export(tmp_path):
+    """100 abuse verdicts from 0.86 up, 20 ok ones from 0.76 to 0.855. Clopper–Pearson's lower bound of
+    100 abuse among 104 verdicts is 0.904, among 105 0.892: the lowest threshold that shows 0.9 takes the
+    four highest ok ones with the 100, at 0.84."""
     export = tmp_path / "verdicts.jsonl"
-    scores = [0.76, 0.8, 0.84, 0.86, 0.9, 0.92, 0.94, 0.96, 0.98]
-    lines = [verdict_line(i, "abuse" if s >= 0.86 else "ok", s) for i, s in enumerate(scores)]
+    lines = [verdict_line(i, "abuse", 0.86 + i / 1000) for i in range(100)]
+    lines += [verdict_line(100 + i, "ok", 0.76 + i / 200) for i in range(20)]
     lines += [
-        verdict_line(50, "abuse", 0.99, rule="very-negative"),
-        verdict_line(51, "abuse", 0.8, scope="kids", rule="no-negativity"),
-        verdict_line(52, "ok", 0.55, scope="kids", rule="no-negativity"),
+        verdict_line(500, "abuse", 0.99, rule="very-negative"),
+        verdict_line(501, "abuse", 0.8, scope="kids", rule="no-negativity"),
+        verdict_line(502, "ok", 0.55, scope="kids", rule="no-negativity"),
     ]
     lines.append(orjson.dumps({"headers": {}, "value": "not json"}).decode())
     export.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -141,26 +145,29 @@ def test_calibrate_from_a_verdict_export(tmp_path):
     result = calibrate_feedback(export, "--target-precision", "0.9")
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
-    assert first.startswith(f"9 verdicts on rule negative (scope default, model {MODEL_A}; 'abuse' is positive)")
+    assert first.startswith(f"120 verdicts on rule negative (scope default, model {MODEL_A}; 'abuse' is positive)")
     assert first.endswith("verdict records skipped: {'not_json': 1}")
-    assert "6 of 9 verdicts are positive" in result.stdout and "min_score 0.860000: precision 1.0000" in result.stdout
+    assert "100 of 120 verdicts are abuse" in result.stdout
+    assert "min_score 0.840000 (proposed): precision 0.9615 95% [0.9044, 0.9894]" in result.stdout, result.stdout
     assert "never lowering it" in result.stdout
-    assert "from 0.75 to 0.860000 stops taking 3 of the reviewed records (3 judged ok)" in result.stdout
+    assert "from 0.75 to 0.840000 stops taking 16 of the reviewed records (16 judged ok)" in result.stdout
     rule = orjson.loads(result.stdout.splitlines()[-1])
     assert rule == {
         "action": "quarantine",
         "labels": ["Very Negative", "Negative"],
-        "min_score": 0.86,
+        "min_score": 0.84,
         "name": "negative",
     }
 
-    # All verdicts together have precision 6/9 >= 0.6: nothing supports raising the current 0.75.
+    # All verdicts together: 100 of 120, lower bound 0.75 >= 0.6: nothing supports raising the current 0.75,
+    # and without verdicts on records drawn below it nothing supports lowering it.
     keep = calibrate_feedback(export, "--target-precision", "0.6")
     assert keep.returncode == 0, keep.stderr
-    assert "All 9 verdicts together reach precision 0.6: keep the current min_score 0.75." in keep.stdout
+    assert "The 120 verdicts at or above the min_score in force reach precision 0.6" in keep.stdout
+    assert "keep min_score 0.75." in keep.stdout and "nothing can justify lowering it" in keep.stdout
     assert orjson.loads(keep.stdout.splitlines()[-1])["min_score"] == 0.75
 
-    # A scope's rule: only verdicts of that scope count.
+    # A scope's rule: only verdicts of that scope count; 2 cannot show 0.9.
     kids = cli(
         "calibrate",
         "--from-feedback",
@@ -175,11 +182,8 @@ def test_calibrate_from_a_verdict_export(tmp_path):
         "10",
         FILTER_ROUTING__SCOPES=SCOPES,
     )
-    assert kids.returncode == 0, kids.stderr
-    assert (
-        "2 verdicts on rule no-negativity (scope kids" in kids.stdout
-        and "in scope kids of FILTER_ROUTING__SCOPES" in kids.stdout
-    )
+    assert kids.returncode == 1, kids.stderr
+    assert "2 verdicts on rule no-negativity (scope kids" in kids.stdout and "34 more" in kids.stdout
 
 
 def test_calibrate_from_feedback_refuses_what_it_cannot_judge(tmp_path):
@@ -188,7 +192,7 @@ def test_calibrate_from_feedback_refuses_what_it_cannot_judge(tmp_path):
     mixed = calibrate_feedback(export, "--target-precision", "0.9")
     assert mixed.returncode == 2 and "come from 2 models" in mixed.stderr and "--feedback-model" in mixed.stderr
     one = calibrate_feedback(export, "--target-precision", "0.9", "--feedback-model", MODEL_A)
-    assert one.returncode == 0, one.stderr
+    assert one.returncode == 1 and one.stdout.startswith("1 verdicts on rule negative"), one.stderr
     for args, message in [
         (
             ["--rule", "nope"],
@@ -264,3 +268,116 @@ def test_bad_moderation_settings_exit_2_naming_the_setting(command, variable, va
     assert result.returncode == 2, result.stderr
     name = "FILTER_FEEDBACK__TOPIC" if value == "messages" else variable
     assert name in result.stderr and "Traceback" not in result.stderr
+
+
+def write_export(path, lines: list[str]):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def proposed_min_score(result) -> float | None:
+    """The rule's min_score on the last line, or None when no rule was printed."""
+    try:
+        return orjson.loads(result.stdout.splitlines()[-1])["min_score"]
+    except (orjson.JSONDecodeError, IndexError, KeyError, TypeError):
+        return None
+
+
+def test_calibrate_from_feedback_never_proposes_less_than_the_min_score_in_force(tmp_path):
+    """Half the verdicts come from an older min_score of 0.60; the rule is at 0.75 now. The older ones
+    scored 0.60-0.75 and are mostly ok, but those at 0.70-0.75 are abuse: on every verdict the lowest
+    threshold reaching 0.9 is 0.70, which the code used to print as "Raising min_score from 0.75 to 0.70"."""
+    rng = np.random.default_rng(21)
+    lines = []
+    for n in range(120):
+        score = float(rng.uniform(0.60, 0.75)) if n % 2 else float(rng.uniform(0.75, 1.0))
+        abuse = score >= 0.70 and (score >= 0.75 or n % 10 != 1) if score >= 0.70 else rng.random() < 0.3
+        lines.append(verdict_line(n, "abuse" if abuse else "ok", score))
+    result = calibrate_feedback(write_export(tmp_path / "v.jsonl", lines), "--target-precision", "0.9")
+    assert "Raising min_score from 0.75 to 0.7" not in result.stdout
+    proposed = proposed_min_score(result)
+    assert proposed is None or proposed >= 0.75, result.stdout
+    assert "60 verdicts scored below the min_score in force (0.75)" in result.stdout, result.stdout
+
+
+def test_calibrate_from_feedback_counts_each_source_once_with_its_latest_verdict(tmp_path):
+    """An export delivered twice (at-least-once) and 20 revisions: 120 sources, not 260 verdicts, and a
+    revised verdict counts only as revised."""
+    rng = np.random.default_rng(22)
+    scores = rng.uniform(0.75, 1.0, 120)
+    first = [verdict_line(n, "abuse" if n % 12 else "ok", float(s)) for n, s in enumerate(scores)]
+    revised = [verdict_line(n, "ok", float(scores[n])) for n in range(1, 41, 2)]  # 20 abuse -> ok
+    export = write_export(tmp_path / "v.jsonl", first + first + revised)
+    result = calibrate_feedback(export, "--target-precision", "0.5")
+    assert result.stdout.startswith("120 verdicts on rule negative"), result.stdout
+    abuse = 110 - 20  # 10 of 120 were ok, 20 more revised to ok
+    assert f"{abuse} of 120 verdicts are abuse" in result.stdout, result.stdout
+
+
+def test_calibrate_from_feedback_gives_an_exact_interval_and_refuses_too_few_verdicts(tmp_path):
+    """The docs' 6-verdict example: 6 of 6 abuse above 0.93 used to read "precision 1.0000 95% [1.0000,
+    1.0000]" and a rule. Clopper–Pearson gives [0.54, 1]: 6 verdicts cannot show 0.9, 36 could."""
+    scores = [0.76, 0.78, 0.8, 0.82, 0.84, 0.86, 0.88, 0.9, 0.92, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995]
+    verdicts = ["ok"] * 6 + ["abuse", "ok", "abuse", "abuse", "abuse", "abuse", "abuse", "abuse", "abuse", "abuse"]
+    lines = [verdict_line(n, v, s) for n, (s, v) in enumerate(zip(scores, verdicts, strict=True))]
+    result = calibrate_feedback(write_export(tmp_path / "v.jsonl", lines), "--target-precision", "0.9")
+    assert result.returncode == 1, result.stdout
+    assert "[1.0000, 1.0000]" not in result.stdout
+    assert "36 verdicts at or above the min_score in force are needed" in result.stdout, result.stdout
+    assert "20 more" in result.stdout
+    assert proposed_min_score(result) is None
+
+
+def test_calibrate_from_feedback_does_not_claim_a_target_the_truth_misses(tmp_path):
+    """True precision 0.88 at every score, target 0.9, 150 verdicts: the old search found a threshold on
+    a lucky run of abuse and its bootstrap, which kept that threshold fixed, "reached the target in
+    100% of resamples"."""
+    rng = np.random.default_rng(23)
+    lines = [
+        verdict_line(n, "abuse" if rng.random() < 0.88 else "ok", float(rng.uniform(0.75, 1.0))) for n in range(150)
+    ]
+    result = calibrate_feedback(write_export(tmp_path / "v.jsonl", lines), "--target-precision", "0.9")
+    assert result.returncode == 1, result.stdout
+    assert proposed_min_score(result) is None
+    assert "resamples of the 150 verdicts" in result.stdout, "say what the bootstrap resamples"
+
+
+def drawn_line(n: int, verdict: str, negative: float, probability: float = 0.05) -> str:
+    """A verdict on an allowed record drawn at random for review, with every rule's score."""
+    headers = {
+        "filter.action": "allow",
+        "filter.rule": "default",
+        "filter.scope": "default",
+        "filter.score": "0.500000",
+        "filter.model": MODEL_A,
+        "filter.sampled": "true",
+        "filter.sample-probability": str(probability),
+        "filter.rule-scores": orjson.dumps({"very-negative": 0.1, "negative": negative}).decode(),
+    }
+    return orjson.dumps({"headers": headers, "value": {"source": f"messages/1/{n}", "verdict": verdict}}).decode()
+
+
+def test_calibrate_from_feedback_lowers_a_threshold_only_from_drawn_verdicts_below_it(tmp_path):
+    """The rule's own verdicts keep 0.75; 60 drawn records between 0.70 and 0.75 are all abuse, the 20
+    drawn below 0.70 all ok. Wilson's lower bound (equal weights) of 60 abuse among 61 is 0.913, among 62
+    0.890: lower to the highest ok one, which adds 61 drawn records."""
+    rng = np.random.default_rng(24)
+    lines = [verdict_line(n, "abuse", float(s)) for n, s in enumerate(rng.uniform(0.75, 1.0, 100))]
+    abuse_scores = np.sort(rng.uniform(0.70, 0.75, 60))
+    ok_scores = rng.uniform(0.5, 0.70, 20)
+    lines += [drawn_line(n, "abuse", float(s)) for n, s in enumerate(abuse_scores)]
+    lines += [drawn_line(100 + n, "ok", float(s)) for n, s in enumerate(ok_scores)]
+    result = calibrate_feedback(write_export(tmp_path / "v.jsonl", lines), "--target-precision", "0.9")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "keep min_score 0.75" in result.stdout
+    lowered = ok_scores.max()
+    assert f"Lowering min_score from 0.75 to {lowered:.6f} adds the records between them: 61 of the 80" in (
+        result.stdout
+    )
+    assert proposed_min_score(result) == pytest.approx(lowered, abs=1e-6)
+
+    # The same drawn records, mostly ok: nothing supports lowering.
+    lines = lines[:100] + [drawn_line(n, "ok" if n % 3 else "abuse", float(s)) for n, s in enumerate(abuse_scores)]
+    result = calibrate_feedback(write_export(tmp_path / "v.jsonl", lines), "--target-precision", "0.9")
+    assert "60 verdicts on records drawn at random below it: no range below it shows precision 0.9" in result.stdout
+    assert proposed_min_score(result) == 0.75

@@ -176,6 +176,10 @@ class Router:
         rules = self._scope_rules(scope)
         return dict(zip(rules.names, rules.labels, strict=True))
 
+    def thresholds(self, scope: str) -> list[float]:
+        """The scope's ``min_score`` per rule, in rule order (as ``Decision.rule_row``)."""
+        return self._scope_rules(scope).min_scores.tolist()
+
     def _scope_rules(self, scope: str) -> _Rules:
         try:
             return self._rules[scope]

@@ -44,6 +44,11 @@ class Calibration:
     resamples: int
     curve: Curve
 
+    @property
+    def proposed(self) -> float | None:
+        """The threshold the charts draw: the one found, if it reaches the target."""
+        return self.threshold if self.meets_target else None
+
 
 def rule_scores(probs: np.ndarray, labels: Sequence[str], rule_labels: Sequence[str]) -> np.ndarray:
     """A rule's score per row: the float32 sum ``Router`` compares with ``min_score`` (the same function)."""

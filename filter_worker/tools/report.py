@@ -13,13 +13,15 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from filter_worker.config import ConfigError
+from filter_worker.feedback_windows import Estimate
 from filter_worker.tools.calibration import Calibration
-from filter_worker.tools.evaluation import Evaluation, Scores
+from filter_worker.tools.evaluation import Curve, Evaluation, Scores
+from filter_worker.tools.verdict_calibration import VerdictCalibration
 
 
 def require_matplotlib() -> None:
@@ -105,6 +107,44 @@ def calibration_text(result: Calibration, action: str, labels: Sequence[str], un
     )
 
 
+def _estimate(estimate: Estimate) -> str:
+    return f"{estimate.value:.4f} 95% [{estimate.low:.4f}, {estimate.high:.4f}]"
+
+
+def verdict_calibration_text(result: VerdictCalibration, action: str, labels: Sequence[str], unit: str) -> str:
+    """What ``calibrate --from-feedback`` found, line by line, after its first line (the verdicts counted)
+    and before its advice; ``unit`` is "verdicts"."""
+    target = result.target_precision
+    lines = [
+        f"{action} when {' + '.join(labels)} >= min_score (in force: {result.current}); {result.abuse} of "
+        f"{result.reviewed} {unit} are abuse; target precision {target}"
+    ]
+    if result.refused:
+        lines.append(
+            f"{result.reviewed} {unit} at or above the min_score in force: {result.needed} {unit} at or above the "
+            f"min_score in force are needed to show precision {target} with 95% confidence even if every one is "
+            f"abuse; {result.needed - result.reviewed} more"
+        )
+    if result.taken:
+        where = "proposed" if result.threshold is not None else "closest to the target"
+        shown = result.threshold if result.threshold is not None else result.best
+        lines.append(
+            f"min_score {shown:.6f} ({where}): precision {_estimate(result.precision)} (Clopper-Pearson), recall "
+            f"among the reviewed {_estimate(result.recall)}, takes {result.taken} {unit}"
+        )
+    lines.append(
+        "A min_score is proposed only where the lower end of that precision interval reaches the target: the lowest "
+        "such one at or above the min_score in force."
+    )
+    if result.resamples and result.reviewed:
+        spread = f"min_score 95% {_interval(result.threshold_interval)}; " if result.threshold_interval else ""
+        lines.append(
+            f"bootstrap: {result.resamples} resamples of the {result.reviewed} {unit} (drawn with replacement), the "
+            f"whole choice repeated on each: {spread}some min_score passed in {100 * result.passed_share:.1f}% of them"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ---- HTML ----
 
 
@@ -149,7 +189,20 @@ def _pr_image(result: Evaluation) -> str:
     return _png(figure)
 
 
-def _threshold_image(result: Calibration) -> str:
+class ThresholdChart(Protocol):
+    """What the threshold chart draws: both calibrations (labeled data, reviewers' verdicts) have it."""
+
+    @property
+    def curve(self) -> Curve: ...
+
+    @property
+    def target_precision(self) -> float: ...
+
+    @property
+    def proposed(self) -> float | None: ...
+
+
+def _threshold_image(result: ThresholdChart) -> str:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6.5, 4.5))
@@ -160,8 +213,8 @@ def _threshold_image(result: Calibration) -> str:
     ax.plot(curve.thresholds[::-1], curve.precision[::-1], drawstyle="steps-pre", label="precision")
     ax.plot(curve.thresholds[::-1], curve.recall[::-1], drawstyle="steps-pre", label="recall")
     ax.axhline(result.target_precision, color="grey", linestyle=":", label="target precision")
-    if result.meets_target:
-        ax.axvline(result.threshold, color="black", linestyle="--", label=f"min_score {result.threshold:.4f}")
+    if result.proposed is not None:
+        ax.axvline(result.proposed, color="black", linestyle="--", label=f"min_score {result.proposed:.4f}")
     ax.set_xlabel("min_score (rule score >= min_score is taken)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
@@ -247,7 +300,7 @@ def write_evaluation_html(path: str | Path, result: Evaluation, model: str, data
 
 
 def write_calibration_html(
-    path: str | Path, result: Calibration, rule: dict[str, object] | None, model: str, data: str, text: str
+    path: str | Path, result: ThresholdChart, rule: dict[str, object] | None, model: str, data: str, text: str
 ) -> None:
     body = [
         f"<p>model <code>{html.escape(model)}</code>, data <code>{html.escape(data)}</code></p>",

@@ -36,7 +36,7 @@ KIDS = {
 }
 
 
-def settings_for(bootstrap: str, topic: str, window: int = 5) -> Settings:
+def settings_for(bootstrap: str, topic: str, window: int = 50) -> Settings:
     prefix = f"fb{uuid.uuid4().hex[:8]}"
     return load_settings(
         kafka={
@@ -46,7 +46,7 @@ def settings_for(bootstrap: str, topic: str, window: int = 5) -> Settings:
             "commit_interval_ms": 200,
         },
         routing={"scopes": [KIDS]},
-        feedback={"topic": topic, "window": window, "metrics_port": 0},
+        feedback={"topic": topic, "window": window, "metrics_port": 0, "models": ["acme/keyword"]},
     )
 
 
@@ -118,9 +118,9 @@ VERY_NEGATIVE_B = key("default", "very-negative", "drop", MODEL_B)
 
 def verdicts_and_expectations() -> tuple[list, dict, dict, dict]:
     """The verdicts, and by hand: precision and window per key, counts per (key, verdict), skips per reason."""
-    negative = ["abuse", "ok", "abuse", "abuse", "ok", "abuse", "abuse"]  # window 5: the last five, 4 abuse
+    negative = ["ok", "ok"] + ["abuse"] * 40 + ["ok"] * 10  # window 50: the last fifty, 40 abuse
     records = [
-        verdict(i, v, "default", "negative", "quarantine", 0.8 + i / 100, MODEL_A) for i, v in enumerate(negative)
+        verdict(i, v, "default", "negative", "quarantine", 0.8 + i / 1000, MODEL_A) for i, v in enumerate(negative)
     ]
     records += [
         verdict(100 + i, v, "kids", "strict", "drop", 0.5, MODEL_A) for i, v in enumerate(["ok", "ok", "abuse"])
@@ -139,17 +139,19 @@ def verdicts_and_expectations() -> tuple[list, dict, dict, dict]:
         "not_moderated": (verdict(302, "ok", "default", "default", "allow", 0.9, MODEL_A)),
         "unknown_scope": (verdict(303, "ok", "adults", "negative", "quarantine", 0.9, MODEL_A)),
         "unknown_rule": (verdict(304, "ok", "kids", "negative", "quarantine", 0.9, MODEL_A)),
+        "unknown_model": (verdict(305, "ok", "default", "negative", "quarantine", 0.9, "made-up@1")),
+        "below_threshold": (verdict(306, "ok", "default", "negative", "quarantine", 0.6, MODEL_A)),
     }
     # Bad records sit between good ones: each is skipped and the stream behind it is still counted.
     records = records[:3] + list(bad.values()) + records[3:]
     precision = {
-        tuple(NEGATIVE_A.values()): (0.8, 5),
+        tuple(NEGATIVE_A.values()): (0.8, 50),
         tuple(STRICT_A.values()): (round(1 / 3, 9), 3),
         tuple(VERY_NEGATIVE_B.values()): (0.0, 1),  # one source, its verdict revised
     }
     counts = {
-        (*NEGATIVE_A.values(), "abuse"): 5,
-        (*NEGATIVE_A.values(), "ok"): 2,
+        (*NEGATIVE_A.values(), "abuse"): 40,
+        (*NEGATIVE_A.values(), "ok"): 12,
         (*STRICT_A.values(), "abuse"): 1,
         (*STRICT_A.values(), "ok"): 2,
         (*VERY_NEGATIVE_B.values(), "abuse"): 1,
@@ -217,11 +219,11 @@ def test_a_restart_refills_the_windows_without_counting_twice(bootstrap_servers)
         wait_until(lambda: gauges(service) == precision, timeout_s=60, what="the windows refilled")
         assert set(counted(service, counts).values()) == {0}, "replayed verdicts are not counted again"
         assert not any(e["event"] == "verdict skipped" for e in events), "replayed bad records are not logged again"
-        # A new verdict slides the window on from where the first run left it: [abuse, ok, abuse, abuse, ok].
-        produce(bootstrap_servers, topic, [verdict(7, "ok", "default", "negative", "quarantine", 0.9, MODEL_A)])
+        # A new verdict slides the window on from where the first run left it: one abuse out, one ok in.
+        produce(bootstrap_servers, topic, [verdict(60, "ok", "default", "negative", "quarantine", 0.9, MODEL_A)])
         labels = {**NEGATIVE_A, "verdict": "ok"}
         wait_until(lambda: value(service, "filter_feedback_verdicts_total", **labels) == 1, what="the new verdict")
-        assert value(service, "filter_feedback_precision", **NEGATIVE_A) == pytest.approx(3 / 5)
+        assert value(service, "filter_feedback_precision", **NEGATIVE_A) == pytest.approx(39 / 50)
 
 
 def test_verdicts_on_a_rule_added_by_a_reload_count_after_sighup(bootstrap_servers):
@@ -259,12 +261,14 @@ def test_feedback_command_exits_4_when_the_topic_is_missing(bootstrap_servers):
 
 def test_calibrate_from_a_verdict_topic_proposes_a_higher_threshold(bootstrap_servers, tmp_path):
     topic = create_topic(bootstrap_servers, partitions=2)
-    # Rule "negative" quarantines from 0.75. Reviewers call everything below 0.9 ok, above it abuse.
-    scores = [0.76, 0.78, 0.8, 0.82, 0.85, 0.88, 0.91, 0.93, 0.95, 0.97, 0.99]
+    # Rule "negative" quarantines from 0.75. Reviewers call everything below 0.9 ok, above it abuse: 50
+    # of each. Clopper-Pearson's lower bound of 50 abuse among 50 is 0.929, among 51 0.895: 0.91.
+    scores = [0.76 + i * 0.0026 for i in range(50)] + [0.91 + i * 0.0016 for i in range(50)]
     records = [
         verdict(i, "abuse" if s > 0.9 else "ok", "default", "negative", "quarantine", s, MODEL_A)
         for i, s in enumerate(scores)
     ]
+    records.append(records[70])  # delivered twice: counted once
     records.append((records[0][0], b"garbage"))
     produce(bootstrap_servers, topic, records)
     result = subprocess.run(
@@ -278,7 +282,7 @@ def test_calibrate_from_a_verdict_topic_proposes_a_higher_threshold(bootstrap_se
             "--rule",
             "negative",
             "--target-precision",
-            "0.95",
+            "0.9",
             "--resamples",
             "200",
             "--out-json",
@@ -291,9 +295,9 @@ def test_calibrate_from_a_verdict_topic_proposes_a_higher_threshold(bootstrap_se
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("11 verdicts on rule negative (scope default, model " + MODEL_A)
-    assert "{'not_json': 1}" in lines[0]
-    assert "never lowering it" in result.stdout and "from 0.75 to 0.910000 stops taking 6" in result.stdout
+    assert lines[0].startswith("100 verdicts on rule negative (scope default, model " + MODEL_A)
+    assert "{'not_json': 1}" in lines[0] and lines[1].startswith("101 verdict records on these 100 sources")
+    assert "never lowering it" in result.stdout and "from 0.75 to 0.910000 stops taking 50" in result.stdout
     rule = orjson.loads(lines[-1])
     assert rule == {
         "action": "quarantine",
@@ -323,6 +327,7 @@ def test_the_feedback_command_reloads_a_changed_config_file_without_a_signal(boo
         "FILTER_KAFKA__SESSION_TIMEOUT_MS": "6000",
         "FILTER_FEEDBACK__TOPIC": topic,
         "FILTER_FEEDBACK__METRICS_PORT": str(port),
+        "FILTER_FEEDBACK__MODELS": '["acme/keyword"]',
         "FILTER_LOG__FORMAT": "json",
     }
     service = subprocess.Popen(
