@@ -140,7 +140,10 @@ def wilson(share: float, size: float, confidence: float = CONFIDENCE) -> tuple[f
     z2 = z * z
     centre = (share + z2 / (2 * size)) / (1 + z2 / size)
     half = z * math.sqrt(share * (1 - share) / size + z2 / (4 * size * size)) / (1 + z2 / size)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At a share of exactly 0 or 1 the bound is exactly 0 or 1; rounding would leave 0.9999999999999999.
+    low = 0.0 if share <= 0.0 else max(0.0, centre - half)
+    high = 1.0 if share >= 1.0 else min(1.0, centre + half)
+    return low, high
 
 
 def effective_size(weights: Sequence[float]) -> float:

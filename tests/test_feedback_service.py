@@ -227,3 +227,50 @@ def test_the_drop_precision_alert_pages_on_evidence_not_on_noise():
         within_200.append(fired[300:500].any())
         within_300.append(fired[300:600].any())
     assert np.mean(within_200) >= 0.95 and np.mean(within_300) >= 0.99
+
+
+def drawn(n: int, verdict: str, negative: float, probability: float, action: str = "allow", rule: str = "default"):
+    scores = orjson.dumps({"very-negative": negative / 2, "negative": negative})
+    return record(
+        n,
+        verdict,
+        negative,
+        rule=rule,
+        action=action,
+        filter_sampled=b"true",
+        **{"filter_sample-probability": str(probability).encode(), "filter_rule-scores": scores},
+    )
+
+
+def test_drawn_verdicts_become_recall_and_prevalence_and_leave_with_their_rule():
+    service = service_for(ManualClock(0.0))
+    # 10 drawn from the quarantined (1 in 100 drawn), 4 of them abuse; 20 allowed ones (1 in 10), 2 abuse.
+    for n in range(10):
+        service.judge(drawn(n, "abuse" if n < 4 else "ok", 0.8, 0.01, action="quarantine", rule="negative"))
+    for n in range(10, 30):
+        service.judge(drawn(n, "abuse" if n < 12 else "ok", 0.5, 0.1))
+    scope = {"scope": "default", "model": MODEL}
+    # Weighted: abuse 4 x 100 + 2 x 10 = 420 of 10 x 100 + 20 x 10 = 1200 records; negative takes 400 of 420.
+    assert sample(service, "filter_feedback_prevalence", **scope) == pytest.approx(420 / 1200)
+    assert sample(service, "filter_feedback_recall", **scope, rule="negative") == pytest.approx(400 / 420)
+    assert sample(service, "filter_feedback_recall", **scope, rule="very-negative") == 0.0
+    assert sample(service, "filter_feedback_scope_recall", **scope) == pytest.approx(400 / 420)
+    low = sample(service, "filter_feedback_recall_lower", **scope, rule="negative")
+    assert 0.0 < low < 400 / 420 < sample(service, "filter_feedback_recall_upper", **scope, rule="negative")
+    assert sample(service, "filter_feedback_sample_window_verdicts", **scope) == 30
+    assert sample(service, "filter_feedback_sampled_verdicts_total", **scope, verdict="abuse") == 6
+    # The quarantined ones are verdicts on the rule's decisions too: its precision.
+    assert sample(service, "filter_feedback_precision", **NEGATIVE) == 0.4
+    assert sample(service, "filter_feedback_invalid_total", reason="not_moderated") == 0
+
+    # Lowering negative to 0.45 takes the allowed ones too (decided again from their rule scores).
+    lowered = RoutingSettings.model_validate({"rules": [RULES[0], {**RULES[1], "min_score": 0.45}]})
+    service._reload_routing = lambda: lowered
+    service.request_reload()
+    service._maybe_reload()
+    assert sample(service, "filter_feedback_recall", **scope, rule="negative") == 1.0
+    removed = RoutingSettings.model_validate({"rules": [RULES[0]]})
+    service._reload_routing = lambda: removed
+    service.request_reload()
+    service._maybe_reload()
+    assert {labels["rule"] for labels in series(service, "filter_feedback_recall")} == {"very-negative"}

@@ -14,8 +14,9 @@ import numpy as np
 
 from filter_worker.config import DEFAULT_SCOPE
 from filter_worker.pipeline.decode import DecodeFailure
-from filter_worker.pipeline.records import InputRecord, Outgoing, dead_letter, routed
+from filter_worker.pipeline.records import InputRecord, Outgoing, OutputRecord, dead_letter, routed
 from filter_worker.pipeline.routing import Decision, Router
+from filter_worker.pipeline.sampling import ReviewSampler
 
 
 class Classified(Protocol):
@@ -62,6 +63,13 @@ class Decider:
             out = routed(item.record, decision, topics[action], model, item.truncated, item.embed_into, shadow)
             outputs.append(Outgoing(out, item.record, item.generation, action))
         return outputs, decisions
+
+    def drawn_for_review(
+        self, sampler: ReviewSampler, outputs: Sequence[Outgoing], decisions: Sequence[Decision]
+    ) -> list[OutputRecord]:
+        """The review records (``FILTER_REVIEW__*``) of a batch ``classified`` just returned: drawn under
+        the thresholds that decided it, so "just below a threshold" means the threshold in force."""
+        return sampler.draw(outputs, decisions, self.router)
 
     def failed(self, record: InputRecord, generation: int, failure: DecodeFailure) -> Outgoing:
         out = dead_letter(record, failure, self._topics["dead_letter"])
