@@ -78,7 +78,7 @@ def worker_settings(
 
 
 def create_topics(settings: Settings, input_partitions: int) -> None:
-    admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers, **_LOGGER})
+    admin = AdminClient({**settings.kafka.client_properties(), **_LOGGER})
     kafka_io.create_topics(admin, settings.topics.input, input_partitions)
     kafka_io.create_topics(admin, settings.topics.outputs().values(), 1)
 
@@ -135,7 +135,7 @@ class _OutputReader:
         self._topics = list(settings.topics.outputs().values())
         self._consumer = Consumer(
             {
-                "bootstrap.servers": settings.kafka.bootstrap_servers,
+                **settings.kafka.client_properties(),  # TLS and SASL too, where the test uses them
                 "group.id": f"reader-{uuid.uuid4().hex}",
                 "enable.auto.commit": False,
                 **_LOGGER,
@@ -224,7 +224,7 @@ def committed_offsets(settings: Settings, partitions: int) -> dict[int, int]:
     """The group's committed offsets per input partition (-1001 when none)."""
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            **settings.kafka.client_properties(),
             "group.id": settings.kafka.group_id,
             "enable.auto.commit": False,
             **_LOGGER,
