@@ -40,8 +40,13 @@ def broker_binary() -> str:
 class EmbeddedBroker:
     """Start on a free (or given) loopback port; ``bootstrap_servers`` is ready once ``start`` returns."""
 
-    def __init__(self, port: int | None = None, advertised_port: int | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, advertised_port: int | None = None, authentication: bool = False
+    ) -> None:
         self.port = port or free_port()
+        # Require SASL (SCRAM) from every client. With memory storage no user can be created once it is
+        # on, so every client is refused: what a test of refused credentials needs, and all it is good for.
+        self.authentication = authentication
         # Clients connect wherever metadata points them: a different advertised port lets a proxy
         # sit in front of the broker (the fault tests cut the network that way).
         self.advertised_port = advertised_port or self.port
@@ -57,7 +62,15 @@ class EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         self._process = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised],
+            [
+                broker_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                advertised,
+                *(["--authentication"] if self.authentication else []),
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
