@@ -456,15 +456,20 @@ DEFAULT_SCOPE = "default"
 
 
 class ScopeMatch(_Section):
-    """Which records a scope takes: a header's value, or a field of the JSON value, among ``values``.
+    """Which records a scope takes: those read from one of ``topics``, or whose header or JSON field has
+    one of ``values``.
 
-    Exactly one of ``header`` (a Kafka header name; its value as UTF-8) and ``field`` (a dotted path
-    into the JSON value, like ``message.text_field``; the value must be a string) is given.
+    Exactly one of ``topics`` (input topics), ``header`` (a Kafka header name; its value as UTF-8) and
+    ``field`` (a dotted path into the JSON value, like ``message.text_field``; the value must be a
+    string) is given. A header or a field is whatever the sender wrote, so a scope on one is a scope
+    the sender can choose; the input topic is the pipeline's (``Router`` warns about laxer scopes that
+    a sender can choose).
     """
 
+    topics: list[Topic] | None = Field(None, min_length=1)
     header: str | None = Field(None, min_length=1)
     field: str | None = None
-    values: list[str] = Field(min_length=1)
+    values: list[str] | None = Field(None, min_length=1)
 
     @field_validator("field")
     @classmethod
@@ -475,8 +480,12 @@ class ScopeMatch(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> ScopeMatch:
-        if (self.header is None) == (self.field is None):
-            raise ValueError("give exactly one of 'header' and 'field'")
+        if sum(source is not None for source in (self.topics, self.header, self.field)) != 1:
+            raise ValueError("give exactly one of 'topics', 'header' and 'field'")
+        if self.topics is not None and self.values is not None:
+            raise ValueError("'values' goes with 'header' or 'field'; 'topics' lists the topics themselves")
+        if self.topics is None and self.values is None:
+            raise ValueError("'values' is needed with 'header' or 'field'")
         return self
 
 
@@ -674,6 +683,21 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"FILTER_ROUTING__SCOPES: scope(s) {by_field} match on a JSON field, but "
                     "FILTER_MESSAGE__FORMAT is text; match on a header instead"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _scope_topics_are_inputs(self) -> Settings:
+        # A topic scope on a topic the worker does not read never matches: a typo, refused. With a
+        # pattern subscription ("^...") the topics are only known at run time.
+        if any(topic.startswith("^") for topic in self.topics.input):
+            return self
+        for scope in self.routing.scopes:
+            unknown = [t for t in scope.match.topics or [] if t not in self.topics.input]
+            if unknown:
+                raise ValueError(
+                    f"FILTER_ROUTING__SCOPES: scope '{scope.name}' matches topic(s) {unknown} that are not input "
+                    f"topics (FILTER_TOPICS__INPUT: {self.topics.input})"
                 )
         return self
 

@@ -1,23 +1,29 @@
-"""Score drift: the index itself, the sliding windows, the reference file, and the metrics they feed.
+"""Score drift: the index, the take rates, the sliding windows, the reference file, and the metrics they feed.
 
-Scores are drawn from seeded Beta distributions, so every number here is the same on every run.
+Scores are drawn from seeded distributions, so every number here is the same on every run; the
+statistical tests compare what the monitor reports with a truth the test chose.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from prometheus_client import generate_latest
 
-from filter_worker.config import ConfigError, RoutingSettings, load_settings
+from filter_worker.config import MIN_DRIFT_REFERENCE, MIN_DRIFT_WINDOW, ConfigError, RoutingSettings, load_settings
+from filter_worker.drift_metrics import DriftExporter, thresholds_of
 from filter_worker.metrics import Metrics
 from filter_worker.pipeline.drift import (
-    SCORE_EDGES,
+    QUANTILES,
     DriftMonitor,
-    bins_of,
-    histogram,
+    RuleReference,
+    binned,
+    expected_noise,
     load_reference,
     parse_reference,
     psi,
@@ -28,7 +34,25 @@ from filter_worker.pipeline.routing import Router
 from tests.clock import ManualClock
 
 LABELS = ["bad", "good"]
-ALERT_THRESHOLD = 0.2  # deploy/prometheus/moderation-alerts.yml
+ALERTS = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "moderation-alerts.yml"
+
+
+def alert_threshold(name: str) -> str:
+    return next(
+        r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"] if r["alert"] == name
+    )
+
+
+PSI_ALERT = float(re.search(r"filter_score_psi > ([\d.]+)", alert_threshold("FilterScoreDrift")).group(1))
+
+
+def take_rate_alert(rate: object) -> bool:
+    """FilterTakeRateShift's condition, with its numbers read from the rule file."""
+    expr = alert_threshold("FilterTakeRateShift")
+    z = float(re.search(r"abs\(filter_take_rate_zscore\) > ([\d.]+)", expr).group(1))
+    ratio = float(re.search(r"filter_take_rate > ([\d.]+) \* filter_take_rate_reference", expr).group(1))
+    assert f"filter_take_rate < filter_take_rate_reference / {ratio}" in expr
+    return abs(rate.z) > z and (rate.live > ratio * rate.reference or rate.live < rate.reference / ratio)
 
 
 def probs_of(scores: np.ndarray) -> np.ndarray:
@@ -41,7 +65,7 @@ def sample(a: float, b: float, n: int, seed: int) -> np.ndarray:
 
 
 def reference(scores: np.ndarray, scope: str = "default") -> object:
-    return reference_of("m@1", "sample.jsonl", {scope: {"bad": (["bad"], scores.astype(np.float32))}})
+    return reference_of("m@1", "sample.jsonl", {scope: {"bad": (["bad"], probs_of(scores)[:, 0])}})
 
 
 def feed(monitor: DriftMonitor, scores: np.ndarray, scope: str = "default", batch: int = 32) -> list[float]:
@@ -55,10 +79,12 @@ def feed(monitor: DriftMonitor, scores: np.ndarray, scope: str = "default", batc
     return seen
 
 
-def test_bins_are_closed_below_and_the_last_holds_one():
-    scores = np.array([0.0, 0.0099, 0.01, 0.5, 0.99, 1.0, 1.0000001, -0.1])
-    assert bins_of(scores, SCORE_EDGES).tolist() == [0, 0, 1, 7, 13, 13, 13, 0]
-    assert histogram(scores, SCORE_EDGES).sum() == len(scores)
+def test_the_bins_are_the_reference_deciles():
+    rule = RuleReference.of(["bad"], sample(1, 8, 5000, seed=1))
+    assert len(rule.edges) == 9 and rule.counts.sum() == 5000
+    assert rule.counts.min() >= 499 and rule.counts.max() <= 501, "each bin holds a tenth of the reference"
+    assert binned(np.array([0.0, rule.edges[0], 1.0]), rule.edges).tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 0, 1]
+    assert rule.take_rate(float(rule.scores[-10])) == (10, 5000)
 
 
 def test_psi_is_zero_for_equal_shares_and_finite_with_empty_bins():
@@ -66,38 +92,67 @@ def test_psi_is_zero_for_equal_shares_and_finite_with_empty_bins():
     assert psi(counts, counts * 3) == 0.0
     empty_reference_bin = psi(np.array([0, 50, 50]), np.array([10, 45, 45]))
     assert 0.0 < empty_reference_bin < 1.0, "an empty bin adds a large but finite term"
-    assert psi(np.array([10, 45, 45]), np.array([0, 50, 50])) == pytest.approx(
-        0.1 * np.log(0.1 / 1e-4) + 2 * (0.5 - 0.45) * np.log(0.5 / 0.45) - 1e-4 * np.log(0.1 / 1e-4), rel=1e-3
-    )
 
 
-def test_an_unshifted_stream_stays_below_the_threshold_and_a_shifted_one_crosses_it():
-    base = reference(sample(1, 8, 5000, seed=1))
-    unshifted = DriftMonitor(base, LABELS, window=1000)
-    steady = feed(unshifted, sample(1, 8, 3000, seed=2))
-    assert steady and max(steady) < 0.1, "same distribution, other seed: within the no-change band"
+def test_too_small_a_window_or_reference_is_refused_at_start_up():
+    """A 100-record window read above 0.2 in about 45 % of windows without any drift; a reference could
+    hold one record."""
+    with pytest.raises(ConfigError, match=r"FILTER_DRIFT__WINDOW \(drift.window\).*greater than or equal to 500"):
+        load_settings(drift={"window": MIN_DRIFT_WINDOW - 1})
+    small = reference(sample(1, 8, MIN_DRIFT_REFERENCE, seed=2)).to_json()
+    small["scopes"]["default"]["records"] = 999
+    small["scopes"]["default"]["rules"]["bad"]["scores"] = small["scopes"]["default"]["rules"]["bad"]["scores"][:999]
+    with pytest.raises(
+        ConfigError, match=r"FILTER_DRIFT__REFERENCE=ref.json: scope 'default' has 999 records; an index"
+    ):
+        parse_reference(small, "ref.json")
 
-    drifting = DriftMonitor(base, LABELS, window=1000)
-    before = feed(drifting, sample(1, 8, 1000, seed=3))
-    after = feed(drifting, sample(2, 5, 1500, seed=4))  # the scores move up: mean 0.11 -> 0.29
-    assert before[-1] < 0.1
-    assert after[-1] > ALERT_THRESHOLD
-    crossing = next(i for i, value in enumerate(after) if value > ALERT_THRESHOLD)
-    assert 0 < crossing < len(after) - 1, "the index rises as shifted records fill the window"
+
+def softmax_like(n: int, seed: int) -> np.ndarray:
+    """Scores piled up near 0 with a tail to 1, as a softmax gives them: sigmoid of N(-3, 2.5)."""
+    return 1.0 / (1.0 + np.exp(-np.random.default_rng(seed).normal(-3.0, 2.5, n)))
 
 
-def test_no_index_until_the_window_is_full_and_the_window_slides():
-    base = reference(sample(1, 8, 2000, seed=5))
-    monitor = DriftMonitor(base, LABELS, window=100)
-    assert monitor.observe(probs_of(sample(1, 8, 99, seed=6)), ["default"] * 99) == {}
-    assert set(monitor.observe(probs_of(sample(1, 8, 1, seed=7)), ["default"])) == {("default", "bad")}
-    stream = sample(3, 3, 250, seed=8).astype(np.float32)
-    feed(monitor, stream, batch=37)
-    last_100 = psi(base.rules["default"]["bad"].counts, histogram(stream[-100:], SCORE_EDGES))
-    assert monitor.observe(probs_of(stream[-1:]), ["default"])[("default", "bad")] != last_100, "one more record"
-    # A batch larger than the window keeps only its newest records.
-    fresh = DriftMonitor(base, LABELS, window=100)
-    assert fresh.observe(probs_of(stream), ["default"] * 250)[("default", "bad")] == pytest.approx(last_100)
+def test_without_drift_the_index_stays_near_its_expected_noise_and_far_below_the_alert():
+    """Softmax-like scores, the same distribution on both sides. On the old fixed bins a 100-record
+    window against 1000 reference records averaged 0.20 and read above 0.2 in 41 % of windows. At the
+    smallest sizes allowed now (reference 1000, window 500) over 1000 windows: the mean is what
+    ``expected_noise`` says, within 10 %, and no window comes near 0.2."""
+    null = []
+    for seed in range(1000):
+        rule = RuleReference.of(["bad"], softmax_like(MIN_DRIFT_REFERENCE, seed=10_000 + seed))
+        live = binned(softmax_like(MIN_DRIFT_WINDOW, seed=20_000 + seed), rule.edges)
+        null.append(psi(rule.counts, live))
+    expected = expected_noise(len(QUANTILES) - 1, MIN_DRIFT_REFERENCE, MIN_DRIFT_WINDOW)
+    assert np.mean(null) == pytest.approx(expected, rel=0.1)
+    assert np.quantile(null, 0.99) < 0.08 and max(null) < PSI_ALERT / 2
+
+
+def test_a_shifted_stream_crosses_the_alert_and_the_window_forgets_it_when_the_shift_ends():
+    base = reference(sample(1, 8, 5000, seed=3))
+    monitor = DriftMonitor(base, LABELS, window=1000)
+    before = feed(monitor, sample(1, 8, 1000, seed=4))
+    during = feed(monitor, sample(2, 5, 1500, seed=5))  # the scores move up: mean 0.11 -> 0.29
+    after = feed(monitor, sample(1, 8, 1000, seed=6))
+    assert before[-1] < 0.1 and during[-1] > PSI_ALERT
+    crossing = next(i for i, value in enumerate(during) if value > PSI_ALERT)
+    assert 0 < crossing < len(during) - 1, "the index rises as shifted records fill the window"
+    assert after[-1] < 0.1, "a full window later the shifted records have left it"
+
+
+def test_no_index_until_the_window_is_full_and_a_batch_larger_than_the_window_keeps_its_newest():
+    base = reference(sample(1, 8, 2000, seed=7))
+    monitor = DriftMonitor(base, LABELS, window=500)
+    assert monitor.observe(probs_of(sample(1, 8, 499, seed=8)), ["default"] * 499) == {}
+    assert set(monitor.observe(probs_of(sample(1, 8, 1, seed=9)), ["default"])) == {("default", "bad")}
+    stream = probs_of(sample(3, 3, 1200, seed=10))
+    last_500 = psi(base.rules["default"]["bad"].counts, binned(stream[-500:, 0], base.rules["default"]["bad"].edges))
+    fresh = DriftMonitor(base, LABELS, window=500)
+    assert fresh.observe(stream, ["default"] * 1200)[("default", "bad")] == pytest.approx(last_500)
+    feed(monitor, stream[:, 0].astype(np.float64), batch=37)
+    assert monitor.observe(stream[-500:], ["default"] * 500)[("default", "bad")] == pytest.approx(last_500)
+    one_more = monitor.observe(probs_of(np.array([0.0])), ["default"])[("default", "bad")]
+    assert one_more != pytest.approx(last_500), "the oldest record left, one in the lowest bin came"
 
 
 def test_scopes_have_their_own_windows_and_unknown_scopes_are_ignored():
@@ -105,44 +160,48 @@ def test_scopes_have_their_own_windows_and_unknown_scopes_are_ignored():
         "m@1",
         "d",
         {
-            "default": {"bad": (["bad"], sample(1, 8, 1000, seed=9).astype(np.float32))},
-            "kids": {"bad": (["bad"], sample(1, 8, 1000, seed=10).astype(np.float32))},
+            "default": {"bad": (["bad"], sample(1, 8, 1000, seed=11))},
+            "kids": {"bad": (["bad"], sample(1, 8, 1000, seed=12))},
         },
     )
-    monitor = DriftMonitor(base, LABELS, window=100)
-    shifted = probs_of(sample(4, 2, 100, seed=11))
-    calm = probs_of(sample(1, 8, 100, seed=12))
-    both = monitor.observe(np.concatenate([shifted, calm]), ["kids"] * 100 + ["default"] * 100)
+    monitor = DriftMonitor(base, LABELS, window=500)
+    shifted = probs_of(sample(4, 2, 500, seed=13))
+    calm = probs_of(sample(1, 8, 500, seed=14))
+    both = monitor.observe(np.concatenate([shifted, calm]), ["kids"] * 500 + ["default"] * 500)
     assert both[("kids", "bad")] > 1.0 > 0.1 > both[("default", "bad")]
-    assert monitor.observe(calm, ["adults"] * 100) == {}
+    assert monitor.observe(calm, ["adults"] * 500) == {}
 
 
 def test_the_reference_file_round_trips_and_bad_files_name_the_setting(tmp_path):
-    base = reference(sample(1, 8, 500, seed=13))
+    base = reference(sample(1, 8, 1000, seed=15))
     path = tmp_path / "ref.json"
     path.write_text(json.dumps(base.to_json()))
     loaded = load_reference(path)
-    assert loaded.records == {"default": 500} and loaded.edges == SCORE_EDGES and loaded.model == "m@1"
+    assert loaded.records == {"default": 1000} and loaded.edges == QUANTILES and loaded.model == "m@1"
     assert loaded.rules["default"]["bad"].counts.tolist() == base.rules["default"]["bad"].counts.tolist()
+    assert loaded.rules["default"]["bad"].scores.tolist() == base.rules["default"]["bad"].scores.tolist()
 
     def broken(**change: object) -> dict:
         return {**base.to_json(), **change}
 
     document = base.to_json()
+    scope = document["scopes"]["default"]
     for bad, named in [
-        (broken(version=2), "version"),
+        (broken(version=1), "version"),
         (broken(format="something else"), "format"),
-        (broken(edges=[0.0, 0.5, 0.4, 1.0]), "edges must rise strictly from 0 to 1"),
-        (broken(scopes={"default": {**document["scopes"]["default"], "records": 499}}), "not records (499)"),
-        (broken(scopes={"kids app": document["scopes"]["default"]}), "'kids app' is not a valid scope name"),
+        (broken(scopes={"default": {**scope, "records": 1001}}), "1000 scores, not records (1001)"),
+        (broken(scopes={"kids app": scope}), "'kids app' is not a valid scope name"),
+        (
+            broken(scopes={"default": {**scope, "rules": {"bad": {"labels": ["bad"], "scores": [2.0] * 1000}}}}),
+            "0 to 1",
+        ),
         ([1, 2], "input should be a valid dictionary"),
     ]:
         with pytest.raises(ConfigError) as err:
             parse_reference(bad, "ref.json")
         message = str(err.value)
-        assert (
-            message.startswith("FILTER_DRIFT__REFERENCE=ref.json: not a drift reference") and named in message.lower()
-        )
+        assert message.startswith("FILTER_DRIFT__REFERENCE=ref.json: not a drift reference"), message
+        assert named.lower() in message.lower(), message
     path.write_text("{oops")
     with pytest.raises(ConfigError, match=r"FILTER_DRIFT__REFERENCE=.*ref.json: not valid JSON"):
         load_reference(path)
@@ -151,42 +210,140 @@ def test_the_reference_file_round_trips_and_bad_files_name_the_setting(tmp_path)
     with pytest.raises(
         ConfigError, match=r"scope 'default' rule 'bad' has label\(s\) \['bad'\] that the model does not"
     ):
-        DriftMonitor(base, ["toxic", "clean"], window=100)
+        DriftMonitor(base, ["toxic", "clean"], window=500)
+
+
+# ---- take rates: what the thresholds do ----
+
+DROP = RoutingSettings.model_validate(
+    {"rules": [{"action": "drop", "labels": ["bad"], "min_score": 0.9, "name": "bad"}]}
+)
+
+
+def traffic(rng: np.random.Generator, n: int, drop_rate: float, low: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """Scores: ``drop_rate`` of them above the 0.9 threshold, the rest below 0.5 (a Beta(a, b) / 2), a
+    ``low`` of (a, b) far toward 0 being a harmless shift entirely below 0.1."""
+    above = rng.random(n) < drop_rate
+    return np.where(above, rng.uniform(0.9, 1.0, n), rng.beta(*low, n) / 2)
+
+
+def window_readings(drop_rate: float, low: tuple[float, float], windows: int, seed: int) -> list:
+    """Each window against its own reference snapshot: the reference is a sample too."""
+    rng = np.random.default_rng(seed)
+    router = Router(DROP, LABELS)
+    out = []
+    for _ in range(windows):
+        monitor = DriftMonitor(reference(traffic(rng, 5000, 0.10)), LABELS, window=1000)
+        monitor.observe(probs_of(traffic(rng, 1000, drop_rate, low)), ["default"] * 1000)
+        readings = monitor.readings(thresholds_of(router))
+        out.append((readings.indices[("default", "bad")], readings.take_rates[("default", "bad")]))
+    return out
+
+
+def test_take_rates_alert_on_what_thresholds_do_and_not_on_harmless_shifts():
+    """Reference: 10 % of records scored above the drop threshold (0.9), the rest below 0.5.
+    - nothing changed: no window of 300 raises the take-rate alert; z is about standard normal;
+    - the drop rate goes to 25 %: every window raises it;
+    - the scores below 0.5 all crowd below 0.1 (the rule's decisions do not change): none raises it,
+      although the index, which sees any change, reads far above its alert line."""
+    steady = window_readings(0.10, (1.0, 1.0), 300, seed=16)
+    assert not any(take_rate_alert(rate) for _, rate in steady)
+    z = np.array([rate.z for _, rate in steady])
+    assert abs(z.mean()) < 0.2 and 0.8 < z.std() < 1.2
+    assert max(index for index, _ in steady) < PSI_ALERT / 2
+
+    doubled = window_readings(0.25, (1.0, 1.0), 100, seed=17)
+    assert all(take_rate_alert(rate) for _, rate in doubled)
+    assert all(rate.live == pytest.approx(0.25, abs=0.05) and rate.reference == pytest.approx(0.1, abs=0.02)
+               for _, rate in doubled)  # fmt: skip
+
+    harmless = window_readings(0.10, (0.3, 8.0), 100, seed=18)
+    assert not any(take_rate_alert(rate) for _, rate in harmless)
+    assert min(index for index, _ in harmless) > PSI_ALERT
+
+
+def test_take_rates_follow_the_threshold_in_force_and_skip_rules_with_other_labels():
+    base = reference(np.linspace(0, 1, 1000, endpoint=False))
+    monitor = DriftMonitor(base, LABELS, window=500)
+    monitor.observe(probs_of(np.linspace(0, 1, 500, endpoint=False)), ["default"] * 500)
+    rates = monitor.readings(lambda scope: {"bad": (("bad",), 0.8)}).take_rates[("default", "bad")]
+    assert (rates.live, rates.reference, rates.z) == (pytest.approx(0.2), pytest.approx(0.2), pytest.approx(0.0))
+    assert monitor.readings(lambda scope: {"bad": (("good",), 0.8)}).take_rates == {}
+    assert monitor.readings(lambda scope: None).indices == {}, "a scope no longer configured reports nothing"
+
+
+# ---- the metrics ----
+
+
+def test_the_exporter_sets_the_series_and_removes_them_when_a_scope_goes_quiet_or_away():
+    clock = ManualClock(0.0)
+    base = reference_of(
+        "m@1",
+        "d",
+        {scope: {"bad": (["bad"], sample(1, 8, 1000, seed=19))} for scope in ("default", "kids")},
+    )
+    kids = {
+        "name": "kids",
+        "match": {"topics": ["kids-in"]},
+        "rules": [{"action": "drop", "labels": ["bad"], "min_score": 0.5, "name": "bad"}],
+    }
+    router = Router(RoutingSettings.model_validate({"rules": DROP.model_dump()["rules"], "scopes": [kids]}), LABELS)
+    metrics = Metrics()
+    exporter = DriftExporter(metrics, DriftMonitor(base, LABELS, window=500, expire_s=60.0, clock=clock))
+    registry = metrics.registry
+
+    def present(name: str) -> set[str]:
+        return {s.labels["scope"] for f in registry.collect() for s in f.samples if s.name == name}
+
+    both = probs_of(sample(1, 8, 1000, seed=20))
+    exporter.publish(both, ["default"] * 500 + ["kids"] * 500, router)
+    for name in ("filter_score_psi", "filter_take_rate", "filter_take_rate_reference", "filter_take_rate_zscore"):
+        assert present(name) == {"default", "kids"}, name
+    clock.now = 50.0
+    exporter.publish(both[:10], ["default"] * 10, router)
+    clock.now = 100.0
+    exporter.expire()
+    for name in ("filter_score_psi", "filter_take_rate", "filter_take_rate_zscore"):
+        assert present(name) == {"default"}, f"{name}: kids had no record for 100 s"
+    assert registry.get_sample_value(
+        "filter_take_rate_reference", {"scope": "default", "rule": "bad"}
+    ) == pytest.approx(base.rules["default"]["bad"].take_rate(0.9)[0] / 1000)
+    exporter.publish(both[:10], ["kids"] * 10, Router(DROP, LABELS))
+    assert present("filter_score_psi") == {"default"}, "kids is no longer configured"
 
 
 def test_observer_counts_decisions_and_fills_histograms_and_the_drift_gauge(tmp_path):
-    base = reference(sample(1, 8, 1000, seed=14))
+    base = reference(sample(1, 8, 1000, seed=21))
     path = tmp_path / "ref.json"
     path.write_text(json.dumps(base.to_json()))
-    settings = load_settings(drift={"reference": str(path), "window": 100})
+    settings = load_settings(drift={"reference": str(path), "window": 500})
     routing = RoutingSettings.model_validate(
         {"rules": [{"action": "drop", "labels": ["bad"], "min_score": 0.5, "name": "bad"}]}
     )
     router = Router(routing, LABELS)
     metrics = Metrics()
     observer = Observer.from_settings(metrics, settings, LABELS, model="m@1")
-    scores = sample(4, 2, 100, seed=15)  # far above the reference
+    scores = sample(4, 2, 500, seed=22)  # far above the reference
     probs = probs_of(scores)
-    decisions = router.decide_batch(probs, ["default"] * 100)
+    decisions = router.decide_batch(probs, ["default"] * 500)
     observer.observe(probs, decisions, router)
     observer.flush()
     registry = metrics.registry
-    drops = int((scores.astype(np.float32) >= 0.5).sum())
+    drops = int((probs[:, 0] >= 0.5).sum())
     assert (
         registry.get_sample_value("filter_decisions_total", {"scope": "default", "action": "drop", "rule": "bad"})
         == drops
     )
     allowed = {"scope": "default", "action": "allow", "rule": "default"}
-    assert registry.get_sample_value("filter_decisions_total", allowed) == 100 - drops
-    assert registry.get_sample_value("filter_rule_score_count", {"scope": "default", "rule": "bad"}) == 100
+    assert registry.get_sample_value("filter_decisions_total", allowed) == 500 - drops
+    assert registry.get_sample_value("filter_rule_score_count", {"scope": "default", "rule": "bad"}) == 500
     below_half = registry.get_sample_value("filter_rule_score_bucket", {"scope": "default", "rule": "bad", "le": "0.5"})
-    assert below_half == int((scores.astype(np.float32) <= 0.5).sum())
-    assert registry.get_sample_value("filter_top_label_probability_count", {"scope": "default"}) == 100
+    assert below_half == int((probs[:, 0] <= 0.5).sum())
+    assert registry.get_sample_value("filter_top_label_probability_count", {"scope": "default"}) == 500
     index = registry.get_sample_value("filter_score_psi", {"scope": "default", "rule": "bad"})
-    assert index == pytest.approx(
-        psi(base.rules["default"]["bad"].counts, histogram(scores.astype(np.float32), SCORE_EDGES))
-    )
-    assert index > ALERT_THRESHOLD
+    rule = base.rules["default"]["bad"]
+    assert index == pytest.approx(psi(rule.counts, binned(probs[:, 0].astype(np.float64), rule.edges)))
+    assert index > PSI_ALERT
     assert b"filter_score_psi" in generate_latest(registry)
 
 
@@ -194,7 +351,7 @@ def test_without_a_reference_there_is_no_drift_gauge():
     metrics = Metrics()
     router = Router(RoutingSettings(rules=[]), LABELS)
     observer = Observer.from_settings(metrics, load_settings(), LABELS, model="m@1")
-    probs = probs_of(sample(1, 1, 10, seed=16))
+    probs = probs_of(sample(1, 1, 10, seed=23))
     observer.observe(probs, router.decide_batch(probs, ["default"] * 10), router)
     observer.flush()
     assert (
@@ -223,7 +380,7 @@ def test_histograms_take_held_rows_after_the_interval_when_caught_up_or_when_the
             "filter_decisions_total", {"scope": "default", "action": "allow", "rule": "default"}
         )
 
-    calm = probs_of(sample(1, 8, 10, seed=17))
+    calm = probs_of(sample(1, 8, 10, seed=24))
     observer.observe(calm, router.decide_batch(calm, ["default"] * 10), router)
     assert decided() == 10, "decisions are counted at once"
     assert scored() == 0, "score rows are held"
@@ -244,6 +401,6 @@ def test_histograms_take_held_rows_after_the_interval_when_caught_up_or_when_the
     assert scored() == 30, "rows decided under the old rules are scored under them before new ones are held"
     assert registry.get_sample_value("filter_rule_score_count", {"scope": "default", "rule": "rules[0]"}) == 30
 
-    many = probs_of(sample(1, 8, FLUSH_RECORDS, seed=18))
+    many = probs_of(sample(1, 8, FLUSH_RECORDS, seed=25))
     observer.observe(many, reloaded.decide_batch(many, ["default"] * FLUSH_RECORDS), reloaded)
     assert scored() == 40 + FLUSH_RECORDS, "a full hold is fed at once"

@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 
-from filter_worker.pipeline.drift import SCORE_EDGES, histogram, load_reference
+from filter_worker.pipeline.drift import load_reference
 from filter_worker.pipeline.routing import Router
 from tests.test_cli import cli
 
@@ -214,40 +214,46 @@ def test_calibrate_from_feedback_refuses_what_it_cannot_judge(tmp_path):
     assert all_ok.returncode == 2 and "every verdict on rule negative is 'ok'" in all_ok.stderr
 
 
-def test_drift_snapshot_writes_each_scopes_score_distributions(keyword_model, tmp_path):
+def test_drift_snapshot_writes_each_scopes_scores_and_leaves_out_scopes_too_small_for_an_index(
+    keyword_model, tmp_path
+):
     data = tmp_path / "sample.jsonl"
-    rows = [
-        {"text": t, "lang": lang}
-        for t, lang in [("you idiot", "en"), ("hello", "en"), ("so broken", "en"), ("idiot", "de"), ("guten Tag", "de")]
-    ]
+    texts = ["you idiot", "hello", "so broken", "see you tomorrow", "an annoying bug and a loser"]
+    rows = [{"text": f"{texts[i % 5]} {i}", "lang": "en"} for i in range(1000)]
+    rows += [{"text": f"idiot {i}" if i % 2 else f"guten Tag {i}", "lang": "de"} for i in range(40)]
     data.write_text("".join(orjson.dumps(r).decode() + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "ref.json"
     result = cli(
         "drift", "snapshot", str(data), "--out", str(out), "--model", str(keyword_model), FILTER_ROUTING__SCOPES=SCOPES
     )
     assert result.returncode == 0, result.stderr
-    assert "scope kids: left out (no row selects it)" in result.stdout
-    assert "scope default: 3 records, rules ['very-negative', 'negative']" in result.stdout
+    assert "scope kids: left out (0 records; an index needs 1000)" in result.stdout
+    assert "scope de: left out (40 records; an index needs 1000)" in result.stdout
+    assert "scope default: 1000 records, rules ['very-negative', 'negative']" in result.stdout
+    assert "without drift the index averages about 0.018 with FILTER_DRIFT__WINDOW=1000" in result.stdout
     reference = load_reference(out)
-    assert reference.records == {"default": 3, "de": 2}
-    assert reference.rules["de"]["de-hostile"].labels == ("Very Negative",)
+    assert reference.records == {"default": 1000}
 
-    # The counts are the histogram of exactly the scores the router computes for those rows.
+    # The scores are exactly those the router computes for those rows.
     from filter_worker.config import load_settings
     from filter_worker.model import Classifier
 
     settings = load_settings(routing={"scopes": [KIDS, GERMAN]})
     model = Classifier.load(settings.model.model_copy(update={"name": str(keyword_model)}))
     router = Router(settings.routing, model.labels)
-    probs, _ = model.classify(["you idiot", "hello", "so broken"])
+    probs, _ = model.classify([r["text"] for r in rows[:1000]])
     negative = router.rule_scores(probs, "default")[:, 1]
-    assert reference.rules["default"]["negative"].counts.tolist() == histogram(negative, SCORE_EDGES).tolist()
+    assert reference.rules["default"]["negative"].scores.tolist() == sorted(negative.tolist())
     assert reference.model == model.identity
 
     unlabeled_scope = cli(
         "drift", "snapshot", str(data), "--out", str(out), "--scope", "nope", "--model", str(keyword_model)
     )
     assert unlabeled_scope.returncode == 2 and "--scope nope: no such scope" in unlabeled_scope.stderr
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(orjson.dumps(r).decode() + "\n" for r in rows[:999]), encoding="utf-8")
+    refused = cli("drift", "snapshot", str(small), "--out", str(out), "--model", str(keyword_model))
+    assert refused.returncode == 2 and "no scope with rules has 1000 rows or more" in refused.stderr
 
 
 @pytest.mark.parametrize(
@@ -255,7 +261,9 @@ def test_drift_snapshot_writes_each_scopes_score_distributions(keyword_model, tm
     [
         (["feedback"], "FILTER_FEEDBACK__WINDOW", "0"),
         (["feedback"], "FILTER_FEEDBACK__TOPIC", "messages"),
-        (["run"], "FILTER_DRIFT__WINDOW", "10"),
+        (["run"], "FILTER_DRIFT__WINDOW", "499"),
+        (["feedback"], "FILTER_FEEDBACK__WINDOW", "49"),
+        (["run"], "FILTER_REVIEW__NEAR_RATE", "2"),
         (
             ["classify", "x"],
             "FILTER_ROUTING__SCOPES",

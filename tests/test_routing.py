@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
+from structlog.testing import capture_logs
 
 from filter_worker.config import DEFAULT_RULES, ConfigError, RoutingSettings, Rule, Scope, load_settings
 from filter_worker.pipeline.routing import Router
@@ -216,3 +219,63 @@ def test_rule_names_are_unique_within_a_list(monkeypatch):
     monkeypatch.setenv("FILTER_ROUTING__RULES", json.dumps(rules))
     with pytest.raises(ConfigError, match=r"FILTER_ROUTING__RULES \(routing.rules\): .*repeated: \['rules\[0\]'\]"):
         load_settings()
+
+
+# --------------------------------------------------------------- scopes the sender cannot choose
+
+KIDS_TOPIC = {
+    "name": "kids-topic",
+    "match": {"topics": ["kids.messages"]},
+    "rules": [{"action": "drop", "labels": ["Very Negative", "Negative"], "min_score": 0.3, "name": "strict"}],
+}
+
+
+def test_a_scope_can_match_on_the_input_topic_which_the_sender_does_not_set():
+    router = Router(routing(scopes=[Scope.model_validate(KIDS_TOPIC), KIDS]), LABELS)
+    assert router.scope_of([("tenant", b"kids-app")], None, topic="kids.messages") == "kids-topic"
+    assert router.scope_of([("tenant", b"kids-app")], None, topic="messages") == "kids"
+    assert router.scope_of([], None, topic="messages") == "default"
+    assert router.scope_of([("topic", b"kids.messages")], {"topic": "kids.messages"}) == "default"
+
+
+def test_a_topic_match_takes_topics_only_and_they_must_be_input_topics():
+    for bad, message in [
+        ({"topics": ["kids.messages"], "values": ["x"]}, "'values' goes with 'header' or 'field'"),
+        ({"topics": []}, "at least 1 item"),
+        ({"topics": ["kids.messages"], "header": "tenant", "values": ["x"]}, "exactly one of"),
+        ({"header": "tenant"}, "'values' is needed"),
+        ({"topics": ["no topic"]}, "not a Kafka topic name"),
+    ]:
+        with pytest.raises(ValidationError, match=re.escape(message)):
+            Scope.model_validate({**KIDS_TOPIC, "match": bad})
+    with pytest.raises(ConfigError, match=r"scope 'kids-topic' matches topic\(s\) \['kids.messages'\] that are not"):
+        load_settings(routing={"scopes": [KIDS_TOPIC]})
+    settings = load_settings(topics={"input": ["messages", "kids.messages"]}, routing={"scopes": [KIDS_TOPIC]})
+    assert settings.routing.scopes[0].match.topics == ["kids.messages"]
+    assert load_settings(topics={"input": ["^.*messages"]}, routing={"scopes": [KIDS_TOPIC]}).routing.scopes
+
+
+LAX = [{"action": "quarantine", "labels": ["Very Negative"], "min_score": 0.95, "name": "lax"}]
+STRICT = [
+    {"action": "drop", "labels": ["Very Negative", "Negative"], "min_score": 0.5, "name": "strict"},
+]
+
+
+@pytest.mark.parametrize(
+    ("match", "rules", "warned"),
+    [
+        ({"header": "tier", "values": ["staff"]}, [], True),  # the docs' old staff example: no rules at all
+        ({"field": "lang", "values": ["de"]}, LAX, True),  # a higher threshold, fewer labels, a milder action
+        ({"header": "tier", "values": ["staff"]}, STRICT, False),  # stricter than the default everywhere
+        ({"header": "tier", "values": ["staff"]}, [{**LAX[0], "action": "allow"}, *STRICT], True),  # allow first
+        ({"topics": ["staff.messages"]}, [], False),  # laxer, but the sender does not choose the topic
+    ],
+)
+def test_a_laxer_scope_that_the_sender_can_choose_is_warned_about(match, rules, warned):
+    scope = Scope.model_validate({"name": "s", "match": match, "rules": rules})
+    with capture_logs() as events:
+        Router(routing(scopes=[scope]), LABELS)
+    warnings = [e for e in events if e["event"].startswith("scope rules laxer than the default")]
+    assert bool(warnings) == warned
+    if warned:
+        assert warnings[0]["scopes"] == ["s"] and warnings[0]["log_level"] == "warning"

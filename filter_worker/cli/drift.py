@@ -16,10 +16,7 @@ from filter_worker.cli.common import (
     subcommand,
     write,
 )
-from filter_worker.config import ConfigError
-
-# Chance alone should leave the index well below the alert threshold (0.2): a quarter of it at most.
-_STEADY_NOISE = 0.05
+from filter_worker.config import MIN_DRIFT_REFERENCE, ConfigError
 
 
 def add_parser(commands: Any) -> None:
@@ -43,7 +40,7 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from filter_worker.model import Classifier
-    from filter_worker.pipeline.drift import SCORE_EDGES, expected_noise, reference_of
+    from filter_worker.pipeline.drift import QUANTILES, expected_noise, reference_of
     from filter_worker.pipeline.routing import Router, ScopeMatcher
     from filter_worker.tools.evaluation import load_texts
 
@@ -58,20 +55,21 @@ def run(args: argparse.Namespace) -> int:
     for name in router.scopes:
         selected = probs[[i for i, s in enumerate(scopes) if s == name]]
         rules = router.rules(name)
-        if not len(selected) or not rules:
-            why = "no row selects it" if not len(selected) else "it has no rules"
+        if len(selected) < MIN_DRIFT_REFERENCE or not rules:
+            why = f"{len(selected)} records; an index needs {MIN_DRIFT_REFERENCE}" if rules else "it has no rules"
             sys.stdout.write(f"scope {name}: left out ({why}); it gets no drift index\n")
             continue
         scored = router.rule_scores(selected, name)
         by_scope[name] = {rule: (labels, scored[:, i]) for i, (rule, labels) in enumerate(rules.items())}
-        noise = expected_noise(len(SCORE_EDGES) - 1, len(selected), settings.drift.window)
-        advice = "; too few records for a steady index: sample 1000 or more" if noise > _STEADY_NOISE else ""
+        noise = expected_noise(len(QUANTILES) - 1, len(selected), settings.drift.window)
         sys.stdout.write(
-            f"scope {name}: {len(selected)} records, rules {list(rules)}; without drift expect an index up to "
-            f"about {noise:.3f} with FILTER_DRIFT__WINDOW={settings.drift.window}{advice}\n"
+            f"scope {name}: {len(selected)} records, rules {list(rules)}; without drift the index averages about "
+            f"{noise:.3f} with FILTER_DRIFT__WINDOW={settings.drift.window}\n"
         )
     if not by_scope:
-        raise ConfigError(f"{args.data}: no scope with rules has rows; nothing to write")
+        raise ConfigError(
+            f"{args.data}: no scope with rules has {MIN_DRIFT_REFERENCE} rows or more; nothing to write"
+        )
     reference = reference_of(classifier.identity, args.data, by_scope)
     write("--out", args.out, orjson.dumps(reference.to_json(), option=orjson.OPT_INDENT_2).decode())
     sys.stdout.write(f"wrote {args.out}; use it with FILTER_DRIFT__REFERENCE={args.out}\n")

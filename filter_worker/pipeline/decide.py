@@ -52,7 +52,7 @@ class Decider:
         """
         router = self.router
         if router.has_scopes:
-            scopes = [router.scope_of(item.record.headers, item.document) for item in items]
+            scopes = [router.scope_of(item.record.headers, item.document, item.record.topic) for item in items]
         else:
             scopes = [DEFAULT_SCOPE] * len(items)
         decisions = router.decide_batch(probs, scopes)

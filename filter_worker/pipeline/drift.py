@@ -1,20 +1,33 @@
-"""Score drift: how far live rule scores have moved from a reference sample (population stability index).
+"""Score drift: how far live rule scores have moved from a reference sample, and what the thresholds now do.
 
 A rule's score distribution on live traffic shifts when the traffic changes (a new audience, a spam
 campaign, another language) or the model does (a new revision, a broken tokenizer): thresholds tuned
 on the old distribution then act differently, long before anyone reads a complaint. The reference
-is the distribution on a sample the thresholds were tuned on (``filter-worker drift snapshot``);
-the live one is the last ``FILTER_DRIFT__WINDOW`` records of each scope.
+is a sample the thresholds were tuned on (``filter-worker drift snapshot``): every rule's scores on
+it, kept whole, so that both numbers below can be taken at any threshold without a new snapshot. The
+live side is the last ``FILTER_DRIFT__WINDOW`` records of each scope.
 
-PSI = sum over bins of (live share - reference share) * ln(live share / reference share). Both
-shares are floored at ``EPSILON`` first, so an empty bin on either side adds a large but finite
-term instead of infinity. Pure: numpy in, numbers out.
+- **The population stability index**, over bins that each hold a tenth of the reference's scores
+  (its deciles): PSI = sum over bins of (live share - reference share) * ln(live share / reference
+  share), both floored at ``EPSILON``. Equal-mass bins keep the index's noise close to its chi-square
+  approximation (``expected_noise``); fixed bins left most of them nearly empty, and with a 100-record
+  window the index read above 0.2 in about 45 % of windows without any drift.
+- **The take rate** of each rule: the share of records scoring at or above its ``min_score`` in force,
+  live against the reference, with a two-proportion z statistic. The index sees any change of the
+  distribution, also one entirely below every threshold (harmless); the take rate is what a threshold
+  does: a drop rate going from 10 % to 25 % moved the old index to only 0.17.
+
+Both need samples large enough to mean something: a reference scope needs ``MIN_DRIFT_REFERENCE``
+records (refused at start-up otherwise), a window at least ``MIN_DRIFT_WINDOW`` (a setting's minimum).
+A scope without a record for ``FILTER_DRIFT__EXPIRE_S`` reports nothing: its last numbers describe
+traffic that stopped. Pure: numpy in, numbers out; the clock is passed in.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,28 +35,18 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from filter_worker.config import DEFAULT_SCOPE, SCOPE_NAME, ConfigError
+from filter_worker.config import DEFAULT_SCOPE, MIN_DRIFT_REFERENCE, SCOPE_NAME, ConfigError
 from filter_worker.pipeline.routing import rule_score_matrix
+from filter_worker.stats import two_proportion_z
 
-# Softmax outputs pile up near 0 and 1, so the bins are finer there; 14 bins keep the index's noise
-# low (roughly bins-1 over the sample sizes: 0.03 for a 1000-record window against a 1000-record
-# reference). The score histograms use the same edges, so a dashboard shows what the index measures.
+# The score histograms' bucket bounds (finer near 0 and 1, where softmax outputs pile up).
 SCORE_EDGES: tuple[float, ...] = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# The index's bins hold these shares of the reference's scores: deciles, the usual PSI binning.
+QUANTILES: tuple[float, ...] = tuple(i / 10 for i in range(11))
 EPSILON = 1e-4
 REFERENCE_FORMAT = "filter-worker/drift-reference"
-REFERENCE_VERSION = 1
+REFERENCE_VERSION = 2
 _SETTING = "FILTER_DRIFT__REFERENCE"
-
-
-def bins_of(scores: np.ndarray, edges: Sequence[float]) -> np.ndarray:
-    """Bin index of each score: bin i holds [edges[i], edges[i+1]), the last one also 1.0 itself."""
-    inner = np.asarray(edges[1:-1], dtype=np.float64)
-    return np.searchsorted(inner, np.clip(scores, 0.0, 1.0), side="right")
-
-
-def histogram(scores: np.ndarray, edges: Sequence[float]) -> np.ndarray:
-    """Counts per bin."""
-    return np.bincount(bins_of(np.asarray(scores, dtype=np.float64), edges), minlength=len(edges) - 1)
 
 
 def psi(reference: np.ndarray, live: np.ndarray, epsilon: float = EPSILON) -> float:
@@ -54,13 +57,25 @@ def psi(reference: np.ndarray, live: np.ndarray, epsilon: float = EPSILON) -> fl
 
 
 def expected_noise(bins: int, reference_records: int, window: int) -> float:
-    """Roughly the index two samples of one distribution show by chance: (bins - 1) x (1/n1 + 1/n2).
+    """About the mean index two samples of one distribution show by chance: (bins - 1) x (1/n1 + 1/n2).
 
-    PSI is a symmetric divergence; for samples of sizes n1 and n2 from the same distribution it is
-    about a chi-square with bins-1 degrees of freedom scaled by 1/n1 + 1/n2. Bins both samples leave
-    empty add nothing, so this is an upper estimate.
+    PSI is a symmetric divergence; for samples of sizes n1 and n2 from one distribution it is about a
+    chi-square with bins - 1 degrees of freedom scaled by 1/n1 + 1/n2. An approximation of the mean, not
+    a bound: single windows read above it about half the time, and a bin with few records on either
+    side (fixed bins at a small window) adds more than it says. With decile bins and the minimum sizes
+    the simulated null mean is within a few percent of it (``tests/test_drift.py``).
     """
     return (bins - 1) * (1 / reference_records + 1 / window)
+
+
+def decile_edges(scores: np.ndarray) -> np.ndarray:
+    """The inner bin edges: the reference's score deciles, without repeats (ties merge two bins)."""
+    return np.unique(np.quantile(scores, QUANTILES[1:-1], method="inverted_cdf"))
+
+
+def binned(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts per bin: bin i holds [edges[i-1], edges[i]), the first everything below edges[0]."""
+    return np.bincount(np.searchsorted(edges, scores, side="right"), minlength=len(edges) + 1)
 
 
 # ---- the reference file ----
@@ -70,27 +85,27 @@ class _RuleReference(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     labels: list[str] = Field(min_length=1)
-    counts: list[int] = Field(min_length=1)
+    scores: list[float] = Field(min_length=1)
 
-    @field_validator("counts")
+    @field_validator("scores")
     @classmethod
-    def _non_negative(cls, counts: list[int]) -> list[int]:
-        if min(counts) < 0:
-            raise ValueError("counts must not be negative")
-        return counts
+    def _probabilities(cls, scores: list[float]) -> list[float]:
+        if min(scores) < 0.0 or max(scores) > 1.0:
+            raise ValueError("scores must be from 0 to 1")
+        return scores
 
 
 class _ScopeReference(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    records: int = Field(ge=1)
+    records: int = Field(ge=MIN_DRIFT_REFERENCE)
     rules: dict[str, _RuleReference] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _sums(self) -> _ScopeReference:
+    def _sizes(self) -> _ScopeReference:
         for name, rule in self.rules.items():
-            if sum(rule.counts) != self.records:
-                raise ValueError(f"rule '{name}': counts sum to {sum(rule.counts)}, not records ({self.records})")
+            if len(rule.scores) != self.records:
+                raise ValueError(f"rule '{name}': {len(rule.scores)} scores, not records ({self.records})")
         return self
 
 
@@ -98,44 +113,48 @@ class _ReferenceFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["filter-worker/drift-reference"]
-    version: Literal[1]
+    version: Literal[2]
     model: str
     data: str
-    edges: list[float] = Field(min_length=2)
     scopes: dict[str, _ScopeReference] = Field(min_length=1)
 
-    @field_validator("edges")
+    @field_validator("scopes")
     @classmethod
-    def _edges(cls, edges: list[float]) -> list[float]:
-        if edges[0] != 0.0 or edges[-1] != 1.0 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
-            raise ValueError("edges must rise strictly from 0 to 1")
-        return edges
-
-    @model_validator(mode="after")
-    def _shape(self) -> _ReferenceFile:
-        for scope, reference in self.scopes.items():
+    def _names(cls, scopes: dict[str, _ScopeReference]) -> dict[str, _ScopeReference]:
+        for scope in scopes:
             if scope != DEFAULT_SCOPE and not SCOPE_NAME.fullmatch(scope):
                 raise ValueError(f"scope name {scope!r} is not a valid scope name")
-            for name, rule in reference.rules.items():
-                if len(rule.counts) != len(self.edges) - 1:
-                    raise ValueError(
-                        f"scope '{scope}' rule '{name}': {len(rule.counts)} counts for {len(self.edges) - 1} bins"
-                    )
-        return self
+        return scopes
 
 
 @dataclass(frozen=True, slots=True)
 class RuleReference:
+    """A rule's scores on the reference sample (sorted), and the decile bins taken from them."""
+
     labels: tuple[str, ...]
+    scores: np.ndarray
+    edges: np.ndarray
     counts: np.ndarray
+
+    @classmethod
+    def of(cls, labels: Sequence[str], scores: np.ndarray) -> RuleReference:
+        ordered = np.sort(np.asarray(scores, dtype=np.float64))
+        edges = decile_edges(ordered)
+        return cls(tuple(labels), ordered, edges, binned(ordered, edges))
+
+    def take_rate(self, min_score: float) -> tuple[int, int]:
+        """(reference records at or above ``min_score``, reference records)."""
+        below = int(np.searchsorted(self.scores, min_score, side="left"))
+        return len(self.scores) - below, len(self.scores)
 
 
 @dataclass(frozen=True, slots=True)
 class Reference:
-    """Score distributions per scope and rule on a sample: what live traffic is compared with.
+    """Score samples per scope and rule: what live traffic is compared with.
 
     A rule is kept with its labels because its score depends only on them (not on ``min_score``):
     the index follows the labels the reference was taken with, whatever the rules say today.
+    ``edges`` are the quantile levels that bound the index's bins (0, 0.1, ..., 1).
     """
 
     model: str
@@ -151,12 +170,11 @@ class Reference:
             "version": REFERENCE_VERSION,
             "model": self.model,
             "data": self.data,
-            "edges": list(self.edges),
             "scopes": {
                 scope: {
                     "records": self.records[scope],
                     "rules": {
-                        name: {"labels": list(rule.labels), "counts": [int(c) for c in rule.counts]}
+                        name: {"labels": list(rule.labels), "scores": rule.scores.tolist()}
                         for name, rule in rules.items()
                     },
                 }
@@ -181,14 +199,11 @@ def reference_of(
 ) -> Reference:
     """Build a reference from each scope's rule scores: ``scores[scope][rule] = (labels, scores)``."""
     rules = {
-        scope: {
-            name: RuleReference(tuple(labels), histogram(values, SCORE_EDGES))
-            for name, (labels, values) in by_rule.items()
-        }
+        scope: {name: RuleReference.of(labels, values) for name, (labels, values) in by_rule.items()}
         for scope, by_rule in scores.items()
     }
     records = {scope: len(next(iter(by_rule.values()))[1]) for scope, by_rule in scores.items()}
-    return Reference(model, data, SCORE_EDGES, records, rules)
+    return Reference(model, data, QUANTILES, records, rules)
 
 
 def parse_reference(document: Any, source: str) -> Reference:
@@ -198,19 +213,20 @@ def parse_reference(document: Any, source: str) -> Reference:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "greater_than_equal" and where.endswith(".records"):
+            raise ConfigError(
+                f"{_SETTING}={source}: scope '{first['loc'][1]}' has {first['input']} records; an index needs at "
+                f"least {MIN_DRIFT_REFERENCE} to be more than noise: take a larger snapshot"
+            ) from None
         raise ConfigError(
             f"{_SETTING}={source}: not a drift reference ({where + ': ' if where else ''}{first['msg']}); "
             "write one with filter-worker drift snapshot"
         ) from None
-    return Reference(
-        model=parsed.model,
-        data=parsed.data,
-        edges=tuple(parsed.edges),
-        records={scope: s.records for scope, s in parsed.scopes.items()},
-        rules={
-            scope: {
-                name: RuleReference(tuple(r.labels), np.array(r.counts, dtype=np.int64)) for name, r in s.rules.items()
-            }
+    return reference_of(
+        parsed.model,
+        parsed.data,
+        {
+            scope: {name: (r.labels, np.array(r.scores, dtype=np.float64)) for name, r in s.rules.items()}
             for scope, s in parsed.scopes.items()
         },
     )
@@ -229,60 +245,126 @@ def load_reference(path: Path) -> Reference:
 # ---- the live side ----
 
 
-class _ScopeWindow:
-    """The bins of each reference rule's score for a scope's last ``size`` records, and their counts."""
+@dataclass(frozen=True, slots=True)
+class TakeRate:
+    """A rule's share of records at or above its ``min_score``: live, on the reference, and their z."""
 
-    def __init__(self, rules: Mapping[str, RuleReference], labels: Sequence[str], edges: Sequence[float], size: int):
-        self.names = list(rules)
-        self.indices = [np.array([list(labels).index(label) for label in rule.labels]) for rule in rules.values()]
-        self.expected = [rule.counts for rule in rules.values()]
-        self.edges = edges
-        self.ring = np.zeros((size, len(rules)), dtype=np.int16)
-        self.counts = np.zeros((len(rules), len(edges) - 1), dtype=np.int64)
+    live: float
+    reference: float
+    z: float
+
+
+class _ScopeWindow:
+    """Each reference rule's scores on a scope's last ``size`` records (a ring), and when it last grew."""
+
+    def __init__(self, rules: Mapping[str, RuleReference], labels: Sequence[str], size: int) -> None:
+        self.rules = dict(rules)
+        self.columns = [np.array([list(labels).index(label) for label in rule.labels]) for rule in rules.values()]
+        self.ring = np.zeros((size, len(rules)), dtype=np.float64)
         self.position = 0
         self.filled = 0
+        self.seen = float("-inf")
 
-    def add(self, probs: np.ndarray) -> None:
+    def add(self, probs: np.ndarray, now: float) -> None:
         size = len(self.ring)
-        new = bins_of(rule_score_matrix(probs, self.indices), self.edges)[-size:]
+        new = rule_score_matrix(probs, self.columns)[-size:]
         positions = (self.position + np.arange(len(new))) % size
-        old = self.ring[positions[positions < self.filled]]  # occupied slots: [0, filled) until the ring is full
-        columns = np.arange(len(self.names))[np.newaxis, :]
-        np.subtract.at(self.counts, (columns, old), 1)
-        self.ring[positions] = new
-        np.add.at(self.counts, (columns, new), 1)
+        self.ring[positions] = new  # the oldest records' slots: they leave the window
         self.position = int((self.position + len(new)) % size)
         self.filled = min(size, self.filled + len(new))
+        self.seen = now
 
-    def indices_now(self) -> dict[str, float] | None:
-        if self.filled < len(self.ring):
-            return None  # a part-filled window is mostly noise: no index until it is full
+    def full(self) -> bool:
+        return self.filled == len(self.ring)
+
+    def indices(self) -> dict[str, float]:
         return {
-            name: psi(expected, live)
-            for name, expected, live in zip(self.names, self.expected, self.counts, strict=True)
+            name: psi(rule.counts, binned(self.ring[:, column], rule.edges))
+            for column, (name, rule) in enumerate(self.rules.items())
         }
+
+    def take_rates(self, thresholds: Mapping[str, tuple[tuple[str, ...], float]]) -> dict[str, TakeRate]:
+        """Per rule in force whose labels are the reference's: its take rate, live against the reference."""
+        rates = {}
+        for column, (name, rule) in enumerate(self.rules.items()):
+            current = thresholds.get(name)
+            if current is None or current[0] != rule.labels:
+                continue  # no such rule now, or other labels: the reference's scores are of another score
+            taken = int(np.count_nonzero(self.ring[:, column] >= current[1]))
+            reference_taken, reference_records = rule.take_rate(current[1])
+            z = two_proportion_z(taken, len(self.ring), reference_taken, reference_records)
+            rates[name] = TakeRate(taken / len(self.ring), reference_taken / reference_records, z)
+        return rates
+
+
+@dataclass(frozen=True, slots=True)
+class Readings:
+    """What the scopes with a full, recent window say, and the scopes that went quiet since the last look."""
+
+    indices: dict[tuple[str, str], float]
+    take_rates: dict[tuple[str, str], TakeRate]
+    expired: list[str]
 
 
 class DriftMonitor:
-    """Live windows per scope of the reference; the index per (scope, rule) once a scope's window is full."""
+    """Live windows per scope of the reference; the index and take rates once a scope's window is full."""
 
-    def __init__(self, reference: Reference, labels: Sequence[str], window: int) -> None:
+    def __init__(
+        self,
+        reference: Reference,
+        labels: Sequence[str],
+        window: int,
+        expire_s: float = 900.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         reference.check_labels(labels)
         self.reference = reference
-        self._windows = {
-            scope: _ScopeWindow(rules, labels, reference.edges, window) for scope, rules in reference.rules.items()
-        }
+        self._expire_s = expire_s
+        self._clock = clock
+        self._windows = {scope: _ScopeWindow(rules, labels, window) for scope, rules in reference.rules.items()}
+        self._reported: set[str] = set()
 
     def observe(self, probs: np.ndarray, scopes: Sequence[str]) -> dict[tuple[str, str], float]:
         """Add a batch (``probs`` rows with their scopes); the index of every rule of every scope the
         batch touched whose window is full. Scopes the reference does not cover are ignored."""
         indices: dict[tuple[str, str], float] = {}
+        now = self._clock()
         scope_of_row = np.array(scopes, dtype=object)
         for scope in dict.fromkeys(scopes):
             window = self._windows.get(scope)
             if window is None:
                 continue
-            window.add(np.asarray(probs)[scope_of_row == scope])
-            for rule, value in (window.indices_now() or {}).items():
-                indices[(scope, rule)] = value
+            window.add(np.asarray(probs)[scope_of_row == scope], now)
+            if window.full():
+                indices.update({(scope, rule): value for rule, value in window.indices().items()})
         return indices
+
+    def readings(self, thresholds: Callable[[str], Mapping[str, tuple[tuple[str, ...], float]] | None]) -> Readings:
+        """Index and take rates of every scope whose window is full and saw a record within ``expire_s``.
+
+        ``thresholds(scope)`` gives the rules in force, by name, with their labels and ``min_score``
+        (None: the scope is no longer configured, and expires at once). ``expired`` lists the scopes
+        reported before that are not now.
+        """
+        now = self._clock()
+        indices: dict[tuple[str, str], float] = {}
+        rates: dict[tuple[str, str], TakeRate] = {}
+        live = set()
+        for scope, window in self._windows.items():
+            rules = thresholds(scope)
+            if rules is None or not window.full() or now - window.seen > self._expire_s:
+                continue
+            live.add(scope)
+            indices.update({(scope, rule): value for rule, value in window.indices().items()})
+            rates.update({(scope, rule): rate for rule, rate in window.take_rates(rules).items()})
+        expired = sorted(self._reported - live)
+        self._reported = live
+        return Readings(indices, rates, expired)
+
+    def expired(self) -> list[str]:
+        """The scopes reported before that saw no record for ``expire_s``: a cheap check for every loop
+        turn, so a scope's numbers go also when nothing at all arrives (no ``readings`` to compute)."""
+        now = self._clock()
+        quiet = sorted(scope for scope in self._reported if now - self._windows[scope].seen > self._expire_s)
+        self._reported.difference_update(quiet)
+        return quiet

@@ -3,8 +3,9 @@
 A record's scope (a tenant, a language: ``FILTER_ROUTING__SCOPES``) picks the rule list that applies
 to it; the first scope whose match accepts the record wins, and a record no scope matches gets
 ``FILTER_ROUTING__RULES`` as scope ``default``. Everything here is pure: built once from settings
-(every scope's rules checked against the model's labels, so a reload is all-or-nothing), then a
-function of its inputs.
+(every scope's rules checked against the model's labels, so a reload is all-or-nothing; a scope a
+sender can choose with laxer rules than the default is logged as a warning), then a function of its
+inputs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from filter_worker.config import DEFAULT_SCOPE, ConfigError, RoutingSettings, Rule, Scope, rule_names
+from filter_worker.logs import get_logger
+
+log = get_logger("filter_worker.routing")
 
 ACTIONS: tuple[str, ...] = ("allow", "quarantine", "drop")
 DEFAULT_RULE = "default"
@@ -55,17 +59,23 @@ class Decision(NamedTuple):
 
 
 class _ScopeTest:
-    """One scope's match, compiled: a header compared as bytes, or a path walked into the JSON value."""
+    """One scope's match, compiled: the input topic, a header compared as bytes, or a path walked into
+    the JSON value."""
 
     def __init__(self, scope: Scope) -> None:
         match = scope.match
         self.name = scope.name
+        self.topics = frozenset(match.topics) if match.topics is not None else None
         self.header = match.header
         self.path = tuple(match.field.split(".")) if match.field is not None else None
-        self.values = frozenset(match.values)
-        self.raw_values = frozenset(value.encode() for value in match.values)
+        self.values = frozenset(match.values or ())
+        self.raw_values = frozenset(value.encode() for value in match.values or ())
 
-    def matches(self, headers: Sequence[tuple[str, bytes | None]], document: dict[str, Any] | None) -> bool:
+    def matches(
+        self, headers: Sequence[tuple[str, bytes | None]], document: dict[str, Any] | None, topic: str | None
+    ) -> bool:
+        if self.topics is not None:
+            return topic in self.topics
         if self.header is not None:
             # The last header of that name counts, as Kafka's own clients read headers (lastHeader).
             value = None
@@ -97,12 +107,45 @@ class ScopeMatcher:
         """Headers some scope matches on (a data file supplies them as columns of the same name)."""
         return list(dict.fromkeys(test.header for test in self._tests if test.header is not None))
 
-    def scope_of(self, headers: Sequence[tuple[str, bytes | None]], document: dict[str, Any] | None) -> str:
-        """The first scope that matches, else ``default``. ``document`` is the parsed JSON value (None for text)."""
+    def scope_of(
+        self, headers: Sequence[tuple[str, bytes | None]], document: dict[str, Any] | None, topic: str | None = None
+    ) -> str:
+        """The first scope that matches, else ``default``. ``document`` is the parsed JSON value (None for
+        text); ``topic`` the input topic the record was read from (None: a data file without one)."""
         for test in self._tests:
-            if test.matches(headers, document):
+            if test.matches(headers, document, topic):
                 return test.name
         return DEFAULT_SCOPE
+
+
+_SEVERITY = {"allow": 0, "quarantine": 1, "drop": 2}
+
+
+def _covers(rules: Sequence[Rule], rule: Rule) -> bool:
+    """Whether ``rules`` take everything ``rule`` takes, at least as severely: a rule on a superset of its
+    labels (so a score at least as high), at a threshold no higher, with an action no milder, and no
+    allow rule before it (first match wins)."""
+    for candidate in rules:
+        if candidate.action == "allow":
+            return False
+        if (
+            set(candidate.labels) >= set(rule.labels)
+            and candidate.min_score <= rule.min_score
+            and _SEVERITY[candidate.action] >= _SEVERITY[rule.action]
+        ):
+            return True
+    return False
+
+
+def sender_chosen_laxer_scopes(routing: RoutingSettings) -> list[str]:
+    """Scopes a sender can pick (matched on a header or a field it writes) whose rules may let through
+    what the default rules take: with them, a sender adding ``tier: staff`` escapes moderation."""
+    taken = [rule for rule in routing.rules if rule.action != "allow"]
+    return [
+        scope.name
+        for scope in routing.scopes
+        if scope.match.topics is None and not all(_covers(scope.rules, rule) for rule in taken)
+    ]
 
 
 def scope_rules(routing: RoutingSettings) -> dict[str, list[Rule]]:
@@ -143,6 +186,13 @@ class Router:
         for i, scope in enumerate(routing.scopes):
             where = f"routing.scopes[{i}].rules"
             self._rules[scope.name] = self._compile(scope.rules, "FILTER_ROUTING__SCOPES", where, scope.name)
+        lax = sender_chosen_laxer_scopes(routing)
+        if lax:
+            log.warning(
+                "scope rules laxer than the default on a header or field the sender sets: a sender can choose "
+                "them; match these scopes on the input topic instead, or make their rules at least as strict",
+                scopes=lax,
+            )
 
     def _compile(self, rules: Sequence[Rule], variable: str, where: str, scope: str | None = None) -> _Rules:
         known = {label: i for i, label in enumerate(self._labels)}
@@ -191,9 +241,11 @@ class Router:
         """Whether any scope is configured (without one, every record is ``default``: nothing to match)."""
         return len(self._matcher.names) > 1
 
-    def scope_of(self, headers: Sequence[tuple[str, bytes | None]], document: dict[str, Any] | None) -> str:
+    def scope_of(
+        self, headers: Sequence[tuple[str, bytes | None]], document: dict[str, Any] | None, topic: str | None = None
+    ) -> str:
         """The scope whose rules apply to a record: see ``ScopeMatcher.scope_of``."""
-        return self._matcher.scope_of(headers, document)
+        return self._matcher.scope_of(headers, document, topic)
 
     def rule_scores(self, probs: np.ndarray, scope: str) -> np.ndarray:
         """Every rule of ``scope`` scored on every row of ``probs``: (rows, rules), rule order."""

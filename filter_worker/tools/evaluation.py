@@ -123,9 +123,11 @@ def _nested(row: dict[str, object]) -> dict[str, object]:
 
 def scope_of_row(row: dict[str, object], scopes: ScopeMatcher) -> str:
     """A data row's routing scope: header scopes read the column named like the header, field scopes
-    the (dotted) field. A row without them gets ``default``, as a live record without them would."""
+    the (dotted) field, topic scopes the column ``topic``. A row without them gets ``default``, as a
+    live record without them would."""
     headers = [(name, str(row[name]).encode()) for name in scopes.header_names if row.get(name) not in (None, "")]
-    return scopes.scope_of(headers, row)
+    topic = row.get("topic")
+    return scopes.scope_of(headers, row, str(topic) if topic not in (None, "") else None)
 
 
 def _read(path: str | Path) -> list[tuple[int, dict[str, object]]]:
