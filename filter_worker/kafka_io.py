@@ -80,9 +80,11 @@ def headers_of(message: Message) -> Headers:
 def to_input_record(message: Message) -> InputRecord:
     """A consumed record (never an error event: those carry no topic, partition or offset).
 
-    Kafka allows any bytes in a header name, but confluent-kafka hands names over as ``str`` and
-    raises ``UnicodeDecodeError`` for one that is not UTF-8. Left to propagate, that one record would
-    stop the worker on every restart; instead it comes back marked, for the dead-letter topic.
+    Kafka allows any bytes in a header name, but confluent-kafka hands names over as ``str`` and fails
+    on one that is not UTF-8: a ``UnicodeDecodeError``, raised as such or (inside the worker's loop)
+    as the cause of a ``SystemError`` ("returned a result with an exception set"). Left to propagate,
+    that one record would stop the worker on every restart; instead it comes back marked, for the
+    dead-letter topic.
     """
     topic, partition, offset = message.topic(), message.partition(), message.offset()
     assert topic is not None and partition is not None and offset is not None, "an error event, not a record"
@@ -90,8 +92,11 @@ def to_input_record(message: Message) -> InputRecord:
     unreadable = None
     try:
         headers = headers_of(message)
-    except UnicodeDecodeError as exc:
-        headers, unreadable = [], f"a header name is not valid UTF-8 (byte {exc.start} of the name)"
+    except (UnicodeDecodeError, SystemError) as exc:
+        cause = exc if isinstance(exc, UnicodeDecodeError) else exc.__cause__
+        if not isinstance(cause, UnicodeDecodeError):
+            raise
+        headers, unreadable = [], f"a header name is not valid UTF-8 (byte {cause.start} of the name)"
     return InputRecord(
         topic=topic,
         partition=partition,

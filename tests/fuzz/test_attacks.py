@@ -108,9 +108,13 @@ class _Message:
     """A consumed record as confluent-kafka returns it when a header name is not UTF-8.
 
     Kafka header names are bytes on the wire; confluent-kafka decodes them when ``headers()`` is
-    called and raises ``UnicodeDecodeError`` (seen against the embedded broker:
-    ``tests/integration/test_hostile_records.py`` sends such a record through the real client).
+    called and fails: seen against the embedded broker as a ``UnicodeDecodeError`` in a script, and
+    inside the worker as a ``SystemError`` caused by one (``tests/integration/test_hostile_records.py``
+    sends such a record through the real client and the real worker).
     """
+
+    def __init__(self, wrapped: bool) -> None:
+        self._wrapped = wrapped
 
     def topic(self) -> str:
         return "in"
@@ -131,11 +135,15 @@ class _Message:
         return 1, 1_700_000_000_000
 
     def headers(self) -> list[tuple[str, bytes]]:
-        raise UnicodeDecodeError("utf-8", b"bad\xff", 3, 4, "invalid start byte")
+        error = UnicodeDecodeError("utf-8", b"bad\xff", 3, 4, "invalid start byte")
+        if not self._wrapped:
+            raise error
+        raise SystemError("<method 'headers'> returned a result with an exception set") from error
 
 
-def test_a_header_name_that_is_not_utf8_dead_letters_the_record_instead_of_raising(classifier):
-    converted = kafka_io.to_input_record(_Message())  # type: ignore[arg-type]
+@pytest.mark.parametrize("wrapped", [False, True], ids=["as-itself", "as-a-system-error"])
+def test_a_header_name_that_is_not_utf8_dead_letters_the_record_instead_of_raising(classifier, wrapped):
+    converted = kafka_io.to_input_record(_Message(wrapped))  # type: ignore[arg-type]
     assert converted.unreadable_headers == "a header name is not valid UTF-8 (byte 3 of the name)"
     intake = intake_of(classifier, [converted])
     ((failed, _, failure),) = intake.failed
