@@ -535,7 +535,8 @@ def test_deployment_security_secrets_and_resources():
     )
     secret = one(K8S / "base" / "secret.yaml", "Secret")
     env = {e["name"]: e for e in container["env"]}
-    ref = env["FILTER_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    # The password comes from the same Secret as a mounted file (tests/test_deploy_security.py).
+    ref = env["FILTER_KAFKA__SASL_USERNAME"]["valueFrom"]["secretKeyRef"]
     assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
     for key in ("requests", "limits"):
         assert "cpu" in container["resources"][key] and "memory" in container["resources"][key]
@@ -702,7 +703,7 @@ def kubectl() -> str:
     return found
 
 
-@pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/mtls"])
 def test_kustomize_builds(overlay: str):
     result = subprocess.run(
         [kubectl(), "kustomize", str(K8S / overlay)], capture_output=True, text=True, timeout=60, check=False
