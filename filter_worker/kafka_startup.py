@@ -1,0 +1,87 @@
+"""The start-up diagnosis (``kafka_diagnosis``) attached to live clients while a service waits for Kafka.
+
+It hears what the pure diagnosis needs: every ``error_cb`` event (the service forwards them) and every
+librdkafka log line (a handler of its own on the shared librdkafka logger, so it sees each line before
+that logger's rate limit). ``check`` logs the causes that are due and raises ``FatalError`` with exit
+code 2 when waiting cannot help. librdkafka delivers both only when a client's queue is served, so
+the waiting loop must poll between its metadata requests: a loop that only asks for metadata left
+"Failed to resolve" unread until shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from confluent_kafka import KafkaError
+
+from filter_worker import tls
+from filter_worker.config import KafkaSettings
+from filter_worker.exit_codes import FatalError
+from filter_worker.kafka_diagnosis import KafkaDiagnosis
+from filter_worker.logs import get_logger, librdkafka_logger
+
+log = get_logger("filter_worker.kafka_startup")
+
+# How long causes that may be passing (a name not in DNS yet, a broker restarting its listeners) are
+# given before start-up stops: longer than a pod's DNS record takes to appear, shorter than the
+# 10 minutes a Kubernetes startup probe allows.
+WINDOW_S = 60.0
+
+
+class _Lines(logging.Handler):
+    """Every librdkafka line, as it is served, into the diagnosis."""
+
+    def __init__(self, feed: Callable[[str, str], object]) -> None:
+        super().__init__()
+        self._feed = feed
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) and len(record.args) == 3 else None
+        if args is not None:
+            self._feed(str(args[0]), str(args[2]))
+
+
+class StartupWatch:
+    """From construction to ``reached``: what stops start-up, and what to log meanwhile."""
+
+    def __init__(
+        self, kafka: KafkaSettings, clock: Callable[[], float] = time.monotonic, window_s: float = WINDOW_S
+    ) -> None:
+        self._clock = clock
+        self._diagnosis = KafkaDiagnosis(
+            kafka,
+            clock(),
+            window_s,
+            explain_certificate=lambda broker: tls.broker_certificate_problem(broker, kafka.ssl_ca_location),
+        )
+        self._lines: _Lines | None = _Lines(lambda facility, text: self._diagnosis.log_line(clock(), facility, text))
+        librdkafka_logger().addHandler(self._lines)
+
+    def error(self, err: KafkaError) -> None:
+        """Forward from the service's ``error_cb``."""
+        self._diagnosis.error(self._clock(), err.name(), err.str())
+
+    def check(self) -> None:
+        """Log what is due; raise ``FatalError`` (exit 2, one sentence) when waiting cannot help."""
+        now = self._clock()
+        for report in self._diagnosis.due(now):
+            log.warning(
+                "Kafka not reachable",
+                cause=report.cause.kind,
+                broker=report.cause.broker,
+                error=report.cause.text,
+                repeats=report.repeats,
+            )
+        stop = self._diagnosis.stop(now)
+        if stop is not None:
+            self.reached()  # stop listening: the process is on its way out
+            raise FatalError(stop.message, stop.code)
+
+    def reached(self) -> None:
+        """Kafka answered (or start-up ends): nothing seen so far stops the service, and the watch detaches."""
+        self._diagnosis.reached()
+        if self._lines is not None:
+            librdkafka_logger().removeHandler(self._lines)
+            self._lines = None
