@@ -123,6 +123,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# librdkafka properties the worker sets itself, because a delivery guarantee or the rebalance handling
+# depends on their value: the pass-through variables may not override them. Each maps to the setting to
+# use instead, or to None where the worker's value is the only safe one.
+OWNED_PROPERTIES: dict[str, str | None] = {
+    "enable.auto.commit": None,
+    "enable.auto.offset.store": None,
+    "isolation.level": None,
+    "acks": None,
+    "enable.idempotence": None,
+    "transactional.id": "FILTER_KAFKA__TRANSACTIONAL_ID",
+    "partition.assignment.strategy": "FILTER_KAFKA__ASSIGNMENT_STRATEGY",
+    "group.id": "FILTER_KAFKA__GROUP_ID",
+    "bootstrap.servers": "FILTER_KAFKA__BOOTSTRAP_SERVERS",
+    "auto.offset.reset": "FILTER_KAFKA__AUTO_OFFSET_RESET",
+    "session.timeout.ms": "FILTER_KAFKA__SESSION_TIMEOUT_MS",
+    "max.poll.interval.ms": "FILTER_KAFKA__MAX_POLL_INTERVAL_MS",
+}
+
+
 class KafkaSettings(_Section):
     """Connection and group settings; ``properties`` passes any librdkafka property through."""
 
@@ -241,6 +260,19 @@ class KafkaSettings(_Section):
         return tls.key_problem(cert, key, password)
 
     # Errors of these validators concern several variables, so their messages name them all.
+    @model_validator(mode="after")
+    def _owned_properties(self) -> KafkaSettings:
+        for field in ("properties", "consumer_properties", "producer_properties"):
+            for key in getattr(self, field):
+                if key in OWNED_PROPERTIES:
+                    instead = OWNED_PROPERTIES[key]
+                    advice = f"set {instead} instead" if instead else "the worker's own value is the only safe one"
+                    raise ValueError(
+                        f"FILTER_KAFKA__{field.upper()} must not set {key!r}: the worker sets it because its "
+                        f"delivery guarantees depend on it; {advice}"
+                    )
+        return self
+
     @model_validator(mode="after")
     def _poll_interval(self) -> KafkaSettings:
         if self.max_poll_interval_ms < self.session_timeout_ms:  # librdkafka refuses it, less clearly

@@ -1,29 +1,30 @@
-"""The worker: wires the pipeline's steps and owns the Kafka loop and its threads.
+"""The worker: the Kafka loop, and the wiring of the stages it turns.
 
-    consume -> intake (decode, cache, tokenize) -> batch buffer -> inference thread -> decide
-            -> dead-letter gate -> committer (publish, delivery reports, commit)
+    consume -> classify stage (intake, batch buffer, model thread, decide) -> dead-letter gate
+            -> committer (publish, delivery reports, commit)          pausing stage: fetch or wait
 
-One thread owns the consumer, the producer's callbacks, the offset tracker, the batch buffer and the
-gate, so none of them needs a lock; forward passes run on the inference thread. Every record carries
-its source offset from consume to commit; each guarantee has one home: the committer decides what is
-committed and when (``delivery/committer.py``), the gate holds dead letters of a run that may still
-stop the worker (``delivery/gate.py``), the in-flight budget bounds everything between consume and
-commit (``delivery/budget.py``), the publisher replaces what the broker refuses (``delivery/publisher.py``).
-No loop here blocks without serving stop requests and liveness.
+A record walks down these floors once and never comes back here: the loop reads it, the classify
+stage decides it (``pipeline/classify.py``), the gate holds a dead letter while its run may still stop
+the worker (``delivery/gate.py``), the committer publishes it and commits its offset
+(``delivery/committer.py``). What happens to each stage on assign, revoke, lost, stop and close, and in
+which order, is the lifecycle's (``delivery/lifecycle.py``); the HTTP endpoint, waiting for Kafka and
+client errors are the service shell's (``service.py``).
+
+One thread owns the consumer, the producer's callbacks and every stage, so none of them needs a lock;
+forward passes run on the model's thread. No loop here blocks without serving stop requests and
+liveness.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -32,24 +33,28 @@ from filter_worker import kafka_io
 from filter_worker.config import ConfigError, RoutingSettings, Settings
 from filter_worker.delivery.at_least_once import AtLeastOnce
 from filter_worker.delivery.budget import InFlightBudget
-from filter_worker.delivery.committer import TP, Committer
+from filter_worker.delivery.committer import Committer
 from filter_worker.delivery.gate import DeadLetterGate
+from filter_worker.delivery.lifecycle import Lifecycle
+from filter_worker.delivery.pausing import Pausing
 from filter_worker.delivery.publisher import Publisher
 from filter_worker.delivery.transactional import CALL_TIMEOUT_S, Transactional
-from filter_worker.exit_codes import ExitCode, FailureSlot, FatalError
-from filter_worker.health import Health, HealthServer
+from filter_worker.exit_codes import ExitCode, FatalError
+from filter_worker.health import Health
+from filter_worker.lag import LagMeter
 from filter_worker.logs import get_logger, librdkafka_logger
 from filter_worker.metrics import Metrics
 from filter_worker.model import Classifier
+from filter_worker.observe import Observer
 from filter_worker.pipeline.batching import BatchBuffer
 from filter_worker.pipeline.cache import DecisionCache
-from filter_worker.pipeline.decide import Classified, Decider
-from filter_worker.pipeline.decode import DecodeFailure
-from filter_worker.pipeline.inference import InferenceThread, Result
-from filter_worker.pipeline.intake import Answered, Pending, take_in
-from filter_worker.pipeline.observe import Observer
-from filter_worker.pipeline.records import InputRecord, Outgoing
+from filter_worker.pipeline.classify import Classify
+from filter_worker.pipeline.decide import Decider
+from filter_worker.pipeline.inference import InferenceThread
+from filter_worker.pipeline.intake import Pending
+from filter_worker.pipeline.records import InputRecord
 from filter_worker.pipeline.routing import Router
+from filter_worker.service import ServiceShell
 
 log = get_logger("filter_worker.worker")
 
@@ -61,23 +66,21 @@ _IDLE_POLL_S = 0.1
 # the normal pace rather than by waking 200 times a second for the whole outage.
 _DELIVERY_POLL_S = 0.005
 _DELIVERY_WINDOW_S = 1.0
-# While the broker is unreachable, how often to probe it (a metadata request) for readiness.
-_PROBE_INTERVAL_S = 2.0
-_UNREACHABLE = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT}
 # A run of dead letters below the limit is let through once no record arrived for this long (the
 # stream may simply have ended on a few bad records); under load a run is let through when it ends.
 _QUIET_S = 2.0
-# While waiting for Kafka at start-up: how long one metadata request may take, and how often to log.
-_METADATA_TIMEOUT_S = 2.0
-_WAITING_LOG_INTERVAL_S = 10.0
-# Group joins: statistics (the group state) this often; the first "waiting to join" line after this long.
+# Group joins: statistics (the group state) this often; the first "waiting to join" line after this
+# long, and then one every so often.
 _STATS_INTERVAL_MS = 5000
 _JOIN_LOG_AFTER_S = 5.0
+_JOIN_LOG_INTERVAL_S = 10.0
 # Batches' worth of records buffered ahead of the model before the loop stops reading: the bound on
 # tokenized work waiting for the model (and so on what a revocation may have to finish), inside the budget.
 _BUFFER_BATCHES = 32
-# After a fatal error or once drained, how long closing may still wait for outstanding deliveries.
-_CLOSE_FLUSH_S = 1.0
+# How long closing the consumer (leaving the group) may take. Leaving is a courtesy that lets the group
+# reassign at once; with the coordinator unreachable librdkafka would wait out its request timeouts,
+# and the group reassigns after the session timeout anyway.
+_CONSUMER_CLOSE_S = 2.0
 # Net container allocations between young garbage collections (Python's default is 700).
 _GC_YOUNG_THRESHOLD = 10_000
 
@@ -90,7 +93,11 @@ class _Running:
     publisher: Publisher
     committer: Committer
     gate: DeadLetterGate
-    inference: InferenceThread[Pending]
+    classify: Classify
+    pausing: Pausing
+    lifecycle: Lifecycle
+    lag: LagMeter
+    admin: AdminClient
 
 
 class Worker:
@@ -106,32 +113,20 @@ class Worker:
         self._settings = settings
         self._classifier = classifier
         self._topics = settings.topics.outputs()
-        routing = settings.routing
-        self._decider = Decider(Router(routing, classifier.labels), routing.shadow, self._topics, classifier.identity)
-        self.metrics = Metrics()
-        self._observer = Observer.from_settings(self.metrics, settings, classifier.labels, classifier.identity)
         self._reload_routing = reload_routing
-        self._reload_requested = threading.Event()
         self._clock = clock
-        self._stop = threading.Event()
-        batch = settings.batch
-        self._buffer: BatchBuffer[Pending] = BatchBuffer(
-            batch.max_size, batch.max_tokens, batch.max_wait_ms / 1000, clock
-        )
-        self._max_buffered = batch.max_size * _BUFFER_BATCHES
-        self._budget = InFlightBudget(settings.budget.max_records, settings.budget.max_bytes)
-        self._cache = DecisionCache(settings.cache.size) if settings.cache.size else None
-        self._failures = FailureSlot()
+        self.metrics = Metrics()
         self.health = Health(settings.health.liveness_window_s, clock)
+        port = settings.metrics.port if settings.metrics.enabled else None
+        self.shell = ServiceShell(
+            self.health, self.metrics.registry, settings.kafka.bootstrap_servers, port, "FILTER_METRICS__PORT", clock
+        )
+        self._failures = self.shell.failures
         self.metrics.initialise(self._topics, settings.topics.input, settings.cache.size > 0)
         self.metrics.track_readiness(self.health.ready)
+        self._observer = Observer.from_settings(self.metrics, settings, classifier.labels, classifier.identity)
         self._running: _Running | None = None
-        self._http: HealthServer | None = None
-        self._paused = False
-        self._closing = False
-        # Finished passes taken from the model and not yet routed (see _route_collected).
-        self._collected: deque[Result[Pending]] = deque()
-        self._last_consumed = self._last_lag = self._last_probe = clock()
+        self._last_consumed = self._last_lag = clock()
         # Joining the group: librdkafka's group state (from its statistics), and since when nothing is assigned.
         self._group_state: dict[str, Any] = {}
         self._unassigned_since: float | None = None
@@ -140,7 +135,7 @@ class Worker:
     @property
     def http_port(self) -> int | None:
         """Port of the metrics and health endpoint once ``run`` started it (useful with port 0)."""
-        return self._http.port if self._http is not None else None
+        return self.shell.http_port
 
     @property
     def _r(self) -> _Running:
@@ -149,11 +144,11 @@ class Worker:
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from signal handlers and other threads."""
-        self._stop.set()
+        self.shell.stop()
 
     def request_reload(self) -> None:
         """Ask the loop to reload the routing settings (SIGHUP); safe from signal handlers."""
-        self._reload_requested.set()
+        self.shell.request_reload()
 
     # -- run --------------------------------------------------------------------------------------
 
@@ -166,21 +161,16 @@ class Worker:
             input=settings.topics.input,
             group=settings.kafka.group_id,
             exactly_once=settings.kafka.exactly_once,
-            shadow=self._decider.shadow,
+            shadow=settings.routing.shadow,
             kafka=settings.kafka.redacted_properties(),
         )
-        if settings.metrics.enabled:
-            try:
-                self._http = HealthServer(settings.metrics.port, self.health, self.metrics.registry).start()
-            except OSError as exc:
-                raise ConfigError(f"FILTER_METRICS__PORT={settings.metrics.port}: {exc.strerror}") from None
+        self.shell.start_http()
         self._warm_up()
         # Everything alive now (torch, transformers, the model) lives as long as the process: moved out
         # of the collector's generations, a full collection no longer walks millions of objects each
         # time the loop's short-lived records trigger one. The record path makes no reference cycles
         # (its objects die by reference count), so young collections only walk records still in
-        # flight: at the default threshold one ran every few dozen records (about 1.2 us per record).
-        # Both settings are process-wide.
+        # flight. Both settings are process-wide.
         gc.freeze()
         gc.set_threshold(_GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         code = ExitCode.OK
@@ -188,11 +178,9 @@ class Worker:
             self._running = self._build()
             if not self._start_up():
                 return code
-            while not self._stop.is_set():
+            while not self.shell.stopping:
                 self._step()
-            log.info("stopping: finishing in-flight work", in_flight=self._r.committer.tracker.in_flight())
-            if not self._drain():
-                code = ExitCode.SHUTDOWN_DEADLINE
+            code = self._stop()
         except FatalError as exc:
             log.error("worker failed; offsets stay at the last acknowledged record", error=str(exc), exit_code=exc.code)
             code = exc.code
@@ -221,7 +209,7 @@ class Worker:
     def _build(self) -> _Running:
         """The clients and the stages on them; the commit mode is chosen here, once."""
         settings = self._settings
-        callbacks = {"error_cb": self._client_error, "logger": librdkafka_logger()}
+        callbacks = {"error_cb": self.shell.client_error, "logger": librdkafka_logger()}
         producer = Producer({**kafka_io.producer_config(settings.kafka), **callbacks})
         consumer = Consumer(
             {
@@ -232,6 +220,8 @@ class Worker:
                 "stats_cb": self._on_stats,
             }
         )
+        admin_config: dict[str, Any] = {**kafka_io.admin_config(settings.kafka), "logger": librdkafka_logger()}
+        admin = AdminClient(admin_config)
         publisher = Publisher(
             producer,
             self._topics["dead_letter"],
@@ -243,16 +233,45 @@ class Worker:
         )
         mode = Transactional if settings.kafka.exactly_once else AtLeastOnce
         committer = mode(settings.kafka, consumer, publisher, self.metrics, self.health, self._failures, self._clock)
+        gate = DeadLetterGate(settings.dead_letter, committer.publish)
+        batch = settings.batch
         inference: InferenceThread[Pending] = InferenceThread(
-            self._classifier.predict,
-            lambda p: p.ids,
-            settings.batch.max_size,
-            settings.batch.max_tokens,
-            observe=self._observe_forward,
+            self._classifier.predict, lambda p: p.ids, batch.max_size, batch.max_tokens, observe=self._observe_forward
         )
-        return _Running(
-            consumer, publisher, committer, DeadLetterGate(settings.dead_letter, committer.publish), inference
+        routing = settings.routing
+        classify = Classify(
+            buffer=BatchBuffer(batch.max_size, batch.max_tokens, batch.max_wait_ms / 1000, self._clock),
+            inference=inference,
+            tokenize=self._classifier.tokenize,
+            decider=Decider(
+                Router(routing, self._classifier.labels), routing.shadow, self._topics, self._classifier.identity
+            ),
+            observer=self._observer,
+            metrics=self.metrics,
+            message=settings.message,
+            emit=gate.submit_many,
+            current=committer.is_current,
+            max_buffered=batch.max_size * _BUFFER_BATCHES,
+            cache=DecisionCache(settings.cache.size) if settings.cache.size else None,
+            embed=settings.output.embed,
+            log_text=settings.log.include_text,
         )
+        pausing = Pausing(
+            consumer, InFlightBudget(settings.budget.max_records, settings.budget.max_bytes), committer, self.metrics
+        )
+        lifecycle = Lifecycle(
+            consumer=consumer,
+            classify=classify,
+            gate=gate,
+            committer=committer,
+            pausing=pausing,
+            failures=self._failures,
+            revoke_timeout_s=min(settings.shutdown_timeout_s, settings.kafka.max_poll_interval_ms / 2000),
+            cooperative=settings.kafka.assignment_strategy == "cooperative-sticky",
+            clock=self._clock,
+        )
+        lag = LagMeter(consumer, admin, self.metrics)
+        return _Running(consumer, publisher, committer, gate, classify, pausing, lifecycle, lag, admin)
 
     def _observe_forward(self, rows: int, padded: int, real: int, seconds: float) -> None:
         self.metrics.batch_size.observe(rows)
@@ -266,10 +285,10 @@ class Worker:
 
     def _start_up(self) -> bool:
         """Wait for Kafka, check (or create) topics, then join the group; ``False`` if stopped meanwhile."""
-        existing = self._await_kafka()
-        if existing is None:
+        metadata = self.shell.await_kafka(self._r.consumer)
+        if metadata is None:
             return False
-        self._check_topics(existing)
+        self._check_topics({name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None})
         if self._settings.kafka.exactly_once:
             self._init_transactions()
         self._r.consumer.subscribe(
@@ -277,34 +296,6 @@ class Worker:
         )
         self._unassigned_since = self._clock()
         return True
-
-    def _await_kafka(self) -> dict[str, int] | None:
-        """Topic -> partition count once the cluster answers; retried for as long as it takes.
-
-        A worker started before its broker (compose, a cluster being restored) must not crash-loop:
-        it waits, says so in the log, and stays live but not ready.
-        """
-        started = self._clock()
-        last_log = -_WAITING_LOG_INTERVAL_S
-        while not self._stop.is_set():
-            self._failures.raise_if_set()
-            self.health.progress()
-            try:
-                metadata = self._r.consumer.list_topics(timeout=_METADATA_TIMEOUT_S)
-            except KafkaException as exc:
-                if self._clock() - last_log >= _WAITING_LOG_INTERVAL_S:
-                    last_log = self._clock()
-                    log.warning(
-                        "waiting for Kafka",
-                        bootstrap_servers=self._settings.kafka.bootstrap_servers,
-                        waited_s=round(self._clock() - started, 1),
-                        error=str(exc.args[0].str() if exc.args else exc),
-                    )
-                continue
-            if metadata.brokers:
-                self.health.broker_reachable = True
-                return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
-        return None
 
     def _check_topics(self, existing: dict[str, int]) -> None:
         """Inputs must exist; outputs must exist or be created; warn when an output takes smaller records."""
@@ -317,8 +308,7 @@ class Worker:
                 "(check FILTER_TOPICS__INPUT and FILTER_KAFKA__BOOTSTRAP_SERVERS)",
                 ExitCode.TOPICS,
             )
-        admin_config: dict[str, Any] = {**kafka_io.admin_config(self._settings.kafka), "logger": librdkafka_logger()}
-        admin = AdminClient(admin_config)
+        admin = self._r.admin
         missing = sorted(set(self._topics.values()) - set(existing))
         if missing and not topics.create:
             raise FatalError(
@@ -342,7 +332,7 @@ class Worker:
     def _init_transactions(self) -> None:
         """Register the transactional id: fences a previous incarnation and aborts its open transaction."""
         producer = self._r.publisher.producer
-        while not self._stop.is_set():
+        while not self.shell.stopping:
             self.health.progress()
             try:
                 producer.init_transactions(CALL_TIMEOUT_S)
@@ -359,39 +349,33 @@ class Worker:
         r = self._r
         self._failures.raise_if_set()
         self._maybe_reload()
-        self._apply_fetch_gate()
+        r.pausing.poll()
         messages = self._wait()
         self._ingest(messages)
-        self._collected += r.inference.completed()
-        self._dispatch()  # the model starts its next batch before this turn publishes the last one
-        self._route_collected()
+        r.classify.poll()  # the model starts its next batch before this turn publishes the last one
         self._observer.flush_if_due(caught_up=self._caught_up())
         now = self._clock()
         if messages:
             self._last_consumed = now
-        elif len(r.gate) and self._pipeline_empty() and now - self._last_consumed >= _QUIET_S:
+        elif len(r.gate) and r.classify.empty() and now - self._last_consumed >= _QUIET_S:
             r.gate.open()  # a run of dead letters stalled below the limit: the stream went quiet
-        if r.committer.poll(caught_up=self._caught_up()):
-            self._discard_stale()
+        r.lifecycle.poll(caught_up=self._caught_up())
         self._failures.raise_if_set()
         if now - self._last_lag >= self._settings.kafka.commit_interval_ms / 1000:
             self._last_lag = now
-            self._update_lag()
-        self._probe_broker()
+            r.lag.update(r.committer.tracker.assigned(), r.pausing.paused)
+        self.shell.probe(r.consumer)
         self._log_join_wait()
         self.metrics.in_flight.set(r.committer.tracker.in_flight())
         self.metrics.in_flight_bytes.set(r.committer.tracker.in_flight_bytes())
         self.health.progress()
 
-    def _pipeline_empty(self) -> bool:
-        return not len(self._buffer) and not self._r.inference.in_flight
-
     def _caught_up(self) -> bool:
         """Nothing buffered, nothing in the model, no dead letters held: everything consumed is decided."""
-        return self._pipeline_empty() and not len(self._r.gate)
+        return self._r.classify.empty() and not len(self._r.gate)
 
     def _wait(self) -> list[Message]:
-        """Block until there is something to do; returns new records, finished passes go to ``_collected``.
+        """Block until there is something to do; returns new records (finished passes wait in the stage).
 
         What the loop waits on depends on what can happen next. While the model runs and nothing can
         be dispatched, only the pass's end matters: the loop sleeps on the result queue, so it wakes
@@ -402,49 +386,41 @@ class Worker:
         produce.
         """
         r = self._r
+        classify = r.classify
         publisher = r.publisher
         awaiting_reports = publisher.outstanding and self._clock() - publisher.last_produce < _DELIVERY_WINDOW_S
         cap = _DELIVERY_POLL_S if awaiting_reports else _IDLE_POLL_S
-        if r.inference.in_flight and not self._can_dispatch():
-            if not self._buffer.full():  # read what is there, so the next batch is ready when the pass ends
+        if classify.in_model and not classify.dispatchable():
+            if not classify.full():  # read what is there, so the next batch is ready when the pass ends
                 messages = self._read()
                 if messages:
                     return messages
                 cap = min(cap, _DELIVERY_POLL_S)
-            self._collected += r.inference.completed(cap)
+            classify.await_pass(cap)
             return self._read()
         messages = self._read()
-        if messages or self._can_dispatch():
+        if messages or classify.dispatchable():
             return messages
-        room = self._room()  # a whole batch: a buffer holding one would be dispatchable here
-        due = self._buffer.time_to_due()
+        room = classify.room()  # a whole batch: a buffer holding one would be dispatchable here
+        due = classify.time_to_due()
         first = r.consumer.poll(cap if due is None else min(due, cap))
         if first is None:
             return []
         return [first, *r.consumer.consume(num_messages=room - 1, timeout=0)] if room > 1 else [first]
 
-    def _room(self) -> int:
-        """How many records one read may take: a batch, or less where the buffer is nearly full."""
-        return min(self._settings.batch.max_size, self._max_buffered - len(self._buffer))
-
     def _read(self) -> list[Message]:
-        """The records librdkafka has ready, as many as ``_room`` allows; none while the buffer is full.
+        """The records librdkafka has ready, as many as the stage has room for; none while its buffer is full.
 
-        A full buffer stops the reading, not the fetching: pausing the partitions would throw away
-        what librdkafka has prefetched, and on the embedded broker the first record after a resume
-        came 0.5 to 0.95 s later, so a worker whose buffer filled behind a fast model sat idle once
-        per fill. Pauses are for the in-flight budget (``_apply_fetch_gate``). The loop still calls
-        the consumer at least once per forward pass, as each pass makes room.
+        A full buffer stops the reading, not the fetching: pausing the partitions would throw away what
+        librdkafka has prefetched, and the first record after a resume can take a fetch round trip to
+        come. Pauses are for the in-flight budget (the pausing stage). The loop still calls the consumer
+        at least once per forward pass, as each pass makes room.
         """
-        room = self._room()
+        room = self._r.classify.room()
         return self._r.consumer.consume(num_messages=room, timeout=0) if room > 0 else []
 
-    def _can_dispatch(self) -> bool:
-        inference = self._r.inference
-        return inference.has_capacity() and self._buffer.ready(model_busy=inference.in_flight > 0)
-
     def _ingest(self, messages: list[Message]) -> None:
-        """Consumed records into the tracker, then intake: dead letters and cache answers out, the rest buffered."""
+        """Consumed records into the committer's tracker, then into the classify stage."""
         r = self._r
         records: list[tuple[InputRecord, int]] = []
         for message in messages:
@@ -461,113 +437,7 @@ class Worker:
         self.health.broker_reachable = True
         for topic, count in Counter(record.topic for record, _ in records).items():
             self.metrics.consumed.labels(topic).inc(count)
-        settings = self._settings
-        intake = take_in(records, settings.message, settings.output.embed, self._classifier.tokenize, self._cache)
-        for record, generation, failure in intake.failed:
-            self._dead_letter(record, generation, failure)
-        self._answer(intake.answered)
-        for pending in intake.pending:
-            self._buffer.add(pending, len(pending.ids))
-
-    def _dispatch(self) -> None:
-        while self._can_dispatch():
-            self._r.inference.submit(self._buffer.take())
-
-    def _route_collected(self) -> None:
-        """Route the finished passes taken from the model, oldest first, decided together.
-
-        They wait in ``_collected`` rather than in a local variable because a consumer call may run a
-        revocation between taking them and routing them: ``_finish`` routes them too, so their records
-        are published before the revocation commits (else the commit stops below them and the next
-        owner repeats every published record above). Passes collected in one turn are decided in one
-        call (at small batch sizes the per-call costs, numpy routing and metrics, are shared by more
-        records), and reach the gate pass by pass, each pass's dead letters before its outputs: a run
-        of dead letters is counted as the records came out of the model, not joined across passes.
-        """
-        if not self._collected:
-            return
-        committer = self._r.committer
-        decided: list[Pending] = []
-        rows: list[np.ndarray] = []
-        # Per pass: the records the model failed on (with the error), and how many were decided.
-        passes: list[tuple[list[tuple[Pending, str | None]], int]] = []
-        while self._collected:
-            result = self._collected.popleft()
-            failed: list[tuple[Pending, str | None]] = []
-            picked: list[int] = []
-            for i, pending in enumerate(result.items):
-                record = pending.record
-                if not committer.is_current((record.topic, record.partition), pending.generation):
-                    continue  # revoked or rewound since; read again
-                if result.errors[i] is not None or result.probs is None:
-                    failed.append((pending, result.errors[i]))
-                    continue
-                decided.append(pending)
-                picked.append(i)
-            if picked:
-                assert result.probs is not None
-                rows.append(result.probs if len(picked) == len(result.items) else result.probs[picked])
-            passes.append((failed, len(picked)))
-        outputs: list[Outgoing] = []
-        if decided:
-            probs = rows[0] if len(rows) == 1 else np.concatenate(rows)
-            if self._cache is not None:
-                for pending, row in zip(decided, probs, strict=True):
-                    if pending.cache_key is not None:
-                        self._cache.put(pending.cache_key, row, pending.truncated)
-                self.metrics.cache_records.labels("miss").inc(len(decided))
-            outputs = self._decide(decided, probs)
-        start = 0
-        for failed, count in passes:
-            for pending, error in failed:
-                failure = DecodeFailure("model_error", f"the model failed on this record: {error}")
-                self._dead_letter(pending.record, pending.generation, failure)
-            if count:
-                self._r.gate.submit_many(outputs[start : start + count])
-                start += count
-        self._answer_buffered_repeats()
-
-    def _answer(self, answered: list[Answered]) -> None:
-        if answered:
-            self.metrics.cache_records.labels("hit").inc(len(answered))
-            self._r.gate.submit_many(self._decide(answered, np.stack([item.probs for item in answered])))
-
-    def _answer_buffered_repeats(self) -> None:
-        """Decide buffered records whose text a finished batch just classified, instead of classifying it again.
-
-        A campaign's copies arrive together, so many are already buffered when its first copy returns.
-        """
-        cache = self._cache
-        if cache is None or not len(self._buffer):
-            return
-        answered = []
-        for pending in self._buffer.extract(lambda p: p.cache_key is not None and p.cache_key in cache):
-            hit = cache.get(pending.cache_key)  # type: ignore[arg-type]  # not None: extracted for it
-            assert hit is not None
-            answered.append(
-                Answered(
-                    pending.record, pending.generation, hit.probs, hit.truncated, pending.document, pending.embed_into
-                )
-            )
-        self._answer(answered)
-
-    def _decide(self, items: Sequence[Classified], probs: np.ndarray) -> list[Outgoing]:
-        """Decide a batch under the current rules and count it; the outputs are for the gate."""
-        outputs, decisions = self._decider.classified(items, probs)
-        self._observer.observe(probs, decisions, self._decider.router)
-        if self._decider.shadow:
-            for action, count in Counter(d.action for d in decisions).items():
-                self.metrics.shadow_decisions.labels(action).inc(count)
-        return outputs
-
-    def _dead_letter(self, record: InputRecord, generation: int, failure: DecodeFailure) -> None:
-        fields: dict[str, Any] = {"error": failure.error, "reason": failure.reason}
-        if self._settings.log.include_text:  # message content is private unless the operator opts in
-            fields["value"] = (record.value or b"")[:200].decode("utf-8", "replace")
-        log.warning(
-            "dead-lettering record", topic=record.topic, partition=record.partition, offset=record.offset, **fields
-        )
-        self._r.gate.submit(self._decider.failed(record, generation, failure))
+        r.classify.submit(records)
 
     def _maybe_reload(self) -> None:
         """Swap in new routing settings between records, or keep the old ones if the new are invalid.
@@ -575,9 +445,8 @@ class Worker:
         Records decided before the swap keep their decision (it is in their headers); a rule change
         never re-routes what was already published.
         """
-        if not self._reload_requested.is_set() or self._reload_routing is None:
+        if not self.shell.reload_requested() or self._reload_routing is None:
             return
-        self._reload_requested.clear()
         try:
             routing = self._reload_routing()
             router = Router(routing, self._classifier.labels)
@@ -585,7 +454,7 @@ class Worker:
             self.metrics.rule_reloads.labels("refused").inc()
             log.error("routing reload refused; the previous rules stay in force", error=str(exc))
             return
-        self._decider = Decider(router, routing.shadow, self._topics, self._classifier.identity)
+        self._r.classify.decider = Decider(router, routing.shadow, self._topics, self._classifier.identity)
         self.metrics.rule_reloads.labels("applied").inc()
         log.info(
             "routing reloaded",
@@ -594,58 +463,7 @@ class Worker:
             shadow=routing.shadow,
         )
 
-    # -- backpressure -----------------------------------------------------------------------------
-
-    def _apply_fetch_gate(self) -> None:
-        """Pause fetching while the budget is spent or the committer backs off.
-
-        The budget counts every record between consume and acknowledgement, so memory stays bounded whichever
-        stage is slow: the model, the broker's acknowledgements, a transaction. A full batch buffer does not
-        pause: the loop stops reading instead (``_read``).
-        """
-        r = self._r
-        tracker = r.committer.tracker
-        records, size = tracker.in_flight(), tracker.in_flight_bytes()
-        budget = not self._budget.refilled(records, size) if self._paused else self._budget.spent(records, size)
-        hold = budget or r.committer.fetch_paused()
-        if hold == self._paused:
-            return
-        assignment = self._assignment()
-        if hold:
-            r.consumer.pause(assignment)
-        else:
-            r.consumer.resume(assignment)
-        self._paused = hold
-        self.metrics.fetch_paused.set(int(hold))
-        log.debug("fetching paused" if hold else "fetching resumed", in_flight=records, in_flight_bytes=size)
-
-    def _assignment(self) -> list[TopicPartition]:
-        return [TopicPartition(t, p) for t, p in self._r.committer.tracker.assigned()]
-
-    # -- lag and broker probes --------------------------------------------------------------------
-
-    def _update_lag(self) -> None:
-        """Lag per owned partition from cached watermarks (no broker round trip)."""
-        consumer = self._r.consumer
-        for tp in consumer.position(self._assignment()):
-            if tp.offset < 0:
-                continue
-            _, high = consumer.get_watermark_offsets(tp, cached=True)
-            if high >= 0:
-                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - tp.offset))
-
-    def _probe_broker(self) -> None:
-        """While the broker looks unreachable, ask it for metadata now and then to notice its return."""
-        if self.health.broker_reachable or self._clock() - self._last_probe < _PROBE_INTERVAL_S:
-            return
-        self._last_probe = self._clock()
-        try:
-            self._r.consumer.list_topics(timeout=1.0)
-        except KafkaException:
-            return
-        self.health.broker_reachable = True
-
-    # -- rebalances -------------------------------------------------------------------------------
+    # -- rebalances (librdkafka's callbacks, on the loop's thread inside a consumer call) ----------
 
     def _on_stats(self, stats: str) -> None:
         """librdkafka's statistics (every few seconds): only the consumer-group part is kept, for the join log."""
@@ -661,7 +479,7 @@ class Worker:
         """
         since = self._unassigned_since
         now = self._clock()
-        if since is None or now - since < _JOIN_LOG_AFTER_S or now - self._last_join_log < _WAITING_LOG_INTERVAL_S:
+        if since is None or now - since < _JOIN_LOG_AFTER_S or now - self._last_join_log < _JOIN_LOG_INTERVAL_S:
             return
         self._last_join_log = now
         group = self._group_state
@@ -678,43 +496,21 @@ class Worker:
             session_timeout_ms=self._settings.kafka.session_timeout_ms,
         )
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Assigned here, not by confluent-kafka after this returns: that later assign would undo the
-        # pause below, and a worker over its budget would fetch from its new partitions anyway.
-        if self._settings.kafka.assignment_strategy == "cooperative-sticky":
-            consumer.incremental_assign(partitions)
-        else:
-            consumer.assign(partitions)
-        self._r.committer.assign([(p.topic, p.partition) for p in partitions])
-        # Set either way: librdkafka keeps a partition's pause across its revocation, so one paused
-        # when it was revoked came back paused, and with fetching resumed meanwhile for the others
-        # it was never read again (test_new_partitions_stay_paused_while_the_budget_is_spent, 7 runs in 9).
-        if partitions:
-            (consumer.pause if self._paused else consumer.resume)(partitions)
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._running is None:
+            return
+        tps = self._r.lifecycle.assigned(partitions)
         self.metrics.rebalances.labels("assign").inc()
         self.health.joined = self.health.broker_reachable = True
         self._unassigned_since = None
-        log.info("partitions assigned", partitions=[f"{p.topic}/{p.partition}" for p in partitions])
+        log.info("partitions assigned", partitions=[f"{t}/{p}" for t, p in tps])
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Finish the records below published ones, commit what is done, forget the rest (the next owner reads it).
-
-        Batches cut by length publish a partition's records out of offset order, so a buffered record
-        may sit below published ones; without finishing it, the commit would stop below them and the
-        next owner would publish them again.
-        """
+        if self._running is None:  # a close that outlived its bound (``_close_consumer``)
+            return
         tps = [(p.topic, p.partition) for p in partitions]
-        deadline = self._clock() + (_CLOSE_FLUSH_S if self._closing else self._revoke_timeout_s())
-        try:
-            finished = True
-            if not self._closing and self._failures.failure is None:
-                finished = self._finish(set(tps), deadline)
-                self._r.gate.open()
-            self._r.committer.revoke(tps, deadline)
-        except FatalError as exc:  # never raise through librdkafka: the loop raises it
-            self._failures.set(exc)
-            finished = False
-        dropped = self._forget(tps)
+        finished, dropped = self._r.lifecycle.revoked(tps)
+        self._r.lag.forget(tps)
         if not self._r.committer.tracker.assigned():
             self._unassigned_since = self._clock()
         self.metrics.rebalances.labels("revoke").inc()
@@ -726,112 +522,30 @@ class Worker:
         )
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Lost (session expired): another member may own them already, so nothing is committed."""
+        if self._running is None:
+            return
         tps = sorted({(p.topic, p.partition) for p in partitions})
-        if self._r.committer.lost(tps):
-            self._discard_stale()
-        self._forget(tps)
+        self._r.lifecycle.lost(tps)
+        self._r.lag.forget(tps)
         self._unassigned_since = self._clock()
         self.metrics.rebalances.labels("lost").inc()
         self.health.joined = False
         log.warning("partitions lost", partitions=[f"{t}/{p}" for t, p in tps])
 
-    def _revoke_timeout_s(self) -> float:
-        """Within the rebalance's own timeout (max.poll.interval.ms), and at most the shutdown deadline."""
-        return min(self._settings.shutdown_timeout_s, self._settings.kafka.max_poll_interval_ms / 2000)
+    # -- stop, errors, close ----------------------------------------------------------------------
 
-    def _forget(self, tps: list[TP]) -> int:
-        """Drop buffered work, held dead letters and lag gauges of partitions no longer owned."""
-        gone = set(tps)
-        dropped = self._buffer.discard(lambda p: (p.record.topic, p.record.partition) not in gone)
-        self._r.gate.discard(lambda item: (item.source.topic, item.source.partition) not in gone)
-        for topic, partition in tps:
-            with contextlib.suppress(KeyError):  # never set: nothing consumed from it
-                self.metrics.lag.remove(topic, str(partition))
-        return dropped
-
-    def _discard_stale(self) -> None:
-        """After a rewind: drop buffered work and held dead letters of the generations before it."""
-        committer = self._r.committer
-
-        def current(record: InputRecord, generation: int) -> bool:
-            return committer.is_current((record.topic, record.partition), generation)
-
-        self._buffer.discard(lambda p: current(p.record, p.generation))
-        self._r.gate.discard(lambda item: current(item.source, item.generation))
-
-    # -- finishing: graceful stop and revocation --------------------------------------------------
-
-    def _finish(self, tps: set[TP] | None, deadline: float) -> bool:
-        """Classify and decide the buffered records of ``tps`` (all if ``None``) that sit below a decided one.
-
-        Also waits for the passes in the model. ``False`` when ``deadline`` cut this short. Records
-        above every decided one stay buffered: dropping them repeats nothing.
-        """
-        r = self._r
-        self._route_collected()  # taken from the model before this revocation or stop: decided first
-        holes = self._take_holes(tps)
-        max_size = self._settings.batch.max_size
-        while (holes or r.inference.in_flight) and self._clock() < deadline:
-            while holes and r.inference.has_capacity():
-                r.inference.submit(holes[:max_size])
-                del holes[:max_size]
-            self._collected += r.inference.completed(timeout_s=min(0.1, max(0.001, deadline - self._clock())))
-            self._route_collected()
-            r.publisher.poll(0)
-            self.health.progress()
-        return not holes and not r.inference.in_flight
-
-    def _take_holes(self, tps: set[TP] | None) -> list[Pending]:
-        """Buffered records of ``tps`` below a published (or in-model) record of their partition, shortest first."""
-
-        def chosen(pending: Pending) -> bool:
-            return tps is None or (pending.record.topic, pending.record.partition) in tps
-
-        items = self._buffer.extract(chosen)
-        buffered: dict[TP, set[int]] = {}
-        for pending in items:
-            buffered.setdefault((pending.record.topic, pending.record.partition), set()).add(pending.record.offset)
-        holes: list[Pending] = []
-        rest: list[Pending] = []
-        tracker = self._r.committer.tracker
-        for pending in items:
-            tp = (pending.record.topic, pending.record.partition)
-            decided = tracker.highest_decided(tp, buffered[tp])
-            (holes if decided is not None and pending.record.offset < decided else rest).append(pending)
-        for pending in rest:
-            self._buffer.add(pending, len(pending.ids))
-        return sorted(holes, key=lambda p: len(p.ids))
-
-    def _drain(self) -> bool:
-        """Graceful stop: finish the holes and the passes in the model, publish, let held dead letters
-        through, wait for acknowledgements, commit. ``False`` when the shutdown deadline cut it short;
-        the rest of the buffer is abandoned uncommitted and read again by the next owner.
-        """
-        deadline = self._clock() + self._settings.shutdown_timeout_s
-        finished = self._finish(None, deadline)
-        self._r.gate.open()
-        committed = self._r.committer.finish(deadline)
+    def _stop(self) -> ExitCode:
+        """Graceful stop within FILTER_SHUTDOWN_TIMEOUT_S; what it cuts short is read again by the next owner."""
+        timeout_s = self._settings.shutdown_timeout_s
+        log.info("stopping: finishing in-flight work", in_flight=self._r.committer.tracker.in_flight())
+        done = self._r.lifecycle.stop(self._clock() + timeout_s)
         self._failures.raise_if_set()
-        if not (finished and committed):
-            log.warning(
-                "shutdown deadline passed with work unfinished; it is read again by the next owner",
-                timeout_s=self._settings.shutdown_timeout_s,
-            )
-        return finished and committed
-
-    # -- errors and shutdown ----------------------------------------------------------------------
-
-    def _client_error(self, err: KafkaError) -> None:
-        if err.fatal():
-            self._failures.set(FatalError(f"fatal Kafka client error: {err.str()}"))
-            return
-        if err.code() in _UNREACHABLE:
-            if self.health.broker_reachable:
-                log.error("Kafka unreachable; retrying, nothing is committed meanwhile", error=err.str())
-            self.health.broker_reachable = False
-            return
-        log.warning("kafka client error", code=err.name(), error=err.str())
+        if done:
+            return ExitCode.OK
+        log.warning(
+            "shutdown deadline passed with work unfinished; it is read again by the next owner", timeout_s=timeout_s
+        )
+        return ExitCode.SHUTDOWN_DEADLINE
 
     def _consumer_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
@@ -845,22 +559,36 @@ class Worker:
             self._running.committer.committed(err, partitions)
 
     def _close(self) -> None:
-        """Stop the inference thread, close the clients (leaving the group now), stop the HTTP server.
+        """Close the stages (the lifecycle's last row), then the clients (leaving the group now), then HTTP.
 
         Never raises: a failure is already on its way out of ``run`` as an exit code.
         """
-        self._closing = True
         running = self._running
         if running is not None:
-            running.inference.close()
             try:
-                running.committer.close()
-                running.publisher.flush(_CLOSE_FLUSH_S)
-                running.consumer.close()  # revokes (committing what is acknowledged), leaves the group now
-            except (KafkaException, RuntimeError) as exc:
-                log.warning("closing the Kafka clients failed", error=str(exc))
+                running.lifecycle.close()
+                _close_consumer(running.consumer)  # revokes (the lifecycle commits nothing more), leaves the group
             finally:
                 self._running = None  # drop the clients so their connections close here, not at GC
-        if self._http is not None:
-            self._http.stop()
+        self.shell.stop_http()
         log.info("worker stopped")
+
+
+def _close_consumer(consumer: Consumer) -> None:
+    """Close the consumer (leave the group), waiting at most ``_CONSUMER_CLOSE_S``. Never raises."""
+
+    def close() -> None:
+        try:
+            consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("closing the consumer failed", error=str(exc))
+
+    closer = threading.Thread(target=close, name="consumer-close", daemon=True)
+    closer.start()
+    closer.join(_CONSUMER_CLOSE_S)
+    if closer.is_alive():
+        log.warning(
+            "leaving the consumer group did not finish in time; the group reassigns the partitions once "
+            "FILTER_KAFKA__SESSION_TIMEOUT_MS passes",
+            waited_s=_CONSUMER_CLOSE_S,
+        )

@@ -30,7 +30,7 @@ def chain(first: Outgoing, err: KafkaError, cut: bool = True) -> list[Outgoing]:
 
 
 def test_a_refused_record_falls_back_to_smaller_and_smaller_dead_letters():
-    routed, full, cut, omitted = chain(routed_item(), TOO_LARGE)
+    routed, full, cut, omitted, keyless = chain(routed_item(), TOO_LARGE)
     assert full.out.topic == DLQ and full.out.value == SOURCE.value and full.action == "dead_letter"
     assert full.error == "publish_rejected" and full.generation == 4
     headers = dict(cut.out.headers)
@@ -41,6 +41,20 @@ def test_a_refused_record_falls_back_to_smaller_and_smaller_dead_letters():
     headers = dict(omitted.out.headers)
     assert omitted.out.value is None and headers["filter.value"] == b"omitted" and "trace" not in headers
     assert omitted.out.key == SOURCE.key
+    headers = dict(keyless.out.headers)
+    assert keyless.out.key is None and keyless.out.value is None
+    assert headers["filter.key"] == b"omitted" and headers["filter.original-key-size"] == b"3"
+
+
+def test_a_key_too_large_for_the_dead_letter_topic_is_left_out_at_once():
+    """Whatever the record held, the last form fits: a key alone over the limit goes too (issue 20, fault 6)."""
+    source = SOURCE._replace(key=b"k" * 5000)
+    out = OutputRecord("in.allow", source.key, source.value, [], None)
+    steps = chain(Outgoing(out, source, 4, "allow"), TOO_LARGE)
+    last = steps[-1]
+    assert [dict(s.out.headers).get("filter.value") for s in steps] == [None, None, b"omitted"]
+    assert last.out.key is None and last.out.size < 2000
+    assert dict(last.out.headers)["filter.original-key-size"] == b"5000"
 
 
 def test_a_refusal_about_the_pipeline_has_no_fallback():

@@ -7,10 +7,9 @@ changes (a Kubernetes ConfigMap mounted as a file is updated in place, with no s
 from __future__ import annotations
 
 import argparse
-import signal
 from typing import Any
 
-from filter_worker.cli.common import subcommand
+from filter_worker.cli.common import model_argument, settings_with_model, subcommand
 from filter_worker.config import load_settings
 from filter_worker.config_watcher import ConfigWatcher
 
@@ -23,37 +22,21 @@ def add_parser(commands: Any) -> None:
         "consume, classify and route until SIGTERM/SIGINT; the [routing] section of --config is reloaded on "
         "SIGHUP and when the file's content changes",
     )
+    model_argument(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from filter_worker.client_check import check_clients
-    from filter_worker.logs import configure
     from filter_worker.model import Classifier
+    from filter_worker.service import serve
     from filter_worker.worker import Worker
 
     # The watcher's baseline is the content the settings are loaded from, so an edit made while the
     # model loads is still noticed.
     watcher = ConfigWatcher(args.config, lambda: worker.request_reload()) if args.config else None
-    settings = load_settings(args.config)
-    configure(settings.log)
+    settings = settings_with_model(args)
     check_clients(settings.kafka)  # before the (slow) model load
     classifier = Classifier.load(settings.model)
     worker = Worker(settings, classifier, reload_routing=lambda: load_settings(args.config).routing)
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        worker.stop()
-
-    def request_reload(signum: int, _frame: Any) -> None:
-        worker.request_reload()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, request_reload)
-    if watcher is not None:
-        watcher.start()
-    try:
-        return worker.run()
-    finally:
-        if watcher is not None:
-            watcher.stop()
+    return serve(worker, args.config, watcher)

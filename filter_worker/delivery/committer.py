@@ -6,9 +6,10 @@
   transaction in offset order, and the transaction commits them together with the offsets; an aborted
   transaction rewinds to the first uncommitted record.
 
-The worker hands every output to ``publish`` (through the dead-letter gate) and calls ``poll`` once a
-loop turn; rebalances, the graceful stop and close go through the matching methods. Nothing outside
-these two classes asks which mode is on.
+The classify stage hands every output to ``publish`` (through the dead-letter gate) and the loop calls
+``poll`` once a turn; revocations, losses, the graceful stop and close reach the committer through the
+lifecycle (``delivery/lifecycle.py``), which decides their order. Nothing outside these two classes
+asks which mode is on.
 """
 
 from __future__ import annotations
@@ -86,19 +87,19 @@ class Committer(ABC):
     def poll(self, caught_up: bool) -> bool:
         """Serve delivery reports and commit when due; ``True`` when partitions were rewound.
 
-        ``caught_up``: nothing is buffered or in the model. After a rewind the worker drops its
-        unfinished work for the old generations (``is_current`` says which).
+        ``caught_up``: nothing is buffered or in the model. After a rewind the lifecycle drops the
+        stages' unfinished work of the old generations (``is_current`` says which).
         """
 
     def fetch_paused(self) -> bool:
         """Whether fetching must wait (a backoff after failed transactions)."""
         return False
 
-    # -- rebalances, stop, close ------------------------------------------------------------------
+    # -- revocation, loss, stop, close (called by the lifecycle, in its order) --------------------
 
     @abstractmethod
-    def revoke(self, tps: list[TP], deadline: float) -> None:
-        """Commit what is done for ``tps`` (until ``deadline``), then forget them. Never raises."""
+    def revoke(self, tps: list[TP], deadline: float) -> bool:
+        """Commit what is done for ``tps`` (until ``deadline``), then forget them; ``True`` if committed in time."""
 
     @abstractmethod
     def lost(self, tps: list[TP]) -> bool:
@@ -106,11 +107,18 @@ class Committer(ABC):
 
     @abstractmethod
     def finish(self, deadline: float) -> bool:
-        """Graceful stop: publish, wait for acknowledgements, commit; ``False`` if ``deadline`` cut it short."""
+        """Graceful stop: publish, wait for acknowledgements, commit; ``False`` if it did not complete in time."""
 
     @abstractmethod
     def close(self) -> None:
-        """Leave nothing half-done behind (an open transaction is aborted). Never raises."""
+        """Leave nothing half-done behind after a failure; nothing is committed or begun after this. Never raises."""
+
+    def forget(self, tps: list[TP]) -> None:
+        """Drop ``tps`` without committing: revoked after the stop, or lost."""
+        for tp in tps:
+            self.tracker.revoke(tp)
+        gone = set(tps)
+        self._publisher.forget_replacements(lambda key: (key[0], key[1]) not in gone)
 
     # -- delivery reports (from the publisher, on the loop thread) --------------------------------
 
@@ -128,14 +136,6 @@ class Committer(ABC):
     @abstractmethod
     def committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """librdkafka's result of a consumer commit (``on_commit``)."""
-
-    # -- shared helpers ---------------------------------------------------------------------------
-
-    def _forget(self, tps: list[TP]) -> None:
-        for tp in tps:
-            self.tracker.revoke(tp)
-        gone = set(tps)
-        self._publisher.forget_replacements(lambda tp: tp not in gone)
 
     @staticmethod
     def _partitions(offsets: dict[TP, int]) -> list[TopicPartition]:

@@ -3,7 +3,7 @@
 A record the broker (or the client) refuses *for what it is* (too large, invalid) must not stop its
 partition: it is replaced by the next of its fallbacks, each smaller than the one before:
 
-    routed output -> dead letter with the full value -> value cut to fit -> value left out
+    routed output -> dead letter with the full value -> value cut to fit -> value left out -> key left out
 
 A refusal of anything else (authorization, a missing topic) is about the pipeline, not the record, and
 is handed to the committer, which stops the worker. Which of the two a refusal is, and what replaces
@@ -60,7 +60,9 @@ def next_fallback(
         failure = DecodeFailure(item.failure.error, reason)
         return replace(item, out=fitted_dead_letter(record, failure, dead_letter_topic, max_bytes), failure=failure)
     if form == b"cut":
-        return replace(item, out=omitted_dead_letter(record, item.failure, dead_letter_topic))
+        return replace(item, out=omitted_dead_letter(record, item.failure, dead_letter_topic, max_bytes))
+    if form == b"omitted" and item.out.key is not None:
+        return replace(item, out=omitted_dead_letter(record, item.failure, dead_letter_topic, keep_key=False))
     return None
 
 
@@ -123,13 +125,19 @@ class Publisher:
         return next_fallback(item, err, self._dead_letter_topic, self.dead_letter_max_bytes, self._cut)
 
     def replace_later(self, replacement: Outgoing) -> None:
-        """Publish ``replacement`` instead of its source's output the next time that record comes by."""
+        """Publish ``replacement`` instead of its source's output every time that record comes by again.
+
+        Kept until the record's offset is committed (``forget_replacements``), not until the
+        replacement is delivered: delivered inside a transaction that is then aborted for another
+        record, it comes by again and must be replaced again.
+        """
         source = replacement.source
         self._replacements[(source.topic, source.partition, source.offset)] = replacement
 
-    def forget_replacements(self, keep: Callable[[tuple[str, int]], bool]) -> None:
-        """Drop remembered replacements of partitions no longer owned (the next owner decides afresh)."""
-        self._replacements = {k: v for k, v in self._replacements.items() if keep((k[0], k[1]))}
+    def forget_replacements(self, keep: Callable[[tuple[str, int, int]], bool]) -> None:
+        """Drop remembered replacements ``keep`` rejects: committed, or of partitions no longer owned."""
+        if self._replacements:
+            self._replacements = {k: v for k, v in self._replacements.items() if keep(k)}
 
     def send(self, item: Outgoing) -> None:
         """Produce ``item`` (or what replaces it); never blocks: a full queue keeps it in the backlog."""
@@ -147,6 +155,11 @@ class Publisher:
         self._settle()
         while self._backlog and self._produce(self._backlog[0]):
             self._backlog.popleft()
+
+    def settle(self) -> None:
+        """Serve the delivery reports librdkafka already has, and nothing else (no produce)."""
+        self._producer.poll(0)
+        self._settle()
 
     def flush(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` for every output to be acknowledged; returns how many are still out."""
@@ -182,10 +195,12 @@ class Publisher:
         return True
 
     def _settle(self) -> None:
-        """Hand the delivery reports of the last poll to the committer, and count them, per batch.
+        """Hand the delivery reports of the last poll to the committer, per batch.
 
-        The callback librdkafka calls per record only appends to a list: counting and acknowledging
-        a batch at once costs a few dict operations per record instead of a metric lock each.
+        The callback librdkafka calls per record only appends to a list: acknowledging a batch at once
+        costs a few dict operations per record instead of a call each. What is counted as published,
+        and when, is the committer's: a delivery inside a transaction that is then aborted was never
+        published.
         """
         if not self._reports:
             return
@@ -197,30 +212,25 @@ class Publisher:
                 delivered.append(item)
             else:
                 self._listener.refused(item, err)
-        if not delivered:
-            return
-        if self._replacements:
-            for item in delivered:
-                source = item.source
-                self._replacements.pop((source.topic, source.partition, source.offset), None)
-        self._count(delivered)
-        self._listener.acknowledged(delivered)
+        if delivered:
+            self._listener.acknowledged(delivered)
 
-    def _count(self, delivered: list[Outgoing]) -> None:
-        metrics = self._metrics
-        for (action, topic), n in Counter((i.action, i.source.topic) for i in delivered).items():
-            metrics.published.labels(action, topic).inc(n)
-        dead = [i for i in delivered if i.failure is not None]
-        for error, n in Counter(i.failure.error for i in dead if i.failure is not None).items():
-            metrics.dead_letters.labels(error).inc(n)
-        for item in dead:
-            form = dict(item.out.headers).get("filter.value")
-            if form is not None:
-                metrics.oversized.labels(form.decode()).inc()
-        now = time.time()
-        metrics.record_latencies(
-            [max(0.0, now - i.source.timestamp_ms / 1000) for i in delivered if i.source.timestamp_ms is not None]
-        )
+
+def count_published(metrics: Metrics, published: list[Outgoing]) -> None:
+    """Outputs now visible to consumers: per action and input topic, dead letters by error, and latency."""
+    for (action, topic), n in Counter((i.action, i.source.topic) for i in published).items():
+        metrics.published.labels(action, topic).inc(n)
+    dead = [i for i in published if i.failure is not None]
+    for error, n in Counter(i.failure.error for i in dead if i.failure is not None).items():
+        metrics.dead_letters.labels(error).inc(n)
+    for item in dead:
+        form = dict(item.out.headers).get("filter.value")
+        if form is not None:
+            metrics.oversized.labels(form.decode()).inc()
+    now = time.time()
+    metrics.record_latencies(
+        [max(0.0, now - i.source.timestamp_ms / 1000) for i in published if i.source.timestamp_ms is not None]
+    )
 
 
 def unpublishable(item: Outgoing, err: KafkaError) -> FatalError:

@@ -3,27 +3,34 @@
 Outputs are held per partition and released into the open transaction in offset order, so the offsets
 sent with it are an exact cut: every record below them has its output in this or an earlier
 transaction, none above. A transaction is committed every ``FILTER_KAFKA__COMMIT_INTERVAL_MS`` (or at
-once when the worker has caught up), following the confluent-kafka transactional examples:
+once when the worker has caught up), following librdkafka's transactional rules:
 
-- a retriable error of a transactional call is retried (the next turn calls it again);
-- an abortable one (a record the broker refused, a timed-out request) aborts the transaction, and
-  every owned partition is rewound to its first uncommitted record (its last committed offset, or
-  the first offset consumed since it was assigned: never where ``auto.offset.reset`` points);
-- anything else (fenced by a newer incarnation, a fatal client error) stops the worker (exit 1).
+- Committing freezes the transaction: nothing more is released into it. Its offsets are sent, then it
+  is committed. A retriable error of either call is resumed by calling *that call* again on the next
+  turn, and nothing else: after a commit timed out librdkafka refuses new records (``_STATE``) and new
+  offsets (``_CONFLICT``) until the commit finished.
+- An abortable error (a record the broker refused, a timed-out request) aborts the transaction, and
+  every owned partition is rewound to its first uncommitted record (its last committed offset, or the
+  first offset consumed since it was assigned: never where ``auto.offset.reset`` points).
+- Anything else (fenced by a newer incarnation, a fatal client error) stops the worker (exit 1).
 
 A record refused for what it is comes back after the rewind and is replaced by its fallback (its dead
-letter, cut to fit if need be: see ``publisher.py``). Aborts in a row are counted and backed off
-(fetching paused, not ready); past ``FILTER_KAFKA__MAX_ABORTS`` the worker stops instead of looping.
+letter, cut to fit if need be: see ``publisher.py``) until its offset is committed. Aborts in a row
+are counted and backed off (fetching paused, not ready); past ``FILTER_KAFKA__MAX_ABORTS`` the worker
+stops instead of looping. Outputs count as published when their transaction commits, not when the
+broker acknowledges them inside it. Once the worker stops or closes, no transaction begins.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from enum import Enum
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from filter_worker.delivery.committer import TP, Committer
+from filter_worker.delivery.publisher import count_published
 from filter_worker.exit_codes import FatalError
 from filter_worker.logs import get_logger
 from filter_worker.pipeline.records import InputRecord, Outgoing
@@ -33,21 +40,34 @@ log = get_logger(__name__)
 # How long one transactional call (begin, send offsets, commit, abort) may block the loop. Not the
 # transaction's own timeout (librdkafka's transaction.timeout.ms), and not the shutdown deadline.
 CALL_TIMEOUT_S = 10.0
+# The abort on close: the broker aborts a transaction left open once transaction.timeout.ms passes anyway.
+_CLOSE_ABORT_S = 1.0
 _BACKOFF_FIRST_S = 0.5
 _BACKOFF_MAX_S = 30.0
+# While a stop or revocation waits for deliveries, how long one poll of the producer may block.
+_SETTLE_POLL_S = 0.05
+
+
+class Phase(Enum):
+    IDLE = "idle"  # no transaction
+    OPEN = "open"  # begun; outputs are released into it
+    SENDING = "sending"  # frozen: its offsets are being sent
+    COMMITTING = "committing"  # frozen: offsets sent, commit_transaction called (and to be called again)
 
 
 class Transactional(Committer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._in_transaction = False
+        self.phase = Phase.IDLE
         self._held: dict[TP, dict[int, Outgoing]] = {}  # decided, waiting for their turn
         self._unreleased: dict[TP, deque[int]] = {}  # consumed offsets not yet released, in order
         self._released: dict[TP, int] = {}  # one past the last offset released into the open transaction
+        self._delivered: list[Outgoing] = []  # acknowledged inside the open transaction: counted at commit
         # A delivery failed, so the open transaction must be aborted: the error and what failed.
         self._doomed: tuple[KafkaError, str] | None = None
         self._aborts = 0  # in a row, since the last successful commit
         self._resume_at = 0.0
+        self._ended = False  # stopped or closed: no transaction may begin
 
     # -- records ----------------------------------------------------------------------------------
 
@@ -71,6 +91,10 @@ class Transactional(Committer):
     def fetch_paused(self) -> bool:
         return self._clock() < self._resume_at
 
+    def holding(self) -> int:
+        """Decided outputs not yet released (waiting for a lower offset, or for the next transaction)."""
+        return sum(len(held) for held in self._held.values())
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def poll(self, caught_up: bool) -> bool:
@@ -79,86 +103,133 @@ class Transactional(Committer):
             return False
         if self._doomed is not None:
             return self._abort(*self._doomed)
+        if self.phase in (Phase.SENDING, Phase.COMMITTING):
+            return self._commit(CALL_TIMEOUT_S)  # resumed: nothing else may be called meanwhile
         if self.fetch_paused():
             return False
         self._release()
         settled = caught_up and not any(self._unreleased.values())
-        if self._in_transaction and self.commit_due(settled):
-            return self._commit()
+        if self.phase is Phase.OPEN and self.commit_due(settled):
+            return self._commit(CALL_TIMEOUT_S)
         return False
 
     def _release(self) -> None:
-        """Produce held outputs that are next in their partition's offset order."""
+        """Produce held outputs that are next in their partition's offset order, into the open transaction."""
         for tp, order in self._unreleased.items():
             held = self._held[tp]
             while order and order[0] in held:
-                if not self._in_transaction:
-                    self._begin()
+                if self.phase is Phase.IDLE and not self._begin():
+                    return
                 offset = order.popleft()
                 self._publisher.send(held.pop(offset))
                 self._released[tp] = offset + 1
 
-    def _begin(self) -> None:
-        self._publisher.producer.begin_transaction()
-        self._in_transaction = True
-        self._last_commit = self._clock()
-
-    def _commit(self) -> bool:
-        """Send the released offsets and commit; ``True`` when an abort rewound the partitions."""
-        if self._publisher.backlog or self._failures.failure is not None:  # not all released records are queued
+    def _begin(self) -> bool:
+        """Open a transaction; ``False`` when none may begin now (ended, or a retriable failure: next turn)."""
+        if self._ended:
             return False
-        offsets = dict(self._released)
-        producer = self._publisher.producer
         try:
-            if offsets:
-                producer.send_offsets_to_transaction(
-                    self._partitions(offsets), self._consumer.consumer_group_metadata(), CALL_TIMEOUT_S
-                )
-            producer.commit_transaction(CALL_TIMEOUT_S)
+            self._publisher.producer.begin_transaction()
         except KafkaException as exc:
-            return self._commit_failed(exc.args[0])
-        self._in_transaction = False
-        self._released.clear()
+            err = exc.args[0]
+            if err.retriable() and not err.fatal():
+                log.warning("could not begin a transaction; retrying", error=err.str())
+            else:
+                self._failures.set(FatalError(f"could not begin a transaction: {err.str()}"))
+            return False
+        self.phase = Phase.OPEN
+        self._last_commit = self._clock()
+        return True
+
+    def _commit(self, timeout_s: float) -> bool:
+        """Freeze the open transaction, send its offsets and commit it, each call at most ``timeout_s``.
+
+        Resumes where the last try stopped. ``True`` when an abort rewound the partitions.
+        """
+        producer = self._publisher.producer
+        if self.phase is Phase.OPEN:
+            if self._publisher.backlog:  # not every released record is queued yet
+                return False
+            self.phase = Phase.SENDING
+        if self.phase is Phase.SENDING:
+            if self._released:
+                try:
+                    producer.send_offsets_to_transaction(
+                        self._partitions(self._released), self._consumer.consumer_group_metadata(), timeout_s
+                    )
+                except KafkaException as exc:
+                    return self._call_failed(exc.args[0], "sending the transaction's offsets")
+            self.phase = Phase.COMMITTING
+        try:
+            producer.commit_transaction(timeout_s)
+        except KafkaException as exc:
+            return self._call_failed(exc.args[0], "committing the transaction")
+        self._publisher.settle()  # the reports its flush brought: counted with this transaction
+        offsets = dict(self._released)
+        self._end_transaction()
         self._last_commit = self._clock()
         self.tracker.committed(offsets)
+        self._publisher.forget_replacements(lambda key: key[2] >= offsets.get((key[0], key[1]), 0))
         self._metrics.commits.inc()
         self._aborts = 0
         self._health.publishing = True
         return False
 
-    def _commit_failed(self, err: KafkaError) -> bool:
+    def _end_transaction(self) -> None:
+        """The transaction committed: what was delivered in it is published now."""
+        delivered, self._delivered = self._delivered, []
+        count_published(self._metrics, delivered)
+        self.phase = Phase.IDLE
+        self._released.clear()
+
+    def _call_failed(self, err: KafkaError, what: str) -> bool:
         self._metrics.commit_failures.inc()
         if err.txn_requires_abort():
-            return self._abort(err, "the transaction could not be committed")
+            return self._abort(err, f"{what} failed")
         if err.retriable() and not err.fatal():
-            log.warning("transaction commit failed; retrying", error=err.str())
+            log.warning(f"{what} failed; the same call is resumed", error=err.str(), phase=self.phase.value)
             return False
-        self._in_transaction = False
-        self._failures.set(FatalError(f"transaction failed and cannot be retried: {err.str()}"))
+        self._failures.set(FatalError(f"{what} failed and cannot be retried: {err.str()}"))
         return False
 
-    # -- aborts -----------------------------------------------------------------------------------
+    # -- delivery reports -------------------------------------------------------------------------
+
+    def acknowledged(self, items: list[Outgoing]) -> None:
+        super().acknowledged(items)
+        is_current = self.tracker.is_current
+        self._delivered += [i for i in items if is_current((i.source.topic, i.source.partition), i.generation)]
 
     def refused(self, item: Outgoing, err: KafkaError) -> None:
-        """A queued output failed: its transaction is doomed; a record-level refusal is replaced after the rewind."""
+        """A queued output failed: its transaction is doomed; a record-level refusal is replaced when it comes back.
+
+        A report can arrive after its transaction was aborted (inside ``commit_transaction``'s flush, say):
+        the record still comes back, so its replacement is registered while the partition is owned; only
+        a refusal of the current generation dooms the open transaction.
+        """
         source = item.source
-        if not self.tracker.is_current((source.topic, source.partition), item.generation):
-            return  # purged by an abort, or revoked: read again anyway
+        tp = (source.topic, source.partition)
+        if self.tracker.generation(tp) is None:
+            return  # revoked: the next owner reads the record and decides afresh
         fallback = self._publisher.fallback(item, err)
         if fallback is not None:
             self._publisher.replace_later(fallback)
-        if self._doomed is None:
+        if self.tracker.is_current(tp, item.generation) and self._doomed is None:
             self._doomed = (err, f"{item.out.topic} refused {source.source}")
+
+    def committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """Never called: offsets are committed by the transaction, not by the consumer."""
+
+    # -- aborts -----------------------------------------------------------------------------------
 
     def _abort(self, err: KafkaError, cause: str, counted: bool = True) -> bool:
         """Abort the open transaction and re-read every owned partition from its first uncommitted record.
 
         ``counted``: a failure that may repeat (backed off, and bounded by FILTER_KAFKA__MAX_ABORTS),
-        unlike an abort for lost partitions.
+        unlike an abort for revoked or lost partitions.
         """
         self._doomed = None
         self._metrics.transaction_aborts.inc()
-        if not self._abort_transaction():
+        if not self._abort_transaction(CALL_TIMEOUT_S):
             return False
         rewound = self._rewind()
         error = f"{cause}: {err.str()}"
@@ -186,13 +257,16 @@ class Transactional(Committer):
         )
         return True
 
-    def _abort_transaction(self) -> bool:
-        """``False`` (and the worker stops) when even the abort fails for good."""
-        if not self._in_transaction:
+    def _abort_transaction(self, timeout_s: float) -> bool:
+        """Abort the open transaction (if any) and forget what it carried; ``False`` (the worker stops) when
+        even the abort fails for good."""
+        if self.phase is Phase.IDLE:
             return True
-        self._in_transaction = False
+        self.phase = Phase.IDLE
+        self._released.clear()
+        self._delivered.clear()
         try:
-            self._publisher.producer.abort_transaction(CALL_TIMEOUT_S)
+            self._publisher.producer.abort_transaction(timeout_s)
         except KafkaException as exc:
             self._failures.set(FatalError(f"could not abort the transaction: {exc.args[0].str()}"))
             return False
@@ -207,60 +281,73 @@ class Transactional(Committer):
             if position is not None:
                 self._consumer.seek(TopicPartition(tp[0], tp[1], position))
                 rewound.append((tp, position))
-        self._released.clear()
         return rewound
 
-    # -- rebalances, stop, close ------------------------------------------------------------------
+    # -- revocation, stop, close ------------------------------------------------------------------
 
-    def revoke(self, tps: list[TP], deadline: float) -> None:
-        """Commit everything in order; what cannot be committed by ``deadline`` is aborted (read again)."""
+    def revoke(self, tps: list[TP], deadline: float) -> bool:
+        """Commit everything released in order; what cannot be committed by ``deadline`` is aborted (read again).
+
+        A transaction spans every owned partition, so the partitions kept are rewound after such an abort.
+        """
         settled = self._failures.failure is None and self._settle(deadline)
-        self._forget(tps)
-        if not settled and self._in_transaction and self._failures.failure is None:
+        self.forget(tps)
+        if not settled and self.phase is not Phase.IDLE and self._failures.failure is None:
             self._abort(KafkaError(KafkaError._TIMED_OUT, "revocation deadline"), "revoked", counted=False)
+        return settled
 
     def lost(self, tps: list[TP]) -> bool:
         """Their outputs in the open transaction must not commit: abort it, rewind the partitions kept."""
-        self._forget(tps)
-        if not self._in_transaction:
+        self.forget(tps)
+        if self.phase is Phase.IDLE:
             return False
         return self._abort(KafkaError(KafkaError._STATE, "partitions lost"), "lost", counted=False)
 
     def finish(self, deadline: float) -> bool:
-        if self._failures.failure is not None:
-            return False
-        return self._settle(deadline) and not any(self._unreleased.values())
+        """Graceful stop: commit what is released in order; past ``deadline`` abort and commit nothing.
+
+        Records buffered above every decided one were never released: they are the next owner's, not a
+        missed deadline. No transaction begins after this.
+        """
+        committed = self._failures.failure is None and self._settle(deadline)
+        self._ended = True
+        if not committed:
+            self._abort_transaction(_CLOSE_ABORT_S)
+        return committed
 
     def _settle(self, deadline: float) -> bool:
-        """Release what is in order and commit it, retrying until ``deadline``; ``True`` once committed."""
+        """Release what is in order and commit it, resuming until ``deadline``; ``True`` once committed."""
         while self._clock() < deadline and self._failures.failure is None:
             self._publisher.poll(0)
             if self._doomed is not None:
                 self._abort(*self._doomed)
                 return False
-            self._release()
-            if not self._in_transaction:
+            if self.phase in (Phase.IDLE, Phase.OPEN):
+                self._release()
+            if self.phase is Phase.IDLE:
                 return True
-            if self._commit():  # aborted
-                return False
-            if not self._in_transaction:
+            if self._commit(min(CALL_TIMEOUT_S, max(0.001, deadline - self._clock()))):
+                return False  # aborted
+            if self.phase is Phase.IDLE:
                 return True
-            self._publisher.poll(0.05)
+            self._publisher.poll(_SETTLE_POLL_S)
         return False
 
-    def committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """Never called: offsets are committed by the transaction, not by the consumer."""
-
     def close(self) -> None:
-        if self._in_transaction:
-            self._in_transaction = False
-            try:
-                self._publisher.producer.abort_transaction(1.0)
-            except KafkaException as exc:
-                log.warning("could not abort the open transaction; the broker aborts it on timeout", error=str(exc))
+        """Abort a transaction still open (after a failure); none begins after this. Never raises."""
+        self._ended = True
+        if self.phase is Phase.IDLE:
+            return
+        self.phase = Phase.IDLE
+        self._released.clear()
+        self._delivered.clear()
+        try:
+            self._publisher.producer.abort_transaction(_CLOSE_ABORT_S)
+        except KafkaException as exc:
+            log.warning("could not abort the open transaction; the broker aborts it on timeout", error=str(exc))
 
-    def _forget(self, tps: list[TP]) -> None:
-        super()._forget(tps)
+    def forget(self, tps: list[TP]) -> None:
+        super().forget(tps)
         for tp in tps:
             self._held.pop(tp, None)
             self._unreleased.pop(tp, None)

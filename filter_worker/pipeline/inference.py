@@ -113,6 +113,11 @@ class InferenceThread(Generic[T]):
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def max_size(self) -> int:
+        """The most records one forward pass takes."""
+        return self._max_size
+
     def has_capacity(self) -> bool:
         return self._in_flight < self._capacity
 

@@ -1,9 +1,10 @@
 """A TCP forwarder the fault tests switch off and on: a network outage that keeps the broker's state.
 
 It can also stall the connections of one kind of client while others flow (a partial outage: the
-broker stops acknowledging the worker's outputs while its consumer still fetches). Kafka requests
-name their client: every request header carries the client id, which the worker sets per role
-(``filter-worker-producer-...``), so the proxy reads it from the first request of each connection.
+broker stops acknowledging the worker's outputs while its consumer still fetches), or only some of
+their requests (Produce, while the transaction coordinator still answers). Kafka requests name their
+client and their kind: every request header carries the API key and the client id, which the worker
+sets per role (``filter-worker-producer-...``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ import socket
 import struct
 import threading
 import time
+
+# API keys of the requests a test may hold.
+PRODUCE = 0
+END_TXN = 26  # commits or aborts a transaction (commit_transaction's last step)
+
+
+def api_key(request: bytes) -> int:
+    """The API key of a size-prefixed Kafka request."""
+    return struct.unpack(">h", request[4:6])[0] if len(request) >= 6 else -1
 
 
 def client_id(first_request: bytes) -> str:
@@ -33,14 +43,21 @@ class TcpProxy:
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._stalled: str | None = None
+        self._stalled_kinds: frozenset[int] | None = None
 
-    def stall(self, client_prefix: str | None) -> None:
-        """Hold every request of clients whose id starts with ``client_prefix`` (``None``: release them).
+    def stall(self, client_prefix: str | None, api_keys: set[int] | None = None) -> None:
+        """Hold requests of clients whose id starts with ``client_prefix`` (``None``: release them).
 
-        Held requests are not lost: they are forwarded once released (unless the client gave up on the
-        connection meanwhile and resent them on a new one).
+        With ``api_keys``, only requests of those kinds are held (and, to keep the connection's order,
+        whatever follows them on the same connection). Held requests are not lost: they are forwarded
+        once released (unless the client gave up on the connection meanwhile and resent them on a new one).
         """
+        self._stalled_kinds = None if api_keys is None else frozenset(api_keys)
         self._stalled = client_prefix
+
+    def _holds(self, name: str, request: bytes) -> bool:
+        stalled, kinds = self._stalled, self._stalled_kinds
+        return stalled is not None and name.startswith(stalled) and (kinds is None or api_key(request) in kinds)
 
     def up(self) -> TcpProxy:
         server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -81,14 +98,21 @@ class TcpProxy:
             threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
 
     def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
-        """Client to broker, holding the data of stalled clients."""
+        """Client to broker, request by request, holding the requests of stalled clients."""
         name: str | None = None
+        pending = b""
         with contextlib.suppress(OSError):
             while data := client.recv(65536):
-                name = client_id(data) if name is None else name
-                while self._stalled is not None and name.startswith(self._stalled):
-                    time.sleep(0.02)
-                upstream.sendall(data)
+                pending += data
+                while len(pending) >= 4:
+                    (size,) = struct.unpack(">i", pending[:4])
+                    if len(pending) < 4 + size:
+                        break
+                    request, pending = pending[: 4 + size], pending[4 + size :]
+                    name = client_id(request) if name is None else name
+                    while self._holds(name, request):
+                        time.sleep(0.02)
+                    upstream.sendall(request)
         with contextlib.suppress(OSError):
             upstream.shutdown(socket.SHUT_WR)
 

@@ -288,7 +288,8 @@ def test_slow_model_pauses_input_without_eviction_and_bounds_memory(bootstrap_se
 
         def sample() -> None:
             while thread.is_alive():
-                peaks.append(max(peaks[-1], len(worker._buffer)))  # noqa: SLF001 - the bound under test
+                running = worker._running  # noqa: SLF001 - the bound under test
+                peaks.append(max(peaks[-1], running.classify.buffered if running is not None else 0))
                 time.sleep(0.005)
 
         threading.Thread(target=sample, daemon=True).start()
@@ -334,7 +335,7 @@ def test_shutdown_deadline_exits_6_and_leaves_unfinished_work_uncommitted(bootst
     produced = produce(bootstrap_servers, settings.topics.input[0], texts(40))
     slow = SlowClassifier(classifier, seconds=3.0)  # one batch outlives the deadline
     with worker_thread(settings, slow) as (worker, codes, thread):  # type: ignore[arg-type]
-        in_model = lambda: worker._running is not None and worker._running.inference.in_flight  # noqa: E731, SLF001
+        in_model = lambda: worker._running is not None and worker._running.classify.in_model  # noqa: E731, SLF001
         wait_until(in_model, 30, "a batch in the model")
         worker.stop()
         thread.join(30)

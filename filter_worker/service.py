@@ -1,0 +1,195 @@
+"""The shell around a Kafka service's loop, shared by ``run`` (the worker) and ``feedback``.
+
+Both serve ``/metrics``, ``/healthz`` and ``/readyz``; wait for Kafka at start-up rather than
+crash-looping (live but not ready meanwhile); notice when the broker goes and comes back; turn
+librdkafka's error callbacks into health and a fatal error for the loop to raise; and take stop and
+reload requests from signal handlers and the config-file watcher. The loop itself is each service's own.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import ClusterMetadata
+from prometheus_client import CollectorRegistry
+
+from filter_worker.config import ConfigError
+from filter_worker.config_watcher import ConfigWatcher
+from filter_worker.exit_codes import FailureSlot, FatalError
+from filter_worker.health import Health, HealthServer
+from filter_worker.logs import get_logger
+
+log = get_logger("filter_worker.service")
+
+# While waiting for Kafka at start-up: how long one metadata request may take, and how often to log.
+METADATA_TIMEOUT_S = 2.0
+WAITING_LOG_INTERVAL_S = 10.0
+# While the broker is unreachable, how often to probe it (a metadata request) for readiness.
+PROBE_INTERVAL_S = 2.0
+_UNREACHABLE = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT}
+
+
+class MetadataSource(Protocol):
+    """A Kafka client that answers metadata requests (consumer, producer or admin client)."""
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> ClusterMetadata: ...
+
+
+class ServiceShell:
+    """See the module docstring. ``port_setting`` names the variable a busy port is reported under."""
+
+    def __init__(
+        self,
+        health: Health,
+        registry: CollectorRegistry,
+        bootstrap_servers: str,
+        port: int | None,
+        port_setting: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.health = health
+        self._registry = registry
+        self._bootstrap = bootstrap_servers
+        self._port = port
+        self._port_setting = port_setting
+        self._clock = clock
+        self.failures = FailureSlot()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._http: HealthServer | None = None
+        self._last_probe = clock()
+
+    # -- requests from signal handlers and other threads -----------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to finish; safe from signal handlers and other threads."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def request_reload(self) -> None:
+        """Ask the loop to reload the routing settings; safe from signal handlers and other threads."""
+        self._reload.set()
+
+    def reload_requested(self) -> bool:
+        """Whether a reload was asked for since the last call (the request is taken)."""
+        if not self._reload.is_set():
+            return False
+        self._reload.clear()
+        return True
+
+    # -- the HTTP endpoint ------------------------------------------------------------------------
+
+    @property
+    def http_port(self) -> int | None:
+        return self._http.port if self._http is not None else None
+
+    def start_http(self) -> None:
+        if self._port is None:
+            return
+        try:
+            self._http = HealthServer(self._port, self.health, self._registry).start()
+        except OSError as exc:
+            raise ConfigError(f"{self._port_setting}={self._port}: {exc.strerror}") from None
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.stop()
+
+    # -- Kafka ------------------------------------------------------------------------------------
+
+    def await_kafka(self, client: MetadataSource) -> ClusterMetadata | None:
+        """The cluster's metadata once it answers; retried for as long as it takes, ``None`` if stopped meanwhile.
+
+        A service started before its broker (compose, a cluster being restored) must not crash-loop:
+        it waits, says so in the log, and stays live but not ready.
+        """
+        started = self._clock()
+        last_log = -WAITING_LOG_INTERVAL_S
+        while not self._stop.is_set():
+            self.failures.raise_if_set()
+            self.health.progress()
+            try:
+                metadata = client.list_topics(timeout=METADATA_TIMEOUT_S)
+            except KafkaException as exc:
+                if self._clock() - last_log >= WAITING_LOG_INTERVAL_S:
+                    last_log = self._clock()
+                    log.warning(
+                        "waiting for Kafka",
+                        bootstrap_servers=self._bootstrap,
+                        waited_s=round(self._clock() - started, 1),
+                        error=str(exc.args[0].str() if exc.args else exc),
+                    )
+                continue
+            if metadata.brokers:
+                self.health.broker_reachable = True
+                return metadata
+        return None
+
+    def probe(self, client: MetadataSource) -> None:
+        """While the broker looks unreachable, ask it for metadata now and then to notice its return."""
+        if self.health.broker_reachable or self._clock() - self._last_probe < PROBE_INTERVAL_S:
+            return
+        self._last_probe = self._clock()
+        try:
+            client.list_topics(timeout=1.0)
+        except KafkaException:
+            return
+        self.health.broker_reachable = True
+        log.info("Kafka reachable again")
+
+    def client_error(self, err: KafkaError) -> None:
+        """librdkafka's ``error_cb``: a fatal error stops the loop, an unreachable broker only makes it unready."""
+        if err.fatal():
+            self.failures.set(FatalError(f"fatal Kafka client error: {err.str()}"))
+            return
+        if err.code() in _UNREACHABLE:
+            if self.health.broker_reachable:
+                log.error("Kafka unreachable; retrying, nothing is committed meanwhile", error=err.str())
+            self.health.broker_reachable = False
+            return
+        log.warning("kafka client error", code=err.name(), error=err.str())
+
+
+class Service(Protocol):
+    """What ``serve`` runs: ``run`` blocks until stopped and returns an exit code."""
+
+    def run(self) -> int: ...
+
+    def stop(self) -> None: ...
+
+    def request_reload(self) -> None: ...
+
+
+def serve(service: Service, config_file: str | None, watcher: ConfigWatcher | None = None) -> int:
+    """Run ``service`` until SIGTERM/SIGINT; SIGHUP, and changes to ``config_file``, reload its routing.
+
+    ``watcher`` may be made (with this file's content as its baseline) before the settings are
+    loaded, so an edit made while a model loads is still noticed.
+    """
+
+    def request_stop(_signum: int, _frame: Any) -> None:
+        service.stop()
+
+    def request_reload(_signum: int, _frame: Any) -> None:
+        service.request_reload()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
+    if watcher is None and config_file is not None:
+        watcher = ConfigWatcher(config_file, service.request_reload)
+    if watcher is not None:
+        watcher.start()
+    try:
+        return service.run()
+    finally:
+        if watcher is not None:
+            watcher.stop()

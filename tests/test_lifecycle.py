@@ -1,0 +1,417 @@
+"""The lifecycle's orderings and the committers' call sequences, with a hand-moved clock and recording clients.
+
+Each row of the lifecycle's table (``delivery/lifecycle.py``, docs/delivery.md) is a test here; the
+same faults are reproduced against the real broker in ``tests/integration/test_delivery_seams.py``.
+The clients record every call and answer as librdkafka does for the case under test, so the order of
+calls (which is what a transactional producer's state machine cares about) is what is asserted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from filter_worker.config import DeadLetterSettings, KafkaSettings
+from filter_worker.delivery.at_least_once import COMMIT_GRACE_S, AtLeastOnce
+from filter_worker.delivery.budget import InFlightBudget
+from filter_worker.delivery.committer import Committer
+from filter_worker.delivery.gate import DeadLetterGate
+from filter_worker.delivery.lifecycle import Lifecycle, State
+from filter_worker.delivery.pausing import Pausing
+from filter_worker.delivery.publisher import Publisher
+from filter_worker.delivery.transactional import Phase, Transactional
+from filter_worker.exit_codes import FailureSlot
+from filter_worker.health import Health
+from filter_worker.metrics import Metrics
+from filter_worker.pipeline.records import InputRecord, Outgoing, OutputRecord
+from tests.clock import ManualClock
+
+TP = ("in", 0)
+DLQ = "out.dlq"
+TOO_LARGE = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large")
+
+
+class RecordingProducer:
+    """Records every call; deliveries are reported on ``poll``/``flush`` (or inside the commit's flush)."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.calls: list[str] = []
+        self.topics: list[tuple[str, int]] = []  # (topic, source offset) of every produce
+        self._reports: list[tuple[Callable[..., None], KafkaError | None]] = []
+        self.refuse: Callable[[str, bytes | None], KafkaError | None] = lambda _t, _v: None
+        self.commit_errors: list[KafkaError] = []  # raised by the next commit_transaction calls, in order
+        self.report_inside_commit = False  # deliveries reach the callbacks inside commit_transaction's flush
+        self._clock = clock
+
+    def produce(self, topic: str, key: Any = None, value: Any = None, headers: Any = None, timestamp: int = 0,
+                on_delivery: Callable[..., None] | None = None) -> None:  # fmt: skip
+        self.calls.append("produce")
+        self.topics.append((topic, int(dict(headers or []).get("src", b"-1"))))
+        assert on_delivery is not None
+        self._reports.append((on_delivery, self.refuse(topic, value)))
+
+    def _report(self) -> None:
+        reports, self._reports = self._reports, []
+        for callback, err in reports:
+            callback(err, None)
+
+    def poll(self, timeout: float = 0) -> int:
+        if not self.report_inside_commit:
+            self._report()
+        return 0
+
+    def flush(self, timeout: float = 0) -> int:
+        self._report()
+        return 0
+
+    def __len__(self) -> int:
+        return len(self._reports)
+
+    def begin_transaction(self) -> None:
+        self.calls.append("begin")
+
+    def send_offsets_to_transaction(self, offsets: list[TopicPartition], _metadata: object, _timeout: float) -> None:
+        self.calls.append("send_offsets:" + ",".join(str(tp.offset) for tp in offsets))
+
+    def commit_transaction(self, timeout: float = 0) -> None:
+        self.calls.append("commit")
+        failed = any(err is not None for _, err in self._reports)
+        self._report()
+        if self.commit_errors:
+            raise KafkaException(self.commit_errors.pop(0))
+        if failed:
+            raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, "a record failed", txn_requires_abort=True))
+
+    def abort_transaction(self, timeout: float = 0) -> None:
+        self.calls.append("abort")
+        self._reports.clear()
+
+
+class RecordingConsumer:
+    """Records commits, pauses and seeks; an asynchronous commit's result comes on ``poll`` if ``answer``."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.calls: list[str] = []
+        self.answer = True
+        self.on_commit: Callable[[KafkaError | None, list[TopicPartition]], None] | None = None
+        self._pending: list[list[TopicPartition]] = []
+        self._clock = clock
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.calls.append("assign")
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.calls.append(f"pause:{len(partitions)}")
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self.calls.append(f"resume:{len(partitions)}")
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.calls.append(f"seek:{tp.offset}")
+
+    def consumer_group_metadata(self) -> object:
+        return object()
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> list[TopicPartition] | None:
+        self.calls.append(
+            ("commit_async:" if asynchronous else "commit_sync:") + ",".join(str(t.offset) for t in offsets)
+        )
+        if asynchronous:
+            self._pending.append(offsets)
+            return None
+        return offsets
+
+    def poll(self, timeout: float = 0) -> None:
+        self._clock.now += timeout  # a poll that waits lets time pass
+        if self.answer and self._pending and self.on_commit is not None:
+            self.on_commit(None, self._pending.pop(0))
+
+
+class RecordingStage:
+    """The classify stage as the lifecycle sees it: records what it is asked; ``done`` is what finish answers."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+        self.done = True
+
+    def finish(self, partitions: set | None, deadline: float, clock: Callable[[], float], highest: Any) -> bool:
+        self.calls.append(f"classify.finish:{'all' if partitions is None else sorted(partitions)}")
+        return self.done
+
+    def forget(self, partitions: set) -> int:
+        self.calls.append(f"classify.forget:{sorted(partitions)}")
+        return 0
+
+    def discard(self, keep: Callable[[InputRecord, int], bool]) -> int:
+        self.calls.append("classify.discard")
+        return 0
+
+    def close(self) -> None:
+        self.calls.append("classify.close")
+
+
+class Rig:
+    """A lifecycle over real committer, publisher, gate and pausing stage, with recording clients."""
+
+    def __init__(self, exactly_once: bool, **kafka: Any) -> None:
+        self.clock = ManualClock()
+        self.producer = RecordingProducer(self.clock)
+        self.consumer = RecordingConsumer(self.clock)
+        self.metrics = Metrics()
+        self.failures = FailureSlot()
+        self.publisher = Publisher(self.producer, DLQ, 1_000_000, True, self.metrics, self.failures, self.clock)  # type: ignore[arg-type]
+        settings = KafkaSettings(exactly_once=exactly_once, commit_interval_ms=1000, **kafka)
+        mode: type[Committer] = Transactional if exactly_once else AtLeastOnce
+        self.committer = mode(settings, self.consumer, self.publisher, self.metrics, Health(60, self.clock),  # type: ignore[arg-type]
+                              self.failures, self.clock)  # fmt: skip
+        self.consumer.on_commit = self.committer.committed
+        self.gate = DeadLetterGate(DeadLetterSettings(), self.committer.publish)
+        self.stage = RecordingStage(self.consumer.calls)
+        self.pausing = Pausing(self.consumer, InFlightBudget(1000, 10**9), self.committer, self.metrics)  # type: ignore[arg-type]
+        self.lifecycle = Lifecycle(
+            consumer=self.consumer,  # type: ignore[arg-type]
+            classify=self.stage,
+            gate=self.gate,
+            committer=self.committer,
+            pausing=self.pausing,
+            failures=self.failures,
+            revoke_timeout_s=5.0,
+            clock=self.clock,
+        )
+        self.lifecycle.assigned([TopicPartition(*TP)])
+        self.generation = self.committer.tracker.generation(TP)
+
+    def consume(self, *offsets: int) -> None:
+        for offset in offsets:
+            self.committer.track(InputRecord("in", 0, offset, None, b"v", [], None))
+
+    def decide(self, *offsets: int, topic: str = "out.allow") -> None:
+        for offset in offsets:
+            record = InputRecord("in", 0, offset, None, b"v%d" % offset, [("src", str(offset).encode())], None)
+            out = OutputRecord(topic, None, record.value, record.headers, None)
+            generation = self.committer.tracker.generation(TP)
+            assert generation is not None
+            self.gate.submit(Outgoing(out, record, generation, "allow"))
+
+    def published(self) -> float:
+        return sum(s.value for m in self.metrics.registry.collect() for s in m.samples
+                   if s.name == "filter_records_published_total")  # fmt: skip
+
+
+def committed_offset(rig: Rig) -> int | None:
+    state = rig.committer.tracker._partitions.get(TP)  # noqa: SLF001 - the committed mark under test
+    return state.committed if state else None
+
+
+# -- exactly-once -----------------------------------------------------------------------------------
+
+
+def test_stop_past_its_deadline_aborts_and_nothing_begins_after_it():
+    """Issue 20, fault 1: the revocation that close() runs must not commit the aborted transaction's offsets."""
+    rig = Rig(exactly_once=True)
+    rig.consume(*range(12))
+    rig.decide(*range(8))
+    rig.lifecycle.poll(caught_up=False)  # 0-7 released into the open transaction, not yet due
+    assert rig.producer.calls == ["begin", *["produce"] * 8]
+    rig.stage.done = False  # a forward pass outlives the stop's deadline
+    rig.clock.now += 0.001
+    assert not rig.lifecycle.stop(deadline=rig.clock.now)
+    assert rig.producer.calls[-1] == "abort"
+    rig.decide(8, 9, 10, 11)  # a pass that ended during the stop, decided after it: held, never released
+    rig.lifecycle.close()
+    rig.lifecycle.revoked([TP])  # consumer.close() revokes
+    assert rig.producer.calls == ["begin", *["produce"] * 8, "abort"], "nothing begins or commits after the abort"
+    assert committed_offset(rig) is None
+
+
+def test_graceful_stop_commits_what_is_decided_and_leaves_the_buffered_rest():
+    """Issue 20, fault 5: records buffered above every decided one are not a missed deadline."""
+    rig = Rig(exactly_once=True)
+    rig.consume(*range(10))
+    rig.decide(*range(5))
+    assert rig.lifecycle.stop(deadline=rig.clock.now + 10)
+    assert rig.producer.calls == ["begin", *["produce"] * 5, "send_offsets:5", "commit"]
+    assert rig.lifecycle.state is State.STOPPED
+    assert rig.consumer.calls[:2] == ["assign", "resume:1"] and "pause:1" in rig.consumer.calls, "fetching held"
+
+
+def test_after_a_retriable_commit_error_only_the_commit_is_called_again():
+    """Issue 20, fault 3: librdkafka refuses produce and send_offsets until the timed-out commit finished."""
+    rig = Rig(exactly_once=True)
+    rig.producer.commit_errors = [KafkaError(KafkaError._TIMED_OUT, "commit timed out", retriable=True)]
+    rig.consume(*range(6))
+    rig.decide(0, 1, 2)
+    rig.lifecycle.poll(caught_up=False)
+    rig.clock.now += 2  # the commit interval passed
+    rig.lifecycle.poll(caught_up=False)  # commit: times out
+    assert rig.committer.phase is Phase.COMMITTING
+    rig.decide(3, 4, 5)  # decided meanwhile: held, not produced into the frozen transaction
+    rig.lifecycle.poll(caught_up=False)  # resumed: commit only
+    assert rig.producer.calls == ["begin", *["produce"] * 3, "send_offsets:3", "commit", "commit"]
+    assert committed_offset(rig) == 3 and rig.committer.phase is Phase.IDLE
+    rig.clock.now += 2
+    rig.lifecycle.poll(caught_up=True)  # then a new transaction takes the rest
+    assert rig.producer.calls[-6:] == ["begin", *["produce"] * 3, "send_offsets:6", "commit"][-6:]
+    assert committed_offset(rig) == 6
+    assert rig.metrics.transaction_aborts._value.get() == 0  # noqa: SLF001
+
+
+def test_a_refusal_reported_inside_the_commit_is_replaced_when_its_record_comes_back():
+    """Issue 20, fault 2: the report arrives in commit_transaction's flush, before the abort rewinds."""
+    rig = Rig(exactly_once=True)
+    rig.producer.report_inside_commit = True
+    rig.producer.refuse = lambda topic, value: TOO_LARGE if topic != DLQ and value == b"v2" else None
+    rig.consume(0, 1, 2)
+    rig.decide(0, 1, 2)
+    rig.lifecycle.poll(caught_up=True)  # released and committed at once: the refusal comes inside the commit
+    assert rig.producer.calls[-2:] == ["commit", "abort"]
+    assert rig.consumer.calls[-2:] == ["seek:0", "classify.discard"], "rewound, stale work dropped"
+    rig.producer.report_inside_commit = False
+    rig.clock.now += 1  # the backoff
+    rig.consume(0, 1, 2)
+    rig.decide(0, 1, 2)
+    rig.lifecycle.poll(caught_up=True)
+    assert rig.producer.topics[-3:] == [("out.allow", 0), ("out.allow", 1), (DLQ, 2)]
+    assert committed_offset(rig) == 3
+    assert rig.metrics.transaction_aborts._value.get() == 1  # noqa: SLF001
+
+
+def test_a_replacement_outlives_the_abort_of_a_transaction_it_was_delivered_in():
+    """Issue 20, fault 2: two refused records in turn; each must stay replaced until its offset commits."""
+    rig = Rig(exactly_once=True)
+    rig.producer.refuse = lambda topic, value: TOO_LARGE if topic != DLQ and value in (b"v0", b"v3") else None
+    rig.consume(*range(4))
+    rig.decide(0, 1)
+    rig.lifecycle.poll(caught_up=False)  # 0 refused: reported on the next poll
+    rig.lifecycle.poll(caught_up=False)
+    assert rig.producer.calls[-1] == "abort"
+    for attempt in range(2):  # after each abort the partition is read again from 0
+        rig.clock.now += 10
+        rig.consume(*range(4))
+        rig.decide(*range(4))
+        rig.lifecycle.poll(caught_up=False)
+        rig.lifecycle.poll(caught_up=True)
+        if attempt == 0:
+            assert rig.producer.calls[-1] == "abort", "3 refused: the transaction holding 0's replacement aborts"
+    assert committed_offset(rig) == 4, "0 and 3 both replaced in the third transaction"
+    assert [t for t, _ in rig.producer.topics[-4:]] == [DLQ, "out.allow", "out.allow", DLQ]
+    assert rig.metrics.transaction_aborts._value.get() == 2  # noqa: SLF001
+
+
+def test_deliveries_inside_an_aborted_transaction_are_not_counted_as_published():
+    """Issue 20, fault 9: counted when their transaction commits."""
+    rig = Rig(exactly_once=True)
+    rig.producer.commit_errors = [KafkaError(KafkaError._MSG_TIMED_OUT, "x", txn_requires_abort=True)]
+    rig.consume(*range(5))
+    rig.decide(*range(5))
+    rig.lifecycle.poll(caught_up=False)
+    rig.lifecycle.poll(caught_up=False)  # delivered (acknowledged) inside the open transaction
+    assert rig.published() == 0
+    rig.lifecycle.poll(caught_up=True)  # the commit fails: aborted
+    assert rig.producer.calls[-1] == "abort" and rig.published() == 0
+    rig.clock.now += 1
+    rig.consume(*range(5))
+    rig.decide(*range(5))
+    rig.lifecycle.poll(caught_up=False)
+    rig.lifecycle.poll(caught_up=True)
+    assert committed_offset(rig) == 5 and rig.published() == 5
+
+
+def test_begin_transaction_failing_retriably_is_retried_on_the_next_turn():
+    rig = Rig(exactly_once=True)
+    failures = [KafkaError(KafkaError._TIMED_OUT, "coordinator", retriable=True)]
+
+    def begin() -> None:
+        rig.producer.calls.append("begin")
+        if failures:
+            raise KafkaException(failures.pop())
+
+    rig.producer.begin_transaction = begin  # type: ignore[method-assign]
+    rig.consume(0)
+    rig.decide(0)
+    rig.lifecycle.poll(caught_up=False)
+    assert rig.producer.calls == ["begin"] and rig.failures.failure is None
+    rig.lifecycle.poll(caught_up=True)
+    assert rig.producer.calls == ["begin", "begin", "produce", "send_offsets:1", "commit"]
+
+
+def test_lost_partitions_abort_the_open_transaction_and_commit_nothing():
+    rig = Rig(exactly_once=True)
+    rig.consume(0, 1)
+    rig.decide(0, 1)
+    rig.lifecycle.poll(caught_up=False)
+    rig.lifecycle.lost([TP])
+    assert rig.producer.calls == ["begin", "produce", "produce", "abort"]
+    assert rig.consumer.calls[-2:] == ["classify.discard", f"classify.forget:{[TP]}"]
+
+
+# -- the lifecycle's order, either mode ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_a_revocation_finishes_then_lets_dead_letters_through_then_commits_then_forgets(exactly_once):
+    rig = Rig(exactly_once=exactly_once)
+    rig.consume(0, 1, 2)
+    rig.decide(0, 1, 2)
+    rig.lifecycle.poll(caught_up=False)
+    finished, _ = rig.lifecycle.revoked([TP])
+    assert finished
+    calls = rig.consumer.calls
+    assert calls.index(f"classify.finish:{[TP]}") < calls.index(f"classify.forget:{[TP]}")
+    if exactly_once:
+        assert rig.producer.calls[-2:] == ["send_offsets:3", "commit"]
+    else:
+        assert "commit_sync:3" in calls and calls.index("commit_sync:3") < calls.index(f"classify.forget:{[TP]}")
+    assert rig.committer.tracker.assigned() == []
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_a_revocation_after_the_stop_commits_nothing(exactly_once):
+    rig = Rig(exactly_once=exactly_once)
+    rig.consume(0, 1)
+    rig.stage.done = False
+    rig.lifecycle.stop(deadline=rig.clock.now)
+    rig.decide(0, 1)
+    before = (list(rig.producer.calls), [c for c in rig.consumer.calls if c.startswith("commit")])
+    rig.lifecycle.revoked([TP])
+    assert rig.producer.calls == before[0]
+    assert [c for c in rig.consumer.calls if c.startswith("commit")] == before[1]
+    assert f"classify.forget:{[TP]}" in rig.consumer.calls
+
+
+# -- at-least-once ---------------------------------------------------------------------------------
+
+
+def test_at_least_once_stop_waits_for_its_commit_result_only_until_the_deadline_and_says_so():
+    """Issue 20, fault 7: a commit whose result never comes is not a clean stop, and does not block."""
+    rig = Rig(exactly_once=False)
+    rig.consume(0, 1)
+    rig.decide(0, 1)
+    rig.lifecycle.poll(caught_up=False)  # published and acknowledged; the commit is not due yet
+    rig.consumer.answer = False  # the coordinator does not answer
+    started = rig.clock.now
+    assert not rig.lifecycle.stop(deadline=started + 3)
+    assert rig.clock.now - started <= 3 + COMMIT_GRACE_S + 0.1
+    assert "commit_async:2" in rig.consumer.calls and not any(c.startswith("commit_sync") for c in rig.consumer.calls)
+
+
+def test_at_least_once_stop_commits_acknowledged_records_and_reports_success():
+    rig = Rig(exactly_once=False)
+    rig.consume(0, 1, 2)
+    rig.decide(0, 1, 2)
+    assert rig.lifecycle.stop(deadline=rig.clock.now + 3)
+    assert committed_offset(rig) == 3
+
+
+def test_at_least_once_close_after_a_failure_commits_what_is_acknowledged_once():
+    rig = Rig(exactly_once=False)
+    rig.consume(0, 1, 2)
+    rig.decide(0, 1)
+    rig.lifecycle.poll(caught_up=False)
+    rig.lifecycle.close()  # no stop ran: a fatal error ended the loop
+    assert committed_offset(rig) == 2
+    rig.lifecycle.revoked([TP])  # consumer.close() revokes: nothing more
+    assert [c for c in rig.consumer.calls if c.startswith("commit")] == ["commit_async:2"]
