@@ -1083,3 +1083,18 @@ def test_hadolint():
         [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_scrape_configuration_in_the_docs_is_valid_and_names_the_jobs_the_alerts_select(tmp_path):
+    """A Prometheus outside compose: the snippet in docs/operations.md must load, and its job names must
+    be the ones the alerts' up{job=...} selectors use (else FilterWorkerDown and FilterFeedbackDown
+    could never fire)."""
+    text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    (snippet,) = re.findall(r"```yaml\n(scrape_configs:.*?)```", text, re.DOTALL)
+    path = tmp_path / "prometheus.yml"
+    path.write_text(snippet, encoding="utf-8")
+    run_promtool("check", "config", str(path))
+    jobs = {job["job_name"] for job in yaml.safe_load(snippet)["scrape_configs"]}
+    rules = [rule for file in (ALERTS, MODERATION_ALERTS) for group in alert_groups(file) for rule in group["rules"]]
+    selected = {job for rule in rules for job in re.findall(r'job="([^"]+)"', rule["expr"])}
+    assert selected == jobs == {"filter-worker", "filter-worker-feedback"}
