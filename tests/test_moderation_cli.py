@@ -142,8 +142,9 @@ def test_calibrate_from_a_verdict_export(tmp_path):
     lines.append(orjson.dumps({"headers": {}, "value": "not json"}).decode())
     export.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    result = calibrate_feedback(export, "--target-precision", "0.9")
+    result = calibrate_feedback(export, "--target-precision", "0.9", "--report", str(tmp_path / "c.html"))
     assert result.returncode == 0, result.stderr
+    assert '<img alt="chart" src="data:image/png;base64,' in (tmp_path / "c.html").read_text(encoding="utf-8")
     first = result.stdout.splitlines()[0]
     assert first.startswith(f"120 verdicts on rule negative (scope default, model {MODEL_A}; 'abuse' is positive)")
     assert first.endswith("verdict records skipped: {'not_json': 1}")
