@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from filter_worker.stats import clopper_pearson, wilson
+from filter_worker.stats import clopper_pearson, effective_size, wilson
 from filter_worker.verdicts import MODERATED, Invalid, Sample
 
 # A deploy rolls one model at a time; a few cover a rollout, a rollback and verdicts still arriving on
@@ -219,7 +219,7 @@ def _weighted_share(weights: np.ndarray, hits: np.ndarray) -> Estimate | None:
     if total <= 0:
         return None
     share = float(weights[hits].sum()) / total
-    size = total * total / float(np.square(weights).sum())
+    size = effective_size(weights)
     low, high = wilson(share, size)
     return Estimate(share, low, high, size)
 

@@ -1,4 +1,4 @@
-"""Confidence bounds and tests for the numbers operators act on, with the standard library only.
+"""Confidence bounds and tests for the numbers operators act on, without scipy.
 
 Every moderation number shown to an operator (a rule's precision from reviewers' verdicts, recall and
 prevalence from a random review sample, a take rate against a reference) is a proportion estimated
@@ -15,16 +15,17 @@ precision of 1.0 that the data cannot tell from 0.6. These functions say how far
 - **Two-proportion z-test** for a live take rate against a reference sample, both of which are samples.
 
 scipy would give the same numbers (``scipy.stats.beta.ppf``, ``binomtest``), but it is a 40 MB
-dependency for four functions; ``tests/test_stats.py`` checks these against closed forms and
+dependency for a handful of functions; ``tests/test_stats.py`` checks these against closed forms and
 simulations of known truth.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from functools import lru_cache
 from statistics import NormalDist
+
+import numpy as np
 
 CONFIDENCE = 0.95
 _CF_ITERATIONS = 300
@@ -146,12 +147,11 @@ def wilson(share: float, size: float, confidence: float = CONFIDENCE) -> tuple[f
     return low, high
 
 
-def effective_size(weights: Sequence[float]) -> float:
+def effective_size(weights: np.ndarray) -> float:
     """Kish's effective sample size (sum w)^2 / sum w^2: as many equally weighted observations carry the
     same information. Equal weights give their count; a few heavy ones give less."""
-    total = math.fsum(weights)
-    squares = math.fsum(w * w for w in weights)
-    return total * total / squares if squares > 0 else 0.0
+    squares = float(np.square(weights).sum())
+    return float(weights.sum()) ** 2 / squares if squares > 0 else 0.0
 
 
 def two_proportion_z(successes: int, trials: int, reference_successes: int, reference_trials: int) -> float:

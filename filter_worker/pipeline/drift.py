@@ -299,11 +299,10 @@ class _ScopeWindow:
 
 @dataclass(frozen=True, slots=True)
 class Readings:
-    """What the scopes with a full, recent window say, and the scopes that went quiet since the last look."""
+    """What the scopes with a full, recent window say: a (scope, rule) missing here has no numbers now."""
 
     indices: dict[tuple[str, str], float]
     take_rates: dict[tuple[str, str], TakeRate]
-    expired: list[str]
 
 
 class DriftMonitor:
@@ -343,8 +342,7 @@ class DriftMonitor:
         """Index and take rates of every scope whose window is full and saw a record within ``expire_s``.
 
         ``thresholds(scope)`` gives the rules in force, by name, with their labels and ``min_score``
-        (None: the scope is no longer configured, and expires at once). ``expired`` lists the scopes
-        reported before that are not now.
+        (None: the scope is no longer configured, and reports nothing).
         """
         now = self._clock()
         indices: dict[tuple[str, str], float] = {}
@@ -357,9 +355,8 @@ class DriftMonitor:
             live.add(scope)
             indices.update({(scope, rule): value for rule, value in window.indices().items()})
             rates.update({(scope, rule): rate for rule, rate in window.take_rates(rules).items()})
-        expired = sorted(self._reported - live)
         self._reported = live
-        return Readings(indices, rates, expired)
+        return Readings(indices, rates)
 
     def expired(self) -> list[str]:
         """The scopes reported before that saw no record for ``expire_s``: a cheap check for every loop
