@@ -19,6 +19,10 @@ class ExitCode(IntEnum):
     SHUTDOWN_DEADLINE = 6  # stopped on request, but FILTER_SHUTDOWN_TIMEOUT_S passed with work unfinished
 
 
+class ModelLoadError(Exception):
+    """The model could not be loaded (exit 3); the message says what to do about it."""
+
+
 class FatalError(Exception):
     """Something the worker must not continue past; ``code`` is the process exit code."""
 

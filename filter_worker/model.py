@@ -1,6 +1,6 @@
 """The model wrapper: load a sequence classifier, tokenize, run forward passes, return probabilities.
 
-This is the only module that runs torch (``model_onnx`` exports through it and runs ONNX Runtime).
+This is the only module that runs torch (``engine_onnx`` runs ONNX Runtime; ``tools/onnx_export`` exports through it).
 Tokenization and the forward pass are separate calls because the worker tokenizes on its Kafka thread
 (to know lengths for batching) and runs forward passes on the inference thread. The forward pass is an
 ``Engine``: eager PyTorch here, or an ONNX Runtime session (``FILTER_MODEL__BACKEND=onnx``); the rest
@@ -23,6 +23,7 @@ import numpy as np
 
 from filter_worker import lockfile
 from filter_worker.config import ConfigError, ModelSettings
+from filter_worker.exit_codes import ModelLoadError
 from filter_worker.logs import get_logger
 from filter_worker.pipeline.batching import plan_batches
 
@@ -33,10 +34,6 @@ log = get_logger(__name__)
 _CHARS_PER_TOKEN_BOUND = 64
 
 
-class ModelLoadError(Exception):
-    """The model could not be loaded; the message says what to do about it."""
-
-
 @dataclass(frozen=True, slots=True)
 class Tokenized:
     ids: list[int]
@@ -45,9 +42,9 @@ class Tokenized:
 
 def resolve_device(requested: str, backend: str = "torch") -> str:
     if backend == "onnx":
-        from filter_worker import model_onnx
+        from filter_worker import engine_onnx
 
-        return model_onnx.resolve_device(requested)
+        return engine_onnx.resolve_device(requested)
     import torch
 
     if requested == "auto":
@@ -65,12 +62,12 @@ def resolve_dtype(requested: str, device: str, backend: str = "torch") -> str:
     - ``float16`` on CPU is refused: most CPUs have no float16 arithmetic, so it runs slower than
       float32, and bfloat16 gives the same memory saving with float32's range.
 
-    The onnx backend has its own rules (``model_onnx.resolve_dtype``): float32 and int8 graphs.
+    The onnx backend has its own rules (``engine_onnx.resolve_dtype``): float32 and int8 graphs.
     """
     if backend == "onnx":
-        from filter_worker import model_onnx
+        from filter_worker import engine_onnx
 
-        return model_onnx.resolve_dtype(requested, device)
+        return engine_onnx.resolve_dtype(requested, device)
     setting = f"FILTER_MODEL__DTYPE={requested}"
     if requested == "auto":
         return "float16" if device.startswith("cuda") else "float32"
@@ -175,7 +172,7 @@ class Classifier:
         and commit it was pulled from, so headers and metrics name the real model, not a path.
 
         With ``FILTER_MODEL__BACKEND=onnx`` the weights are not loaded into PyTorch: the graph exported
-        from them runs instead (``model_onnx``), which needs a local directory to keep it in.
+        from them runs instead (``engine_onnx``), which needs a local directory to keep it in.
         """
         import transformers
         from safetensors import SafetensorError
@@ -233,11 +230,11 @@ class Classifier:
         labels = labels_of(config)
         engine: Engine
         if model is None:
-            from filter_worker import model_onnx
+            from filter_worker import engine_onnx
 
             # A locked directory is never written to at load, also when its verification is turned off.
             locked = (Path(settings.name) / lockfile.LOCK_NAME).is_file()
-            engine = model_onnx.load_engine(Path(settings.name), dtype, device, weights, labels, locked)
+            engine = engine_onnx.load_engine(Path(settings.name), dtype, device, weights, labels, locked)
         else:
             import torch
 

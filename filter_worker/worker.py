@@ -4,7 +4,7 @@
             -> committer (publish, delivery reports, commit)          pausing stage: fetch or wait
 
 A record walks down these floors once and never comes back here: the loop reads it, the classify
-stage decides it (``pipeline/classify.py``), the gate holds a dead letter while its run may still stop
+stage decides it (``classify.py``), the gate holds a dead letter while its run may still stop
 the worker (``delivery/gate.py``), the committer publishes it and commits its offset
 (``delivery/committer.py``). What happens to each stage on assign, revoke, lost, stop and close, and in
 which order, is the lifecycle's (``delivery/lifecycle.py``); the HTTP endpoint, waiting for Kafka and
@@ -30,6 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient
 
 from filter_worker import kafka_io
+from filter_worker.classify import Classify
 from filter_worker.config import ConfigError, RoutingSettings, Settings
 from filter_worker.delivery.at_least_once import AtLeastOnce
 from filter_worker.delivery.budget import InFlightBudget
@@ -48,7 +49,6 @@ from filter_worker.model import Classifier
 from filter_worker.observe import Observer
 from filter_worker.pipeline.batching import BatchBuffer
 from filter_worker.pipeline.cache import DecisionCache
-from filter_worker.pipeline.classify import Classify
 from filter_worker.pipeline.decide import Decider
 from filter_worker.pipeline.inference import InferenceThread
 from filter_worker.pipeline.intake import Pending

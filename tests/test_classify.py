@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import numpy as np
 import orjson
 
+from filter_worker.classify import Classify
 from filter_worker.config import load_settings
 from filter_worker.metrics import Metrics
 from filter_worker.observe import Observer
 from filter_worker.pipeline.batching import BatchBuffer
 from filter_worker.pipeline.cache import DecisionCache
-from filter_worker.pipeline.classify import Classify
 from filter_worker.pipeline.decide import Decider
 from filter_worker.pipeline.inference import Result
 from filter_worker.pipeline.intake import Pending

@@ -11,9 +11,11 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from filter_worker import lockfile, model_onnx  # noqa: E402 - after the skip
+from filter_worker import engine_onnx, lockfile  # noqa: E402 - after the skip
+from filter_worker.cli.common import load_classifier  # noqa: E402
 from filter_worker.config import ConfigError, ModelSettings  # noqa: E402
 from filter_worker.model import Classifier, ModelLoadError  # noqa: E402
+from filter_worker.tools import onnx_export  # noqa: E402
 from filter_worker.tools.synthetic import build_model  # noqa: E402
 from tests.test_cli import cli  # noqa: E402
 from tests.test_lockfile import flip_byte  # noqa: E402
@@ -26,11 +28,16 @@ def exported(keyword_model, tmp_path_factory) -> tuple:
     """A copy of the keyword model with both graphs exported, and what the export reported."""
     directory = tmp_path_factory.mktemp("onnx") / "keyword"
     shutil.copytree(keyword_model, directory)
-    return directory, model_onnx.export(directory)
+    return directory, onnx_export.export(directory)
 
 
 def load(directory, **settings) -> Classifier:
     return Classifier.load(ModelSettings(name=str(directory), max_length=64, **settings))
+
+
+def load_for_development(directory, **settings) -> Classifier:
+    """As ``classify``, ``eval`` and the other development commands load: a missing graph is exported first."""
+    return load_classifier(ModelSettings(name=str(directory), max_length=64, **settings))
 
 
 def test_export_writes_both_graphs_checked_against_pytorch_and_stamped_with_the_weights(exported):
@@ -39,7 +46,7 @@ def test_export_writes_both_graphs_checked_against_pytorch_and_stamped_with_the_
         ("float32", directory / "onnx" / "model.onnx"),
         ("int8", directory / "onnx" / "model.int8.onnx"),
     ]
-    assert graphs[0].max_abs_difference <= model_onnx.TOLERANCE
+    assert graphs[0].max_abs_difference <= onnx_export.TOLERANCE
     assert all(g.top_label_agreement == 1.0 for g in graphs)
     assert not [p for p in (directory / "onnx").iterdir() if p.name.startswith(".")], "no temporary file left"
     import onnxruntime
@@ -59,7 +66,7 @@ def test_onnx_classifier_has_the_torch_interface_and_its_probabilities(exported)
     expected, truncated = torch_model.classify(TEXTS, max_size=4)
     probs, onnx_truncated = onnx_model.classify(TEXTS, max_size=4)
     assert onnx_truncated == truncated
-    assert np.abs(probs - expected).max() <= model_onnx.TOLERANCE
+    assert np.abs(probs - expected).max() <= onnx_export.TOLERANCE
     assert [onnx_model.labels[i] for i in probs[:5].argmax(axis=1)] == [
         "Very Negative",
         "Negative",
@@ -68,7 +75,7 @@ def test_onnx_classifier_has_the_torch_interface_and_its_probabilities(exported)
         "Very Negative",
     ]
     one_by_one = np.vstack([onnx_model.predict([row.ids]) for row in onnx_model.tokenize(TEXTS)])
-    assert np.abs(probs - one_by_one).max() <= model_onnx.TOLERANCE, "dynamic axes: padding changes nothing"
+    assert np.abs(probs - one_by_one).max() <= onnx_export.TOLERANCE, "dynamic axes: padding changes nothing"
 
 
 def test_int8_graph_keeps_the_keyword_labels(exported):
@@ -89,10 +96,10 @@ def test_int8_graph_keeps_the_keyword_labels(exported):
 def test_export_refuses_a_graph_that_does_not_match_and_writes_nothing(keyword_model, tmp_path, monkeypatch):
     directory = tmp_path / "model"
     shutil.copytree(keyword_model, directory)
-    real = model_onnx.OnnxEngine.probabilities
-    monkeypatch.setattr(model_onnx.OnnxEngine, "probabilities", lambda self, ids, mask: real(self, ids, mask) + 0.01)
-    with pytest.raises(model_onnx.ExportError, match=r"max probability difference 1\.00e-02") as err:
-        model_onnx.export(directory)
+    real = engine_onnx.OnnxEngine.probabilities
+    monkeypatch.setattr(engine_onnx.OnnxEngine, "probabilities", lambda self, ids, mask: real(self, ids, mask) + 0.01)
+    with pytest.raises(onnx_export.ExportError, match=r"max probability difference 1\.00e-02") as err:
+        onnx_export.export(directory)
     assert "nothing was written" in str(err.value)
     assert list((directory / "onnx").iterdir()) == []
 
@@ -102,10 +109,10 @@ def test_a_locked_directory_needs_the_explicit_export_which_locks_the_graphs(key
     shutil.copytree(keyword_model, directory)
     lockfile.lock_directory(directory, "acme/keyword", "0123456789abcdef0123456789abcdef01234567")
     with pytest.raises(ModelLoadError, match=f"filter-worker model export {directory}") as err:
-        load(directory, backend="onnx")
-    assert "locked" in str(err.value) and not (directory / "onnx").exists()
+        load_for_development(directory, backend="onnx")  # never exported into a locked directory
+    assert "lock file" in str(err.value) and not (directory / "onnx").exists()
 
-    model_onnx.export(directory, ["float32"])
+    onnx_export.export(directory, ["float32"])
     lock = lockfile.read_lock(directory)
     assert "onnx/model.onnx" in {f.path for f in lock.files} and lock.model_id == "acme/keyword"
     assert lockfile.verify_directory(directory, lock) == []
@@ -127,13 +134,22 @@ def test_an_unlocked_graph_in_a_locked_directory_is_reported(keyword_model, tmp_
     assert [str(p) for p in problems] == ["onnx/model.onnx: not in the lock file"]
 
 
-def test_an_unlocked_writable_directory_is_exported_at_first_load(tiny_model, tmp_path):
+def test_loading_never_exports_and_names_the_export_command(tiny_model, tmp_path):
+    """The worker loads graphs; writing one into the model directory is the export's job."""
     directory = tmp_path / "tiny"
     shutil.copytree(tiny_model, directory)
-    model = load(directory, backend="onnx", dtype="int8")
+    with pytest.raises(ModelLoadError, match=f"filter-worker model export {directory}"):
+        load(directory, backend="onnx")
+    assert not (directory / "onnx").exists()
+
+
+def test_the_development_commands_export_an_unlocked_writable_directory_at_first_use(tiny_model, tmp_path):
+    directory = tmp_path / "tiny"
+    shutil.copytree(tiny_model, directory)
+    model = load_for_development(directory, backend="onnx", dtype="int8")
     assert (directory / "onnx" / "model.onnx").is_file() and (directory / "onnx" / "model.int8.onnx").is_file()
     written = (directory / "onnx" / "model.int8.onnx").stat().st_mtime_ns
-    again = load(directory, backend="onnx", dtype="int8")
+    again = load_for_development(directory, backend="onnx", dtype="int8")
     assert (directory / "onnx" / "model.int8.onnx").stat().st_mtime_ns == written, "the graph is reused"
     assert np.allclose(model.classify(TEXTS)[0], again.classify(TEXTS)[0])
 
@@ -143,14 +159,14 @@ def test_a_directory_the_graph_cannot_be_written_to_says_to_export_where_it_is_w
     shutil.copytree(tiny_model, directory)
     (directory / "onnx").write_text("a file where the graph folder would go")
     with pytest.raises(ModelLoadError, match="cannot write the ONNX graph") as err:
-        load(directory, backend="onnx")
+        load_for_development(directory, backend="onnx")
     assert f"filter-worker model export {directory}" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_a_graph_exported_from_other_weights_is_refused(tiny_model, tmp_path):
     directory = tmp_path / "tiny"
     shutil.copytree(tiny_model, directory)
-    model_onnx.export(directory, ["float32"])
+    onnx_export.export(directory, ["float32"])
     other = build_model(tmp_path / "other", size="tiny", seed=1)
     shutil.copyfile(other / "model.safetensors", directory / "model.safetensors")
     with pytest.raises(ModelLoadError, match="was exported from other weights") as err:
@@ -179,7 +195,7 @@ def test_cuda_without_onnxruntime_gpu_names_the_extra(tiny_model):
     with pytest.raises(ModelLoadError, match=r"FILTER_MODEL__DEVICE=cuda .*filter-worker\[gpu\]"):
         load(tiny_model, backend="onnx", device="cuda")
     with pytest.raises(ConfigError, match="int8 graph runs on CPU only"):
-        model_onnx.resolve_dtype("int8", "cuda")
+        engine_onnx.resolve_dtype("int8", "cuda")
 
 
 def test_a_hub_id_needs_a_local_directory_first():

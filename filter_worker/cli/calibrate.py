@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 def _from_data(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from filter_worker.model import Classifier
+    from filter_worker.cli.common import load_classifier
     from filter_worker.tools.calibration import calibrate, calibration_json, rule_scores
     from filter_worker.tools.report import calibration_text
 
@@ -89,7 +89,7 @@ def _from_data(args: argparse.Namespace) -> int:
         raise ConfigError("--rule and --feedback-model go with --from-feedback, not with DATA")
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     settings, examples = labeled_data(args)
-    classifier = Classifier.load(settings.model)
+    classifier = load_classifier(settings.model)
     unknown = [label for label in labels if label not in classifier.labels]
     if unknown or not labels:
         raise ConfigError(f"--labels: unknown label(s) {unknown}; the model's labels are {classifier.labels}")

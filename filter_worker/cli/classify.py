@@ -65,13 +65,13 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from filter_worker.model import Classifier
+    from filter_worker.cli.common import load_classifier
     from filter_worker.pipeline.routing import Router
 
     settings = settings_with_model(args)
     scope = checked_scope(settings, args.scope) or DEFAULT_SCOPE
     texts = _read_texts(args)
-    classifier = Classifier.load(settings.model)
+    classifier = load_classifier(settings.model)
     router = Router(settings.routing, classifier.labels)
     classifiable = [text for text in texts if text.strip()]
     decided: Iterator[tuple[Decision, bool]] = iter(())

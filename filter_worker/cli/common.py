@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from filter_worker.config import ConfigError, ModelSettings, Settings, load_settings
+
+if TYPE_CHECKING:
+    from filter_worker.model import Classifier
 
 SOURCES = (
     "Settings come from FILTER_* environment variables over the TOML file given with --config, over "
@@ -41,6 +44,16 @@ def settings_with_model(args: argparse.Namespace) -> Settings:
         settings.model = with_model_name(settings.model, args.model)
     configure(settings.log)  # log lines (an unpinned model, say) go to stderr, never into the output
     return settings
+
+
+def load_classifier(model: ModelSettings) -> Classifier:
+    """The model as the development commands load it: with the onnx backend, a graph missing from an
+    unlocked directory is exported first (``run`` never exports; see ``tools/onnx_export.ensure_graph``)."""
+    from filter_worker.model import Classifier
+    from filter_worker.tools.onnx_export import ensure_graph
+
+    ensure_graph(model)
+    return Classifier.load(model)
 
 
 def with_model_name(model: ModelSettings, name: str) -> ModelSettings:

@@ -39,7 +39,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from filter_worker.model import Classifier
+    from filter_worker.cli.common import load_classifier
     from filter_worker.pipeline.drift import QUANTILES, expected_noise, reference_of
     from filter_worker.pipeline.routing import Router, ScopeMatcher
     from filter_worker.tools.evaluation import load_texts
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     scope = checked_scope(settings, args.scope)
     rows = load_texts(args.data, args.text_field, ScopeMatcher(settings.routing.scopes))
     scopes = [scope or row_scope for _, row_scope in rows]
-    classifier = Classifier.load(settings.model)
+    classifier = load_classifier(settings.model)
     router = Router(settings.routing, classifier.labels)
     probs, _ = classifier.classify([text for text, _ in rows], settings.batch.max_size, settings.batch.max_tokens)
     by_scope = {}
@@ -67,9 +67,7 @@ def run(args: argparse.Namespace) -> int:
             f"{noise:.3f} with FILTER_DRIFT__WINDOW={settings.drift.window}\n"
         )
     if not by_scope:
-        raise ConfigError(
-            f"{args.data}: no scope with rules has {MIN_DRIFT_REFERENCE} rows or more; nothing to write"
-        )
+        raise ConfigError(f"{args.data}: no scope with rules has {MIN_DRIFT_REFERENCE} rows or more; nothing to write")
     reference = reference_of(classifier.identity, args.data, by_scope)
     write("--out", args.out, orjson.dumps(reference.to_json(), option=orjson.OPT_INDENT_2).decode())
     sys.stdout.write(f"wrote {args.out}; use it with FILTER_DRIFT__REFERENCE={args.out}\n")

@@ -23,13 +23,13 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from filter_worker.model import Classifier
+    from filter_worker.cli.common import load_classifier
     from filter_worker.pipeline.routing import Router
     from filter_worker.tools.evaluation import check_labels, evaluate, evaluation_json
     from filter_worker.tools.report import evaluation_text, write_evaluation_html
 
     settings, examples = labeled_data(args)
-    classifier = Classifier.load(settings.model)
+    classifier = load_classifier(settings.model)
     check_labels(examples, classifier.labels, args.data)
     router = Router(settings.routing, classifier.labels)
     probs, _ = classifier.classify([e.text for e in examples], settings.batch.max_size, settings.batch.max_tokens)

@@ -71,7 +71,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from filter_worker.config import ConfigError, LogSettings
     from filter_worker.logs import configure
-    from filter_worker.model_onnx import DTYPES, TOLERANCE, export
+    from filter_worker.tools.onnx_export import DTYPES, TOLERANCE, export
 
     if not Path(args.path).is_dir():
         raise ConfigError(f"model export {args.path}: not a directory; export a local model directory")

@@ -48,7 +48,7 @@ log = get_logger(__name__)
 
 
 class Finishing(Protocol):
-    """What the lifecycle asks of the stage before delivery (``pipeline/classify.py``)."""
+    """What the lifecycle asks of the stage before delivery (``classify.py``)."""
 
     def finish(
         self,

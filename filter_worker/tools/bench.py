@@ -64,6 +64,7 @@ from filter_worker.model import Classifier, resolve_dtype
 from filter_worker.pipeline.batching import padded_tokens
 from filter_worker.pipeline.routing import Router
 from filter_worker.tools.broker import EmbeddedBroker
+from filter_worker.tools.onnx_export import ensure_graph
 from filter_worker.tools.samples import message_mix
 from filter_worker.worker import Worker
 
@@ -190,6 +191,7 @@ class _Models:
     def get(self, backend: str, dtype: str) -> Classifier:
         if (backend, dtype) not in self._loaded:
             model = self._settings.model.model_copy(update={"backend": backend, "dtype": dtype})
+            ensure_graph(model)
             self._loaded[backend, dtype] = Classifier.load(model)
         return self._loaded[backend, dtype]
 
@@ -217,6 +219,7 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
     texts = load_texts(options)
     model = settings.model
     say(f"loading {model.name} ({model.backend}, {model.dtype} on {model.device}) ...")
+    ensure_graph(model)
     classifier = Classifier.load(model)
     models = _Models(settings, classifier)
     router = Router(settings.routing, classifier.labels)
@@ -759,6 +762,7 @@ def _near_free_classifier(settings: Settings) -> Iterator[Classifier]:
     with tempfile.TemporaryDirectory(prefix="filter-worker-micro-") as folder:
         build_model(folder, size="micro")
         model = settings.model.model_copy(update={"name": folder, "dtype": "float32", "verify": False})
+        ensure_graph(model)
         yield Classifier.load(model)
 
 
@@ -1000,10 +1004,10 @@ def _environment(classifier: Classifier) -> dict[str, Any]:
         "platform": platform.platform(),
     }
     if classifier.backend == "onnx":
-        from filter_worker import model_onnx
+        from filter_worker import engine_onnx
 
-        env["onnxruntime"] = model_onnx.runtime().__version__
-        env["onnxruntime_threads"] = model_onnx.threads()
+        env["onnxruntime"] = engine_onnx.runtime().__version__
+        env["onnxruntime_threads"] = engine_onnx.threads()
     if classifier.device.startswith("cuda") and classifier.backend == "torch":
         env["gpu"] = torch.cuda.get_device_name(torch.device(classifier.device))
     return env

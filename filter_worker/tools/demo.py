@@ -22,6 +22,7 @@ from filter_worker.config import Settings
 from filter_worker.logs import configure
 from filter_worker.model import Classifier
 from filter_worker.tools.broker import EmbeddedBroker
+from filter_worker.tools.onnx_export import ensure_graph
 from filter_worker.tools.samples import sample_messages
 from filter_worker.worker import Worker
 
@@ -53,6 +54,7 @@ def run_demo(settings: Settings, count: int) -> int:
     settings.log.format = "console"
     configure(settings.log)
     print(f"loading model {settings.model.name} ...", flush=True)
+    ensure_graph(settings.model)
     classifier = Classifier.load(settings.model)
     print(f"model ready on {classifier.device}: labels {classifier.labels}", flush=True)
 

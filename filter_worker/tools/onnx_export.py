@@ -1,8 +1,4 @@
-"""The ONNX Runtime backend: export a graph from the safetensors weights, check it, run it.
-
-Eager PyTorch dispatches every small op of a forward pass from Python, taking the GIL between ops;
-ONNX Runtime runs the whole graph in C++ (fused kernels, int8 kernels) and releases the GIL for the
-whole pass, so the worker's Kafka thread is never stalled by the model.
+"""``filter-worker model export``: an ONNX graph from the safetensors weights, checked before it is written.
 
 The graph is exported from the same safetensors weights the torch backend loads (``torch.onnx``'s
 ``torch.export``-based exporter; the TorchScript one is deprecated), with the softmax inside, dynamic
@@ -11,9 +7,9 @@ float32 graph's probabilities must match eager PyTorch's on sample texts within 
 nothing is written. The int8 graph is ONNX Runtime's dynamic quantization of the checked float32
 graph; its difference from float32 is reported, as for the torch backend's int8.
 
-Each graph records the sha256 of the weights it came from and the label order, and loading refuses a
-graph exported from other weights. A locked directory lists the graphs in its lock file
-(``filter-worker model export`` adds them), so they are verified like the weights.
+A locked directory lists the graphs in its lock file (the export adds them), so they are verified like
+the weights. The worker only loads graphs (``engine_onnx.py``); the development commands export a
+missing one at first use into an unlocked directory (``ensure_graph``).
 """
 
 from __future__ import annotations
@@ -33,161 +29,54 @@ import numpy as np
 
 from filter_worker import lockfile
 from filter_worker.config import ConfigError, ModelSettings
+from filter_worker.engine_onnx import (
+    DTYPES,
+    GRAPH_DIR,
+    GRAPH_FILES,
+    LABELS_KEY,
+    WEIGHTS_KEY,
+    OnnxEngine,
+    resolve_device,
+    resolve_dtype,
+    runtime,
+    session,
+)
+from filter_worker.exit_codes import ModelLoadError
 from filter_worker.logs import get_logger
-from filter_worker.model import Classifier, ModelLoadError
+from filter_worker.model import Classifier
 
 log = get_logger(__name__)
 
-GRAPH_DIR = "onnx"
-GRAPH_FILES: dict[str, str] = {"float32": f"{GRAPH_DIR}/model.onnx", "int8": f"{GRAPH_DIR}/model.int8.onnx"}
-DTYPES: tuple[str, ...] = tuple(GRAPH_FILES)
 # Largest absolute difference between the float32 graph's probabilities and eager PyTorch's that an
 # export accepts. Both compute in float32; fused kernels only reorder the arithmetic (differences of
 # about 1e-6 are typical), so anything near 1e-4 means the graph computes something else.
 TOLERANCE = 1e-4
 # protobuf cannot hold a single file above 2 GiB; larger models would need external data files.
 _MAX_GRAPH_BYTES = 2_000_000_000
-_WEIGHTS_KEY = "filter_worker.weights_sha256"
-_LABELS_KEY = "filter_worker.labels"
 _INPUTS = ("input_ids", "attention_mask")
 _OUTPUT = "probabilities"
+__all__ = ["DTYPES", "TOLERANCE", "ExportError", "ExportedGraph", "ensure_graph", "export"]
 
 
 class ExportError(ModelLoadError):
     """An export failed or its graph does not match the PyTorch model; nothing was written."""
 
 
-def runtime() -> Any:
-    """The ``onnxruntime`` module, or one sentence saying how to install it."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ConfigError(
-            "FILTER_MODEL__BACKEND=onnx needs ONNX Runtime, which is not installed: "
-            "pip install 'filter-worker[onnx]' (or 'filter-worker[gpu]' for CUDA)"
-        ) from None
-    return onnxruntime
+def ensure_graph(model: ModelSettings) -> None:
+    """For the development commands: export the onnx backend's graph where it is missing and may be.
 
-
-def resolve_device(requested: str) -> str:
-    """``FILTER_MODEL__DEVICE`` for ONNX Runtime: its CUDA provider (onnxruntime-gpu) or the CPU."""
-    if requested == "mps":
-        raise ConfigError(
-            "FILTER_MODEL__DEVICE=mps: the onnx backend runs on cpu or cuda; use FILTER_MODEL__BACKEND=torch"
-        )
-    cuda = "CUDAExecutionProvider" in runtime().get_available_providers()
-    if requested == "auto":
-        return "cuda" if cuda else "cpu"
-    if requested.startswith("cuda") and not cuda:
-        raise ModelLoadError(
-            f"FILTER_MODEL__DEVICE={requested} with FILTER_MODEL__BACKEND=onnx needs ONNX Runtime's CUDA provider: "
-            "install 'filter-worker[gpu]' (onnxruntime-gpu) instead of 'filter-worker[onnx]'"
-        )
-    return requested
-
-
-def resolve_dtype(requested: str, device: str) -> str:
-    """The graph to run: float32 (``auto`` too, on every device) or int8 (CPU only)."""
-    setting = f"FILTER_MODEL__DTYPE={requested}"
-    if requested in ("auto", "float32"):
-        return "float32"
-    if requested == "int8":
-        if device != "cpu":
-            raise ConfigError(f"{setting}: the onnx backend's int8 graph runs on CPU only; use float32 on {device}")
-        return "int8"
-    raise ConfigError(
-        f"{setting}: the onnx backend runs float32 and int8 graphs; use FILTER_MODEL__BACKEND=torch for {requested}"
-    )
-
-
-class OnnxEngine:
-    """One ONNX Runtime session; ``run`` releases the GIL for the whole forward pass."""
-
-    def __init__(self, session: Any) -> None:
-        self._session = session
-
-    def probabilities(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        out: np.ndarray = self._session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-        return out
-
-
-def threads() -> int:
-    """Intra-op threads: ``OMP_NUM_THREADS`` when set, as PyTorch does (the Kubernetes manifests set it
-    to the container's CPU limit, which the CPU count does not show), else every CPU this process may
-    run on."""
-    configured = os.environ.get("OMP_NUM_THREADS", "")
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def session(path: Path, device: str) -> Any:
-    """An ONNX Runtime session with every graph optimization (fusions, constant folding) on.
-
-    Intra-op threads do not spin while waiting for work: spinning threads take CPU from the Kafka
-    thread, the tokenizer and (on small machines) the broker, which the worker needs between passes.
+    Only into an unlocked, writable directory: nothing is added that a lock file does not list, and a
+    read-only directory (a mounted volume) needs ``filter-worker model export`` where it is writable.
+    The worker (``run``) never exports; it refuses a missing graph with that command.
     """
-    ort = runtime()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3  # errors only: node placement notes would fill every start-up log
-    providers: list[Any] = ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        index = int(device.partition(":")[2] or 0)
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
-    try:
-        created = ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load the ONNX graph {path}: {first}") from exc
-    if device.startswith("cuda") and created.get_providers()[0] != "CUDAExecutionProvider":
-        raise ModelLoadError(
-            f"FILTER_MODEL__DEVICE={device}: ONNX Runtime could not start its CUDA provider "
-            "(no GPU visible, or the CUDA and cuDNN libraries onnxruntime-gpu needs are missing)"
-        )
-    return created
-
-
-def load_engine(
-    directory: Path, dtype: str, device: str, weights_sha256: str, labels: list[str], locked: bool
-) -> OnnxEngine:
-    """The session for ``dtype``'s graph in ``directory``, exported first if it is missing and may be.
-
-    A missing graph is exported at first load only into an unlocked, writable directory: the worker
-    never adds files a lock file does not list, and a read-only directory (a mounted volume) needs
-    ``filter-worker model export`` beforehand, where it is writable.
-    """
-    path = directory / GRAPH_FILES[dtype]
-    if not path.is_file():
-        if locked:
-            raise ModelLoadError(
-                f"model directory '{directory}' has no {GRAPH_FILES[dtype]} for FILTER_MODEL__BACKEND=onnx and is "
-                f"locked, so it is not exported at start-up; run: filter-worker model export {directory} "
-                "(it adds the graph to the lock file)"
-            )
-        log.info("exporting the ONNX graph at first load", directory=str(directory), dtype=dtype)
-        export(directory, [dtype])
-    created = session(path, device)
-    meta = created.get_modelmeta().custom_metadata_map
-    if meta.get(_WEIGHTS_KEY) != weights_sha256:
-        raise ModelLoadError(
-            f"{directory / GRAPH_FILES[dtype]} was exported from other weights (sha256 "
-            f"{meta.get(_WEIGHTS_KEY) or 'not recorded'}, this directory's are {weights_sha256}); export it again: "
-            f"filter-worker model export {directory}"
-        )
-    if json.loads(meta.get(_LABELS_KEY, "null")) != labels:
-        raise ModelLoadError(
-            f"{directory / GRAPH_FILES[dtype]} has other labels than config.json; export it again: "
-            f"filter-worker model export {directory}"
-        )
-    return OnnxEngine(created)
-
-
-# -- export -----------------------------------------------------------------------------------------
+    directory = Path(model.name)
+    if model.backend != "onnx" or not directory.is_dir() or (directory / lockfile.LOCK_NAME).is_file():
+        return
+    dtype = resolve_dtype(model.dtype, resolve_device(model.device))
+    if (directory / GRAPH_FILES[dtype]).is_file():
+        return
+    log.info("exporting the ONNX graph at first use", directory=str(directory), dtype=dtype)
+    export(directory, [dtype])
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +124,7 @@ def export(directory: str | Path, dtypes: Sequence[str] = DTYPES) -> list[Export
     reference = Classifier.load(ModelSettings(name=str(root), dtype="float32", device="cpu", verify=False))
     texts = check_texts()
     expected, _ = reference.classify(texts, max_size=16)
-    meta = {_WEIGHTS_KEY: reference.weights_sha256, _LABELS_KEY: json.dumps(reference.labels)}
+    meta = {WEIGHTS_KEY: reference.weights_sha256, LABELS_KEY: json.dumps(reference.labels)}
     try:
         (root / GRAPH_DIR).mkdir(exist_ok=True)
     except OSError as exc:
