@@ -22,7 +22,6 @@ window split across replicas would give each a partial view.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable
 
@@ -32,7 +31,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from filter_worker import kafka_io
 from filter_worker.config import DEFAULT_SCOPE, ConfigError, RoutingSettings, Settings
-from filter_worker.exit_codes import ExitCode
+from filter_worker.exit_codes import ExitCode, FatalError
 from filter_worker.feedback_windows import (
     MAX_MODELS,
     Estimate,
@@ -42,20 +41,18 @@ from filter_worker.feedback_windows import (
     RuleOrder,
     SampleWindows,
 )
-from filter_worker.health import Health, HealthServer
+from filter_worker.health import Health
 from filter_worker.kafka_io import to_input_record
 from filter_worker.logs import get_logger, librdkafka_logger
 from filter_worker.metrics import FeedbackMetrics
 from filter_worker.pipeline.records import InputRecord
 from filter_worker.pipeline.routing import DEFAULT_RULE, scope_rules
+from filter_worker.service import ServiceShell
 from filter_worker.verdicts import INVALID_REASONS, MODERATED, VERDICTS, Invalid, Verdict, parse_verdict
 
 log = get_logger("filter_worker.feedback")
 
-_METADATA_TIMEOUT_S = 2.0
-_WAITING_LOG_INTERVAL_S = 10.0
 _POLL_S = 0.1
-_PROBE_INTERVAL_S = 2.0
 
 
 class RuleIndex:
@@ -133,30 +130,35 @@ class FeedbackService:
         self._recall_rules: dict[tuple[str, str], set[str]] = {}  # (scope, model) -> rules with a recall series
         self._wall = wall_clock  # verdict times are record timestamps: wall-clock seconds
         self._reload_routing = reload_routing
-        self._reload_requested = threading.Event()
-        self._stop = threading.Event()
         self._clock = clock
         self._replay_until: dict[int, int] = {}  # partition -> committed offset at assignment
         self._uncommitted = False
-        self._fatal: str | None = None  # a fatal client error: stop, exit 1 (offsets stay at what was counted)
-        self._last_commit = self._last_probe = clock()
+        self._last_commit = clock()
         self._consumer: Consumer | None = None
-        self._http: HealthServer | None = None
         self.metrics = FeedbackMetrics(INVALID_REASONS)
         self.health = Health(settings.health.liveness_window_s, clock)
         self.health.model_ready = True  # no model here: ready means joined and the broker reachable
+        port = feedback.metrics_port if settings.metrics.enabled else None
+        self.shell = ServiceShell(
+            self.health,
+            self.metrics.registry,
+            settings.kafka.bootstrap_servers,
+            port,
+            "FILTER_FEEDBACK__METRICS_PORT",
+            clock,
+        )
 
     @property
     def http_port(self) -> int | None:
-        return self._http.port if self._http is not None else None
+        return self.shell.http_port
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from signal handlers and other threads."""
-        self._stop.set()
+        self.shell.stop()
 
     def request_reload(self) -> None:
         """Re-read the routing settings (SIGHUP), so verdicts on new rules are accepted."""
-        self._reload_requested.set()
+        self.shell.request_reload()
 
     def run(self) -> int:
         settings = self._settings
@@ -169,54 +171,20 @@ class FeedbackService:
             replay=settings.feedback.replay,
             kafka=settings.kafka.redacted_properties(),
         )
-        if settings.metrics.enabled:
-            port = settings.feedback.metrics_port
-            try:
-                self._http = HealthServer(port, self.health, self.metrics.registry).start()
-            except OSError as exc:
-                raise ConfigError(f"FILTER_FEEDBACK__METRICS_PORT={port}: {exc.strerror}") from None
+        self.shell.start_http()
         config = {
             **kafka_io.consumer_config(settings.kafka.model_copy(update={"group_id": group})),
             # Eager assignment: the start offsets are rewritten on assignment (the replay), which an
             # incremental assignment would not take.
             "partition.assignment.strategy": "range",
-            "error_cb": self._client_error,
+            "error_cb": self.shell.client_error,
             "logger": librdkafka_logger(),
         }
         self._consumer = Consumer(config)
         try:
-            if not self._await_topic():
-                return ExitCode.OK if self._stop.is_set() else ExitCode.TOPICS
-            self._consumer.subscribe(
-                [self._topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-            )
-            while not self._stop.is_set():
-                self._step()
-            if self._fatal is not None:
-                log.error("feedback failed on a fatal Kafka error", error=self._fatal)
-                return ExitCode.FAILED
-            self._commit()
-            return ExitCode.OK
-        finally:
-            self._consumer.close()
-            if self._http is not None:
-                self._http.stop()
-
-    def _await_topic(self) -> bool:
-        """Wait for Kafka (logging every 10 s, live but not ready); ``False`` if the topic is missing or stopped."""
-        assert self._consumer is not None
-        started = last_log = self._clock()
-        last_log -= _WAITING_LOG_INTERVAL_S
-        while not self._stop.is_set():
-            self.health.progress()
-            try:
-                metadata = self._consumer.list_topics(timeout=_METADATA_TIMEOUT_S)
-            except KafkaException as exc:
-                if self._clock() - last_log >= _WAITING_LOG_INTERVAL_S:
-                    last_log = self._clock()
-                    log.warning("waiting for Kafka", waited_s=round(self._clock() - started, 1), error=str(exc))
-                continue
-            self.health.broker_reachable = True
+            metadata = self.shell.await_kafka(self._consumer)
+            if metadata is None:
+                return ExitCode.OK
             described = metadata.topics.get(self._topic)
             if described is None or described.error is not None:
                 log.error(
@@ -224,16 +192,27 @@ class FeedbackService:
                     topic=self._topic,
                     bootstrap_servers=self._settings.kafka.bootstrap_servers,
                 )
-                return False
-            return True
-        return False
+                return ExitCode.TOPICS
+            self._consumer.subscribe(
+                [self._topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            )
+            while not self.shell.stopping:
+                self.shell.failures.raise_if_set()
+                self._step()
+            self._commit()
+            return ExitCode.OK
+        except FatalError as exc:
+            log.error("feedback failed; offsets stay at the last counted verdict", error=str(exc))
+            return exc.code
+        finally:
+            self._consumer.close()
+            self.shell.stop_http()
 
     def _step(self) -> None:
         assert self._consumer is not None
         self.health.progress()
         self._maybe_reload()
-        if not self.health.broker_reachable and self._clock() - self._last_probe >= _PROBE_INTERVAL_S:
-            self._probe()
+        self.shell.probe(self._consumer)
         message = self._consumer.poll(_POLL_S)
         if message is not None:
             error = message.error()
@@ -245,17 +224,6 @@ class FeedbackService:
         if self._clock() - self._last_commit >= self._settings.kafka.commit_interval_ms / 1000:
             self._commit()
         self.expire()
-
-    def _probe(self) -> None:
-        """While the broker is unreachable, a metadata request now and then says when it is back (readiness)."""
-        assert self._consumer is not None
-        self._last_probe = self._clock()
-        try:
-            self._consumer.list_topics(self._topic, timeout=_METADATA_TIMEOUT_S)
-        except KafkaException:
-            return
-        self.health.broker_reachable = True
-        log.info("Kafka reachable again")
 
     def _handle(self, message: Message) -> None:
         """Count one verdict (or the reason it is skipped), then let its offset be committed."""
@@ -407,9 +375,8 @@ class FeedbackService:
                 log.warning("commit failed; retried at the next interval", error=str(exc))
 
     def _maybe_reload(self) -> None:
-        if not self._reload_requested.is_set() or self._reload_routing is None:
+        if not self.shell.reload_requested() or self._reload_routing is None:
             return
-        self._reload_requested.clear()
         try:
             rules = RuleIndex(self._reload_routing())
         except ConfigError as exc:
@@ -453,17 +420,6 @@ class FeedbackService:
         for tp in partitions:
             self._replay_until.pop(tp.partition, None)
         self.health.joined = False
-
-    def _client_error(self, error: KafkaError) -> None:
-        if error.fatal():
-            self._fatal = self._fatal or error.str()
-            self._stop.set()
-        elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
-            if self.health.broker_reachable:
-                log.error("Kafka unreachable; retrying, nothing is committed meanwhile", error=error.str())
-            self.health.broker_reachable = False
-        else:
-            log.warning("kafka client error", code=error.name(), error=error.str())
 
 
 def _of_rule(scope: str, rule: str) -> Callable[[Key], bool]:

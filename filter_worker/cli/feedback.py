@@ -7,7 +7,6 @@ file's content changes, as for ``run``.
 from __future__ import annotations
 
 import argparse
-import signal
 from typing import Any
 
 from filter_worker.cli.common import subcommand
@@ -25,28 +24,15 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from filter_worker.client_check import check_clients
     from filter_worker.feedback import FeedbackService
     from filter_worker.logs import configure
+    from filter_worker.service import serve
 
     # The baseline is the content the settings are loaded from, as in ``run``.
     watcher = ConfigWatcher(args.config, lambda: service.request_reload()) if args.config else None
     settings = load_settings(args.config)
     configure(settings.log)
+    check_clients(settings.kafka)
     service = FeedbackService(settings, reload_routing=lambda: load_settings(args.config).routing)
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        service.stop()
-
-    def request_reload(signum: int, _frame: Any) -> None:
-        service.request_reload()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, request_reload)
-    if watcher is not None:
-        watcher.start()
-    try:
-        return service.run()
-    finally:
-        if watcher is not None:
-            watcher.stop()
+    return serve(service, args.config, watcher)
