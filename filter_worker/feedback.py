@@ -142,7 +142,7 @@ class FeedbackService:
         self.shell = ServiceShell(
             self.health,
             self.metrics.registry,
-            settings.kafka.bootstrap_servers,
+            settings.kafka,
             port,
             "FILTER_FEEDBACK__METRICS_PORT",
             clock,

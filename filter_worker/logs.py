@@ -43,6 +43,32 @@ def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name)
 
 
+def repeated_line(text: str) -> str:
+    """``text`` without what librdkafka changes at every repeat of the same line."""
+    return _TIMING.sub("", text)
+
+
+class RateLimit:
+    """Each distinct key at most once per ``interval_s``; how many were held back rides on the next one."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def admit(self, key: str) -> int | None:
+        """``None`` to hold this one back; else how many of this key were held back since the last admitted."""
+        now = self._clock()
+        if now - self._last.get(key, -self._interval_s) < self._interval_s:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        if len(self._last) > 1000:  # distinct lines are few; this only bounds pathological cases
+            self._last.clear()
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)
+
+
 class _LibrdkafkaHandler(logging.Handler):
     """librdkafka's own log lines into structlog, each distinct line at most once per ``interval_s``.
 
@@ -53,29 +79,19 @@ class _LibrdkafkaHandler(logging.Handler):
 
     def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
-        self._interval_s = interval_s
-        self._clock = clock
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._limit = RateLimit(interval_s, clock)
         self._log = get_logger("librdkafka")
 
     def emit(self, record: logging.LogRecord) -> None:
         args = record.args if isinstance(record.args, tuple) and len(record.args) == 3 else None
         facility, client, text = (str(a) for a in args) if args else ("", "", record.getMessage())
-        key = f"{facility} {_TIMING.sub('', text)}"
-        now = self._clock()
-        if now - self._last.get(key, -self._interval_s) < self._interval_s:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+        repeats = self._limit.admit(f"{facility} {repeated_line(text)}")
+        if repeats is None:
             return
-        if len(self._last) > 1000:  # distinct lines are few; this only bounds pathological cases
-            self._last.clear()
-        self._last[key] = now
         level = (
             "warning" if record.levelno >= logging.WARNING else "info" if record.levelno >= logging.INFO else "debug"
         )
-        getattr(self._log, level)(
-            "librdkafka", facility=facility, client=client, message=text, repeats=self._suppressed.pop(key, 0)
-        )
+        getattr(self._log, level)("librdkafka", facility=facility, client=client, message=text, repeats=repeats)
 
 
 def librdkafka_logger(interval_s: float = 30.0) -> logging.Logger:

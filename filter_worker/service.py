@@ -1,9 +1,11 @@
 """The shell around a Kafka service's loop, shared by ``run`` (the worker) and ``feedback``.
 
 Both serve ``/metrics``, ``/healthz`` and ``/readyz``; wait for Kafka at start-up rather than
-crash-looping (live but not ready meanwhile); notice when the broker goes and comes back; turn
-librdkafka's error callbacks into health and a fatal error for the loop to raise; and take stop and
-reload requests from signal handlers and the config-file watcher. The loop itself is each service's own.
+crash-looping (live but not ready meanwhile), saying at once why it does not answer and stopping
+start-up when waiting cannot help (``kafka_startup.py``: a name that never resolves, an untrusted
+certificate, refused credentials); notice when the broker goes and comes back; turn librdkafka's error
+callbacks into health and a fatal error for the loop to raise; and take stop and reload requests from
+signal handlers and the config-file watcher. The loop itself is each service's own.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import ClusterMetadata
 from prometheus_client import CollectorRegistry
 
-from filter_worker.config import ConfigError
+from filter_worker.config import ConfigError, KafkaSettings
 from filter_worker.config_watcher import ConfigWatcher
 from filter_worker.exit_codes import FailureSlot, FatalError
 from filter_worker.health import Health, HealthServer
-from filter_worker.logs import get_logger
+from filter_worker.kafka_startup import StartupWatch
+from filter_worker.logs import RateLimit, get_logger, repeated_line
 
 log = get_logger("filter_worker.service")
 
@@ -31,13 +34,18 @@ METADATA_TIMEOUT_S = 2.0
 WAITING_LOG_INTERVAL_S = 10.0
 # While the broker is unreachable, how often to probe it (a metadata request) for readiness.
 PROBE_INTERVAL_S = 2.0
+# Client errors that are neither fatal nor "unreachable" (a name that does not resolve, a refused
+# connection): each distinct one at most this often; librdkafka reports some hundreds of times a second.
+CLIENT_ERROR_LOG_INTERVAL_S = 30.0
 _UNREACHABLE = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT}
 
 
 class MetadataSource(Protocol):
-    """A Kafka client that answers metadata requests (consumer, producer or admin client)."""
+    """A Kafka client that answers metadata requests and serves its queue (a consumer before it subscribes)."""
 
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> ClusterMetadata: ...
+
+    def poll(self, timeout: float = -1) -> object: ...
 
 
 class ServiceShell:
@@ -47,14 +55,15 @@ class ServiceShell:
         self,
         health: Health,
         registry: CollectorRegistry,
-        bootstrap_servers: str,
+        kafka: KafkaSettings,
         port: int | None,
         port_setting: str,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.health = health
         self._registry = registry
-        self._bootstrap = bootstrap_servers
+        self._kafka = kafka
+        self._bootstrap = kafka.bootstrap_servers
         self._port = port
         self._port_setting = port_setting
         self._clock = clock
@@ -62,7 +71,9 @@ class ServiceShell:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._http: HealthServer | None = None
+        self._watch: StartupWatch | None = None  # while waiting for Kafka at start-up
         self._last_probe = clock()
+        self._client_errors = RateLimit(CLIENT_ERROR_LOG_INTERVAL_S, clock)
 
     # -- requests from signal handlers and other threads -----------------------------------------
 
@@ -109,29 +120,38 @@ class ServiceShell:
         """The cluster's metadata once it answers; retried for as long as it takes, ``None`` if stopped meanwhile.
 
         A service started before its broker (compose, a cluster being restored) must not crash-loop:
-        it waits, says so in the log, and stays live but not ready.
+        it waits, says so in the log, and stays live but not ready. What the client reports meanwhile
+        (name resolution, refused connections, TLS, authentication) is logged at once and at a bounded
+        rate; a cause waiting cannot heal stops start-up with one sentence (``FatalError``, exit 2).
         """
         started = self._clock()
         last_log = -WAITING_LOG_INTERVAL_S
-        while not self._stop.is_set():
-            self.failures.raise_if_set()
-            self.health.progress()
-            try:
-                metadata = client.list_topics(timeout=METADATA_TIMEOUT_S)
-            except KafkaException as exc:
-                if self._clock() - last_log >= WAITING_LOG_INTERVAL_S:
-                    last_log = self._clock()
-                    log.warning(
-                        "waiting for Kafka",
-                        bootstrap_servers=self._bootstrap,
-                        waited_s=round(self._clock() - started, 1),
-                        error=str(exc.args[0].str() if exc.args else exc),
-                    )
-                continue
-            if metadata.brokers:
-                self.health.broker_reachable = True
-                return metadata
-        return None
+        self._watch = watch = StartupWatch(self._kafka, self._clock)
+        try:
+            while not self._stop.is_set():
+                self.failures.raise_if_set()
+                self.health.progress()
+                try:
+                    metadata = client.list_topics(timeout=METADATA_TIMEOUT_S)
+                except KafkaException as exc:
+                    client.poll(0.1)  # serves the client's errors and log lines: the watch hears them
+                    watch.check()
+                    if self._clock() - last_log >= WAITING_LOG_INTERVAL_S:
+                        last_log = self._clock()
+                        log.warning(
+                            "waiting for Kafka",
+                            bootstrap_servers=self._bootstrap,
+                            waited_s=round(self._clock() - started, 1),
+                            error=str(exc.args[0].str() if exc.args else exc),
+                        )
+                    continue
+                if metadata.brokers:
+                    self.health.broker_reachable = True
+                    return metadata
+            return None
+        finally:
+            self._watch = None
+            watch.reached()
 
     def probe(self, client: MetadataSource) -> None:
         """While the broker looks unreachable, ask it for metadata now and then to notice its return."""
@@ -147,6 +167,9 @@ class ServiceShell:
 
     def client_error(self, err: KafkaError) -> None:
         """librdkafka's ``error_cb``: a fatal error stops the loop, an unreachable broker only makes it unready."""
+        watch = self._watch
+        if watch is not None:
+            watch.error(err)
         if err.fatal():
             self.failures.set(FatalError(f"fatal Kafka client error: {err.str()}"))
             return
@@ -155,7 +178,9 @@ class ServiceShell:
                 log.error("Kafka unreachable; retrying, nothing is committed meanwhile", error=err.str())
             self.health.broker_reachable = False
             return
-        log.warning("kafka client error", code=err.name(), error=err.str())
+        repeats = self._client_errors.admit(f"{err.name()} {repeated_line(err.str())}")
+        if repeats is not None:
+            log.warning("kafka client error", code=err.name(), error=err.str(), repeats=repeats)
 
 
 class Service(Protocol):

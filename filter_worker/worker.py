@@ -119,7 +119,7 @@ class Worker:
         self.health = Health(settings.health.liveness_window_s, clock)
         port = settings.metrics.port if settings.metrics.enabled else None
         self.shell = ServiceShell(
-            self.health, self.metrics.registry, settings.kafka.bootstrap_servers, port, "FILTER_METRICS__PORT", clock
+            self.health, self.metrics.registry, settings.kafka, port, "FILTER_METRICS__PORT", clock
         )
         self._failures = self.shell.failures
         self.metrics.initialise(self._topics, settings.topics.input, settings.cache.size > 0)
