@@ -248,23 +248,30 @@ def test_openssl_names_the_certificate_problem_librdkafka_reports_as_verify_fail
     assert tls.broker_certificate_problem(f"127.0.0.1:{front.listen_port}", pki.ca) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the start-up diagnosis (filter_worker/kafka_diagnosis.py) is not wired into the shared service shell "
-    "yet: until it is, run waits for Kafka however long the certificate stays untrusted",
+@pytest.mark.parametrize(
+    ("command", "served", "named"),
+    [
+        ("run", "untrusted_server", "(unable to get local issuer certificate): it is not signed by a CA in"),
+        ("feedback", "wrong_host_server", "the certificate is not valid for '127.0.0.1'"),
+        ("feedback", "expired_server", "(certificate has expired): the broker's certificate has expired"),
+    ],
 )
-def test_an_untrusted_certificate_stops_run_within_60_s_naming_it(front, pki, keyword_model):
-    # The other two certificate problems (wrong host, expired) take the same path: the unit tests of the
-    # diagnosis and the OpenSSL test above cover what differs, the sentence.
-    front.serve(pki.untrusted_server)
+def test_an_untrusted_certificate_stops_start_up_within_60_s_naming_it(
+    front, pki, keyword_model, command, served, named
+):
+    front.serve(getattr(pki, served))
     settings = tls_settings(front, str(keyword_model), pki, mutual=False)
-    worker = start_worker(worker_env(settings, **tls_variables(pki)))
+    env = worker_env(settings, **tls_variables(pki), FILTER_FEEDBACK__METRICS_PORT="0")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "filter_worker", command], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     started = time.monotonic()
     try:
-        log = worker.communicate(timeout=75)[0].decode()
+        log = process.communicate(timeout=75)[0].decode()
     except subprocess.TimeoutExpired:
-        worker.kill()
-        log = worker.communicate()[0].decode()
-    assert worker.returncode == 2, log[-3000:]
+        process.kill()
+        log = process.communicate()[0].decode()
+    assert process.returncode == 2, log[-3000:]
     assert time.monotonic() - started < 75, "within 60 s of waiting (the model loads first)"
-    assert "cannot be trusted" in log and "Traceback" not in log
+    assert f"the certificate of the broker at 127.0.0.1:{front.listen_port} cannot be trusted" in log
+    assert named in log and "Traceback" not in log
