@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from filter_worker.tools.bench import BenchOptions, _variant_list, judge_end_to_end
+from filter_worker.tools.bench import BenchOptions
+from filter_worker.tools.bench.report import judge_end_to_end
+from filter_worker.tools.bench.variants import variant_list
 from tests.test_cli import cli
 
 
@@ -202,16 +204,16 @@ def test_end_to_end_target_is_not_judged_when_the_broker_sets_the_pace():
 
 def test_variants_are_torch_and_the_configured_backend_at_every_precision_the_device_takes():
     torch_cpu = SimpleNamespace(backend="torch", dtype="float32", device="cpu")
-    assert _variant_list(torch_cpu, None) == [("torch", "bfloat16", None), ("torch", "int8", None)]  # type: ignore[arg-type]
-    assert _variant_list(torch_cpu, []) == []  # type: ignore[arg-type]
+    assert variant_list(torch_cpu, None) == [("torch", "bfloat16", None), ("torch", "int8", None)]  # type: ignore[arg-type]
+    assert variant_list(torch_cpu, []) == []  # type: ignore[arg-type]
     onnx_cpu = SimpleNamespace(backend="onnx", dtype="int8", device="cpu")
-    assert [v[:2] for v in _variant_list(onnx_cpu, None)] == [  # type: ignore[arg-type]
+    assert [v[:2] for v in variant_list(onnx_cpu, None)] == [  # type: ignore[arg-type]
         ("torch", "bfloat16"),
         ("torch", "int8"),
         ("onnx", "float32"),
         ("onnx", "int8"),
     ]
-    asked = _variant_list(onnx_cpu, ["bfloat16"])  # type: ignore[arg-type]
+    asked = variant_list(onnx_cpu, ["bfloat16"])  # type: ignore[arg-type]
     expected = [("torch", "bfloat16"), ("onnx", "float32"), ("onnx", "bfloat16"), ("onnx", "int8")]
     assert [v[:2] for v in asked] == expected
     assert "the onnx backend runs float32 and int8 graphs" in (asked[2][2] or "")

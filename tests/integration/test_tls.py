@@ -213,11 +213,6 @@ def test_feedback_and_calibrate_from_feedback_over_mutual_tls(front, pki, keywor
     assert rule["name"] == "very-negative" and rule["action"] == "drop"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tools/bench.py builds its admin client and producers from the bootstrap address alone (_admin, "
-    "_produce and the plumbing loop's clients), so TLS settings never reach them: see the issue 21 report",
-)
 def test_bench_over_tls(front, pki, keyword_model, tmp_path):
     settings = tls_settings(front, str(keyword_model), pki, mutual=False)
     args = ["bench", "--model", str(keyword_model), "--bootstrap-servers", settings.kafka.bootstrap_servers]
