@@ -156,13 +156,21 @@ class RecordingStage:
 class Rig:
     """A lifecycle over real committer, publisher, gate and pausing stage, with recording clients."""
 
-    def __init__(self, exactly_once: bool, **kafka: Any) -> None:
+    def __init__(self, exactly_once: bool, cut_oversized: bool = True, **kafka: Any) -> None:
         self.clock = ManualClock()
         self.producer = RecordingProducer(self.clock)
         self.consumer = RecordingConsumer(self.clock)
         self.metrics = Metrics()
         self.failures = FailureSlot()
-        self.publisher = Publisher(self.producer, DLQ, 1_000_000, True, self.metrics, self.failures, self.clock)  # type: ignore[arg-type]
+        self.publisher = Publisher(
+            self.producer,  # type: ignore[arg-type]
+            DLQ,
+            1_000_000,
+            cut_oversized,
+            self.metrics,
+            self.failures,
+            self.clock,
+        )
         settings = KafkaSettings(exactly_once=exactly_once, commit_interval_ms=1000, **kafka)
         mode: type[Committer] = Transactional if exactly_once else AtLeastOnce
         self.committer = mode(settings, self.consumer, self.publisher, self.metrics, Health(60, self.clock),  # type: ignore[arg-type]
@@ -336,6 +344,26 @@ def test_begin_transaction_failing_retriably_is_retried_on_the_next_turn():
     assert rig.producer.calls == ["begin"] and rig.failures.failure is None
     rig.lifecycle.poll(caught_up=True)
     assert rig.producer.calls == ["begin", "begin", "produce", "send_offsets:1", "commit"]
+
+
+def test_a_record_that_cannot_be_published_stops_the_release_and_nothing_commits_past_it():
+    """FILTER_DEAD_LETTER__OVERSIZED=stop: the refusal comes from produce itself, in the middle of a release."""
+    rig = Rig(exactly_once=True, cut_oversized=False)
+    produce = rig.producer.produce
+
+    def refusing(topic: str, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("value") == b"v2":
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large"))
+        produce(topic, *args, **kwargs)
+
+    rig.producer.produce = refusing  # type: ignore[method-assign]
+    rig.consume(*range(6))
+    rig.decide(*range(6))
+    rig.lifecycle.poll(caught_up=True)
+    assert rig.failures.failure is not None
+    assert rig.producer.calls == ["begin", "produce", "produce"], "0 and 1; 2 and its dead letter refused: nothing after"
+    rig.lifecycle.close()
+    assert rig.producer.calls[-1] == "abort" and committed_offset(rig) is None
 
 
 def test_lost_partitions_abort_the_open_transaction_and_commit_nothing():

@@ -114,10 +114,14 @@ class Transactional(Committer):
         return False
 
     def _release(self) -> None:
-        """Produce held outputs that are next in their partition's offset order, into the open transaction."""
+        """Produce held outputs that are next in their partition's offset order, into the open transaction.
+
+        Stops at a record that could not be published at all (the failure slot is set): nothing after it
+        may go into a transaction that could still commit.
+        """
         for tp, order in self._unreleased.items():
             held = self._held[tp]
-            while order and order[0] in held:
+            while order and order[0] in held and self._failures.failure is None:
                 if self.phase is Phase.IDLE and not self._begin():
                     return
                 offset = order.popleft()
@@ -147,6 +151,8 @@ class Transactional(Committer):
         Resumes where the last try stopped. ``True`` when an abort rewound the partitions.
         """
         producer = self._publisher.producer
+        if self._failures.failure is not None:  # never commit past a record that could not be published
+            return False
         if self.phase is Phase.OPEN:
             if self._publisher.backlog:  # not every released record is queued yet
                 return False

@@ -95,3 +95,15 @@ class CommitFailsOnce(Producer):
             type(self).failed.append(self.in_transaction)
             raise KafkaException(type(self).error)
         super().commit_transaction(*args)
+
+
+class NonIdempotentProducer(Producer):
+    """The worker's producer with idempotence off, which the worker's settings refuse.
+
+    For the one test that replaces the broker with an empty one: librdkafka's idempotent producer
+    retries UNKNOWN_PRODUCER_ID forever against a cluster that forgot its producer ids, so that test
+    can only show the rest of the worker (rejoining, routing the new broker's records) without it.
+    """
+
+    def __init__(self, config: dict[str, object]) -> None:
+        super().__init__({**config, "enable.idempotence": False})

@@ -21,7 +21,7 @@ from filter_worker import worker as worker_module
 from filter_worker.exit_codes import ExitCode
 from filter_worker.tools.broker import EmbeddedBroker, free_port
 from tests.integration.classifiers import FailingClassifier, SlowClassifier
-from tests.integration.faulty_producers import CommitFailsOnce
+from tests.integration.faulty_producers import CommitFailsOnce, NonIdempotentProducer
 from tests.integration.kafka_helpers import (
     committed_offsets,
     create_topics,
@@ -124,18 +124,18 @@ def test_network_outage_mid_stream_keeps_the_loop_turning_and_loses_nothing(keyw
 
 
 @needs_own_broker
-def test_broker_replaced_on_the_same_port(keyword_model, classifier):
+def test_broker_replaced_on_the_same_port(keyword_model, classifier, monkeypatch):
     """The broker process dies and a new one (empty: memory storage) takes its port.
 
     The new broker has forgotten every producer id. librdkafka's idempotent producer then retries
-    forever on UNKNOWN_PRODUCER_ID (seen with debug=eos), so this worker runs without idempotence;
-    the README tells operators to restart workers after a cluster lost its state.
+    forever on UNKNOWN_PRODUCER_ID (seen with debug=eos), so this worker's producer runs without
+    idempotence (a test seam: the settings refuse it); the docs tell operators to restart workers
+    after a cluster lost its state.
     """
+    monkeypatch.setattr(worker_module, "Producer", NonIdempotentProducer)
     port = free_port()
     broker = EmbeddedBroker(port=port).start()
-    settings = worker_settings(
-        broker.bootstrap_servers, str(keyword_model), kafka__producer_properties={"enable.idempotence": "false"}
-    )
+    settings = worker_settings(broker.bootstrap_servers, str(keyword_model))
     try:
         create_topics(settings, input_partitions=2)
         first = produce(broker.bootstrap_servers, settings.topics.input[0], texts(200))
