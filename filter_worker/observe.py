@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from filter_worker.config import Settings
+from filter_worker.drift_metrics import DriftExporter
 from filter_worker.logs import get_logger
 from filter_worker.metrics import Metrics, observe_many
 from filter_worker.pipeline.drift import DriftMonitor, expected_noise, load_reference
@@ -39,7 +40,7 @@ class Observer:
     """
 
     def __init__(
-        self, metrics: Metrics, drift: DriftMonitor | None = None, clock: Callable[[], float] = time.monotonic
+        self, metrics: Metrics, drift: DriftExporter | None = None, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._metrics = metrics
         self._drift = drift
@@ -55,9 +56,9 @@ class Observer:
         path = settings.drift.reference
         if path is None:
             return cls(metrics)
-        monitor = DriftMonitor(load_reference(path), labels, settings.drift.window)
+        monitor = DriftMonitor(load_reference(path), labels, settings.drift.window, settings.drift.expire_s)
         _log_coverage(monitor, settings, model)
-        return cls(metrics, monitor)
+        return cls(metrics, DriftExporter(metrics, monitor))
 
     def observe(self, probs: np.ndarray, decisions: Sequence[Decision], router: Router) -> None:
         """One routed batch: ``probs`` (rows, labels) and the decisions ``router`` made from those rows, in order."""
@@ -78,6 +79,8 @@ class Observer:
         """Feed the held rows once enough time passed, or at once when nothing more is on its way."""
         if self._scopes and (caught_up or self._clock() - self._since >= FLUSH_INTERVAL_S):
             self.flush()
+        if self._drift is not None:
+            self._drift.expire()
 
     def flush(self) -> None:
         """The held rows into the histograms (per scope, with numpy) and the drift index."""
@@ -98,8 +101,7 @@ class Observer:
             for column, rule in enumerate(router.rules(scope)):
                 observe_many(m.rule_score.labels(scope, rule), scored[:, column].tolist())
         if self._drift is not None:
-            for (scope, rule), value in self._drift.observe(probs, scopes).items():
-                m.score_psi.labels(scope, rule).set(value)
+            self._drift.publish(probs, scopes, router)
 
 
 def _log_coverage(monitor: DriftMonitor, settings: Settings, model: str) -> None:

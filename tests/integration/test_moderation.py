@@ -138,7 +138,14 @@ def test_drift_index_crosses_0_2_on_shifted_traffic_and_stays_low_but_not_zero_o
     """The reference and the unshifted traffic are two draws of one generator (a deterministic model on
     the same texts would make the unshifted index trivially 0); the shifted traffic has three times the
     hostile messages."""
-    router = Router(RoutingSettings(), classifier.labels)
+    # A low threshold for the quarantine rule: the keyword model rarely scores one hostile word among up
+    # to 30 ordinary ones above 0.75, so at the default the take rates (1 % and 3 %) are too small for
+    # 500 records to tell apart; at 0.2 they are about 4.5 % and 17 %.
+    routing_rules = [
+        {"action": "drop", "labels": ["Very Negative"], "min_score": 0.9, "name": "very-negative"},
+        {"action": "quarantine", "labels": ["Very Negative", "Negative"], "min_score": 0.2, "name": "negative"},
+    ]
+    router = Router(RoutingSettings(rules=routing_rules), classifier.labels)
     probs, _ = classifier.classify(mixed_texts(1, 1200, hostile=0.2))
     scored = router.rule_scores(probs, "default")
     rules = router.rules("default")
@@ -149,13 +156,20 @@ def test_drift_index_crosses_0_2_on_shifted_traffic_and_stays_low_but_not_zero_o
     )
     path = tmp_path / "reference.json"
     path.write_bytes(orjson.dumps(reference.to_json()))
-    settings = worker_settings(bootstrap_servers, str(keyword_model), drift={"reference": str(path), "window": 500})
+    settings = worker_settings(
+        bootstrap_servers, str(keyword_model), drift={"reference": str(path), "window": 500}, routing={"rules": routing_rules}
+    )
     create_topics(settings, input_partitions=1)
     topic = settings.topics.input[0]
 
     def index() -> float:
         value = registry.get_sample_value("filter_score_psi", {"scope": "default", "rule": "negative"})
         assert value is not None, "no index once the window is full"
+        return value
+
+    def take_rate_z() -> float:
+        value = registry.get_sample_value("filter_take_rate_zscore", {"scope": "default", "rule": "negative"})
+        assert value is not None, "no take rate once the window is full"
         return value
 
     def scored() -> float | None:
@@ -166,13 +180,15 @@ def test_drift_index_crosses_0_2_on_shifted_traffic_and_stays_low_but_not_zero_o
         like = produce(bootstrap_servers, topic, [orjson.dumps({"text": t}) for t in mixed_texts(2, 600, hostile=0.2)])
         wait_for_commits(settings, end_offsets(like))
         wait_until(lambda: scored() == 600, what="600 records' scores in the histograms and the index")
-        unshifted = index()
+        unshifted, unshifted_z = index(), take_rate_z()
         shifted = produce(
             bootstrap_servers, topic, [orjson.dumps({"text": t}) for t in mixed_texts(3, 600, hostile=0.6)]
         )
         wait_for_commits(settings, end_offsets(like + shifted))
         wait_until(lambda: scored() == 1200, what="1200 records' scores in the histograms and the index")
-        after_shift = index()
+        after_shift, shifted_z = index(), take_rate_z()
     assert codes == [ExitCode.OK]
     print(f"drift index: {unshifted:.3f} on traffic like the reference, {after_shift:.3f} after the shift")
+    print(f"take-rate z of rule negative: {unshifted_z:.1f} like the reference, {shifted_z:.1f} after the shift")
     assert 0.0 < unshifted < 0.1 < 0.2 < after_shift
+    assert abs(unshifted_z) < 4 < shifted_z, "the take rate seen by the worker, against the reference's"
