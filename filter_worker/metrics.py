@@ -65,6 +65,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.review_records = Counter(
+            "filter_review_records",
+            "Copies of decided records drawn for review (FILTER_REVIEW__*): published, or refused by the review topic",
+            ["result"],
+            registry=r,
+        )
         self.commits = Counter("filter_commits", "Successful offset commits", registry=r)
         self.commit_failures = Counter("filter_commit_failures", "Failed offset commits", registry=r)
         self.lag = Gauge("filter_consumer_lag", "Records behind the high watermark", ["topic", "partition"], registry=r)

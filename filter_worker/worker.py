@@ -54,6 +54,7 @@ from filter_worker.pipeline.inference import InferenceThread
 from filter_worker.pipeline.intake import Pending
 from filter_worker.pipeline.records import InputRecord
 from filter_worker.pipeline.routing import Router
+from filter_worker.pipeline.sampling import ReviewSampler
 from filter_worker.service import ServiceShell
 
 log = get_logger("filter_worker.worker")
@@ -243,9 +244,7 @@ class Worker:
             buffer=BatchBuffer(batch.max_size, batch.max_tokens, batch.max_wait_ms / 1000, self._clock),
             inference=inference,
             tokenize=self._classifier.tokenize,
-            decider=Decider(
-                Router(routing, self._classifier.labels), routing.shadow, self._topics, self._classifier.identity
-            ),
+            decider=self._decider(routing),
             observer=self._observer,
             metrics=self.metrics,
             message=settings.message,
@@ -272,6 +271,13 @@ class Worker:
         )
         lag = LagMeter(consumer, admin, self.metrics)
         return _Running(consumer, publisher, committer, gate, classify, pausing, lifecycle, lag, admin)
+
+    def _decider(self, routing: RoutingSettings, router: Router | None = None) -> Decider:
+        """Decisions under ``routing``; with review sampling on, drawn records carry a copy for review."""
+        review = self._settings.review
+        sampler = ReviewSampler(review) if review.enabled else None
+        router = router or Router(routing, self._classifier.labels)
+        return Decider(router, routing.shadow, self._topics, self._classifier.identity, sampler)
 
     def _observe_forward(self, rows: int, padded: int, real: int, seconds: float) -> None:
         self.metrics.batch_size.observe(rows)
@@ -309,7 +315,10 @@ class Worker:
                 ExitCode.TOPICS,
             )
         admin = self._r.admin
-        missing = sorted(set(self._topics.values()) - set(existing))
+        outputs = set(self._topics.values())
+        if self._settings.review.enabled:
+            outputs.add(self._settings.review.topic)
+        missing = sorted(outputs - set(existing))
         if missing and not topics.create:
             raise FatalError(
                 f"output topic(s) {missing} do not exist; create them or set FILTER_TOPICS__CREATE=true",
@@ -322,9 +331,7 @@ class Worker:
             except RuntimeError as exc:
                 raise FatalError(str(exc), ExitCode.TOPICS) from None
             log.info("created output topics", topics=missing, partitions=partitions)
-        limits = kafka_io.size_limits(
-            admin, [*inputs, *self._topics.values()], kafka_io.producer_max_bytes(self._settings.kafka)
-        )
+        limits = kafka_io.size_limits(admin, [*inputs, *outputs], kafka_io.producer_max_bytes(self._settings.kafka))
         for mismatch in limits.mismatches(topics):
             log.warning("record size limits differ", detail=mismatch)
         self._r.publisher.dead_letter_max_bytes = limits.accepted_by(self._topics["dead_letter"])
@@ -454,7 +461,7 @@ class Worker:
             self.metrics.rule_reloads.labels("refused").inc()
             log.error("routing reload refused; the previous rules stay in force", error=str(exc))
             return
-        self._r.classify.decider = Decider(router, routing.shadow, self._topics, self._classifier.identity)
+        self._r.classify.decider = self._decider(routing, router)
         self.metrics.rule_reloads.labels("applied").inc()
         log.info(
             "routing reloaded",

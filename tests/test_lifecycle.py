@@ -31,6 +31,7 @@ from tests.clock import ManualClock
 
 TP = ("in", 0)
 DLQ = "out.dlq"
+REVIEW_TOPIC = "out.review"
 TOO_LARGE = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large")
 
 
@@ -196,13 +197,14 @@ class Rig:
         for offset in offsets:
             self.committer.track(InputRecord("in", 0, offset, None, b"v", [], None))
 
-    def decide(self, *offsets: int, topic: str = "out.allow") -> None:
+    def decide(self, *offsets: int, topic: str = "out.allow", reviewed: tuple[int, ...] = ()) -> None:
         for offset in offsets:
             record = InputRecord("in", 0, offset, None, b"v%d" % offset, [("src", str(offset).encode())], None)
             out = OutputRecord(topic, None, record.value, record.headers, None)
+            review = out._replace(topic=REVIEW_TOPIC) if offset in reviewed else None
             generation = self.committer.tracker.generation(TP)
             assert generation is not None
-            self.gate.submit(Outgoing(out, record, generation, "allow"))
+            self.gate.submit(Outgoing(out, record, generation, "allow", review=review))
 
     def published(self) -> float:
         return sum(s.value for m in self.metrics.registry.collect() for s in m.samples
@@ -361,9 +363,52 @@ def test_a_record_that_cannot_be_published_stops_the_release_and_nothing_commits
     rig.decide(*range(6))
     rig.lifecycle.poll(caught_up=True)
     assert rig.failures.failure is not None
-    assert rig.producer.calls == ["begin", "produce", "produce"], "0 and 1; 2 and its dead letter refused: nothing after"
+    assert rig.producer.calls == ["begin", "produce", "produce"], (
+        "0 and 1; 2 and its dead letter refused: nothing after"
+    )
     rig.lifecycle.close()
     assert rig.producer.calls[-1] == "abort" and committed_offset(rig) is None
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_a_record_drawn_for_review_is_acknowledged_once_its_output_and_its_copy_are(exactly_once):
+    rig = Rig(exactly_once=exactly_once)
+    rig.consume(0, 1, 2)
+    rig.decide(0, 1, 2, reviewed=(1,))
+    rig.lifecycle.poll(caught_up=False)
+    assert rig.producer.topics == [("out.allow", 0), ("out.allow", 1), (REVIEW_TOPIC, 1), ("out.allow", 2)]
+    rig.lifecycle.stop(deadline=rig.clock.now + 5)
+    assert committed_offset(rig) == 3
+    assert rig.metrics.review_records.labels("published")._value.get() == 1  # noqa: SLF001
+
+
+def test_at_least_once_a_copy_for_review_refused_for_its_size_is_dropped_and_its_record_settles():
+    rig = Rig(exactly_once=False)
+    rig.producer.refuse = lambda topic, _value: TOO_LARGE if topic == REVIEW_TOPIC else None
+    rig.consume(0, 1)
+    rig.decide(0, 1, reviewed=(0,))
+    rig.lifecycle.poll(caught_up=False)
+    rig.lifecycle.poll(caught_up=False)
+    assert rig.failures.failure is None
+    assert rig.committer.tracker.watermark(TP) == 2, "the routed output alone settles the record"
+    assert rig.metrics.review_records.labels("refused")._value.get() == 1  # noqa: SLF001
+
+
+def test_exactly_once_a_refused_copy_for_review_aborts_once_and_its_record_comes_back_without_it():
+    rig = Rig(exactly_once=True)
+    rig.producer.refuse = lambda topic, _value: TOO_LARGE if topic == REVIEW_TOPIC else None
+    rig.consume(0, 1)
+    rig.decide(0, 1, reviewed=(0,))
+    rig.lifecycle.poll(caught_up=False)
+    rig.lifecycle.poll(caught_up=False)
+    assert rig.producer.calls[-1] == "abort"
+    rig.clock.now += 1
+    rig.consume(0, 1)
+    rig.decide(0, 1, reviewed=(0,))  # drawn again: the draw is fixed by the source
+    rig.lifecycle.poll(caught_up=True)
+    assert rig.producer.topics[-2:] == [("out.allow", 0), ("out.allow", 1)], "no copy the second time"
+    assert committed_offset(rig) == 2
+    assert rig.metrics.transaction_aborts._value.get() == 1  # noqa: SLF001
 
 
 def test_lost_partitions_abort_the_open_transaction_and_commit_nothing():

@@ -131,3 +131,17 @@ def test_highest_decided_ignores_records_still_waiting():
     assert tracker.highest_decided(("t", 0), undecided={11, 15}) == 14
     assert tracker.highest_decided(("t", 0), undecided={11, 12, 13, 14, 15}) is None
     assert tracker.highest_decided(("t", 1), undecided=set()) is None
+
+
+def test_a_record_with_a_second_output_is_acknowledged_once_both_are():
+    tracker = OffsetTracker()
+    generation = tracker.assign(("t", 0))
+    for offset in range(3):
+        tracker.track(("t", 0), offset, 10)
+    tracker.expect_another(("t", 0), 1, generation)  # offset 1 also has a copy for review
+    tracker.ack(("t", 0), 0, generation)
+    tracker.ack(("t", 0), 1, generation)
+    assert tracker.watermark(("t", 0)) == 1 and tracker.in_flight() == 2, "one of 1's two outputs is out"
+    tracker.ack(("t", 0), 1, generation)
+    tracker.ack(("t", 0), 2, generation)
+    assert tracker.watermark(("t", 0)) == 3 and tracker.in_flight() == 0

@@ -78,13 +78,13 @@ def test_the_draw_is_fixed_by_the_source_and_uniform_over_sources():
 
 def test_review_records_carry_the_routed_record_and_how_they_were_drawn():
     router = Router(RULES, LABELS)
-    decider = Decider(router, False, TOPICS, MODEL)
+    decider = Decider(router, False, TOPICS, MODEL, sampler(rate=0.05, near_rate=0.5))
     items = [Item(offset) for offset in range(3000)]
     scores = np.random.default_rng(1).uniform(0, 1, 3000)
     outputs, decisions = decider.classified(items, probs_of(scores))
-    reviews = decider.drawn_for_review(sampler(rate=0.05, near_rate=0.5), outputs, decisions)
+    reviews = [o.review for o in outputs if o.review is not None]
     assert 150 < len(reviews) < 650
-    again = decider.drawn_for_review(sampler(rate=0.05, near_rate=0.5), outputs, decisions)
+    again = [o.review for o in decider.classified(items, probs_of(scores))[0] if o.review is not None]
     assert [dict(r.headers)["filter.source"] for r in reviews] == [dict(r.headers)["filter.source"] for r in again]
     by_source = {o.out.headers[-1][1]: o for o in outputs}
     for review in reviews:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from filter_worker.delivery.committer import TP, Committer
-from filter_worker.delivery.publisher import count_published, log_fallback, unpublishable
+from filter_worker.delivery.publisher import REVIEW, count_published, log_fallback, unpublishable
 from filter_worker.logs import get_logger
 from filter_worker.pipeline.records import Outgoing
 
@@ -38,7 +38,7 @@ class AtLeastOnce(Committer):
     _ended = False  # stopped: the close commits nothing more
 
     def publish(self, item: Outgoing) -> None:
-        self._publisher.send(item)
+        self._deliver(item)
 
     def poll(self, caught_up: bool) -> bool:
         self._publisher.poll(0)
@@ -55,6 +55,12 @@ class AtLeastOnce(Committer):
         source = item.source
         if not self.tracker.is_current((source.topic, source.partition), item.generation):
             return  # revoked meanwhile: the next owner reads the record again
+        if item.action == REVIEW:
+            if self._review_refused(item, err):
+                self.tracker.ack((source.topic, source.partition), source.offset, item.generation)
+            else:
+                self._failures.set(unpublishable(item, err))
+            return
         fallback = self._publisher.fallback(item, err)
         if fallback is None:
             self._failures.set(unpublishable(item, err))

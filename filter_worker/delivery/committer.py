@@ -22,13 +22,15 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from filter_worker.config import KafkaSettings
 from filter_worker.delivery.offsets import OffsetTracker
-from filter_worker.delivery.publisher import Publisher
+from filter_worker.delivery.publisher import RECORD_REFUSALS, Publisher
 from filter_worker.exit_codes import FailureSlot
 from filter_worker.health import Health
+from filter_worker.logs import get_logger
 from filter_worker.metrics import Metrics
 from filter_worker.pipeline.records import InputRecord, Outgoing
 
 TP = tuple[str, int]
+log = get_logger(__name__)
 
 
 class Committer(ABC):
@@ -112,6 +114,27 @@ class Committer(ABC):
     @abstractmethod
     def close(self) -> None:
         """Leave nothing half-done behind after a failure; nothing is committed or begun after this. Never raises."""
+
+    def _deliver(self, item: Outgoing) -> None:
+        """Hand ``item`` to the publisher; a record with a copy for review waits for both acknowledgements."""
+        if item.review is not None:
+            source = item.source
+            self.tracker.expect_another((source.topic, source.partition), source.offset, item.generation)
+        self._publisher.send(item)
+
+    def _review_refused(self, item: Outgoing, err: KafkaError) -> bool:
+        """A copy for review refused: ``True`` when it is dropped (refused for what it is), so the routed
+        output alone settles its record; ``False`` for a refusal about the pipeline (the worker stops)."""
+        if err.code() not in RECORD_REFUSALS:
+            return False
+        self._metrics.review_records.labels("refused").inc()
+        log.warning(
+            "the review topic refused a copy drawn for review; the record is published without it",
+            source=item.source.source,
+            topic=item.out.topic,
+            error=err.str(),
+        )
+        return True
 
     def forget(self, tps: list[TP]) -> None:
         """Drop ``tps`` without committing: revoked after the stop, or lost."""

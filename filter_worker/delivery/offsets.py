@@ -25,6 +25,8 @@ class _PartitionState:
     pending: deque[int] = field(default_factory=deque)  # consumed and not yet committable, in offset order
     acked: set[int] = field(default_factory=set)  # acknowledged but not yet at the front
     sizes: dict[int, int] = field(default_factory=dict)  # bytes of each unacknowledged record
+    # Outputs beyond the first that a record's acknowledgement waits for (a copy drawn for review).
+    more: dict[int, int] = field(default_factory=dict)
     bytes: int = 0  # sum of ``sizes``
     first: int | None = None  # the first offset consumed in this generation
     next_offset: int | None = None  # one past the highest consumed offset
@@ -100,10 +102,21 @@ class OffsetTracker:
         state.next_offset = offset + 1
         return state.generation
 
+    def expect_another(self, tp: TopicPartition, offset: int, generation: int) -> None:
+        """The record has one more output to be acknowledged before it counts as acknowledged."""
+        state = self._partitions.get(tp)
+        if state is not None and state.generation == generation and offset in state.sizes:
+            state.more[offset] = state.more.get(offset, 0) + 1
+
     def ack(self, tp: TopicPartition, offset: int, generation: int) -> None:
-        """Mark a record's output as acknowledged by the broker."""
+        """Mark one of a record's outputs as acknowledged by the broker (the record, once all are)."""
         state = self._partitions.get(tp)
         if state is None or state.generation != generation or offset not in state.sizes:
+            return
+        waiting = state.more.pop(offset, 0)
+        if waiting:
+            if waiting > 1:
+                state.more[offset] = waiting - 1
             return
         size = state.sizes.pop(offset)
         state.bytes -= size

@@ -28,6 +28,8 @@ from filter_worker.pipeline.decode import DecodeFailure
 from filter_worker.pipeline.records import Outgoing, dead_letter, fitted_dead_letter, omitted_dead_letter
 
 # Refusals that are about the record itself; anything else is about the pipeline.
+# The action of a copy drawn for review: it settles its record together with the routed output.
+REVIEW = "review"
 RECORD_REFUSALS = frozenset(
     {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG}
 )
@@ -50,7 +52,7 @@ def next_fallback(
     if item.out.topic != dead_letter_topic:
         failure = DecodeFailure("publish_rejected", f"{item.out.topic} refused the routed record: {err.str()}")
         out = dead_letter(record, failure, dead_letter_topic)
-        return replace(item, out=out, action="dead_letter", failure=failure)
+        return replace(item, out=out, action="dead_letter", failure=failure, review=None)
     if code not in SIZE_REFUSALS or not cut:
         return None
     assert item.failure is not None  # only dead letters go to the dead-letter topic
@@ -102,6 +104,8 @@ class Publisher:
         self._reports: list[tuple[Outgoing, KafkaError | None]] = []
         # Records refused inside a transaction that was then aborted: what to publish when they come back.
         self._replacements: dict[tuple[str, int, int], Outgoing] = {}
+        # Records whose copy for review was refused so: published without it when they come back.
+        self._no_review: set[tuple[str, int, int]] = set()
         self.last_produce = clock()
 
     @property
@@ -138,14 +142,36 @@ class Publisher:
         """Drop remembered replacements ``keep`` rejects: committed, or of partitions no longer owned."""
         if self._replacements:
             self._replacements = {k: v for k, v in self._replacements.items() if keep(k)}
+        if self._no_review:
+            self._no_review = {k for k in self._no_review if keep(k)}
+
+    def replacement(self, item: Outgoing) -> Outgoing:
+        """``item``, or what replaces it since its record (or its copy for review) was refused in a
+        transaction that was then aborted."""
+        if not self._replacements and not self._no_review:  # almost always: no key to build per record
+            return item
+        source = item.source
+        key = (source.topic, source.partition, source.offset)
+        replacement = self._replacements.get(key)
+        if replacement is not None:
+            return replace(replacement, generation=item.generation)
+        if key in self._no_review and item.review is not None:
+            return replace(item, review=None)
+        return item
+
+    def refuse_review(self, item: Outgoing) -> None:
+        """Publish the record without its copy for review from now on (the review topic refused that copy)."""
+        source = item.source
+        self._no_review.add((source.topic, source.partition, source.offset))
 
     def send(self, item: Outgoing) -> None:
-        """Produce ``item`` (or what replaces it); never blocks: a full queue keeps it in the backlog."""
-        if self._replacements:  # almost always empty: no key to build per record
-            source = item.source
-            replacement = self._replacements.get((source.topic, source.partition, source.offset))
-            if replacement is not None:
-                item = replace(replacement, generation=item.generation)
+        """Produce ``item`` and its copy for review, if it has one; never blocks: a full queue keeps them
+        in the backlog, in order."""
+        self._send(item)
+        if item.review is not None:
+            self._send(Outgoing(item.review, item.source, item.generation, REVIEW))
+
+    def _send(self, item: Outgoing) -> None:
         if self._backlog or not self._produce(item):
             self._backlog.append(item)
 
@@ -184,6 +210,9 @@ class Publisher:
             return False
         except KafkaException as exc:  # refused before it was queued (e.g. over message.max.bytes)
             err = exc.args[0]
+            if item.action == REVIEW:  # the committer decides, as for a refusal after queueing
+                self._reports.append((item, err))
+                return True
             fallback = self.fallback(item, err)
             if fallback is None:
                 self._failures.set(unpublishable(item, err))
@@ -217,7 +246,12 @@ class Publisher:
 
 
 def count_published(metrics: Metrics, published: list[Outgoing]) -> None:
-    """Outputs now visible to consumers: per action and input topic, dead letters by error, and latency."""
+    """Outputs now visible to consumers: per action and input topic, dead letters by error, and latency;
+    copies for review apart."""
+    reviews = sum(1 for i in published if i.action == REVIEW)
+    if reviews:
+        metrics.review_records.labels("published").inc(reviews)
+        published = [i for i in published if i.action != REVIEW]
     for (action, topic), n in Counter((i.action, i.source.topic) for i in published).items():
         metrics.published.labels(action, topic).inc(n)
     dead = [i for i in published if i.failure is not None]

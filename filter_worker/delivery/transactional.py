@@ -30,7 +30,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from filter_worker.delivery.committer import TP, Committer
-from filter_worker.delivery.publisher import count_published
+from filter_worker.delivery.publisher import REVIEW, count_published
 from filter_worker.exit_codes import FatalError
 from filter_worker.logs import get_logger
 from filter_worker.pipeline.records import InputRecord, Outgoing
@@ -125,7 +125,7 @@ class Transactional(Committer):
                 if self.phase is Phase.IDLE and not self._begin():
                     return
                 offset = order.popleft()
-                self._publisher.send(held.pop(offset))
+                self._deliver(self._publisher.replacement(held.pop(offset)))
                 self._released[tp] = offset + 1
 
     def _begin(self) -> bool:
@@ -216,9 +216,13 @@ class Transactional(Committer):
         tp = (source.topic, source.partition)
         if self.tracker.generation(tp) is None:
             return  # revoked: the next owner reads the record and decides afresh
-        fallback = self._publisher.fallback(item, err)
-        if fallback is not None:
-            self._publisher.replace_later(fallback)
+        if item.action == REVIEW:
+            if self._review_refused(item, err):
+                self._publisher.refuse_review(item)
+        else:
+            fallback = self._publisher.fallback(item, err)
+            if fallback is not None:
+                self._publisher.replace_later(fallback)
         if self.tracker.is_current(tp, item.generation) and self._doomed is None:
             self._doomed = (err, f"{item.out.topic} refused {source.source}")
 

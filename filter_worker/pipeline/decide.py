@@ -14,7 +14,7 @@ import numpy as np
 
 from filter_worker.config import DEFAULT_SCOPE
 from filter_worker.pipeline.decode import DecodeFailure
-from filter_worker.pipeline.records import InputRecord, Outgoing, OutputRecord, dead_letter, routed
+from filter_worker.pipeline.records import InputRecord, Outgoing, dead_letter, routed
 from filter_worker.pipeline.routing import Decision, Router
 from filter_worker.pipeline.sampling import ReviewSampler
 
@@ -39,16 +39,26 @@ class Classified(Protocol):
 
 
 class Decider:
-    def __init__(self, router: Router, shadow: bool, topics: dict[str, str], model: str) -> None:
+    def __init__(
+        self,
+        router: Router,
+        shadow: bool,
+        topics: dict[str, str],
+        model: str,
+        sampler: ReviewSampler | None = None,
+    ) -> None:
         self.router = router
         self.shadow = shadow
         self._topics = topics
         self._model = model
+        self._sampler = sampler  # FILTER_REVIEW__*: drawn records carry a copy for review
 
     def classified(self, items: Sequence[Classified], probs: np.ndarray) -> tuple[list[Outgoing], list[Decision]]:
         """The routed outputs of ``items`` (row ``i`` of ``probs`` is item ``i``'s), and their decisions.
 
         In shadow mode every output goes to the allow topic and the decision says what would have happened.
+        With review sampling on, a drawn record's output carries its copy for review, drawn under the
+        thresholds that decided it ("just below a threshold" means the threshold in force).
         """
         router = self.router
         if router.has_scopes:
@@ -62,14 +72,9 @@ class Decider:
             action = "allow" if shadow else decision.action
             out = routed(item.record, decision, topics[action], model, item.truncated, item.embed_into, shadow)
             outputs.append(Outgoing(out, item.record, item.generation, action))
+        if self._sampler is not None:
+            outputs = self._sampler.attach(outputs, decisions, router)
         return outputs, decisions
-
-    def drawn_for_review(
-        self, sampler: ReviewSampler, outputs: Sequence[Outgoing], decisions: Sequence[Decision]
-    ) -> list[OutputRecord]:
-        """The review records (``FILTER_REVIEW__*``) of a batch ``classified`` just returned: drawn under
-        the thresholds that decided it, so "just below a threshold" means the threshold in force."""
-        return sampler.draw(outputs, decisions, self.router)
 
     def failed(self, record: InputRecord, generation: int, failure: DecodeFailure) -> Outgoing:
         out = dead_letter(record, failure, self._topics["dead_letter"])

@@ -58,8 +58,10 @@ class OutputRecord(NamedTuple):
 class Outgoing:
     """An output on its way to the broker, carrying the input record whose offset it settles.
 
-    ``action`` is where it goes (allow, quarantine, drop, dead_letter); ``failure`` is why a dead
-    letter is one.
+    ``action`` is where it goes (allow, quarantine, drop, dead_letter, or review for a copy drawn for
+    review); ``failure`` is why a dead letter is one. ``review`` is that copy of the routed output,
+    when the record was drawn (``pipeline/sampling.py``): it is published with the output, and the
+    record counts as acknowledged once both are.
     """
 
     out: OutputRecord
@@ -67,6 +69,7 @@ class Outgoing:
     generation: int
     action: str
     failure: DecodeFailure | None = None
+    review: OutputRecord | None = None
 
     @property
     def error(self) -> str | None:

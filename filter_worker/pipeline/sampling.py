@@ -17,6 +17,7 @@ the draw is independent of whether the record is abuse. Pure: decisions in, revi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 
@@ -61,7 +62,12 @@ class ReviewSampler:
         """Review records for the drawn ones among a routed batch (``outputs[i]`` decided by ``decisions[i]``,
         as ``Decider.classified`` returns them): the routed record (value, key, timestamp and decision
         headers) on the review topic, plus ``filter.sampled``, its probability and every rule's score."""
-        drawn: list[OutputRecord] = []
+        return [item.review for item in self.attach(outputs, decisions, router) if item.review is not None]
+
+    def attach(self, outputs: Sequence[Outgoing], decisions: Sequence[Decision], router: Router) -> list[Outgoing]:
+        """``outputs``, the drawn ones carrying their review record (``Outgoing.review``): published with
+        the routed output, so the record is acknowledged once both are."""
+        attached: list[Outgoing] = []
         thresholds: dict[str, Sequence[float]] = {}
         for outgoing, decision in zip(outputs, decisions, strict=True):
             scope_thresholds = thresholds.get(decision.scope)
@@ -69,6 +75,7 @@ class ReviewSampler:
                 scope_thresholds = thresholds[decision.scope] = router.thresholds(decision.scope)
             probability = self.probability(decision, scope_thresholds)
             if probability <= 0.0 or draw(outgoing.source.source) >= probability:
+                attached.append(outgoing)
                 continue
             out = outgoing.out
             headers = [
@@ -77,5 +84,6 @@ class ReviewSampler:
                 (PROBABILITY_HEADER, b"%.9g" % probability),
                 (RULE_SCORES_HEADER, orjson.dumps(decision.rule_scores)),
             ]
-            drawn.append(OutputRecord(self._topic, out.key, out.value, headers, out.timestamp_ms))
-        return drawn
+            review = OutputRecord(self._topic, out.key, out.value, headers, out.timestamp_ms)
+            attached.append(dataclasses.replace(outgoing, review=review))
+        return attached

@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from confluent_kafka.admin import AdminClient
@@ -156,15 +157,20 @@ def read_partition(bootstrap: str, topic: str, partition: int) -> CommittedLog:
 
 def read_committed_outputs(settings: Settings) -> CommittedLog:
     """The four output topics (every partition) resolved as ``read_committed`` consumers see them."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers, "logger": librdkafka_logger()})
+    return read_topics(settings.kafka.bootstrap_servers, settings.topics.outputs().values())
+
+
+def read_topics(bootstrap: str, topics: Iterable[str]) -> CommittedLog:
+    """Every partition of ``topics`` resolved as ``read_committed`` consumers see them."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": librdkafka_logger()})
     metadata = admin.list_topics(timeout=10).topics
     total = CommittedLog()
-    for topic in settings.topics.outputs().values():
+    for topic in topics:
         described = metadata.get(topic)
         if described is None:
             continue
         for partition in sorted(described.partitions):
-            log = read_partition(settings.kafka.bootstrap_servers, topic, partition)
+            log = read_partition(bootstrap, topic, partition)
             total.committed += log.committed
             total.aborted += log.aborted
             total.open += log.open

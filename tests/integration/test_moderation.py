@@ -157,7 +157,10 @@ def test_drift_index_crosses_0_2_on_shifted_traffic_and_stays_low_but_not_zero_o
     path = tmp_path / "reference.json"
     path.write_bytes(orjson.dumps(reference.to_json()))
     settings = worker_settings(
-        bootstrap_servers, str(keyword_model), drift={"reference": str(path), "window": 500}, routing={"rules": routing_rules}
+        bootstrap_servers,
+        str(keyword_model),
+        drift={"reference": str(path), "window": 500},
+        routing={"rules": routing_rules},
     )
     create_topics(settings, input_partitions=1)
     topic = settings.topics.input[0]
