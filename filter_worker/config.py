@@ -597,7 +597,7 @@ class LogSettings(_Section):
 
 class MetricsSettings(_Section):
     enabled: bool = True
-    port: int = Field(9100, ge=0, le=65535)  # 0 picks a free port (tests)
+    port: int = Field(8470, ge=0, le=65535)  # 0 picks a free port (tests)
 
 
 # Fewest verdicts a precision window may hold: the precision alerts need 30 in a window, and below
@@ -627,7 +627,7 @@ class FeedbackSettings(_Section):
     # Verdicts per partition read again at start-up to refill the windows (the window lives in memory;
     # without this a restart would empty every precision gauge until reviewers catch up). 0: none.
     replay: int = Field(10_000, ge=0)
-    metrics_port: int = Field(9101, ge=0, le=65535)  # 0 picks a free port (tests)
+    metrics_port: int = Field(8471, ge=0, le=65535)  # 0 picks a free port (tests)
 
     def group(self, kafka: KafkaSettings) -> str:
         return self.group_id or f"{kafka.group_id}-feedback"

@@ -41,6 +41,7 @@ WORKER_METRICS = {
     "filter_records_consumed_total",
     "filter_records_published_total",
     "filter_dead_letters_total",
+    "filter_review_records_total",
     "filter_batch_size",
     "filter_batch_padded_tokens",
     "filter_batch_fill_ratio",
@@ -1053,7 +1054,7 @@ def test_dockerfile_essentials():
     assert "cuda" in stages
     assert re.search(r"^ENTRYPOINT \[\"filter-worker\"\]$", text, re.MULTILINE)
     assert re.search(r"^CMD \[\"run\"\]$", text, re.MULTILINE)
-    assert re.search(r"^EXPOSE 9100$", text, re.MULTILINE)
+    assert re.search(r"^EXPOSE 8470$", text, re.MULTILINE)
     assert re.search(r"^ENV HF_HOME=/models$", text, re.MULTILINE)
     assert re.search(r'^VOLUME \["/models"\]$', text, re.MULTILINE)
     users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)

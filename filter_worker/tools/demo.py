@@ -63,7 +63,7 @@ def run_demo(settings: Settings, count: int) -> int:
         settings.kafka.bootstrap_servers = broker.bootstrap_servers
         settings.kafka.group_id = f"filter-worker-demo-{uuid.uuid4().hex[:8]}"
         settings.kafka.session_timeout_ms = 6000
-        settings.metrics.port = 0  # any free port: the demo must not collide with a real worker's 9100
+        settings.metrics.port = 0  # any free port: the demo must not collide with a real worker's 8470
         kafka = settings.kafka.client_properties()
         admin = AdminClient(dict(kafka))
         kafka_io.create_topics(admin, settings.topics.input, INPUT_PARTITIONS)
