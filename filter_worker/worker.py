@@ -56,6 +56,7 @@ from filter_worker.pipeline.records import InputRecord
 from filter_worker.pipeline.routing import Router
 from filter_worker.pipeline.sampling import ReviewSampler
 from filter_worker.service import ServiceShell
+from filter_worker.topics import prepare_topics
 
 log = get_logger("filter_worker.worker")
 
@@ -294,7 +295,9 @@ class Worker:
         metadata = self.shell.await_kafka(self._r.consumer)
         if metadata is None:
             return False
-        self._check_topics({name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None})
+        existing = {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
+        limits = prepare_topics(self._r.admin, self._settings, existing)
+        self._r.publisher.dead_letter_max_bytes = limits.accepted_by(self._topics["dead_letter"])
         if self._settings.kafka.exactly_once:
             self._init_transactions()
         self._r.consumer.subscribe(
@@ -302,39 +305,6 @@ class Worker:
         )
         self._unassigned_since = self._clock()
         return True
-
-    def _check_topics(self, existing: dict[str, int]) -> None:
-        """Inputs must exist; outputs must exist or be created; warn when an output takes smaller records."""
-        topics = self._settings.topics
-        inputs = [t for t in topics.input if not t.startswith("^")]  # a regex subscription may match later
-        missing_inputs = [t for t in inputs if t not in existing]
-        if missing_inputs:
-            raise FatalError(
-                f"input topic(s) {missing_inputs} do not exist on {self._settings.kafka.bootstrap_servers} "
-                "(check FILTER_TOPICS__INPUT and FILTER_KAFKA__BOOTSTRAP_SERVERS)",
-                ExitCode.TOPICS,
-            )
-        admin = self._r.admin
-        outputs = set(self._topics.values())
-        if self._settings.review.enabled:
-            outputs.add(self._settings.review.topic)
-        missing = sorted(outputs - set(existing))
-        if missing and not topics.create:
-            raise FatalError(
-                f"output topic(s) {missing} do not exist; create them or set FILTER_TOPICS__CREATE=true",
-                ExitCode.TOPICS,
-            )
-        if missing:
-            partitions = max((existing[t] for t in inputs), default=1)
-            try:
-                kafka_io.create_topics(admin, missing, partitions)
-            except RuntimeError as exc:
-                raise FatalError(str(exc), ExitCode.TOPICS) from None
-            log.info("created output topics", topics=missing, partitions=partitions)
-        limits = kafka_io.size_limits(admin, [*inputs, *outputs], kafka_io.producer_max_bytes(self._settings.kafka))
-        for mismatch in limits.mismatches(topics):
-            log.warning("record size limits differ", detail=mismatch)
-        self._r.publisher.dead_letter_max_bytes = limits.accepted_by(self._topics["dead_letter"])
 
     def _init_transactions(self) -> None:
         """Register the transactional id: fences a previous incarnation and aborts its open transaction."""

@@ -113,11 +113,12 @@ class OffsetTracker:
         state = self._partitions.get(tp)
         if state is None or state.generation != generation or offset not in state.sizes:
             return
-        waiting = state.more.pop(offset, 0)
-        if waiting:
-            if waiting > 1:
-                state.more[offset] = waiting - 1
-            return
+        if state.more:  # almost always empty: no lookup per record
+            waiting = state.more.pop(offset, 0)
+            if waiting:
+                if waiting > 1:
+                    state.more[offset] = waiting - 1
+                return
         size = state.sizes.pop(offset)
         state.bytes -= size
         self._records -= 1
