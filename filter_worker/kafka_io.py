@@ -142,15 +142,15 @@ class SizeLimits:
         limit = self.topics.get(topic)
         return self.producer if limit is None else min(limit, self.producer)
 
-    def mismatches(self, settings: TopicSettings) -> list[str]:
-        """One sentence per input topic that accepts records some output would refuse."""
+    def mismatches(self, settings: TopicSettings, outputs: Iterable[str]) -> list[str]:
+        """One sentence per input topic that accepts records some of ``outputs`` would refuse."""
         inputs = [t for t in settings.input if not t.startswith("^")]
         found = []
         for name in inputs:
             limit = self.topics.get(name)
             if limit is None:
                 continue
-            smaller = {t: self.accepted_by(t) for t in settings.outputs().values() if self.accepted_by(t) < limit}
+            smaller = {t: self.accepted_by(t) for t in sorted(outputs) if self.accepted_by(t) < limit}
             if smaller:
                 found.append(
                     f"input topic {name} accepts records up to {limit} bytes, but {smaller} take less "

@@ -53,6 +53,6 @@ def prepare_topics(admin: AdminClient, settings: Settings, existing: dict[str, i
             raise FatalError(str(exc), ExitCode.TOPICS) from None
         log.info("created output topics", topics=missing, partitions=partitions)
     limits = kafka_io.size_limits(admin, [*inputs, *outputs], kafka_io.producer_max_bytes(settings.kafka))
-    for mismatch in limits.mismatches(topics):
+    for mismatch in limits.mismatches(topics, outputs):
         log.warning("record size limits differ", detail=mismatch)
     return limits

@@ -11,8 +11,9 @@ which order, is the lifecycle's (``delivery/lifecycle.py``); the HTTP endpoint, 
 client errors are the service shell's (``service.py``).
 
 One thread owns the consumer, the producer's callbacks and every stage, so none of them needs a lock;
-forward passes run on the model's thread. No loop here blocks without serving stop requests and
-liveness.
+forward passes run on the model's thread. (Closing the consumer runs on a thread of its own, bounded,
+after the loop is done: its callbacks only forget.) No loop here blocks without serving stop requests
+and liveness, beyond one transactional call (at most 10 s) or a revocation (at most its deadline).
 """
 
 from __future__ import annotations
@@ -474,21 +475,23 @@ class Worker:
         )
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if self._running is None:
+        running = self._running
+        if running is None:
             return
-        tps = self._r.lifecycle.assigned(partitions)
+        tps = running.lifecycle.assigned(partitions)
         self.metrics.rebalances.labels("assign").inc()
         self.health.joined = self.health.broker_reachable = True
         self._unassigned_since = None
         log.info("partitions assigned", partitions=[f"{t}/{p}" for t, p in tps])
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if self._running is None:  # a close that outlived its bound (``_close_consumer``)
+        running = self._running  # read once: a close that outlived its bound clears it from another thread
+        if running is None:
             return
         tps = [(p.topic, p.partition) for p in partitions]
-        finished, dropped = self._r.lifecycle.revoked(tps)
-        self._r.lag.forget(tps)
-        if not self._r.committer.tracker.assigned():
+        finished, dropped = running.lifecycle.revoked(tps)
+        running.lag.forget(tps)
+        if not running.committer.tracker.assigned():
             self._unassigned_since = self._clock()
         self.metrics.rebalances.labels("revoke").inc()
         log.info(
@@ -499,11 +502,12 @@ class Worker:
         )
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if self._running is None:
+        running = self._running
+        if running is None:
             return
         tps = sorted({(p.topic, p.partition) for p in partitions})
-        self._r.lifecycle.lost(tps)
-        self._r.lag.forget(tps)
+        running.lifecycle.lost(tps)
+        running.lag.forget(tps)
         self._unassigned_since = self._clock()
         self.metrics.rebalances.labels("lost").inc()
         self.health.joined = False

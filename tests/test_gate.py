@@ -73,3 +73,15 @@ def test_a_batch_without_dead_letters_ends_the_run_and_passes_in_order():
     gate.submit_many([item(4, True), item(5, True)])
     with pytest.raises(FatalError):
         gate.submit_many([item(6, True)])
+
+
+def test_held_dead_letters_dropped_by_a_rewind_leave_the_run():
+    """Read again after the rewind, they would otherwise be counted twice and trip the limit early."""
+    released: list[Outgoing] = []
+    gate = DeadLetterGate(DeadLetterSettings(max_consecutive=10, max_ratio=1.0), released.append)
+    for offset in range(6):
+        gate.submit(item(offset, dead=True))
+    gate.discard(lambda _item: False)  # the partition was rewound
+    for offset in range(9):  # the same six, read again, and three more: nine in a row, below ten
+        gate.submit(item(offset, dead=True))
+    assert len(gate) == 9 and released == []

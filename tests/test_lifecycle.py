@@ -23,7 +23,7 @@ from filter_worker.delivery.lifecycle import Lifecycle, State
 from filter_worker.delivery.pausing import Pausing
 from filter_worker.delivery.publisher import Publisher
 from filter_worker.delivery.transactional import Phase, Transactional
-from filter_worker.exit_codes import FailureSlot
+from filter_worker.exit_codes import FailureSlot, FatalError
 from filter_worker.health import Health
 from filter_worker.metrics import Metrics
 from filter_worker.pipeline.records import InputRecord, Outgoing, OutputRecord
@@ -35,24 +35,49 @@ REVIEW_TOPIC = "out.review"
 TOO_LARGE = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large")
 
 
-class RecordingProducer:
-    """Records every call; deliveries are reported on ``poll``/``flush`` (or inside the commit's flush)."""
+CONFLICT = KafkaError(KafkaError._CONFLICT, "Conflicting commit_transaction API call is already in progress")
+TIMED_OUT = KafkaError(KafkaError._TIMED_OUT, "Timed out waiting for operation to finish", retriable=True)
 
-    def __init__(self, clock: ManualClock) -> None:
+
+class RecordingProducer:
+    """Records every call; deliveries are reported on ``poll``/``flush`` (or inside the commit's flush).
+
+    A transactional one keeps librdkafka's rules (``rdkafka_txnmgr.c``): after a retriable
+    ``commit_transaction`` (or ``abort_transaction``) error that call stays current and any other
+    transactional call gets ``_CONFLICT``; records are produced only inside a transaction (``_STATE``
+    otherwise); a transaction holding a failed record cannot commit (an abortable error).
+    """
+
+    def __init__(self, clock: ManualClock, transactional: bool = False) -> None:
         self.calls: list[str] = []
         self.topics: list[tuple[str, int]] = []  # (topic, source offset) of every produce
         self._reports: list[tuple[Callable[..., None], KafkaError | None]] = []
         self.refuse: Callable[[str, bytes | None], KafkaError | None] = lambda _t, _v: None
         self.commit_errors: list[KafkaError] = []  # raised by the next commit_transaction calls, in order
-        self.report_inside_commit = False  # deliveries reach the callbacks inside commit_transaction's flush
+        self.abort_errors: list[KafkaError] = []  # raised by the next abort_transaction calls, in order
+        self.report_inside_commit = False  # deliveries reach the callbacks only inside commit_transaction's flush
+        self.transactional = transactional
+        self.in_transaction = False
+        self.current: str | None = None  # the transactional call that must be resumed before any other
+        self._failed = False  # a record of the open transaction failed
         self._clock = clock
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if self.current is not None and self.current != name:
+            raise KafkaException(CONFLICT)
 
     def produce(self, topic: str, key: Any = None, value: Any = None, headers: Any = None, timestamp: int = 0,
                 on_delivery: Callable[..., None] | None = None) -> None:  # fmt: skip
+        if self.transactional and not self.in_transaction:
+            self.calls.append("produce refused: _STATE")
+            raise KafkaException(KafkaError(KafkaError._STATE, "Producing not allowed in transactional state"))
         self.calls.append("produce")
         self.topics.append((topic, int(dict(headers or []).get("src", b"-1"))))
         assert on_delivery is not None
-        self._reports.append((on_delivery, self.refuse(topic, value)))
+        err = self.refuse(topic, value)
+        self._failed = self._failed or err is not None
+        self._reports.append((on_delivery, err))
 
     def _report(self) -> None:
         reports, self._reports = self._reports, []
@@ -72,22 +97,32 @@ class RecordingProducer:
         return len(self._reports)
 
     def begin_transaction(self) -> None:
-        self.calls.append("begin")
+        self._call("begin")
+        self.in_transaction, self._failed = True, False
 
     def send_offsets_to_transaction(self, offsets: list[TopicPartition], _metadata: object, _timeout: float) -> None:
-        self.calls.append("send_offsets:" + ",".join(str(tp.offset) for tp in offsets))
+        self._call("send_offsets:" + ",".join(str(tp.offset) for tp in offsets))
 
     def commit_transaction(self, timeout: float = 0) -> None:
-        self.calls.append("commit")
-        failed = any(err is not None for _, err in self._reports)
+        self._call("commit")
         self._report()
         if self.commit_errors:
-            raise KafkaException(self.commit_errors.pop(0))
-        if failed:
+            err = self.commit_errors.pop(0)
+            self.current = "commit" if err.retriable() else None
+            raise KafkaException(err)
+        self.current = None
+        if self._failed:
             raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, "a record failed", txn_requires_abort=True))
+        self.in_transaction = False
 
     def abort_transaction(self, timeout: float = 0) -> None:
-        self.calls.append("abort")
+        self._call("abort")
+        if self.abort_errors:
+            err = self.abort_errors.pop(0)
+            self.current = "abort" if err.retriable() else None
+            raise KafkaException(err)
+        self.current = None
+        self.in_transaction, self._failed = False, False
         self._reports.clear()
 
 
@@ -159,7 +194,7 @@ class Rig:
 
     def __init__(self, exactly_once: bool, cut_oversized: bool = True, **kafka: Any) -> None:
         self.clock = ManualClock()
-        self.producer = RecordingProducer(self.clock)
+        self.producer = RecordingProducer(self.clock, transactional=exactly_once)
         self.consumer = RecordingConsumer(self.clock)
         self.metrics = Metrics()
         self.failures = FailureSlot()
@@ -334,10 +369,13 @@ def test_begin_transaction_failing_retriably_is_retried_on_the_next_turn():
     rig = Rig(exactly_once=True)
     failures = [KafkaError(KafkaError._TIMED_OUT, "coordinator", retriable=True)]
 
+    begin_transaction = rig.producer.begin_transaction
+
     def begin() -> None:
-        rig.producer.calls.append("begin")
         if failures:
+            rig.producer.calls.append("begin")
             raise KafkaException(failures.pop())
+        begin_transaction()
 
     rig.producer.begin_transaction = begin  # type: ignore[method-assign]
     rig.consume(0)
@@ -421,6 +459,140 @@ def test_lost_partitions_abort_the_open_transaction_and_commit_nothing():
     assert rig.consumer.calls[-2:] == ["classify.discard", f"classify.forget:{[TP]}"]
 
 
+# -- exactly-once: what librdkafka refuses while a call must be resumed (the review of issue 20) ------
+
+
+def committing(rig: Rig, *decided: int) -> None:
+    """Records released into a transaction whose commit then timed out: librdkafka waits for the commit
+    to be resumed and refuses any other transactional call meanwhile."""
+    rig.consume(*decided)
+    rig.decide(*decided)
+    rig.lifecycle.poll(caught_up=False)
+    rig.producer.commit_errors = [TIMED_OUT]
+    rig.clock.now += 2
+    rig.lifecycle.poll(caught_up=False)
+    assert rig.committer.phase is Phase.COMMITTING
+
+
+def test_a_refusal_reported_after_a_commit_timeout_resumes_the_commit_before_aborting():
+    rig = Rig(exactly_once=True)
+    rig.producer.report_inside_commit = True
+    rig.producer.refuse = lambda topic, value: TOO_LARGE if topic != DLQ and value == b"v1" else None
+    committing(rig, 0, 1, 2)
+    rig.producer.report_inside_commit = False
+    rig.lifecycle.poll(caught_up=False)
+    assert rig.failures.failure is None, rig.failures.failure
+    assert rig.producer.calls[-2:] == ["commit", "abort"], "the commit resumed, failed abortably, then aborted"
+    assert rig.consumer.calls[-2:] == ["seek:0", "classify.discard"]
+
+
+def test_a_stop_past_its_deadline_during_a_resumable_commit_is_exit_6_not_a_failure():
+    rig = Rig(exactly_once=True)
+    committing(rig, 0, 1, 2)
+    rig.producer.commit_errors = [TIMED_OUT] * 10
+    assert not rig.lifecycle.stop(deadline=rig.clock.now)
+    assert rig.failures.failure is None, rig.failures.failure
+    assert "abort" not in rig.producer.calls, "no abort while the commit must be resumed"
+
+
+def test_a_stop_whose_resumed_commit_succeeds_says_so():
+    rig = Rig(exactly_once=True)
+    committing(rig, 0, 1, 2)
+    assert rig.lifecycle.stop(deadline=rig.clock.now)
+    assert committed_offset(rig) == 3 and rig.failures.failure is None
+
+
+def test_a_revocation_whose_deadline_passes_during_a_resumable_commit_is_not_fatal():
+    rig = Rig(exactly_once=True)
+    committing(rig, 0, 1, 2)
+    rig.producer.commit_errors = [TIMED_OUT] * 100
+    commit_transaction = rig.producer.commit_transaction
+
+    def slow_commit(timeout: float = 0) -> None:
+        rig.clock.now += timeout
+        commit_transaction(timeout)
+
+    rig.producer.commit_transaction = slow_commit  # type: ignore[method-assign]
+    finished, _ = rig.lifecycle.revoked([TP])
+    assert not finished and rig.failures.failure is None, rig.failures.failure
+
+
+def test_an_abort_that_times_out_is_resumed_not_fatal():
+    rig = Rig(exactly_once=True)
+    rig.producer.refuse = lambda topic, value: TOO_LARGE if topic != DLQ and value == b"v1" else None
+    rig.producer.abort_errors = [TIMED_OUT]
+    rig.consume(0, 1, 2)
+    rig.decide(0, 1, 2)
+    rig.lifecycle.poll(caught_up=False)
+    rig.lifecycle.poll(caught_up=False)  # 1 refused: the abort times out
+    assert rig.failures.failure is None, rig.failures.failure
+    assert rig.committer.phase is Phase.ABORTING
+    rig.lifecycle.poll(caught_up=False)  # resumed
+    assert rig.committer.phase is Phase.IDLE and rig.producer.calls[-2:] == ["abort", "abort"]
+    assert rig.consumer.calls[-2:] == ["seek:0", "classify.discard"]
+
+
+def test_an_abort_empties_the_publishers_backlog():
+    """Outputs waiting for room in librdkafka's queue belonged to the aborted transaction."""
+    rig = Rig(exactly_once=True)
+    produce = rig.producer.produce
+    full = {"on": True}
+
+    def maybe_full(topic: str, *args: Any, **kwargs: Any) -> None:
+        if full["on"] and kwargs.get("value") in (b"v2", b"v3"):
+            raise BufferError("queue full")
+        produce(topic, *args, **kwargs)
+
+    rig.producer.produce = maybe_full  # type: ignore[method-assign]
+    rig.producer.refuse = lambda topic, value: TOO_LARGE if topic != DLQ and value == b"v0" else None
+    rig.consume(0, 1, 2, 3)
+    rig.decide(0, 1, 2, 3)
+    rig.lifecycle.poll(caught_up=False)
+    assert rig.publisher.backlog == 2
+    rig.lifecycle.poll(caught_up=False)  # 0 refused: aborted while 2 and 3 still wait for room
+    assert rig.producer.calls[-1] == "abort"
+    full["on"] = False
+    rig.clock.now += 1
+    rig.lifecycle.poll(caught_up=False)
+    assert rig.failures.failure is None, rig.failures.failure
+    assert rig.publisher.backlog == 0 and "produce refused: _STATE" not in rig.producer.calls
+
+
+def test_a_copy_for_review_refused_before_queueing_aborts_before_the_commit_not_after():
+    rig = Rig(exactly_once=True)
+    produce = rig.producer.produce
+
+    def refusing(topic: str, *args: Any, **kwargs: Any) -> None:
+        if topic == REVIEW_TOPIC:
+            raise KafkaException(TOO_LARGE)
+        produce(topic, *args, **kwargs)
+
+    rig.producer.produce = refusing  # type: ignore[method-assign]
+    rig.consume(0, 1)
+    rig.decide(0, 1, reviewed=(0,))
+    rig.lifecycle.poll(caught_up=True)  # released and due in one turn
+    assert committed_offset(rig) is None and rig.producer.calls[-1] == "abort", "aborted, not committed"
+    rig.clock.now += 1
+    rig.consume(0, 1)
+    rig.decide(0, 1, reviewed=(0,))
+    rig.lifecycle.poll(caught_up=True)
+    assert committed_offset(rig) == 2 and rig.metrics.transaction_aborts._value.get() == 1  # noqa: SLF001
+
+
+def test_a_stop_that_resumes_a_commit_also_publishes_what_was_decided_meanwhile():
+    rig = Rig(exactly_once=True)
+    rig.consume(*range(6))
+    rig.decide(0, 1, 2)
+    rig.lifecycle.poll(caught_up=False)
+    rig.producer.commit_errors = [TIMED_OUT]
+    rig.clock.now += 2
+    rig.lifecycle.poll(caught_up=False)
+    assert rig.committer.phase is Phase.COMMITTING
+    rig.decide(3, 4, 5)  # decided while the commit waits to be resumed
+    assert rig.lifecycle.stop(deadline=rig.clock.now + 10)
+    assert committed_offset(rig) == 6
+
+
 # -- the lifecycle's order, either mode ------------------------------------------------------------
 
 
@@ -439,6 +611,25 @@ def test_a_revocation_finishes_then_lets_dead_letters_through_then_commits_then_
     else:
         assert "commit_sync:3" in calls and calls.index("commit_sync:3") < calls.index(f"classify.forget:{[TP]}")
     assert rig.committer.tracker.assigned() == []
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_a_revocation_that_fails_still_forgets_its_partitions(exactly_once):
+    """A fatal error inside a revocation (the dead-letter limit, say): the close must not commit them."""
+    rig = Rig(exactly_once=exactly_once)
+    rig.consume(0, 1, 2)
+    rig.decide(0, 1)
+    rig.lifecycle.poll(caught_up=False)
+
+    def limit_reached(*_args: Any) -> bool:
+        raise FatalError("dead-letter limit reached")
+
+    rig.stage.finish = limit_reached  # type: ignore[method-assign]
+    rig.lifecycle.revoked([TP])
+    assert rig.failures.failure is not None and rig.committer.tracker.assigned() == []
+    commits = [c for c in rig.consumer.calls if c.startswith("commit")]
+    rig.lifecycle.close()
+    assert [c for c in rig.consumer.calls if c.startswith("commit")] == commits
 
 
 @pytest.mark.parametrize("exactly_once", [False, True])
@@ -469,6 +660,24 @@ def test_at_least_once_stop_waits_for_its_commit_result_only_until_the_deadline_
     assert not rig.lifecycle.stop(deadline=started + 3)
     assert rig.clock.now - started <= 3 + COMMIT_GRACE_S + 0.1
     assert "commit_async:2" in rig.consumer.calls and not any(c.startswith("commit_sync") for c in rig.consumer.calls)
+
+
+def test_at_least_once_stop_revoked_while_it_waits_for_its_commit_result_says_so():
+    """A rebalance served by the stop's own poll must not pass for the commit's result."""
+    rig = Rig(exactly_once=False)
+    rig.consume(0, 1)
+    rig.decide(0, 1)
+    rig.lifecycle.poll(caught_up=False)
+    rig.consumer.answer = False
+    poll = rig.consumer.poll
+
+    def poll_and_revoke(timeout: float = 0) -> None:
+        poll(timeout)
+        if rig.committer.tracker.assigned():
+            rig.lifecycle.revoked([TP])
+
+    rig.consumer.poll = poll_and_revoke  # type: ignore[method-assign]
+    assert not rig.lifecycle.stop(deadline=rig.clock.now + 3)
 
 
 def test_at_least_once_stop_commits_acknowledged_records_and_reports_success():

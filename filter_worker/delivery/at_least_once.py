@@ -34,8 +34,10 @@ COMMIT_GRACE_S = 1.0
 
 class AtLeastOnce(Committer):
     _commit_sent: float | None = None  # when the asynchronous commit in flight was sent
-    _commit_failed = False  # a commit result with an error arrived since the last one was sent
     _ended = False  # stopped: the close commits nothing more
+    # The commit a stop or a close waits for (its offsets), and its result once it arrived.
+    _awaited: dict[TP, int] | None = None
+    _awaited_result: bool | None = None
 
     def publish(self, item: Outgoing) -> None:
         self._deliver(item)
@@ -71,9 +73,13 @@ class AtLeastOnce(Committer):
     def committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """librdkafka's commit result (``on_commit``), for asynchronous and synchronous commits alike."""
         self._commit_sent = None
+        awaited = self._awaited
+        if awaited is not None:
+            got = {(p.topic, p.partition): p.offset for p in partitions}
+            if all(got.get(tp, -1) >= offset for tp, offset in awaited.items()):  # its result (or a later one's)
+                self._awaited_result = err is None and all(p.error is None for p in partitions)
         if err is not None:
             if err.code() != KafkaError._NO_OFFSET:
-                self._commit_failed = True
                 self._metrics.commit_failures.inc()
                 log.warning("commit failed; will retry", error=err.str())
             return
@@ -98,22 +104,24 @@ class AtLeastOnce(Committer):
             log.warning("commit failed; will retry", error=str(exc))
             return False
         self._commit_sent = self._clock()
-        self._commit_failed = False
         return True
 
     def _commit_and_wait(self, deadline: float) -> bool:
-        """Commit every watermark that moved and poll for the result until ``deadline``; ``True`` once committed."""
+        """Commit every watermark that moved and poll for *this* commit's result until ``deadline``;
+        ``True`` once it succeeded (a rebalance served by the same poll does not pass for it)."""
         offsets = self.tracker.committable()
         if not offsets:
             return True
-        if not self._commit_async(offsets):
-            return False
-        while self._clock() < deadline:
-            self._consumer.poll(_RESULT_POLL_S)  # serves on_commit; fetching is paused while stopping
-            if self._commit_failed:
+        self._awaited, self._awaited_result = offsets, None
+        try:
+            if not self._commit_async(offsets):
                 return False
-            if not self.tracker.committable(list(offsets)):
-                return True
+            while self._clock() < deadline:
+                self._consumer.poll(_RESULT_POLL_S)  # serves on_commit; fetching is paused while stopping
+                if self._awaited_result is not None:
+                    return self._awaited_result
+        finally:
+            self._awaited = None
         log.warning(
             "the commit's result did not arrive in time", offsets={f"{t}/{p}": o for (t, p), o in offsets.items()}
         )

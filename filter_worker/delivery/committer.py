@@ -137,7 +137,8 @@ class Committer(ABC):
         return True
 
     def forget(self, tps: list[TP]) -> None:
-        """Drop ``tps`` without committing: revoked after the stop, or lost."""
+        """Drop ``tps`` without committing anything more for them (after a revocation's commit, once
+        stopping, or lost)."""
         for tp in tps:
             self.tracker.revoke(tp)
         gone = set(tps)

@@ -35,6 +35,13 @@ class DeadLetterLimit:
         window.extend(itertools.repeat(False, min(count, window.maxlen)))
         self.consecutive = 0
 
+    def withdraw(self, count: int) -> None:
+        """Forget the last ``count`` outcomes, all dead letters: held by the gate and dropped unpublished
+        (revoked, lost or rewound), their records are read and counted again."""
+        for _ in range(min(count, len(self._window))):
+            self._dead_in_window -= self._window.pop()
+        self.consecutive = max(0, self.consecutive - count)
+
     def exceeded_by(self, dead: bool) -> str | None:
         """Record one outcome; the reason if the limit is crossed with it, else ``None``."""
         if len(self._window) == self._window.maxlen and self._window[0]:

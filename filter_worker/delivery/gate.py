@@ -66,5 +66,11 @@ class DeadLetterGate:
             self._release(item)
 
     def discard(self, keep: Callable[[Outgoing], bool]) -> None:
-        """Drop held dead letters ``keep`` rejects (partitions revoked, lost or rewound)."""
-        self._held = [item for item in self._held if keep(item)]
+        """Drop held dead letters ``keep`` rejects (partitions revoked, lost or rewound).
+
+        Held dead letters are the run's last outcomes; dropped, they leave the run too: their records
+        are read again (by the next owner, or after the rewind) and counted then.
+        """
+        kept = [item for item in self._held if keep(item)]
+        self._limit.withdraw(len(self._held) - len(kept))
+        self._held = kept

@@ -7,16 +7,18 @@ the stages, in this order (docs/delivery.md draws it as a table, each row with i
   pause state.
 - revoked(P) while running: the classify stage finishes P's holes and the passes in the model (until
   the revocation deadline); the gate lets its held dead letters through; the committer publishes,
-  waits for P's acknowledgements and commits P's watermark (exactly-once: commits the transaction, or
-  aborts it and rewinds the partitions kept; it never begins a new one inside the revocation); then
-  every stage forgets P.
+  waits for P's acknowledgements and commits P's watermark (exactly-once: commits what is decided in
+  offset order, beginning a transaction for it if none is open, or aborts and rewinds the partitions
+  kept, whose stale work the stages then drop; none is left open); then every stage forgets P, also
+  when the revocation failed.
 - revoked(P) once stopping, stopped or failed: every stage forgets P; nothing is committed.
 - lost(P): nothing of P's is committed; an open transaction aborts and the partitions kept are rewound;
   every stage forgets P.
 - a rewind (the committer's poll returned ``True``): the stages drop the work of the old generations.
 - stop(deadline): fetching is held; the classify stage finishes every hole and pass; the gate lets its
   held dead letters through; the committer waits for acknowledgements and commits (at-least-once: up
-  to 1 s past the deadline; exactly-once: past the deadline it aborts and commits nothing). Records
+  to 1 s past the deadline, and only this commit's own result counts; exactly-once: past the deadline
+  it aborts, or resumes a commit librdkafka is finishing, which may still commit). Records
   buffered above every decided one are forgotten: the next owner's, not an error.
 - close: the model's thread stops; after a failure (no stop ran) at-least-once commits what is
   acknowledged (1 s at most) and exactly-once aborts an open transaction; nothing begins after.
@@ -100,43 +102,55 @@ class Lifecycle:
         self.state = State.RUNNING
 
     def assigned(self, partitions: list[TopicPartition]) -> list[TP]:
-        """Take the partitions (assigned here, so the pause below is not undone by a later assign)."""
-        if self._cooperative:
-            self._consumer.incremental_assign(partitions)
-        else:
-            self._consumer.assign(partitions)
+        """Take the partitions (assigned here, so the pause below is not undone by a later assign).
+
+        Runs inside librdkafka's rebalance callback: never raises (a failure goes to the failure slot).
+        """
         tps = [(p.topic, p.partition) for p in partitions]
-        self._committer.assign(tps)
-        self._pausing.assigned(tps)
+        try:
+            if self._cooperative:
+                self._consumer.incremental_assign(partitions)
+            else:
+                self._consumer.assign(partitions)
+            self._committer.assign(tps)
+            self._pausing.assigned(tps)
+        except Exception as exc:  # noqa: BLE001 - never through librdkafka: the loop raises it
+            self._failures.set(_unexpected("taking the assigned partitions", exc))
         return tps
 
     def revoked(self, tps: list[TP]) -> tuple[bool, int]:
         """Finish and commit what ``tps`` must not abandon, then forget them; (in time, records dropped).
 
         Once stopping (or failed) there is nothing left to finish here: the stop did it, or the failure
-        leaves it to the next owner. Runs inside librdkafka's rebalance callback, so it never raises: a
-        fatal error goes to the failure slot for the loop to raise.
+        leaves it to the next owner. Runs inside librdkafka's rebalance callback, so it never raises: any
+        error goes to the failure slot for the loop to raise.
         """
         finished = True
-        if self.state is State.RUNNING and self._failures.failure is None:
-            deadline = self._clock() + self._revoke_timeout_s
-            try:
-                finished = self._classify.finish(
-                    set(tps), deadline, self._clock, self._committer.tracker.highest_decided
-                )
+        try:
+            if self.state is State.RUNNING and self._failures.failure is None:
+                deadline = self._clock() + self._revoke_timeout_s
+                highest = self._committer.tracker.highest_decided
+                finished = self._classify.finish(set(tps), deadline, self._clock, highest)
                 self._gate.open()
                 finished = self._committer.revoke(tps, deadline) and finished
-            except FatalError as exc:
-                self._failures.set(exc)
-        else:
-            self._committer.forget(tps)
+                self._discard_stale()  # an abort inside the revocation rewound the partitions kept
+        except Exception as exc:  # noqa: BLE001 - never through librdkafka: the loop raises it
+            self._failures.set(exc if isinstance(exc, FatalError) else _unexpected("revoking", exc))
+            finished = False
+        finally:
+            self._committer.forget(tps)  # whatever happened: nothing of theirs is committed after this
         return finished, self._forget(tps)
 
     def lost(self, tps: list[TP]) -> None:
         """Another member may own them already: nothing of theirs is committed; an open transaction aborts."""
-        if self._committer.lost(tps):
-            self._discard_stale()
-        self._forget(tps)
+        try:
+            if self._committer.lost(tps):
+                self._discard_stale()
+        except Exception as exc:  # noqa: BLE001 - never through librdkafka: the loop raises it
+            self._failures.set(exc if isinstance(exc, FatalError) else _unexpected("dropping lost partitions", exc))
+        finally:
+            self._committer.forget(tps)
+            self._forget(tps)
 
     def poll(self, caught_up: bool) -> None:
         """The committer's turn: serve deliveries, commit when due, and drop stale work after a rewind."""
@@ -173,3 +187,8 @@ class Lifecycle:
         current = self._committer.is_current
         self._classify.discard(lambda record, generation: current((record.topic, record.partition), generation))
         self._gate.discard(lambda item: current((item.source.topic, item.source.partition), item.generation))
+
+
+def _unexpected(what: str, exc: Exception) -> FatalError:
+    """An error the lifecycle did not expect, for the loop to stop on (exit 1) instead of librdkafka's callback."""
+    return FatalError(f"{what} failed: {type(exc).__name__}: {exc}")

@@ -164,6 +164,10 @@ class Publisher:
         source = item.source
         self._no_review.add((source.topic, source.partition, source.offset))
 
+    def clear_backlog(self) -> None:
+        """Forget what waits for room in librdkafka's queue: it belonged to a transaction just aborted."""
+        self._backlog.clear()
+
     def send(self, item: Outgoing) -> None:
         """Produce ``item`` and its copy for review, if it has one; never blocks: a full queue keeps them
         in the backlog, in order."""

@@ -7,8 +7,10 @@ once when the worker has caught up), following librdkafka's transactional rules:
 
 - Committing freezes the transaction: nothing more is released into it. Its offsets are sent, then it
   is committed. A retriable error of either call is resumed by calling *that call* again on the next
-  turn, and nothing else: after a commit timed out librdkafka refuses new records (``_STATE``) and new
-  offsets (``_CONFLICT``) until the commit finished.
+  turn, and nothing else: after a commit timed out librdkafka refuses new records (``_STATE``), new
+  offsets and an abort (``_CONFLICT``) until the commit finished. An abort wanted meanwhile waits for
+  the resumed commit (which commits, or fails abortably and may then be aborted); an abort that timed
+  out is resumed too.
 - An abortable error (a record the broker refused, a timed-out request) aborts the transaction, and
   every owned partition is rewound to its first uncommitted record (its last committed offset, or the
   first offset consumed since it was assigned: never where ``auto.offset.reset`` points).
@@ -53,6 +55,7 @@ class Phase(Enum):
     OPEN = "open"  # begun; outputs are released into it
     SENDING = "sending"  # frozen: its offsets are being sent
     COMMITTING = "committing"  # frozen: offsets sent, commit_transaction called (and to be called again)
+    ABORTING = "aborting"  # abort_transaction called and timed out (to be called again)
 
 
 class Transactional(Committer):
@@ -65,6 +68,8 @@ class Transactional(Committer):
         self._delivered: list[Outgoing] = []  # acknowledged inside the open transaction: counted at commit
         # A delivery failed, so the open transaction must be aborted: the error and what failed.
         self._doomed: tuple[KafkaError, str] | None = None
+        # An abort that must wait for its call to be resumed: why, and whether it counts as a failure in a row.
+        self._pending_abort: tuple[KafkaError, str, bool] | None = None
         self._aborts = 0  # in a row, since the last successful commit
         self._resume_at = 0.0
         self._ended = False  # stopped or closed: no transaction may begin
@@ -91,20 +96,16 @@ class Transactional(Committer):
     def fetch_paused(self) -> bool:
         return self._clock() < self._resume_at
 
-    def holding(self) -> int:
-        """Decided outputs not yet released (waiting for a lower offset, or for the next transaction)."""
-        return sum(len(held) for held in self._held.values())
-
     # -- the loop ---------------------------------------------------------------------------------
 
     def poll(self, caught_up: bool) -> bool:
         self._publisher.poll(0)
         if self._failures.failure is not None:  # never commit past a record that could not be published
             return False
+        if self.phase in (Phase.SENDING, Phase.COMMITTING, Phase.ABORTING):
+            return self._resume(CALL_TIMEOUT_S)  # nothing else may be called meanwhile
         if self._doomed is not None:
             return self._abort(*self._doomed)
-        if self.phase in (Phase.SENDING, Phase.COMMITTING):
-            return self._commit(CALL_TIMEOUT_S)  # resumed: nothing else may be called meanwhile
         if self.fetch_paused():
             return False
         self._release()
@@ -112,6 +113,25 @@ class Transactional(Committer):
         if self.phase is Phase.OPEN and self.commit_due(settled):
             return self._commit(CALL_TIMEOUT_S)
         return False
+
+    def _resume(self, timeout_s: float) -> bool:
+        """Call again the transactional call that failed retriably; ``True`` when an abort rewound.
+
+        A commit that must be resumed is resumed even when an abort is wanted meanwhile (a record's
+        refusal reported after the commit timed out): librdkafka refuses the abort until the commit
+        ends, and it ends in an abortable error if a record failed.
+        """
+        if self.phase is Phase.ABORTING:
+            assert self._pending_abort is not None, "an abort waits only with its reason"
+            return self._abort(*self._pending_abort)
+        rewound = self._commit(timeout_s)
+        if self.phase is Phase.IDLE and self._pending_abort is not None and not rewound:
+            self._pending_abort = None  # the commit succeeded: nothing is left to abort
+        return rewound
+
+    def _releasable(self) -> bool:
+        """Some held output is next in its partition's offset order."""
+        return any(order and order[0] in self._held[tp] for tp, order in self._unreleased.items())
 
     def _release(self) -> None:
         """Produce held outputs that are next in their partition's offset order, into the open transaction.
@@ -156,6 +176,9 @@ class Transactional(Committer):
         if self.phase is Phase.OPEN:
             if self._publisher.backlog:  # not every released record is queued yet
                 return False
+            self._publisher.settle()  # refusals reported by produce itself doom the transaction now
+            if self._doomed is not None:
+                return self._abort(*self._doomed)
             self.phase = Phase.SENDING
         if self.phase is Phase.SENDING:
             if self._released:
@@ -170,27 +193,28 @@ class Transactional(Committer):
             producer.commit_transaction(timeout_s)
         except KafkaException as exc:
             return self._call_failed(exc.args[0], "committing the transaction")
+        self._committed_transaction()
+        return False
+
+    def _committed_transaction(self) -> None:
+        """The transaction committed: its offsets are committed, what was delivered in it is published."""
         self._publisher.settle()  # the reports its flush brought: counted with this transaction
         offsets = dict(self._released)
-        self._end_transaction()
+        delivered, self._delivered = self._delivered, []
+        count_published(self._metrics, delivered)
+        self.phase = Phase.IDLE
+        self._released.clear()
         self._last_commit = self._clock()
         self.tracker.committed(offsets)
         self._publisher.forget_replacements(lambda key: key[2] >= offsets.get((key[0], key[1]), 0))
         self._metrics.commits.inc()
         self._aborts = 0
         self._health.publishing = True
-        return False
-
-    def _end_transaction(self) -> None:
-        """The transaction committed: what was delivered in it is published now."""
-        delivered, self._delivered = self._delivered, []
-        count_published(self._metrics, delivered)
-        self.phase = Phase.IDLE
-        self._released.clear()
 
     def _call_failed(self, err: KafkaError, what: str) -> bool:
         self._metrics.commit_failures.inc()
         if err.txn_requires_abort():
+            self.phase = Phase.ABORTING  # the failed call ended: an abort is what librdkafka takes now
             return self._abort(err, f"{what} failed")
         if err.retriable() and not err.fatal():
             log.warning(f"{what} failed; the same call is resumed", error=err.str(), phase=self.phase.value)
@@ -235,12 +259,17 @@ class Transactional(Committer):
         """Abort the open transaction and re-read every owned partition from its first uncommitted record.
 
         ``counted``: a failure that may repeat (backed off, and bounded by FILTER_KAFKA__MAX_ABORTS),
-        unlike an abort for revoked or lost partitions.
+        unlike an abort for revoked or lost partitions. ``True`` when the partitions were rewound;
+        ``False`` when the abort waits for a call to be resumed (the next turns resume it), when the
+        transaction committed after all (a resumed commit), or when the worker must stop.
         """
         self._doomed = None
-        self._metrics.transaction_aborts.inc()
-        if not self._abort_transaction(CALL_TIMEOUT_S):
+        ended = self._end_by_abort(CALL_TIMEOUT_S)
+        if ended != "aborted":
+            self._pending_abort = (err, cause, counted) if ended == "pending" else None
             return False
+        self._pending_abort = None
+        self._metrics.transaction_aborts.inc()
         rewound = self._rewind()
         error = f"{cause}: {err.str()}"
         if not counted:
@@ -267,20 +296,46 @@ class Transactional(Committer):
         )
         return True
 
-    def _abort_transaction(self, timeout_s: float) -> bool:
-        """Abort the open transaction (if any) and forget what it carried; ``False`` (the worker stops) when
-        even the abort fails for good."""
+    def _end_by_abort(self, timeout_s: float) -> str:
+        """End the open transaction by aborting it: ``"aborted"`` (or none was open), ``"committed"``,
+        ``"pending"`` (a call must be resumed first), or ``"failed"`` (the worker stops).
+
+        librdkafka allows nothing but the resumed call after a retriable error: a commit that timed
+        out is resumed (it commits, or fails abortably and then may be aborted), and an abort that
+        timed out is called again. Whatever the transaction held, the publisher's backlog included,
+        is forgotten once it is aborted.
+        """
+        producer = self._publisher.producer
         if self.phase is Phase.IDLE:
-            return True
+            return "aborted"
+        if self.phase is Phase.COMMITTING:
+            try:
+                producer.commit_transaction(timeout_s)
+            except KafkaException as exc:
+                err = exc.args[0]
+                if not err.txn_requires_abort():
+                    if err.retriable() and not err.fatal():
+                        return "pending"
+                    self._failures.set(FatalError(f"committing the transaction failed: {err.str()}"))
+                    return "failed"
+            else:
+                self._committed_transaction()
+                return "committed"
+        self.phase = Phase.ABORTING
+        try:
+            producer.abort_transaction(timeout_s)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.retriable() and not err.fatal():
+                log.warning("aborting the transaction failed; the abort is resumed", error=err.str())
+                return "pending"
+            self._failures.set(FatalError(f"could not abort the transaction: {err.str()}"))
+            return "failed"
         self.phase = Phase.IDLE
         self._released.clear()
         self._delivered.clear()
-        try:
-            self._publisher.producer.abort_transaction(timeout_s)
-        except KafkaException as exc:
-            self._failures.set(FatalError(f"could not abort the transaction: {exc.args[0].str()}"))
-            return False
-        return True
+        self._publisher.clear_backlog()
+        return "aborted"
 
     def _rewind(self) -> list[tuple[TP, int]]:
         """Seek every owned partition back to its first uncommitted record; drop what was held."""
@@ -298,7 +353,8 @@ class Transactional(Committer):
     def revoke(self, tps: list[TP], deadline: float) -> bool:
         """Commit everything released in order; what cannot be committed by ``deadline`` is aborted (read again).
 
-        A transaction spans every owned partition, so the partitions kept are rewound after such an abort.
+        A transaction spans every owned partition: one is begun here if decided outputs wait and none
+        is open, and none is left open; the partitions kept are rewound after an abort.
         """
         settled = self._failures.failure is None and self._settle(deadline)
         self.forget(tps)
@@ -321,40 +377,50 @@ class Transactional(Committer):
         """
         committed = self._failures.failure is None and self._settle(deadline)
         self._ended = True
-        if not committed:
-            self._abort_transaction(_CLOSE_ABORT_S)
+        if not committed and self._failures.failure is None:
+            committed = self._end_by_abort(_CLOSE_ABORT_S) == "committed" and not self._releasable()
         return committed
 
     def _settle(self, deadline: float) -> bool:
-        """Release what is in order and commit it, resuming until ``deadline``; ``True`` once committed."""
+        """Release what is in order and commit it, resuming until ``deadline``; ``True`` once every
+        output decided in order is committed."""
         while self._clock() < deadline and self._failures.failure is None:
             self._publisher.poll(0)
+            timeout_s = min(CALL_TIMEOUT_S, max(0.001, deadline - self._clock()))
+            if self.phase in (Phase.SENDING, Phase.COMMITTING, Phase.ABORTING):
+                if self._resume(timeout_s) or self.phase is Phase.ABORTING:
+                    return False  # aborted, or an abort waits for its call
+                if self.phase is not Phase.IDLE:
+                    self._publisher.poll(_SETTLE_POLL_S)
+                continue  # committed: release what was decided meanwhile
             if self._doomed is not None:
                 self._abort(*self._doomed)
                 return False
-            if self.phase in (Phase.IDLE, Phase.OPEN):
-                self._release()
+            self._release()
             if self.phase is Phase.IDLE:
-                return True
-            if self._commit(min(CALL_TIMEOUT_S, max(0.001, deadline - self._clock()))):
+                if not self._releasable():
+                    return True
+                if self._ended:
+                    return False
+                self._publisher.poll(_SETTLE_POLL_S)  # a transaction could not begin: try again
+                continue
+            if self._commit(timeout_s):
                 return False  # aborted
-            if self.phase is Phase.IDLE:
-                return True
-            self._publisher.poll(_SETTLE_POLL_S)
+            if self.phase is not Phase.IDLE:
+                self._publisher.poll(_SETTLE_POLL_S)
         return False
 
     def close(self) -> None:
-        """Abort a transaction still open (after a failure); none begins after this. Never raises."""
+        """End a transaction still open (after a failure); none begins after this. Never raises."""
         self._ended = True
         if self.phase is Phase.IDLE:
             return
-        self.phase = Phase.IDLE
-        self._released.clear()
-        self._delivered.clear()
         try:
-            self._publisher.producer.abort_transaction(_CLOSE_ABORT_S)
+            ended = self._end_by_abort(_CLOSE_ABORT_S)
         except KafkaException as exc:
-            log.warning("could not abort the open transaction; the broker aborts it on timeout", error=str(exc))
+            ended = str(exc)
+        if ended not in ("aborted", "committed"):
+            log.warning("could not end the open transaction; the broker aborts it on timeout", outcome=ended)
 
     def forget(self, tps: list[TP]) -> None:
         super().forget(tps)

@@ -58,12 +58,6 @@ class ReviewSampler:
                     return self._near_rate
         return self._rate
 
-    def draw(self, outputs: Sequence[Outgoing], decisions: Sequence[Decision], router: Router) -> list[OutputRecord]:
-        """Review records for the drawn ones among a routed batch (``outputs[i]`` decided by ``decisions[i]``,
-        as ``Decider.classified`` returns them): the routed record (value, key, timestamp and decision
-        headers) on the review topic, plus ``filter.sampled``, its probability and every rule's score."""
-        return [item.review for item in self.attach(outputs, decisions, router) if item.review is not None]
-
     def attach(self, outputs: Sequence[Outgoing], decisions: Sequence[Decision], router: Router) -> list[Outgoing]:
         """``outputs``, the drawn ones carrying their review record (``Outgoing.review``): published with
         the routed output, so the record is acknowledged once both are."""
