@@ -147,10 +147,15 @@ class Committer(ABC):
     # -- delivery reports (from the publisher, on the loop thread) --------------------------------
 
     def acknowledged(self, items: list[Outgoing]) -> None:
+        self._acknowledge(items)
+
+    def _acknowledge(self, items: list[Outgoing], current: list[Outgoing] | None = None) -> None:
+        """Acknowledge ``items`` in the tracker; those of the owned generations are appended to ``current``."""
         ack = self.tracker.ack
         for item in items:
             source = item.source
-            ack((source.topic, source.partition), source.offset, item.generation)
+            if ack((source.topic, source.partition), source.offset, item.generation) and current is not None:
+                current.append(item)
         self._health.broker_reachable = True
 
     @abstractmethod

@@ -115,7 +115,7 @@ class Lifecycle:
             self._committer.assign(tps)
             self._pausing.assigned(tps)
         except Exception as exc:  # noqa: BLE001 - never through librdkafka: the loop raises it
-            self._failures.set(_unexpected("taking the assigned partitions", exc))
+            self._failures.set(_fatal("taking the assigned partitions", exc))
         return tps
 
     def revoked(self, tps: list[TP]) -> tuple[bool, int]:
@@ -125,32 +125,31 @@ class Lifecycle:
         leaves it to the next owner. Runs inside librdkafka's rebalance callback, so it never raises: any
         error goes to the failure slot for the loop to raise.
         """
-        finished = True
+        if self.state is not State.RUNNING or self._failures.failure is not None:
+            self._committer.forget(tps)
+            return True, self._forget(tps)
         try:
-            if self.state is State.RUNNING and self._failures.failure is None:
-                deadline = self._clock() + self._revoke_timeout_s
-                highest = self._committer.tracker.highest_decided
-                finished = self._classify.finish(set(tps), deadline, self._clock, highest)
-                self._gate.open()
-                finished = self._committer.revoke(tps, deadline) and finished
-                self._discard_stale()  # an abort inside the revocation rewound the partitions kept
+            deadline = self._clock() + self._revoke_timeout_s
+            highest = self._committer.tracker.highest_decided
+            finished = self._classify.finish(set(tps), deadline, self._clock, highest)
+            self._gate.open()
+            finished = self._committer.revoke(tps, deadline) and finished  # it forgets them
+            self._discard_stale()  # an abort inside the revocation rewound the partitions kept
         except Exception as exc:  # noqa: BLE001 - never through librdkafka: the loop raises it
-            self._failures.set(exc if isinstance(exc, FatalError) else _unexpected("revoking", exc))
+            self._failures.set(_fatal("revoking", exc))
+            self._committer.forget(tps)  # nothing of theirs is committed after a failed revocation either
             finished = False
-        finally:
-            self._committer.forget(tps)  # whatever happened: nothing of theirs is committed after this
         return finished, self._forget(tps)
 
     def lost(self, tps: list[TP]) -> None:
         """Another member may own them already: nothing of theirs is committed; an open transaction aborts."""
         try:
-            if self._committer.lost(tps):
+            if self._committer.lost(tps):  # it forgets them
                 self._discard_stale()
         except Exception as exc:  # noqa: BLE001 - never through librdkafka: the loop raises it
-            self._failures.set(exc if isinstance(exc, FatalError) else _unexpected("dropping lost partitions", exc))
-        finally:
+            self._failures.set(_fatal("dropping lost partitions", exc))
             self._committer.forget(tps)
-            self._forget(tps)
+        self._forget(tps)
 
     def poll(self, caught_up: bool) -> None:
         """The committer's turn: serve deliveries, commit when due, and drop stale work after a rewind."""
@@ -189,6 +188,7 @@ class Lifecycle:
         self._gate.discard(lambda item: current((item.source.topic, item.source.partition), item.generation))
 
 
-def _unexpected(what: str, exc: Exception) -> FatalError:
-    """An error the lifecycle did not expect, for the loop to stop on (exit 1) instead of librdkafka's callback."""
-    return FatalError(f"{what} failed: {type(exc).__name__}: {exc}")
+def _fatal(what: str, exc: Exception) -> FatalError:
+    """``exc`` as the error the loop stops on (an unexpected one: exit 1), instead of raising it through
+    librdkafka's callback."""
+    return exc if isinstance(exc, FatalError) else FatalError(f"{what} failed: {type(exc).__name__}: {exc}")

@@ -108,17 +108,22 @@ class OffsetTracker:
         if state is not None and state.generation == generation and offset in state.sizes:
             state.more[offset] = state.more.get(offset, 0) + 1
 
-    def ack(self, tp: TopicPartition, offset: int, generation: int) -> None:
-        """Mark one of a record's outputs as acknowledged by the broker (the record, once all are)."""
+    def ack(self, tp: TopicPartition, offset: int, generation: int) -> bool:
+        """Mark one of a record's outputs as acknowledged by the broker (the record, once all are).
+
+        ``False`` when the output is of another generation (revoked or rewound since): ignored.
+        """
         state = self._partitions.get(tp)
-        if state is None or state.generation != generation or offset not in state.sizes:
-            return
+        if state is None or state.generation != generation:
+            return False
+        if offset not in state.sizes:
+            return True
         if state.more:  # almost always empty: no lookup per record
             waiting = state.more.pop(offset, 0)
             if waiting:
                 if waiting > 1:
                     state.more[offset] = waiting - 1
-                return
+                return True
         size = state.sizes.pop(offset)
         state.bytes -= size
         self._records -= 1
@@ -126,6 +131,7 @@ class OffsetTracker:
         state.acked.add(offset)
         while state.pending and state.pending[0] in state.acked:
             state.acked.discard(state.pending.popleft())
+        return True
 
     def highest_decided(self, tp: TopicPartition, undecided: set[int]) -> int | None:
         """The highest consumed offset above the watermark that is not in ``undecided`` (still buffered)."""

@@ -225,9 +225,7 @@ class Transactional(Committer):
     # -- delivery reports -------------------------------------------------------------------------
 
     def acknowledged(self, items: list[Outgoing]) -> None:
-        super().acknowledged(items)
-        is_current = self.tracker.is_current
-        self._delivered += [i for i in items if is_current((i.source.topic, i.source.partition), i.generation)]
+        self._acknowledge(items, self._delivered)  # counted as published when their transaction commits
 
     def refused(self, item: Outgoing, err: KafkaError) -> None:
         """A queued output failed: its transaction is doomed; a record-level refusal is replaced when it comes back.
