@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -42,6 +43,11 @@ class Output:
     def source(self) -> tuple[int, int]:
         _, partition, offset = self.headers["filter.source"].decode().rsplit("/", 2)
         return int(partition), int(offset)
+
+
+def texts(count: int, start: int = 0) -> list[bytes]:
+    """JSON records ``start`` to ``count``; every fifth is hostile ("idiot"), the rest fine."""
+    return [orjson.dumps({"text": f"message {i} " + ("idiot" if i % 5 == 0 else "fine")}) for i in range(start, count)]
 
 
 def worker_settings(

@@ -29,6 +29,7 @@ from tests.integration.kafka_helpers import (
     end_offsets,
     produce,
     read_all_outputs,
+    texts,
     wait_for_commits,
     worker_settings,
 )
@@ -37,10 +38,6 @@ from tests.integration.tcp_proxy import END_TXN, TcpProxy
 from tests.integration.worker_thread import worker_thread
 
 MODES = [pytest.param(False, id="at-least-once"), pytest.param(True, id="exactly-once")]
-
-
-def texts(count: int, start: int = 0) -> list[bytes]:
-    return [orjson.dumps({"text": f"message {i} " + ("idiot" if i % 5 == 0 else "fine")}) for i in range(start, count)]
 
 
 def exactly_once(**overrides: object) -> dict[str, object]:

@@ -29,6 +29,7 @@ from tests.integration.kafka_helpers import (
     produce,
     read_all_outputs,
     read_outputs,
+    texts,
     wait_for_commits,
     worker_settings,
 )
@@ -39,10 +40,6 @@ from tests.integration.worker_thread import worker_thread
 needs_own_broker = pytest.mark.skipif(
     bool(os.environ.get("FILTER_TEST_BOOTSTRAP_SERVERS")), reason="stops and starts its own embedded broker"
 )
-
-
-def texts(count: int, start: int = 0) -> list[bytes]:
-    return [orjson.dumps({"text": f"message {i} " + ("idiot" if i % 5 == 0 else "fine")}) for i in range(start, count)]
 
 
 @needs_own_broker

@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 
-import orjson
 import pytest
 
 from filter_worker.exit_codes import ExitCode
@@ -21,14 +20,11 @@ from tests.integration.kafka_helpers import (
     end_offsets,
     produce,
     read_all_outputs,
+    texts,
     wait_for_commits,
     worker_settings,
 )
 from tests.integration.worker_thread import worker_thread
-
-
-def texts(count: int) -> list[bytes]:
-    return [orjson.dumps({"text": f"message {i} " + ("idiot" if i % 7 == 0 else "fine")}) for i in range(count)]
 
 
 @pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
