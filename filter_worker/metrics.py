@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from filter_worker.config import Rule
 from filter_worker.pipeline.decode import ERROR_CLASSES
-from filter_worker.pipeline.drift import SCORE_EDGES
+from filter_worker.pipeline.routing import SCORE_EDGES
 
 # Dead-letter classes: the decoder's, plus the two the worker assigns after decoding.
 DEAD_LETTER_ERRORS: tuple[str, ...] = (*ERROR_CLASSES, "model_error", "publish_rejected")

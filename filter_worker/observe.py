@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from filter_worker.config import Settings
-from filter_worker.drift_metrics import DriftExporter
 from filter_worker.logs import get_logger
 from filter_worker.metrics import Metrics, observe_many
-from filter_worker.pipeline.drift import DriftMonitor, expected_noise, load_reference
+from filter_worker.moderation.drift import DriftMonitor, expected_noise, load_reference
+from filter_worker.moderation.drift_metrics import DriftExporter
 from filter_worker.pipeline.routing import Decision, Router, ScopeMatcher
 
 log = get_logger("filter_worker.observe")

@@ -2,7 +2,7 @@
 
 Both serve ``/metrics``, ``/healthz`` and ``/readyz``; wait for Kafka at start-up rather than
 crash-looping (live but not ready meanwhile), saying at once why it does not answer and stopping
-start-up when waiting cannot help (``kafka_startup.py``: a name that never resolves, an untrusted
+start-up when waiting cannot help (``kafka/startup.py``: a name that never resolves, an untrusted
 certificate, refused credentials); notice when the broker goes and comes back; turn librdkafka's error
 callbacks into health and a fatal error for the loop to raise; and take stop and reload requests from
 signal handlers and the config-file watcher. The loop itself is each service's own.
@@ -24,7 +24,7 @@ from filter_worker.config import ConfigError, KafkaSettings
 from filter_worker.config_watcher import ConfigWatcher
 from filter_worker.exit_codes import FailureSlot, FatalError
 from filter_worker.health import Health, HealthServer
-from filter_worker.kafka_startup import StartupWatch
+from filter_worker.kafka.startup import StartupWatch
 from filter_worker.logs import RateLimit, get_logger, repeated_line
 
 log = get_logger("filter_worker.service")

@@ -30,7 +30,6 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from filter_worker import kafka_io
 from filter_worker.classify import Classify
 from filter_worker.config import ConfigError, RoutingSettings, Settings
 from filter_worker.delivery.at_least_once import AtLeastOnce
@@ -43,10 +42,12 @@ from filter_worker.delivery.publisher import Publisher
 from filter_worker.delivery.transactional import CALL_TIMEOUT_S, Transactional
 from filter_worker.exit_codes import ExitCode, FatalError
 from filter_worker.health import Health
-from filter_worker.lag import LagMeter
+from filter_worker.kafka import clients
+from filter_worker.kafka.lag import LagMeter
+from filter_worker.kafka.topics import prepare_topics
 from filter_worker.logs import get_logger, librdkafka_logger
 from filter_worker.metrics import Metrics
-from filter_worker.model import Classifier
+from filter_worker.model.classifier import Classifier
 from filter_worker.observe import Observer
 from filter_worker.pipeline.batching import BatchBuffer
 from filter_worker.pipeline.cache import DecisionCache
@@ -57,7 +58,6 @@ from filter_worker.pipeline.records import InputRecord
 from filter_worker.pipeline.routing import Router
 from filter_worker.pipeline.sampling import ReviewSampler
 from filter_worker.service import ServiceShell
-from filter_worker.topics import prepare_topics
 
 log = get_logger("filter_worker.worker")
 
@@ -213,22 +213,22 @@ class Worker:
         """The clients and the stages on them; the commit mode is chosen here, once."""
         settings = self._settings
         callbacks = {"error_cb": self.shell.client_error, "logger": librdkafka_logger()}
-        producer = Producer({**kafka_io.producer_config(settings.kafka), **callbacks})
+        producer = Producer({**clients.producer_config(settings.kafka), **callbacks})
         consumer = Consumer(
             {
-                **kafka_io.consumer_config(settings.kafka),
+                **clients.consumer_config(settings.kafka),
                 **callbacks,
                 "on_commit": self._on_commit,
                 "statistics.interval.ms": _STATS_INTERVAL_MS,
                 "stats_cb": self._on_stats,
             }
         )
-        admin_config: dict[str, Any] = {**kafka_io.admin_config(settings.kafka), "logger": librdkafka_logger()}
+        admin_config: dict[str, Any] = {**clients.admin_config(settings.kafka), "logger": librdkafka_logger()}
         admin = AdminClient(admin_config)
         publisher = Publisher(
             producer,
             self._topics["dead_letter"],
-            kafka_io.producer_max_bytes(settings.kafka),
+            clients.producer_max_bytes(settings.kafka),
             settings.dead_letter.oversized == "cut",
             self.metrics,
             self._failures,
@@ -406,7 +406,7 @@ class Worker:
             if error is not None:
                 self._consumer_error(error)
                 continue
-            record = kafka_io.to_input_record(message)
+            record = clients.to_input_record(message)
             generation = r.committer.track(record)
             if generation is not None:
                 records.append((record, generation))

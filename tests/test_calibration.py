@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from filter_worker.config import ModelSettings, RoutingSettings, Rule
-from filter_worker.model import Classifier
+from filter_worker.model.classifier import Classifier
 from filter_worker.pipeline.routing import Router
 from filter_worker.tools.calibration import calibrate, calibration_json, lowest_threshold, rule_scores
 from filter_worker.tools.evaluation import pr_curve

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pydantic_settings import NoDecode
 
 from filter_worker.config import Rule, Settings
-from filter_worker.lockfile import LOCK_NAME
+from filter_worker.model.lockfile import LOCK_NAME
 from tests.conftest import HUB_COMMIT, HUB_REPO
 from tests.test_evaluation import write_csv
 
@@ -102,10 +102,10 @@ def test_produce_sends_paced_sample_messages(bootstrap_servers):
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
     from confluent_kafka.admin import AdminClient
 
-    from filter_worker import kafka_io
+    from filter_worker.kafka import clients
 
     topic = f"load-{uuid.uuid4().hex[:8]}"
-    kafka_io.create_topics(AdminClient({"bootstrap.servers": bootstrap_servers}), [topic], 1)
+    clients.create_topics(AdminClient({"bootstrap.servers": bootstrap_servers}), [topic], 1)
     result = cli(
         "produce", "--rate", "100", "--count", "40", "--topic", topic, FILTER_KAFKA__BOOTSTRAP_SERVERS=bootstrap_servers
     )

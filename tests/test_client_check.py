@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from filter_worker.client_check import check_clients
 from filter_worker.config import ConfigError, KafkaSettings
+from filter_worker.kafka.client_check import check_clients
 
 
 def test_the_default_and_a_valid_pass_through_configuration_are_accepted():

@@ -975,7 +975,7 @@ def exposition_names(registry) -> set[str]:
 def test_metric_lists_match_the_registries():
     """The lists the dashboard and alerts are checked against are what each process's registry exports."""
     from filter_worker.metrics import FeedbackMetrics, Metrics
-    from filter_worker.verdicts import INVALID_REASONS
+    from filter_worker.moderation.verdicts import INVALID_REASONS
 
     for registry, listed in (
         (Metrics().registry, WORKER_METRICS),

@@ -16,10 +16,8 @@ import yaml
 from prometheus_client import generate_latest
 
 from filter_worker.config import MIN_DRIFT_REFERENCE, MIN_DRIFT_WINDOW, ConfigError, RoutingSettings, load_settings
-from filter_worker.drift_metrics import DriftExporter, thresholds_of
 from filter_worker.metrics import Metrics
-from filter_worker.observe import FLUSH_INTERVAL_S, FLUSH_RECORDS, Observer
-from filter_worker.pipeline.drift import (
+from filter_worker.moderation.drift import (
     QUANTILES,
     DriftMonitor,
     RuleReference,
@@ -30,6 +28,8 @@ from filter_worker.pipeline.drift import (
     psi,
     reference_of,
 )
+from filter_worker.moderation.drift_metrics import DriftExporter, thresholds_of
+from filter_worker.observe import FLUSH_INTERVAL_S, FLUSH_RECORDS, Observer
 from filter_worker.pipeline.routing import Router
 from tests.clock import ManualClock
 

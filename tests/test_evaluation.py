@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from filter_worker.config import ConfigError, ModelSettings, RoutingSettings
-from filter_worker.model import Classifier
+from filter_worker.model.classifier import Classifier
 from filter_worker.pipeline.routing import Router
 from filter_worker.tools.evaluation import (
     check_labels,

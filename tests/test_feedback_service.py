@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from filter_worker.config import ConfigError, RoutingSettings, load_settings
-from filter_worker.feedback import FeedbackService
-from filter_worker.feedback_windows import Key, PrecisionWindows
+from filter_worker.moderation.feedback import FeedbackService
+from filter_worker.moderation.windows import Key, PrecisionWindows
 from filter_worker.pipeline.records import InputRecord
 from tests.clock import ManualClock
 

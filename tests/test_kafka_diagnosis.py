@@ -8,7 +8,7 @@ import pytest
 
 from filter_worker.config import KafkaSettings
 from filter_worker.exit_codes import ExitCode
-from filter_worker.kafka_diagnosis import (
+from filter_worker.kafka.diagnosis import (
     AUTHENTICATION,
     RESOLVE,
     TLS_CLOSED,

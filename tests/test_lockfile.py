@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from filter_worker import lockfile
 from filter_worker.config import ModelSettings
-from filter_worker.model import Classifier, ModelLoadError
+from filter_worker.model import lockfile
+from filter_worker.model.classifier import Classifier, ModelLoadError
 from tests.conftest import HUB_COMMIT, HUB_REPO
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from filter_worker.config import ConfigError, ModelSettings
-from filter_worker.model import Classifier, ModelLoadError, resolve_dtype
+from filter_worker.model.classifier import Classifier, ModelLoadError, resolve_dtype
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from filter_worker.metrics import FeedbackMetrics, Metrics
-from filter_worker.verdicts import INVALID_REASONS
+from filter_worker.moderation.verdicts import INVALID_REASONS
 
 PROMETHEUS = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 RULES = PROMETHEUS / "moderation-alerts.yml"

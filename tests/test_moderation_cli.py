@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 
-from filter_worker.pipeline.drift import load_reference
+from filter_worker.moderation.drift import load_reference
 from filter_worker.pipeline.routing import Router
 from tests.test_cli import cli
 
@@ -237,7 +237,7 @@ def test_drift_snapshot_writes_each_scopes_scores_and_leaves_out_scopes_too_smal
 
     # The scores are exactly those the router computes for those rows.
     from filter_worker.config import load_settings
-    from filter_worker.model import Classifier
+    from filter_worker.model.classifier import Classifier
 
     settings = load_settings(routing={"scopes": [KIDS, GERMAN]})
     model = Classifier.load(settings.model.model_copy(update={"name": str(keyword_model)}))

@@ -11,11 +11,10 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from filter_worker import engine_onnx, lockfile  # noqa: E402 - after the skip
 from filter_worker.cli.common import load_classifier  # noqa: E402
 from filter_worker.config import ConfigError, ModelSettings  # noqa: E402
-from filter_worker.model import Classifier, ModelLoadError  # noqa: E402
-from filter_worker.tools import onnx_export  # noqa: E402
+from filter_worker.model import lockfile, onnx_engine, onnx_export  # noqa: E402 - after the skip
+from filter_worker.model.classifier import Classifier, ModelLoadError  # noqa: E402
 from filter_worker.tools.synthetic import build_model  # noqa: E402
 from tests.test_cli import cli  # noqa: E402
 from tests.test_lockfile import flip_byte  # noqa: E402
@@ -96,8 +95,8 @@ def test_int8_graph_keeps_the_keyword_labels(exported):
 def test_export_refuses_a_graph_that_does_not_match_and_writes_nothing(keyword_model, tmp_path, monkeypatch):
     directory = tmp_path / "model"
     shutil.copytree(keyword_model, directory)
-    real = engine_onnx.OnnxEngine.probabilities
-    monkeypatch.setattr(engine_onnx.OnnxEngine, "probabilities", lambda self, ids, mask: real(self, ids, mask) + 0.01)
+    real = onnx_engine.OnnxEngine.probabilities
+    monkeypatch.setattr(onnx_engine.OnnxEngine, "probabilities", lambda self, ids, mask: real(self, ids, mask) + 0.01)
     with pytest.raises(onnx_export.ExportError, match=r"max probability difference 1\.00e-02") as err:
         onnx_export.export(directory)
     assert "nothing was written" in str(err.value)
@@ -195,7 +194,7 @@ def test_cuda_without_onnxruntime_gpu_names_the_extra(tiny_model):
     with pytest.raises(ModelLoadError, match=r"FILTER_MODEL__DEVICE=cuda .*filter-worker\[gpu\]"):
         load(tiny_model, backend="onnx", device="cuda")
     with pytest.raises(ConfigError, match="int8 graph runs on CPU only"):
-        engine_onnx.resolve_dtype("int8", "cuda")
+        onnx_engine.resolve_dtype("int8", "cuda")
 
 
 def test_a_hub_id_needs_a_local_directory_first():

@@ -10,12 +10,12 @@ import orjson
 import pytest
 
 from filter_worker.config import DEFAULT_SCOPE, ReviewSettings, RoutingSettings, load_settings
-from filter_worker.feedback_windows import RuleOrder, SampleWindows
+from filter_worker.moderation.verdicts import Sample, parse_verdict
+from filter_worker.moderation.windows import RuleOrder, SampleWindows
 from filter_worker.pipeline.decide import Decider
 from filter_worker.pipeline.records import InputRecord
 from filter_worker.pipeline.routing import Router
 from filter_worker.pipeline.sampling import ReviewSampler, draw
-from filter_worker.verdicts import Sample, parse_verdict
 
 LABELS = ["bad", "good"]
 RULES = RoutingSettings.model_validate(

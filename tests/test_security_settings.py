@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from filter_worker import kafka_io, redaction
-from filter_worker.client_check import check_clients
+from filter_worker import redaction
 from filter_worker.config import ConfigError, KafkaSettings, load_settings
+from filter_worker.kafka import clients
+from filter_worker.kafka.client_check import check_clients
 from tests.test_cli import cli
 from tests.tls_certs import KEY_PASSWORD, Pki, make_pki
 
@@ -47,7 +48,7 @@ def test_tls_settings_reach_every_client_and_librdkafka_accepts_them(pki):
         "ssl.key.location": str(pki.client_encrypted_key),
         "ssl.key.password": KEY_PASSWORD,
     }
-    for config in (kafka_io.consumer_config(kafka), kafka_io.producer_config(kafka), kafka_io.admin_config(kafka)):
+    for config in (clients.consumer_config(kafka), clients.producer_config(kafka), clients.admin_config(kafka)):
         assert expected.items() <= config.items()
     assert "ssl.endpoint.identification.algorithm" not in kafka.client_properties(), "hostname checks stay on"
     check_clients(kafka)  # librdkafka loads the files when it builds each client

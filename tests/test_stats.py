@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from filter_worker.stats import (
+from filter_worker.moderation.stats import (
     at_least,
     beta_ppf,
     betainc,

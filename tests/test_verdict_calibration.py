@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from filter_worker.stats import clopper_pearson
+from filter_worker.moderation.stats import clopper_pearson
 from filter_worker.tools.verdict_calibration import calibrate_verdicts, drawn_below, lower_from_drawn
 
 CURRENT = 0.75

@@ -15,7 +15,7 @@ from filter_worker import __version__
 from filter_worker.cli import bench, broker, calibrate, classify, demo, drift, evaluate, feedback, model, produce, run
 from filter_worker.config import ConfigError
 from filter_worker.exit_codes import ExitCode, ModelLoadError
-from filter_worker.lockfile import LockError
+from filter_worker.model.lockfile import LockError
 from filter_worker.redaction import redact
 from filter_worker.tools.broker import BrokerError
 

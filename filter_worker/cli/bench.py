@@ -62,7 +62,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from filter_worker.client_check import check_clients
+    from filter_worker.kafka.client_check import check_clients
     from filter_worker.logs import configure
     from filter_worker.tools.bench import BenchOptions, run_bench
 

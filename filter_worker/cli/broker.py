@@ -52,7 +52,7 @@ def _check_port(port: int) -> None:
 def run(args: argparse.Namespace) -> int:
     from confluent_kafka.admin import AdminClient
 
-    from filter_worker import kafka_io
+    from filter_worker.kafka import clients
     from filter_worker.tools.broker import EmbeddedBroker
 
     settings = load_settings(args.config)
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             topics = inputs + list(settings.topics.outputs().values())
             # log_level 4: warnings, not the informational line librdkafka prints when the client goes.
             admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
-            kafka_io.create_topics(admin, topics, args.partitions)
+            clients.create_topics(admin, topics, args.partitions)
             del admin  # its connection would outlive the broker and log a refused reconnect
             print(f"topics ({args.partitions} partitions each): {', '.join(topics)}", flush=True)
         else:

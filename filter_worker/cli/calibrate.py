@@ -113,9 +113,9 @@ def _from_data(args: argparse.Namespace) -> int:
 def _from_feedback(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from filter_worker.moderation.verdicts import MODERATED, latest_per_source, read_verdicts
     from filter_worker.tools.report import require_matplotlib, verdict_calibration_text
     from filter_worker.tools.verdict_calibration import calibrate_verdicts, drawn_below, verdict_calibration_json
-    from filter_worker.verdicts import MODERATED, latest_per_source, read_verdicts
 
     if args.action or args.labels or args.name:
         raise ConfigError("--action, --labels and --name go with DATA; --from-feedback calibrates a configured --rule")

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from filter_worker.config import ConfigError, ModelSettings, Settings, load_settings
 
 if TYPE_CHECKING:
-    from filter_worker.model import Classifier
+    from filter_worker.model.classifier import Classifier
 
 SOURCES = (
     "Settings come from FILTER_* environment variables over the TOML file given with --config, over "
@@ -48,9 +48,9 @@ def settings_with_model(args: argparse.Namespace) -> Settings:
 
 def load_classifier(model: ModelSettings) -> Classifier:
     """The model as the development commands load it: with the onnx backend, a graph missing from an
-    unlocked directory is exported first (``run`` never exports; see ``tools/onnx_export.ensure_graph``)."""
-    from filter_worker.model import Classifier
-    from filter_worker.tools.onnx_export import ensure_graph
+    unlocked directory is exported first (``run`` never exports; see ``model/onnx_export.ensure_graph``)."""
+    from filter_worker.model.classifier import Classifier
+    from filter_worker.model.onnx_export import ensure_graph
 
     ensure_graph(model)
     return Classifier.load(model)

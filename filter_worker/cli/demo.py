@@ -16,7 +16,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from filter_worker.client_check import check_clients
+    from filter_worker.kafka.client_check import check_clients
     from filter_worker.tools.demo import run_demo
 
     settings = settings_with_model(args)

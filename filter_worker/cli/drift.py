@@ -40,7 +40,7 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from filter_worker.cli.common import load_classifier
-    from filter_worker.pipeline.drift import QUANTILES, expected_noise, reference_of
+    from filter_worker.moderation.drift import QUANTILES, expected_noise, reference_of
     from filter_worker.pipeline.routing import Router, ScopeMatcher
     from filter_worker.tools.evaluation import load_texts
 

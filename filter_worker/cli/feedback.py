@@ -24,9 +24,9 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from filter_worker.client_check import check_clients
-    from filter_worker.feedback import FeedbackService
+    from filter_worker.kafka.client_check import check_clients
     from filter_worker.logs import configure
+    from filter_worker.moderation.feedback import FeedbackService
     from filter_worker.service import serve
 
     # The baseline is the content the settings are loaded from, as in ``run``.

@@ -71,7 +71,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from filter_worker.config import ConfigError, LogSettings
     from filter_worker.logs import configure
-    from filter_worker.tools.onnx_export import DTYPES, TOLERANCE, export
+    from filter_worker.model.onnx_export import DTYPES, TOLERANCE, export
 
     if not Path(args.path).is_dir():
         raise ConfigError(f"model export {args.path}: not a directory; export a local model directory")
@@ -89,8 +89,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from filter_worker.lockfile import LOCK_NAME, pull
-    from filter_worker.model import hub_reachable
+    from filter_worker.model.classifier import hub_reachable
+    from filter_worker.model.lockfile import LOCK_NAME, pull
 
     lock = pull(args.name, args.revision, args.to, local_files_only=not hub_reachable())
     print(
@@ -108,7 +108,7 @@ def _existing_directory(path: str) -> Path:
 
 
 def _lock(args: argparse.Namespace) -> int:
-    from filter_worker.lockfile import LOCK_NAME, LockError, lock_directory, missing_model_files
+    from filter_worker.model.lockfile import LOCK_NAME, LockError, lock_directory, missing_model_files
 
     directory = _existing_directory(args.path)
     missing = missing_model_files(directory)
@@ -127,7 +127,7 @@ def _lock(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from filter_worker.lockfile import LOCK_NAME, read_lock, verify_directory
+    from filter_worker.model.lockfile import LOCK_NAME, read_lock, verify_directory
 
     _existing_directory(args.path)
     lock = read_lock(args.path)

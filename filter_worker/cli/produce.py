@@ -18,7 +18,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from filter_worker.client_check import check_clients
+    from filter_worker.kafka.client_check import check_clients
     from filter_worker.tools.loadgen import produce_samples
 
     settings = load_settings(args.config)

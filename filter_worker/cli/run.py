@@ -27,8 +27,8 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from filter_worker.client_check import check_clients
-    from filter_worker.model import Classifier
+    from filter_worker.kafka.client_check import check_clients
+    from filter_worker.model.classifier import Classifier
     from filter_worker.service import serve
     from filter_worker.worker import Worker
 

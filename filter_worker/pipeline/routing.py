@@ -19,6 +19,9 @@ import numpy as np
 from filter_worker.config import DEFAULT_SCOPE, ConfigError, RoutingSettings, Rule, Scope, rule_names
 from filter_worker.logs import get_logger
 
+# The score histograms' bucket bounds (finer near 0 and 1, where softmax outputs pile up).
+SCORE_EDGES: tuple[float, ...] = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
 log = get_logger("filter_worker.routing")
 
 ACTIONS: tuple[str, ...] = ("allow", "quarantine", "drop")

@@ -17,13 +17,13 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from filter_worker import kafka_io
 from filter_worker.config import Settings
+from filter_worker.kafka import clients
 from filter_worker.logs import configure
-from filter_worker.model import Classifier
+from filter_worker.model.classifier import Classifier
+from filter_worker.model.onnx_export import ensure_graph
+from filter_worker.model.samples import sample_messages
 from filter_worker.tools.broker import EmbeddedBroker
-from filter_worker.tools.onnx_export import ensure_graph
-from filter_worker.tools.samples import sample_messages
 from filter_worker.worker import Worker
 
 INPUT_PARTITIONS = 3
@@ -66,8 +66,8 @@ def run_demo(settings: Settings, count: int) -> int:
         settings.metrics.port = 0  # any free port: the demo must not collide with a real worker's 8470
         kafka = settings.kafka.client_properties()
         admin = AdminClient(dict(kafka))
-        kafka_io.create_topics(admin, settings.topics.input, INPUT_PARTITIONS)
-        kafka_io.create_topics(admin, settings.topics.outputs().values(), 1)
+        clients.create_topics(admin, settings.topics.input, INPUT_PARTITIONS)
+        clients.create_topics(admin, settings.topics.outputs().values(), 1)
         del admin
 
         produced = _produce(kafka, settings.topics.input[0], count)
@@ -121,7 +121,7 @@ def _read_outputs(
             for message in reader.consume(100, 0.5):
                 if message.error():
                     continue
-                headers = dict(kafka_io.headers_of(message))
+                headers = dict(clients.headers_of(message))
                 facts = {k: (v or b"").decode("utf-8", "replace") for k, v in headers.items()}
                 action = action_of[str(message.topic())]
                 value = message.value() or b""

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from filter_worker import engine_onnx
 from filter_worker.config import ModelSettings
-from filter_worker.model import Classifier, pad
-from filter_worker.tools.samples import message_mix
+from filter_worker.model import onnx_engine
+from filter_worker.model.classifier import Classifier, pad
+from filter_worker.model.samples import message_mix
 
 _GEMMS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul")
 
@@ -64,16 +64,16 @@ def torch_op_time(directory: Path, texts: list[str]) -> str:
 
 
 def onnx_kernel_time(directory: Path, texts: list[str], dtype: str) -> str:
-    ort = engine_onnx.runtime()
+    ort = onnx_engine.runtime()
     classifier = Classifier.load(ModelSettings(name=str(directory), backend="onnx", dtype=dtype))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = engine_onnx.threads()
+    options.intra_op_num_threads = onnx_engine.threads()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.enable_profiling = True
     options.profile_file_prefix = f"ort-profile-{dtype}"
-    session = ort.InferenceSession(str(directory / engine_onnx.GRAPH_FILES[dtype]), options)
+    session = ort.InferenceSession(str(directory / onnx_engine.GRAPH_FILES[dtype]), options)
     padded = [pad(batch, classifier.pad_id) for batch in _batches(classifier, texts)]
     started = time.perf_counter()
     for ids, mask in padded:
@@ -120,7 +120,7 @@ def gil_sharing(directory: Path, texts: list[str], repeats: int) -> list[str]:
     import torch
 
     torch.set_num_threads(1)
-    with mock.patch.object(engine_onnx, "threads", lambda: 1):
+    with mock.patch.object(onnx_engine, "threads", lambda: 1):
         engines = {b: Classifier.load(ModelSettings(name=str(directory), backend=b)) for b in ("torch", "onnx")}
     rows = _batches(engines["torch"], texts, size=16)[len(texts) // 32]  # a mid-length batch of 16
     lines = []
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     configure(LogSettings(level="WARNING"))
     texts = message_mix(args.texts, seed=7)
     print(torch_op_time(args.model, texts), flush=True)
-    for dtype in engine_onnx.DTYPES:
+    for dtype in onnx_engine.DTYPES:
         print(onnx_kernel_time(args.model, texts, dtype), flush=True)
     for line in gil_sharing(args.model, texts, args.gil_repeats):
         print(line, flush=True)

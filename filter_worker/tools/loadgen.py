@@ -13,7 +13,7 @@ import orjson
 from confluent_kafka import KafkaError, Producer
 
 from filter_worker.config import Settings
-from filter_worker.tools.samples import sample_messages
+from filter_worker.model.samples import sample_messages
 
 _REPORT_EVERY_S = 10.0
 

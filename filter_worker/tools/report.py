@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from filter_worker.config import ConfigError
-from filter_worker.feedback_windows import Estimate
+from filter_worker.moderation.windows import Estimate
 from filter_worker.tools.calibration import Calibration
 from filter_worker.tools.evaluation import Curve, Evaluation, Scores
 from filter_worker.tools.verdict_calibration import VerdictCalibration

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from filter_worker.tools.samples import corpus
+from filter_worker.model.samples import corpus
 
 DEFAULT_LABELS: tuple[str, ...] = ("Very Negative", "Negative", "Neutral", "Positive", "Very Positive")
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from filter_worker.feedback_windows import Estimate
-from filter_worker.stats import CONFIDENCE, at_least, clopper_pearson, fewest_trials, wilson
+from filter_worker.moderation.stats import CONFIDENCE, at_least, clopper_pearson, fewest_trials, wilson
+from filter_worker.moderation.windows import Estimate
 from filter_worker.tools.evaluation import Curve, pr_curve
 
 _CHUNK = 100  # resamples drawn at once: bounds the memory of the bootstrap to _CHUNK x verdicts counts

@@ -15,9 +15,9 @@ from typing import Any
 import orjson
 import pytest
 
-from filter_worker import kafka_io
 from filter_worker.config import MessageSettings, ModelSettings, RoutingSettings
-from filter_worker.model import Classifier
+from filter_worker.kafka import clients
+from filter_worker.model.classifier import Classifier
 from filter_worker.pipeline.decide import Decider
 from filter_worker.pipeline.decode import DecodeFailure, decode
 from filter_worker.pipeline.intake import Intake, take_in
@@ -143,7 +143,7 @@ class _Message:
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["as-itself", "as-a-system-error"])
 def test_a_header_name_that_is_not_utf8_dead_letters_the_record_instead_of_raising(classifier, wrapped):
-    converted = kafka_io.to_input_record(_Message(wrapped))  # type: ignore[arg-type]
+    converted = clients.to_input_record(_Message(wrapped))  # type: ignore[arg-type]
     assert converted.unreadable_headers == "a header name is not valid UTF-8 (byte 3 of the name)"
     intake = intake_of(classifier, [converted])
     ((failed, _, failure),) = intake.failed

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from filter_worker.config import MessageSettings, ModelSettings, RoutingSettings, Rule, Scope, ScopeMatch
-from filter_worker.model import Classifier
+from filter_worker.model.classifier import Classifier
 from filter_worker.pipeline.cache import DecisionCache
 from filter_worker.pipeline.decide import Classified, Decider
 from filter_worker.pipeline.decode import ERROR_CLASSES

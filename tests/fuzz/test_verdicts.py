@@ -13,7 +13,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from filter_worker.verdicts import INVALID_REASONS, Invalid, Verdict, parse_verdict
+from filter_worker.moderation.verdicts import INVALID_REASONS, Invalid, Verdict, parse_verdict
 from tests.fuzz.strategies import header_values, json_values, texts
 
 DECISION = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from filter_worker.model import Classifier
+from filter_worker.model.classifier import Classifier
 
 
 class SlowClassifier:

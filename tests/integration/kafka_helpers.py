@@ -11,8 +11,8 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from filter_worker import kafka_io
 from filter_worker.config import Settings, load_settings
+from filter_worker.kafka import clients
 from filter_worker.logs import librdkafka_logger
 
 # The helpers' own clients log like the worker's (through structlog, each line at most every 30 s), so
@@ -85,8 +85,8 @@ def worker_settings(
 
 def create_topics(settings: Settings, input_partitions: int) -> None:
     admin = AdminClient({**settings.kafka.client_properties(), **_LOGGER})
-    kafka_io.create_topics(admin, settings.topics.input, input_partitions)
-    kafka_io.create_topics(admin, settings.topics.outputs().values(), 1)
+    clients.create_topics(admin, settings.topics.input, input_partitions)
+    clients.create_topics(admin, settings.topics.outputs().values(), 1)
 
 
 def produce(

@@ -21,10 +21,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from structlog.testing import capture_logs
 
-from filter_worker import kafka_io
 from filter_worker.config import Rule, Settings, load_settings
 from filter_worker.exit_codes import ExitCode
-from filter_worker.feedback import FeedbackService
+from filter_worker.kafka import clients
+from filter_worker.moderation.feedback import FeedbackService
 from tests.integration.processes import wait_until
 
 MODEL_A = "acme/keyword@0123456789abcdef0123456789abcdef01234567#sha256:00112233aabbccdd"
@@ -73,7 +73,7 @@ def produce(bootstrap: str, topic: str, records: list[tuple[list, bytes]]) -> No
 
 def create_topic(bootstrap: str, partitions: int = 1) -> str:
     topic = f"verdicts-{uuid.uuid4().hex[:8]}"
-    kafka_io.create_topics(AdminClient({"bootstrap.servers": bootstrap}), [topic], partitions)
+    clients.create_topics(AdminClient({"bootstrap.servers": bootstrap}), [topic], partitions)
     return topic
 
 

@@ -10,8 +10,8 @@ import orjson
 
 from filter_worker.config import RoutingSettings
 from filter_worker.exit_codes import ExitCode
-from filter_worker.model import Classifier
-from filter_worker.pipeline.drift import reference_of
+from filter_worker.model.classifier import Classifier
+from filter_worker.moderation.drift import reference_of
 from filter_worker.pipeline.routing import Router
 from tests.integration.kafka_helpers import (
     create_topics,

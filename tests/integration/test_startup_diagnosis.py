@@ -17,10 +17,10 @@ import pytest
 from confluent_kafka import Consumer, KafkaException
 from structlog.testing import capture_logs
 
-from filter_worker import kafka_io
 from filter_worker.config import KafkaSettings, load_settings
 from filter_worker.exit_codes import ExitCode, FatalError
-from filter_worker.kafka_startup import StartupWatch
+from filter_worker.kafka import clients
+from filter_worker.kafka.startup import StartupWatch
 from filter_worker.logs import librdkafka_logger
 from filter_worker.tools.broker import EmbeddedBroker, free_port
 from tests.integration.tls_front import TlsFront
@@ -35,7 +35,7 @@ def wait_for_kafka(kafka: KafkaSettings, seconds: float) -> float | None:
     A ``FatalError`` from the watch propagates: that is what the tests expect of causes that cannot heal.
     """
     watch = StartupWatch(kafka, window_s=WINDOW_S)
-    consumer = Consumer({**kafka_io.consumer_config(kafka), "error_cb": watch.error, "logger": librdkafka_logger()})
+    consumer = Consumer({**clients.consumer_config(kafka), "error_cb": watch.error, "logger": librdkafka_logger()})
     started = time.monotonic()
     try:
         while time.monotonic() - started < seconds:

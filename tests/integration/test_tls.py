@@ -23,8 +23,9 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from filter_worker import kafka_io, tls
+from filter_worker import tls
 from filter_worker.config import Settings
+from filter_worker.kafka import clients
 from filter_worker.tools.broker import EmbeddedBroker, free_port
 from tests.integration.kafka_helpers import (
     create_topics,
@@ -164,7 +165,7 @@ def test_feedback_and_calibrate_from_feedback_over_mutual_tls(front, pki, keywor
     front.serve(pki.server, client_ca=pki.ca)
     settings = tls_settings(front, str(keyword_model), pki, mutual=True)
     topic = f"verdicts-{uuid.uuid4().hex[:8]}"
-    kafka_io.create_topics(AdminClient(settings.kafka.client_properties()), [topic], 1)
+    clients.create_topics(AdminClient(settings.kafka.client_properties()), [topic], 1)
     verdicts = [_verdict(n, "abuse" if n % 10 else "ok", 0.9 + n / 1000) for n in range(60)]
     producer = Producer(settings.kafka.client_properties())
     for headers, value in verdicts:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from filter_worker.config import Settings
-from filter_worker.model import Classifier
+from filter_worker.model.classifier import Classifier
 from filter_worker.worker import Worker
 
 

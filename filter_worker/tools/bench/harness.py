@@ -19,10 +19,10 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
-from filter_worker import kafka_io
 from filter_worker.config import Settings
 from filter_worker.exit_codes import ExitCode
-from filter_worker.model import Classifier
+from filter_worker.kafka import clients
+from filter_worker.model.classifier import Classifier
 from filter_worker.tools.bench.options import BenchOptions
 from filter_worker.tools.broker import EmbeddedBroker
 from filter_worker.worker import Worker
@@ -134,8 +134,8 @@ class Run:
         s.metrics.enabled = False
         s.cache.size = cache_size
         admin = AdminClient(dict(s.kafka.client_properties()))
-        kafka_io.create_topics(admin, s.topics.input, partitions)
-        kafka_io.create_topics(admin, s.topics.outputs().values(), 1)
+        clients.create_topics(admin, s.topics.input, partitions)
+        clients.create_topics(admin, s.topics.outputs().values(), 1)
         self.topic = s.topics.input[0]
         self.worker = Worker(s, classifier)
         self.acks = AckRecorder()
@@ -226,7 +226,7 @@ def send(producer: Producer, topic: str, i: int, text: str, report: Callable[...
 
 def filled_topic(broker: Broker, texts: Sequence[str], partitions: int) -> tuple[str, dict[int, int]]:
     topic = f"plumbing-{uuid.uuid4().hex[:8]}.in"
-    kafka_io.create_topics(admin(broker), [topic], partitions)
+    clients.create_topics(admin(broker), [topic], partitions)
     return topic, produce_texts(broker, topic, texts)
 
 
@@ -282,10 +282,10 @@ def environment(classifier: Classifier) -> dict[str, Any]:
         "platform": platform.platform(),
     }
     if classifier.backend == "onnx":
-        from filter_worker import engine_onnx
+        from filter_worker.model import onnx_engine
 
-        env["onnxruntime"] = engine_onnx.runtime().__version__
-        env["onnxruntime_threads"] = engine_onnx.threads()
+        env["onnxruntime"] = onnx_engine.runtime().__version__
+        env["onnxruntime_threads"] = onnx_engine.threads()
     if classifier.device.startswith("cuda") and classifier.backend == "torch":
         env["gpu"] = torch.cuda.get_device_name(torch.device(classifier.device))
     return env

@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from filter_worker import kafka_io
-from filter_worker.model import Classifier
+from filter_worker.kafka import clients
+from filter_worker.model.classifier import Classifier
 from filter_worker.pipeline.routing import Router
 from filter_worker.tools.bench.harness import Broker, admin, embedded_consumer_properties, produce_texts
 
@@ -25,7 +25,7 @@ def naive(reference: Classifier, texts: Sequence[str], broker: Broker, router: R
     """
     prefix = f"naive-{uuid.uuid4().hex[:8]}"
     topic, out_topic = f"{prefix}.in", f"{prefix}.out"
-    kafka_io.create_topics(admin(broker), [topic, out_topic], 1)
+    clients.create_topics(admin(broker), [topic, out_topic], 1)
     produce_texts(broker, topic, texts)
     reference.classify(["warm-up"])
     consumer = Consumer(

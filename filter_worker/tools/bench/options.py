@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from filter_worker.config import ConfigError
-from filter_worker.tools.samples import message_mix
+from filter_worker.model.samples import message_mix
 
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16", "int8")
 

@@ -23,9 +23,11 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from pydantic import SecretStr
 
-from filter_worker import kafka_io
 from filter_worker.config import Settings
-from filter_worker.model import Classifier
+from filter_worker.kafka import clients
+from filter_worker.model.classifier import Classifier
+from filter_worker.model.onnx_export import ensure_graph
+from filter_worker.model.samples import message_mix
 from filter_worker.tools.bench.harness import (
     Broker,
     admin,
@@ -40,8 +42,6 @@ from filter_worker.tools.bench.harness import (
 from filter_worker.tools.bench.options import BenchOptions
 from filter_worker.tools.bench.report import format_plumbing
 from filter_worker.tools.bench.throughput import end_to_end, model_only
-from filter_worker.tools.onnx_export import ensure_graph
-from filter_worker.tools.samples import message_mix
 
 # Records per fetched batch of the minimal loop in the plumbing measurement (librdkafka hands over at
 # most this many per consume call; the worker's own fetch loop takes what is there).
@@ -121,10 +121,10 @@ def _minimal_loop(
     total = sum(ends.values())
     prefix = f"loop-{uuid.uuid4().hex[:8]}"
     out = f"{prefix}.out"
-    kafka_io.create_topics(admin(broker), [out], 1)
+    clients.create_topics(admin(broker), [out], 1)
     kafka = settings.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap_servers, "group_id": prefix})
-    consumer = Consumer(kafka_io.consumer_config(kafka))
-    producer = Producer(kafka_io.producer_config(kafka))
+    consumer = Consumer(clients.consumer_config(kafka))
+    producer = Producer(clients.producer_config(kafka))
     headers: list[tuple[str, str | bytes | None]] = [("filter.action", b"allow"), ("filter.model", b"plumbing")]
     # The producer's set-up (idempotence handshake, the new topic's metadata: up to a second on the
     # embedded broker) happens before the clock starts, as the worker's does before it joins.

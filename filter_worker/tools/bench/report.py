@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from filter_worker.model import Classifier
+from filter_worker.model.classifier import Classifier
 from filter_worker.tools.bench.harness import worker_rate
 from filter_worker.tools.bench.variants import REFERENCE, variant_name
 

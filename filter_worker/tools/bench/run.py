@@ -10,7 +10,8 @@ import numpy as np
 import orjson
 
 from filter_worker.config import Settings
-from filter_worker.model import Classifier
+from filter_worker.model.classifier import Classifier
+from filter_worker.model.onnx_export import ensure_graph
 from filter_worker.pipeline.routing import Router
 from filter_worker.tools.bench.harness import broker_for, environment
 from filter_worker.tools.bench.naive import naive
@@ -19,7 +20,6 @@ from filter_worker.tools.bench.plumbing import plumbing_capacity, run_plumbing
 from filter_worker.tools.bench.report import GOAL_CPU, GOAL_GPU, format_table, targets
 from filter_worker.tools.bench.throughput import end_to_end, latency, model_only
 from filter_worker.tools.bench.variants import REFERENCE, Models, variants
-from filter_worker.tools.onnx_export import ensure_graph
 
 # Cache size for the "with cache" run of --duplicate-ratio when FILTER_CACHE__SIZE is 0.
 BENCH_CACHE_SIZE = 10_000

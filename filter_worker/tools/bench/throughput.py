@@ -10,7 +10,7 @@ import numpy as np
 from confluent_kafka import Producer
 
 from filter_worker.config import Settings
-from filter_worker.model import Classifier
+from filter_worker.model.classifier import Classifier
 from filter_worker.pipeline.batching import padded_tokens
 from filter_worker.tools.bench.harness import (
     Broker,

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 
 from filter_worker.config import ConfigError, Settings
-from filter_worker.model import Classifier, resolve_dtype
+from filter_worker.model.classifier import Classifier, resolve_dtype
+from filter_worker.model.onnx_export import ensure_graph
 from filter_worker.pipeline.routing import Router
 from filter_worker.tools.bench.harness import on_model_thread
 from filter_worker.tools.bench.options import BenchOptions
-from filter_worker.tools.onnx_export import ensure_graph
 
 # The reference every variant is compared with: what a user's first deployment runs.
 REFERENCE = ("torch", "float32")

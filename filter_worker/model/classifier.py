@@ -1,6 +1,6 @@
 """The model wrapper: load a sequence classifier, tokenize, run forward passes, return probabilities.
 
-This is the only module that runs torch (``engine_onnx`` runs ONNX Runtime; ``tools/onnx_export`` exports through it).
+This is the only module that runs torch (``onnx_engine`` runs ONNX Runtime; ``onnx_export`` exports through it).
 Tokenization and the forward pass are separate calls because the worker tokenizes on its Kafka thread
 (to know lengths for batching) and runs forward passes on the inference thread. The forward pass is an
 ``Engine``: eager PyTorch here, or an ONNX Runtime session (``FILTER_MODEL__BACKEND=onnx``); the rest
@@ -21,10 +21,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from filter_worker import lockfile
 from filter_worker.config import ConfigError, ModelSettings
 from filter_worker.exit_codes import ModelLoadError
 from filter_worker.logs import get_logger
+from filter_worker.model import lockfile
 from filter_worker.pipeline.batching import plan_batches
 
 log = get_logger(__name__)
@@ -42,9 +42,9 @@ class Tokenized:
 
 def resolve_device(requested: str, backend: str = "torch") -> str:
     if backend == "onnx":
-        from filter_worker import engine_onnx
+        from filter_worker.model import onnx_engine
 
-        return engine_onnx.resolve_device(requested)
+        return onnx_engine.resolve_device(requested)
     import torch
 
     if requested == "auto":
@@ -62,12 +62,12 @@ def resolve_dtype(requested: str, device: str, backend: str = "torch") -> str:
     - ``float16`` on CPU is refused: most CPUs have no float16 arithmetic, so it runs slower than
       float32, and bfloat16 gives the same memory saving with float32's range.
 
-    The onnx backend has its own rules (``engine_onnx.resolve_dtype``): float32 and int8 graphs.
+    The onnx backend has its own rules (``onnx_engine.resolve_dtype``): float32 and int8 graphs.
     """
     if backend == "onnx":
-        from filter_worker import engine_onnx
+        from filter_worker.model import onnx_engine
 
-        return engine_onnx.resolve_dtype(requested, device)
+        return onnx_engine.resolve_dtype(requested, device)
     setting = f"FILTER_MODEL__DTYPE={requested}"
     if requested == "auto":
         return "float16" if device.startswith("cuda") else "float32"
@@ -172,7 +172,7 @@ class Classifier:
         and commit it was pulled from, so headers and metrics name the real model, not a path.
 
         With ``FILTER_MODEL__BACKEND=onnx`` the weights are not loaded into PyTorch: the graph exported
-        from them runs instead (``engine_onnx``), which needs a local directory to keep it in.
+        from them runs instead (``onnx_engine``), which needs a local directory to keep it in.
         """
         import transformers
         from safetensors import SafetensorError
@@ -230,11 +230,11 @@ class Classifier:
         labels = labels_of(config)
         engine: Engine
         if model is None:
-            from filter_worker import engine_onnx
+            from filter_worker.model import onnx_engine
 
             # A locked directory is never written to at load, also when its verification is turned off.
             locked = (Path(settings.name) / lockfile.LOCK_NAME).is_file()
-            engine = engine_onnx.load_engine(Path(settings.name), dtype, device, weights, labels, locked)
+            engine = onnx_engine.load_engine(Path(settings.name), dtype, device, weights, labels, locked)
         else:
             import torch
 

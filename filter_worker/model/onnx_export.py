@@ -8,7 +8,7 @@ nothing is written. The int8 graph is ONNX Runtime's dynamic quantization of the
 graph; its difference from float32 is reported, as for the torch backend's int8.
 
 A locked directory lists the graphs in its lock file (the export adds them), so they are verified like
-the weights. The worker only loads graphs (``engine_onnx.py``); the development commands export a
+the weights. The worker only loads graphs (``onnx_engine.py``); the development commands export a
 missing one at first use into an unlocked directory (``ensure_graph``).
 """
 
@@ -27,9 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from filter_worker import lockfile
 from filter_worker.config import ConfigError, ModelSettings
-from filter_worker.engine_onnx import (
+from filter_worker.exit_codes import ModelLoadError
+from filter_worker.logs import get_logger
+from filter_worker.model import lockfile
+from filter_worker.model.classifier import Classifier
+from filter_worker.model.onnx_engine import (
     DTYPES,
     GRAPH_DIR,
     GRAPH_FILES,
@@ -41,9 +44,6 @@ from filter_worker.engine_onnx import (
     runtime,
     session,
 )
-from filter_worker.exit_codes import ModelLoadError
-from filter_worker.logs import get_logger
-from filter_worker.model import Classifier
 
 log = get_logger(__name__)
 
@@ -92,7 +92,7 @@ class ExportedGraph:
 
 def check_texts() -> list[str]:
     """Sample texts for the equality check: multilingual, short and long, so batches carry padding."""
-    from filter_worker.tools.samples import message_mix
+    from filter_worker.model.samples import message_mix
 
     return ["", *message_mix(47, seed=11, long_ratio=0.1)]
 
@@ -211,7 +211,7 @@ def _quiet() -> Iterator[None]:
 def _export_float32(reference: Classifier, path: Path, meta: dict[str, str]) -> None:
     import torch
 
-    from filter_worker.model import TorchEngine, pad
+    from filter_worker.model.classifier import TorchEngine, pad
 
     engine = reference.engine
     assert isinstance(engine, TorchEngine), "the reference is loaded with the torch backend"

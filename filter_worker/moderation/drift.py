@@ -36,11 +36,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from filter_worker.config import DEFAULT_SCOPE, MIN_DRIFT_REFERENCE, SCOPE_NAME, ConfigError
+from filter_worker.moderation.stats import two_proportion_z
 from filter_worker.pipeline.routing import rule_score_matrix
-from filter_worker.stats import two_proportion_z
 
-# The score histograms' bucket bounds (finer near 0 and 1, where softmax outputs pile up).
-SCORE_EDGES: tuple[float, ...] = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 # The index's bins hold these shares of the reference's scores: deciles, the usual PSI binning.
 QUANTILES: tuple[float, ...] = tuple(i / 10 for i in range(11))
 EPSILON = 1e-4

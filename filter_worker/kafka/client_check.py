@@ -15,14 +15,14 @@ from collections.abc import Callable
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
-from filter_worker import kafka_io
 from filter_worker.config import ConfigError, KafkaSettings
+from filter_worker.kafka import clients
 
 # Each client the worker builds: its configuration, and which pass-through variables feed it.
 _CLIENTS: tuple[tuple[str, Callable[[KafkaSettings], dict[str, object]], type, tuple[str, ...]], ...] = (
-    ("consumer", kafka_io.consumer_config, Consumer, ("properties", "consumer_properties")),
-    ("producer", kafka_io.producer_config, Producer, ("properties", "producer_properties")),
-    ("admin", kafka_io.admin_config, AdminClient, ("properties",)),
+    ("consumer", clients.consumer_config, Consumer, ("properties", "consumer_properties")),
+    ("producer", clients.producer_config, Producer, ("properties", "producer_properties")),
+    ("admin", clients.admin_config, AdminClient, ("properties",)),
 )
 _PASS_THROUGH = ("properties", "consumer_properties", "producer_properties")
 # Shorter values are not looked for in messages: "1" or "all" would also match ordinary words.
@@ -31,7 +31,7 @@ _MIN_REDACTED_LENGTH = 3
 
 def _quiet() -> logging.Logger:
     """A sink for librdkafka's own log lines during the check (warnings about ignored properties, say)."""
-    logger = logging.getLogger("filter_worker.client_check")
+    logger = logging.getLogger("filter_worker.kafka.client_check")
     if not logger.handlers:
         logger.addHandler(logging.NullHandler())
         logger.propagate = False

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from confluent_kafka.admin import AdminClient
 
-from filter_worker import kafka_io
 from filter_worker.config import Settings
 from filter_worker.exit_codes import ExitCode, FatalError
-from filter_worker.kafka_io import SizeLimits
+from filter_worker.kafka import clients
+from filter_worker.kafka.clients import SizeLimits
 from filter_worker.logs import get_logger
 
-log = get_logger("filter_worker.topics")
+log = get_logger("filter_worker.kafka.topics")
 
 
 def output_topics(settings: Settings) -> set[str]:
@@ -48,11 +48,11 @@ def prepare_topics(admin: AdminClient, settings: Settings, existing: dict[str, i
     if missing:
         partitions = max((existing[t] for t in inputs), default=1)
         try:
-            kafka_io.create_topics(admin, missing, partitions)
+            clients.create_topics(admin, missing, partitions)
         except RuntimeError as exc:
             raise FatalError(str(exc), ExitCode.TOPICS) from None
         log.info("created output topics", topics=missing, partitions=partitions)
-    limits = kafka_io.size_limits(admin, [*inputs, *outputs], kafka_io.producer_max_bytes(settings.kafka))
+    limits = clients.size_limits(admin, [*inputs, *outputs], clients.producer_max_bytes(settings.kafka))
     for mismatch in limits.mismatches(topics, outputs):
         log.warning("record size limits differ", detail=mismatch)
     return limits

@@ -16,7 +16,7 @@ import numpy as np
 from prometheus_client import Gauge
 
 from filter_worker.metrics import Metrics
-from filter_worker.pipeline.drift import DriftMonitor
+from filter_worker.moderation.drift import DriftMonitor
 from filter_worker.pipeline.routing import Router
 
 

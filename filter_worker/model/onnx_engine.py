@@ -6,7 +6,7 @@ whole pass, so the worker's Kafka thread is never stalled by the model.
 
 Each graph records the sha256 of the weights it came from and the label order, and loading refuses a
 graph exported from other weights. The export itself (``torch.onnx``, the equality check, the int8
-quantization) is a tool, not part of the worker: ``filter_worker/tools/onnx_export.py``.
+quantization) is a tool, not part of the worker: ``filter_worker/model/onnx_export.py``.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def load_engine(
 
     A missing graph is refused with the command that exports it: loading never writes into the model
     directory (``filter-worker model export`` does, and the development commands export at first use
-    into an unlocked directory: ``tools/onnx_export.ensure_graph``).
+    into an unlocked directory: ``onnx_export.ensure_graph``).
     """
     path = directory / GRAPH_FILES[dtype]
     if not path.is_file():

@@ -28,9 +28,9 @@ from pathlib import Path
 import orjson
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from filter_worker import kafka_io
 from filter_worker.config import ConfigError, KafkaSettings
-from filter_worker.kafka_io import headers_of
+from filter_worker.kafka import clients
+from filter_worker.kafka.clients import headers_of
 from filter_worker.logs import librdkafka_logger
 from filter_worker.pipeline.sampling import PROBABILITY_HEADER, RULE_SCORES_HEADER, SAMPLED_HEADER
 
@@ -225,7 +225,7 @@ def _topic_records(topic: str, kafka: KafkaSettings, stall_s: float = 30.0) -> l
     record timestamp order (partitions are read interleaved; the latest verdict of a source must be the
     one published last, whichever partition it is in)."""
     config = {
-        **kafka_io.consumer_config(
+        **clients.consumer_config(
             kafka.model_copy(update={"group_id": f"filter-worker-calibrate-{uuid.uuid4().hex}"})
         ),
         "auto.offset.reset": "earliest",

@@ -1,11 +1,11 @@
 """``filter-worker feedback``: reviewers' verdicts become live precision, recall and prevalence.
 
-The verdict format is ``verdicts.py``'s. Per (scope, rule, action, model) the service keeps the last
+The verdict format is ``verdicts``'s. Per (scope, rule, action, model) the service keeps the last
 ``FILTER_FEEDBACK__WINDOW`` verdicts on quarantine and drop decisions, keyed by source (a repeated or
 revised verdict replaces the earlier one), and exports their share of "abuse" as the rule's precision,
 with its Clopper–Pearson interval: the alerts page on the interval, not on the point estimate. Verdicts
 on randomly drawn records (``FILTER_REVIEW__*``) go, per (scope, model), into a second window that
-gives prevalence and each rule's recall by inverse-probability weighting (``feedback_windows.py``).
+gives prevalence and each rule's recall by inverse-probability weighting (``windows``).
 
 Series mean what they say or go: only configured scopes, named rules and configured models become
 labels; a rule removed or renamed by a reload loses its series; a raised ``min_score`` keeps only the
@@ -29,10 +29,15 @@ from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 from prometheus_client import Gauge
 from prometheus_client.metrics import MetricWrapperBase
 
-from filter_worker import kafka_io
 from filter_worker.config import DEFAULT_SCOPE, ConfigError, RoutingSettings, Settings
 from filter_worker.exit_codes import ExitCode, FatalError
-from filter_worker.feedback_windows import (
+from filter_worker.health import Health
+from filter_worker.kafka import clients
+from filter_worker.kafka.clients import to_input_record
+from filter_worker.logs import get_logger, librdkafka_logger
+from filter_worker.metrics import FeedbackMetrics
+from filter_worker.moderation.verdicts import INVALID_REASONS, MODERATED, VERDICTS, Invalid, Verdict, parse_verdict
+from filter_worker.moderation.windows import (
     MAX_MODELS,
     Estimate,
     Key,
@@ -41,16 +46,11 @@ from filter_worker.feedback_windows import (
     RuleOrder,
     SampleWindows,
 )
-from filter_worker.health import Health
-from filter_worker.kafka_io import to_input_record
-from filter_worker.logs import get_logger, librdkafka_logger
-from filter_worker.metrics import FeedbackMetrics
 from filter_worker.pipeline.records import InputRecord
 from filter_worker.pipeline.routing import DEFAULT_RULE, scope_rules
 from filter_worker.service import ServiceShell
-from filter_worker.verdicts import INVALID_REASONS, MODERATED, VERDICTS, Invalid, Verdict, parse_verdict
 
-log = get_logger("filter_worker.feedback")
+log = get_logger("filter_worker.moderation.feedback")
 
 _POLL_S = 0.1
 
@@ -173,7 +173,7 @@ class FeedbackService:
         )
         self.shell.start_http()
         config = {
-            **kafka_io.consumer_config(settings.kafka.model_copy(update={"group_id": group})),
+            **clients.consumer_config(settings.kafka.model_copy(update={"group_id": group})),
             # Eager assignment: the start offsets are rewritten on assignment (the replay), which an
             # incremental assignment would not take.
             "partition.assignment.strategy": "range",

@@ -1,4 +1,4 @@
-"""The start-up diagnosis (``kafka_diagnosis``) attached to live clients while a service waits for Kafka.
+"""The start-up diagnosis (``diagnosis``) attached to live clients while a service waits for Kafka.
 
 It hears what the pure diagnosis needs: every ``error_cb`` event (the service forwards them) and every
 librdkafka log line (a handler of its own on the shared librdkafka logger, so it sees each line before
@@ -19,10 +19,10 @@ from confluent_kafka import KafkaError
 from filter_worker import tls
 from filter_worker.config import KafkaSettings
 from filter_worker.exit_codes import FatalError
-from filter_worker.kafka_diagnosis import KafkaDiagnosis
+from filter_worker.kafka.diagnosis import KafkaDiagnosis
 from filter_worker.logs import get_logger, librdkafka_logger
 
-log = get_logger("filter_worker.kafka_startup")
+log = get_logger("filter_worker.kafka.startup")
 
 # How long causes that may be passing (a name not in DNS yet, a broker restarting its listeners) are
 # given before start-up stops: longer than a pod's DNS record takes to appear, shorter than the

@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from filter_worker.stats import clopper_pearson, effective_size, wilson
-from filter_worker.verdicts import MODERATED, Invalid, Sample
+from filter_worker.moderation.stats import clopper_pearson, effective_size, wilson
+from filter_worker.moderation.verdicts import MODERATED, Invalid, Sample
 
 # A deploy rolls one model at a time; a few cover a rollout, a rollback and verdicts still arriving on
 # older decisions.

@@ -1,0 +1,1 @@
+"""The moderation numbers: reviewers' verdicts, feedback windows and service, drift, statistics."""
