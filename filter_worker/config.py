@@ -6,9 +6,12 @@ environment variable to fix, because the person reading it is an operator lookin
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
+import sys
+import tomllib
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -705,6 +708,9 @@ class Settings(BaseSettings):
     drift: DriftSettings = Field(default_factory=DriftSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
     shutdown_timeout_s: float = Field(30.0, gt=0)
+    # A FILTER_ variable that is no setting is almost always a typo (one underscore for two), and
+    # pydantic-settings would ignore it: refused by default, only warned about with "warn".
+    unknown_variables: Literal["refuse", "warn"] = "refuse"
 
     @model_validator(mode="after")
     def _fields_need_json(self) -> Settings:
@@ -810,14 +816,135 @@ def _bad_json_variables() -> list[str]:
     return sorted(bad)
 
 
-def _describe(error: ValidationError) -> str:
+# Variables of the test suite that share the prefix (docs/development.md); no setting reads them.
+_NOT_SETTINGS = frozenset({"FILTER_TEST_BOOTSTRAP_SERVERS", "FILTER_FUZZ_PROFILE"})
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The settings model a field holds, directly, in a list or as an optional value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        model = _model_of(arg)
+        if model is not None:
+            return model
+    return None
+
+
+def _section_fields(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names of the model found at ``loc`` inside ``Settings`` (list indexes skipped)."""
+    model: type[BaseModel] | None = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        model = _model_of(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _closest(name: str, candidates: typing.Iterable[str]) -> str | None:
+    # Compared without underscores too: one underscore for two is the commonest slip.
+    squashed = {c.replace("_", ""): c for c in candidates}
+    if name.replace("_", "") in squashed:
+        return squashed[name.replace("_", "")]
+    found = difflib.get_close_matches(name, list(squashed.values()), n=1, cutoff=0.7)
+    return found[0] if found else None
+
+
+def variable_names() -> tuple[set[str], set[str]]:
+    """(every settings variable, the prefixes ``NAME__`` under which pydantic-settings reads deeper names)."""
+    names: set[str] = set()
+    deeper: set[str] = set()
+    for name, field in Settings.model_fields.items():
+        top = ENV_PREFIX + name.upper()
+        names.add(top)
+        section = _model_of(field.annotation)
+        if section is None:
+            continue
+        deeper.add(top + "__")
+        for sub, subfield in section.model_fields.items():
+            names.add(f"{top}__{sub.upper()}")
+            if typing.get_origin(subfield.annotation) is dict:  # FILTER_KAFKA__PROPERTIES__LINGER.MS
+                deeper.add(f"{top}__{sub.upper()}__")
+    return names, deeper
+
+
+def unknown_variables(environ: typing.Mapping[str, str]) -> list[str]:
+    """One sentence per ``FILTER_`` variable that no setting reads, naming the closest real one."""
+    names, deeper = variable_names()
+    problems = []
+    for key in sorted(environ):
+        upper = key.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in names or upper in _NOT_SETTINGS:
+            continue
+        # Deeper names under a section are checked by the section itself (and get a suggestion there).
+        if any(upper.startswith(prefix) for prefix in deeper) and "__" in upper.removeprefix(ENV_PREFIX):
+            continue
+        closest = _closest(upper, names)
+        hint = f"did you mean {closest}?" if closest else "docs/configuration.md lists every setting"
+        problems.append(f"{key} is not a setting ({hint})")
+    return problems
+
+
+def _toml_keys(config_file: str | Path | None) -> dict[str, Any]:
+    if config_file is None:
+        return {}
+    try:
+        with open(config_file, "rb") as handle:
+            return tomllib.load(handle)
+    except (OSError, ValueError, RecursionError):  # already read once by the settings source
+        return {}
+
+
+def _from_file(loc: tuple[int | str, ...], data: dict[str, Any]) -> bool:
+    """Whether the value at ``loc`` is the file's (its variable is not set, and the file has the key)."""
+    names = [p for p in loc if isinstance(p, str)][:2]
+    variables = {ENV_PREFIX + "__".join(n.upper() for n in names[:i]) for i in (1, 2) if len(names) >= i}
+    if any(key.upper() in variables for key in os.environ):
+        return False
+    node: Any = data
+    for part in loc:
+        in_dict = isinstance(part, str) and isinstance(node, dict) and part in node
+        in_list = isinstance(part, int) and isinstance(node, list) and part < len(node)
+        if not (in_dict or in_list):
+            return False
+        node = node[part]
+    return True
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    """A TOML key path as written in the file; odd characters (a newline, a dot) quoted and escaped."""
+    parts = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        else:
+            text = part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else json.dumps(part)
+            parts.append(f".{text}")
+    return "".join(parts).lstrip(".")
+
+
+def _describe(error: ValidationError, config_file: str | Path | None = None) -> str:
     # Input values are left out on purpose: they may be secrets.
+    data = _toml_keys(config_file)
     problems = []
     for item in error.errors():
         loc = tuple(item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "value_error" and len(loc) <= 1:
             problems.append(message)  # a check across several settings: its message names them
+            continue
+        in_file = _from_file(loc, data)
+        if item["type"] == "extra_forbidden":
+            message = "not a setting"
+            closest = _closest(str(loc[-1]), _section_fields(loc[:-1]))
+            if closest is not None:
+                suggestion = _key((*loc[:-1], closest)) if in_file else env_name((*loc[:-1], closest))
+                if len(loc) > 2 and not in_file:  # inside a variable's JSON value: the field's name
+                    suggestion = repr(closest)
+                message += f" (did you mean {suggestion}?)"
+        if in_file:
+            problems.append(f"{config_file}, key {_key(loc)}: {message}")
             continue
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         problems.append(f"{env_name(loc)} ({where}): {message}")
@@ -837,10 +964,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
 
     try:
         settings = _FileSettings(**overrides)
-        redaction.register(settings.kafka.secret_values())  # before anything can log them
-        return settings
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, config_file)) from None
     except SettingsError as exc:
         bad = _bad_json_variables()
         if bad:
@@ -852,3 +977,12 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         bad = _bad_json_variables()
         where = "; ".join(bad) if bad else f"{config_file} nests tables or arrays too deeply"
         raise ConfigError(f"invalid configuration: {where}") from None
+    redaction.register(settings.kafka.secret_values())  # before anything can log them
+    unknown = unknown_variables(os.environ)
+    if unknown and settings.unknown_variables == "refuse":
+        raise ConfigError(
+            f"invalid configuration: {'; '.join(unknown)}; FILTER_UNKNOWN_VARIABLES=warn starts anyway"
+        )
+    for problem in unknown:  # before logging is configured, and whatever its format: plainly on stderr
+        print(f"filter-worker: warning: {problem}; ignored", file=sys.stderr)
+    return settings

@@ -208,3 +208,98 @@ def test_one_error_is_one_line():
         load_settings(batch={"max_size": 0})
     assert "\n" not in str(err.value)
     assert str(err.value).startswith("invalid configuration: FILTER_BATCH__MAX_SIZE (batch.max_size): ")
+
+
+def test_a_variable_that_is_no_setting_is_refused_naming_the_closest_one(monkeypatch):
+    # One underscore for two: pydantic-settings would ignore it and the worker would dial localhost:9092.
+    monkeypatch.setenv("FILTER_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert str(err.value) == (
+        "invalid configuration: FILTER_KAFKA_BOOTSTRAP_SERVERS is not a setting (did you mean "
+        "FILTER_KAFKA__BOOTSTRAP_SERVERS?); FILTER_UNKNOWN_VARIABLES=warn starts anyway"
+    )
+
+
+def test_a_variable_like_no_setting_points_at_the_list_of_settings(monkeypatch):
+    monkeypatch.setenv("FILTER_XYZZY", "1")
+    with pytest.raises(ConfigError, match=r"FILTER_XYZZY is not a setting \(docs/configuration.md lists every"):
+        load_settings()
+
+
+def test_unknown_variables_warn_only_when_asked(monkeypatch, capsys):
+    monkeypatch.setenv("FILTER_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
+    monkeypatch.setenv("FILTER_UNKNOWN_VARIABLES", "warn")
+    assert load_settings().kafka.bootstrap_servers == "localhost:9092"
+    assert capsys.readouterr().err == (
+        "filter-worker: warning: FILTER_KAFKA_BOOTSTRAP_SERVERS is not a setting (did you mean "
+        "FILTER_KAFKA__BOOTSTRAP_SERVERS?); ignored\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "FILTER_KAFKA__PROPERTIES__LINGER.MS",
+        "FILTER_KAFKA__SASL_PASSWORD_FILE",
+        "FILTER_KAFKA",
+        "filter_batch__max_size",
+    ],
+)
+def test_every_variable_a_setting_reads_is_accepted(monkeypatch, name):
+    value = {"FILTER_KAFKA": "{}", "FILTER_KAFKA__SASL_PASSWORD_FILE": __file__}.get(name, "7")
+    monkeypatch.setenv(name, value)
+    monkeypatch.setenv("FILTER_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("FILTER_KAFKA__SASL_MECHANISM", "OAUTHBEARER")
+    load_settings()
+
+
+def test_the_test_suites_own_variables_are_no_typo(monkeypatch):
+    monkeypatch.setenv("FILTER_TEST_BOOTSTRAP_SERVERS", "localhost:29092")
+    monkeypatch.setenv("FILTER_FUZZ_PROFILE", "long")
+    load_settings()
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "expected"),
+    [
+        (
+            "FILTER_KAFKA__BOOTSTRAP_SERVER",
+            "x:9092",
+            "FILTER_KAFKA__BOOTSTRAP_SERVER (kafka.bootstrap_server): not a setting "
+            "(did you mean FILTER_KAFKA__BOOTSTRAP_SERVERS?)",
+        ),
+        (
+            "FILTER_ROUTING__RULES",
+            '[{"action": "drop", "lables": ["x"], "min_score": 0.5}]',
+            "FILTER_ROUTING__RULES (routing.rules[0].lables): not a setting (did you mean 'labels'?)",
+        ),
+    ],
+)
+def test_a_nested_typo_is_refused_with_the_closest_name(monkeypatch, var, value, expected):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert expected in str(err.value)
+
+
+def test_a_typo_in_the_config_file_names_the_file_and_the_key(tmp_path):
+    config = tmp_path / "filter.toml"
+    config.write_text('shutdown_timeout = 3\n[kafka]\nbootstrap_server = "x:9092"\n"bad\\nkey" = 1\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(config)
+    assert str(err.value) == (
+        f"invalid configuration: {config}, key kafka.bootstrap_server: not a setting (did you mean "
+        f'kafka.bootstrap_servers?); {config}, key kafka."bad\\nkey": not a setting; '
+        f"{config}, key shutdown_timeout: not a setting (did you mean shutdown_timeout_s?)"
+    )
+
+
+def test_a_bad_value_in_the_config_file_names_the_file_unless_the_variable_overrides_it(tmp_path, monkeypatch):
+    config = tmp_path / "filter.toml"
+    config.write_text("[batch]\nmax_size = 0\n")
+    with pytest.raises(ConfigError, match=f"{config}, key batch.max_size: Input should be greater than"):
+        load_settings(config)
+    monkeypatch.setenv("FILTER_BATCH__MAX_SIZE", "-1")
+    with pytest.raises(ConfigError, match=r"FILTER_BATCH__MAX_SIZE \(batch.max_size\): Input should be greater"):
+        load_settings(config)
