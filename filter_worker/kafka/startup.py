@@ -28,6 +28,10 @@ log = get_logger("filter_worker.kafka.startup")
 # given before start-up stops: longer than a pod's DNS record takes to appear, shorter than the
 # 10 minutes a Kubernetes startup probe allows.
 WINDOW_S = 60.0
+# How long the service waits before saying, once, what it tried and how to get a broker: a pod's broker
+# often comes up within this, a person at a terminal should not watch "waiting for Kafka" scroll by.
+HINT_AFTER_S = 15.0
+_LOOPBACK = ("localhost", "127.", "[::1]", "::1")
 
 
 class _Lines(logging.Handler):
@@ -50,6 +54,9 @@ class StartupWatch:
         self, kafka: KafkaSettings, clock: Callable[[], float] = time.monotonic, window_s: float = WINDOW_S
     ) -> None:
         self._clock = clock
+        self._bootstrap = kafka.bootstrap_servers
+        self._hint_at: float | None = clock() + HINT_AFTER_S
+        self._last_error = "no answer to a metadata request"
         self._diagnosis = KafkaDiagnosis(
             kafka,
             clock(),
@@ -61,6 +68,7 @@ class StartupWatch:
 
     def error(self, err: KafkaError) -> None:
         """Forward from the service's ``error_cb``."""
+        self._last_error = err.str()
         self._diagnosis.error(self._clock(), err.name(), err.str())
 
     def check(self) -> None:
@@ -74,10 +82,29 @@ class StartupWatch:
                 error=report.cause.text,
                 repeats=report.repeats,
             )
+        if self._hint_at is not None and now >= self._hint_at:
+            self._hint_at = None
+            log.warning(
+                "Kafka has not answered yet; still waiting",
+                tried=self._bootstrap,
+                waited_s=HINT_AFTER_S,
+                error=self._last_error,
+                hint=self._hint(),
+            )
         stop = self._diagnosis.stop(now)
         if stop is not None:
             self.reached()  # stop listening: the process is on its way out
             raise FatalError(stop.message, stop.code)
+
+    def _hint(self) -> str:
+        servers = [s.strip() for s in self._bootstrap.split(",")]
+        if all(s.startswith(_LOOPBACK) for s in servers):
+            return (
+                "no broker is running here; for a local try start the embedded one in another terminal with "
+                "`filter-worker broker --topics` and set FILTER_KAFKA__BOOTSTRAP_SERVERS to the address it "
+                "prints (see the README's 'Run it locally')"
+            )
+        return "check that the brokers in FILTER_KAFKA__BOOTSTRAP_SERVERS run and can be reached from here"
 
     def reached(self) -> None:
         """Kafka answered (or start-up ends): nothing seen so far stops the service, and the watch detaches."""
