@@ -27,15 +27,17 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The watcher's baseline is the content the settings are loaded from, so an edit made while the
+    # model loads is still noticed.
+    watcher = ConfigWatcher(args.config, lambda: worker.request_reload()) if args.config else None
+    settings = settings_with_model(args)
+    # Imported after the settings are checked: torch and transformers take seconds to import, and a
+    # bad setting should be reported at once.
     from filter_worker.kafka.client_check import check_clients
     from filter_worker.model.classifier import Classifier
     from filter_worker.service import serve
     from filter_worker.worker import Worker
 
-    # The watcher's baseline is the content the settings are loaded from, so an edit made while the
-    # model loads is still noticed.
-    watcher = ConfigWatcher(args.config, lambda: worker.request_reload()) if args.config else None
-    settings = settings_with_model(args)
     check_clients(settings.kafka)  # before the (slow) model load
     classifier = Classifier.load(settings.model)
     worker = Worker(settings, classifier, reload_routing=lambda: load_settings(args.config).routing)
