@@ -24,7 +24,7 @@ from filter_worker.config import ConfigError, KafkaSettings
 from filter_worker.config_watcher import ConfigWatcher
 from filter_worker.exit_codes import FailureSlot, FatalError
 from filter_worker.health import Health, HealthServer
-from filter_worker.kafka.startup import StartupWatch
+from filter_worker.kafka.startup import StartupWatch, embedded_broker_hint
 from filter_worker.logs import RateLimit, get_logger, repeated_line
 
 log = get_logger("filter_worker.service")
@@ -147,6 +147,7 @@ class ServiceShell:
                     continue
                 if metadata.brokers:
                     self.health.broker_reachable = True
+                    embedded_broker_hint(metadata, self._kafka)
                     return metadata
             return None
         finally:

@@ -494,11 +494,13 @@ class Worker:
         if not running.committer.tracker.assigned():
             self._unassigned_since = self._clock()
         self.metrics.rebalances.labels("revoke").inc()
+        # In the README's words: what was started is finished and committed; records fetched but not yet
+        # started are not committed, and whoever owns the partition next reads them again.
         log.info(
             "partitions revoked",
             partitions=[f"{t}/{p}" for t, p in tps],
-            dropped_unfinished=dropped,
             finished_in_time=finished,
+            read_again_by_next_owner=dropped,
         )
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:

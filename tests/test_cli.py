@@ -346,6 +346,7 @@ def test_config_after_the_subcommand_is_used_and_help_names_the_sources(keyword_
     assert helped.returncode == 0
     text = " ".join(helped.stdout.split())
     assert "--config FILE" in text and "FILTER_* environment variables over the TOML file given with --config" in text
+    assert "docs/configuration.md lists every setting" in text and "README" not in text
 
 
 def _wrong_value(field: Any) -> str:
@@ -429,6 +430,9 @@ def test_broker_creates_the_topics_of_the_settings_and_stops_on_sigterm():
                 pytest.fail(f"the broker printed no instructions within 60 s: {printed!r}")
         assert f"FILTER_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:{port}" in printed
         assert "FILTER_KAFKA__SESSION_TIMEOUT_MS=6000" in printed
+        # Offline the default model cannot load: the hint names a model, and how to write one.
+        assert "filter-worker model synth ./demo-model" in printed
+        assert "filter-worker run --model ./demo-model" in printed
 
         topics = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=10).topics
         expected = {"in-a", "in-b", "messages.allow", "messages.quarantine", "messages.drop", "bad"}

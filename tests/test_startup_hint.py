@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 from confluent_kafka import KafkaError
+from confluent_kafka.admin import ClusterMetadata
 from structlog.testing import capture_logs
 
 from filter_worker.config import KafkaSettings
-from filter_worker.kafka.startup import HINT_AFTER_S, StartupWatch
+from filter_worker.kafka.startup import HINT_AFTER_S, StartupWatch, embedded_broker_hint
 from tests.clock import ManualClock
 
 REFUSED = "127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: Connection refused"
@@ -45,3 +46,23 @@ def test_a_remote_address_is_not_told_to_start_the_embedded_broker(bootstrap):
     hints = _hints(bootstrap, [HINT_AFTER_S])
     assert len(hints) == 1 and "broker --topics" not in str(hints[0]["hint"])
     assert "FILTER_KAFKA__BOOTSTRAP_SERVERS" in str(hints[0]["hint"])
+
+
+def _metadata(cluster_id: str) -> ClusterMetadata:
+    metadata = ClusterMetadata()
+    metadata.cluster_id = cluster_id
+    return metadata
+
+
+@pytest.mark.parametrize(
+    ("cluster_id", "session_timeout_ms", "hinted"),
+    [("tansu_cluster", 45_000, True), ("tansu_cluster", 6_000, False), ("kafka-prod-7Xq", 45_000, False)],
+)
+def test_the_embedded_broker_with_a_long_session_timeout_is_named_once(cluster_id, session_timeout_ms, hinted):
+    kafka = KafkaSettings(session_timeout_ms=session_timeout_ms)
+    with capture_logs() as logs:
+        embedded_broker_hint(_metadata(cluster_id), kafka)
+    assert len(logs) == int(hinted)
+    if hinted:
+        assert "joining will take about 23 s" in logs[0]["event"]
+        assert "FILTER_KAFKA__SESSION_TIMEOUT_MS=6000" in logs[0]["event"]

@@ -16,12 +16,6 @@ from typing import Any
 from filter_worker.cli.common import subcommand
 from filter_worker.config import ConfigError, load_settings
 
-# Tansu holds every JoinGroup answer for half the group's session timeout (a window for other members
-# to join), and a group keeps the session timeout of the member that formed it. With the default 45 s
-# every start of the worker waits 23 s to join; with 6 s, 3 s (and 11 s after a kill -9, when the
-# dead member must time out first). See the README's "Run it locally".
-LOCAL_SESSION_TIMEOUT_MS = 6000
-
 
 def add_parser(commands: Any) -> None:
     parser = subcommand(
@@ -53,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from confluent_kafka.admin import AdminClient
 
     from filter_worker.kafka import clients
+    from filter_worker.kafka.startup import LOCAL_SESSION_TIMEOUT_MS
     from filter_worker.tools.broker import EmbeddedBroker
 
     settings = load_settings(args.config)
@@ -81,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
             f"  export FILTER_KAFKA__BOOTSTRAP_SERVERS={bootstrap} "
             f"FILTER_KAFKA__SESSION_TIMEOUT_MS={LOCAL_SESSION_TIMEOUT_MS}\n"
             "  filter-worker produce --rate 20 --count 0      # sample traffic until Ctrl-C\n"
-            "  filter-worker run                              # the worker (FILTER_MODEL__NAME: the model)\n"
+            "  filter-worker model synth ./demo-model         # an offline stand-in model, once\n"
+            "  filter-worker run --model ./demo-model         # the worker (or a hub id or another directory)\n"
             f"  curl -s localhost:{settings.metrics.port}/metrics | grep '^filter_records'\n"
             f"(a session timeout of {LOCAL_SESSION_TIMEOUT_MS // 1000} s makes the worker join in seconds here; "
             "see the README's 'Run it locally')\n"

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 SOURCES = (
     "Settings come from FILTER_* environment variables over the TOML file given with --config, over "
-    "the defaults; see the README's Configuration section for every setting."
+    "the defaults; docs/configuration.md lists every setting."
 )
 
 

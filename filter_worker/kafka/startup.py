@@ -11,10 +11,12 @@ the waiting loop must poll between its metadata requests: a loop that only asks 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
 from confluent_kafka import KafkaError
+from confluent_kafka.admin import ClusterMetadata
 
 from filter_worker import tls
 from filter_worker.config import KafkaSettings
@@ -32,6 +34,12 @@ WINDOW_S = 60.0
 # often comes up within this, a person at a terminal should not watch "waiting for Kafka" scroll by.
 HINT_AFTER_S = 15.0
 _LOOPBACK = ("localhost", "127.", "[::1]", "::1")
+
+# The embedded broker (Tansu) names its cluster so. It holds every JoinGroup answer for half the
+# group's session timeout: with the default 45 s each start waits 23 s to join, with 6 s, 3 s
+# (docs/development.md, "The embedded broker and the session timeout").
+EMBEDDED_CLUSTER_ID = "tansu_cluster"
+LOCAL_SESSION_TIMEOUT_MS = 6000
 
 
 class _Lines(logging.Handler):
@@ -112,3 +120,15 @@ class StartupWatch:
         if self._lines is not None:
             librdkafka_logger().removeHandler(self._lines)
             self._lines = None
+
+
+def embedded_broker_hint(metadata: ClusterMetadata, kafka: KafkaSettings) -> None:
+    """Say once, on reaching the embedded broker with a long session timeout, why joining will be slow."""
+    if metadata.cluster_id != EMBEDDED_CLUSTER_ID or kafka.session_timeout_ms <= LOCAL_SESSION_TIMEOUT_MS:
+        return
+    log.warning(
+        "this is the embedded broker, which holds every group join for half the session timeout: joining will "
+        f"take about {math.ceil(kafka.session_timeout_ms / 2000)} s; set FILTER_KAFKA__SESSION_TIMEOUT_MS="
+        f"{LOCAL_SESSION_TIMEOUT_MS} before the group's first start (docs/development.md)",
+        session_timeout_ms=kafka.session_timeout_ms,
+    )
