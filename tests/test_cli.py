@@ -125,6 +125,27 @@ def test_produce_sends_paced_sample_messages(bootstrap_servers):
     assert span >= 39 / 100 * 0.9, "the rate limit was not applied"
 
 
+@pytest.mark.integration
+def test_produce_refuses_a_topic_that_does_not_exist_unless_asked_to_create_it(bootstrap_servers):
+    import uuid
+
+    from confluent_kafka.admin import AdminClient
+
+    topic = f"mesages-{uuid.uuid4().hex[:8]}"  # a typo of the input topic: many brokers would create it
+    env = {"FILTER_KAFKA__BOOTSTRAP_SERVERS": bootstrap_servers}
+    refused = cli("produce", "--count", "5", "--topic", topic, **env)
+    assert refused.returncode == 4, refused.stderr
+    assert f"topic '{topic}' does not exist on {bootstrap_servers}" in error_line(refused)
+    assert "--create-topic" in error_line(refused) and "produced" not in refused.stdout
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    assert topic not in admin.list_topics(timeout=10).topics
+
+    created = cli("produce", "--count", "5", "--rate", "100", "--topic", topic, "--create-topic", **env)
+    assert created.returncode == 0, created.stderr
+    assert f"created topic {topic} (3 partitions)" in created.stdout and "produced 5 messages" in created.stdout
+    assert len(admin.list_topics(timeout=10).topics[topic].partitions) == 3
+
+
 def test_metrics_port_in_use_exits_2_naming_the_setting(keyword_model):
     import socket
 
