@@ -29,13 +29,23 @@ def test_every_setting_is_documented_and_every_documented_setting_exists():
     assert documented == env_names(Settings)
 
 
-def test_quick_start_is_the_two_commands_ci_runs():
+def _shell_blocks(text: str) -> list[str]:
+    return re.findall(r"^```sh\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+
+
+def test_quick_start_installs_torch_first_the_demo_light_and_the_tests_as_ci_does():
     text = README.read_text(encoding="utf-8")
+    quick_start = text[text.index("## Quick start") : text.index("## Run it locally")]
+    torch, demo, tests = _shell_blocks(quick_start)[:3]
+    # The CUDA warning and the CPU wheel come before anything installs torch.
+    assert quick_start.index("CUDA builds") < quick_start.index("```sh")
+    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in torch
+    # The demo needs no test tool: the `demo` extra only.
+    assert demo.strip() == ".venv/bin/pip install -e '.[demo]' && .venv/bin/filter-worker demo"
     ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
-    assert "pip install torch==2.13.0 -e '.[dev]' && .venv/bin/filter-worker demo" in text
-    assert ".venv/bin/python -m pytest\n" in text
-    assert '.venv/bin/python -m pytest -m "not integration"' in text, "the fast command next to the full one"
-    assert "torch==2.13.0 -e '.[dev]'" in ci and "\n.venv/bin/python -m pytest\n" in ci
+    assert "pip install torch==2.13.0 -e '.[dev]'" in tests and "torch==2.13.0 -e '.[dev]'" in ci
+    assert tests.strip().endswith(".venv/bin/python -m pytest") and "\n.venv/bin/python -m pytest\n" in ci
+    assert '.venv/bin/python -m pytest -m "not integration"' in quick_start, "the fast command next to the full one"
 
 
 def _slug(heading: str) -> str:
