@@ -417,6 +417,25 @@ class ModelSettings(_Section):
     # What runs the forward pass: eager PyTorch, or ONNX Runtime on a graph exported from the same
     # safetensors weights (``filter-worker model export``; needs the ``onnx`` extra).
     backend: Literal["torch", "onnx"] = "torch"
+    # The function from logits to scores: auto follows the model's config as transformers' pipeline does
+    # (sigmoid per label for multi-label heads and single outputs, softmax otherwise, none for
+    # regression); set it for a multi-label model whose config leaves problem_type unset.
+    score_function: Literal["auto", "softmax", "sigmoid", "none"] = "auto"
+    # Names for the model's outputs, in output order (a JSON list or comma-separated), replacing its
+    # id2label: a model whose labels are LABEL_0, LABEL_1, ... cannot be routed by name without them.
+    labels: Annotated[list[str] | None, NoDecode] = None
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [part.strip() for part in text.split(",")]
+        if isinstance(value, list) and (
+            not value or any(not isinstance(v, str) or not v.strip() for v in value) or len(set(value)) < len(value)
+        ):
+            raise ValueError("must name every output once, in output order: a JSON list or comma-separated names")
+        return value
 
     @field_validator("device")
     @classmethod

@@ -95,9 +95,15 @@ def test_int8_graph_keeps_the_keyword_labels(exported):
 def test_export_refuses_a_graph_that_does_not_match_and_writes_nothing(keyword_model, tmp_path, monkeypatch):
     directory = tmp_path / "model"
     shutil.copytree(keyword_model, directory)
-    real = onnx_engine.OnnxEngine.probabilities
-    monkeypatch.setattr(onnx_engine.OnnxEngine, "probabilities", lambda self, ids, mask: real(self, ids, mask) + 0.01)
-    with pytest.raises(onnx_export.ExportError, match=r"max probability difference 1\.00e-02") as err:
+    real = onnx_engine.OnnxEngine.logits
+
+    def off(self, ids, mask):  # one logit off by 1: the label's score moves far beyond the tolerance
+        logits = real(self, ids, mask)
+        logits[:, 0] += 1.0
+        return logits
+
+    monkeypatch.setattr(onnx_engine.OnnxEngine, "logits", off)
+    with pytest.raises(onnx_export.ExportError, match=r"max score difference \d\.\d\de-0[12] ") as err:
         onnx_export.export(directory)
     assert "nothing was written" in str(err.value)
     assert list((directory / "onnx").iterdir()) == []
