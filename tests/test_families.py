@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from filter_worker.config import ModelSettings
@@ -92,3 +93,33 @@ def test_the_stand_ins_carry_the_heads_of_the_issue():
     assert heads["modernbert"][0] == ("spam",) and heads["bert-unnamed"][0] is None
     kinds = {f.tokenizer for f in FAMILIES.values()}
     assert kinds == {"wordpiece", "bpe", "unigram"}
+
+
+def test_a_model_without_label_names_is_refused_until_named(tmp_path):
+    """One sentence and exit code 2 before any text is classified; named outputs then route by name."""
+    from tests.test_cli import cli
+
+    directory = build_family(tmp_path / "unnamed", "bert-unnamed")
+    rules = '[{"action": "drop", "labels": ["LABEL_1"], "min_score": 0.5}]'
+    refused = cli("classify", "hello", "--model", str(directory), FILTER_ROUTING__RULES=rules)
+    assert refused.returncode == 2
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "FILTER_ROUTING__RULES: the model's outputs have no names (LABEL_0, LABEL_1), so no rule can say what "
+            "it routes; name them in output order with FILTER_MODEL__LABELS (for example "
+            "FILTER_MODEL__LABELS=name0,name1) and write the rules with those names"
+        )
+    )
+    named_rules = rules.replace("LABEL_1", "spam")
+    named = cli(
+        "classify",
+        "hello",
+        "--model",
+        str(directory),
+        FILTER_ROUTING__RULES=named_rules,
+        FILTER_MODEL__LABELS="ham,spam",
+    )
+    assert named.returncode == 0, named.stderr
+    assert set(orjson.loads(named.stdout)["scores"]) == {"ham", "spam"}
