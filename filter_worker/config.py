@@ -470,7 +470,8 @@ class MessageSettings(_Section):
 
 
 class Rule(_Section):
-    """One routing rule: if the summed probability of ``labels`` reaches ``min_score``, take ``action``."""
+    """One routing rule: if the score of ``labels`` reaches ``min_score``, take ``action``. The score is
+    their sum under a softmax head, the highest of them under a sigmoid head (``model/head.py``)."""
 
     action: Literal["drop", "quarantine", "allow"]
     labels: list[str] = Field(min_length=1)

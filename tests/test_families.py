@@ -123,3 +123,19 @@ def test_a_model_without_label_names_is_refused_until_named(tmp_path):
     )
     assert named.returncode == 0, named.stderr
     assert set(orjson.loads(named.stdout)["scores"]) == {"ham", "spam"}
+
+
+def test_classify_on_a_synthesized_multi_label_stand_in_gives_the_pipeline_scores(tmp_path):
+    """The issue's first case: toxic-bert's labels, multi-label, through ``model synth`` and ``classify``."""
+    from tests.test_cli import cli
+
+    directory = tmp_path / "toxic"
+    assert cli("model", "synth", str(directory), "--kind", "bert").returncode == 0
+    text = "You are a worthless idiot and everyone hates you."
+    rules = '[{"action": "drop", "labels": ["threat", "severe_toxic"], "min_score": 0.5, "name": "violent"}]'
+    result = cli("classify", text, "--model", str(directory), FILTER_ROUTING__RULES=rules)
+    assert result.returncode == 0, result.stderr
+    line = orjson.loads(result.stdout)
+    expected = dict(zip(FAMILIES["bert"].labels or (), pipeline_scores(directory, [text])[0], strict=True))
+    assert line["scores"] == pytest.approx(expected, abs=1e-6)
+    assert line["rule_scores"]["violent"] == pytest.approx(max(expected["threat"], expected["severe_toxic"]), abs=1e-6)
