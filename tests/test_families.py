@@ -139,3 +139,20 @@ def test_classify_on_a_synthesized_multi_label_stand_in_gives_the_pipeline_score
     expected = dict(zip(FAMILIES["bert"].labels or (), pipeline_scores(directory, [text])[0], strict=True))
     assert line["scores"] == pytest.approx(expected, abs=1e-6)
     assert line["rule_scores"]["violent"] == pytest.approx(max(expected["threat"], expected["severe_toxic"]), abs=1e-6)
+
+
+def test_the_override_scores_a_multi_label_model_whose_config_does_not_say_so(tmp_path):
+    """Many multi-label models leave problem_type unset: their config implies a softmax, the card a sigmoid."""
+    from transformers import pipeline
+
+    directory = build_family(tmp_path / "unset", "bert", problem_type=None)
+    assert load(directory).head.function == "softmax"
+    model = load(directory, score_function="sigmoid")
+    classify = pipeline("text-classification", model=str(directory), top_k=None, device="cpu")
+    rows = classify(TEXTS[:6], function_to_apply="sigmoid", truncation=True)
+    labels = list(FAMILIES["bert"].labels or ())
+    expected = np.array([[{r["label"]: r["score"] for r in row}[label] for label in labels] for row in rows])
+    got, _ = model.classify(TEXTS[:6])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=FLOAT32_TOLERANCE)
+    # The same weights now give other scores: verdicts and drift references must not mix the two.
+    assert model.identity.endswith("+sigmoid") and not load(directory).identity.endswith("+sigmoid")

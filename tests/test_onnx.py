@@ -226,3 +226,21 @@ def test_model_export_command_prints_each_graph_and_refuses_a_missing_directory(
     assert f"FILTER_MODEL__BACKEND=onnx FILTER_MODEL__NAME={directory}" in lines[2]
     missing = cli("model", "export", str(tmp_path / "nothing-here"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not a directory" in missing.stderr
+
+
+def test_a_graph_of_an_earlier_export_with_the_softmax_inside_is_refused(exported, tmp_path):
+    """Its outputs are probabilities, not logits: scoring them again would be wrong for every head."""
+    import onnx
+
+    directory, _ = exported
+    copy = tmp_path / "earlier"
+    shutil.copytree(directory, copy)
+    graph = onnx.load(str(copy / "onnx" / "model.onnx"))
+    kept = [p for p in graph.metadata_props if p.key != onnx_engine.OUTPUT_KEY]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    onnx.save(graph, str(copy / "onnx" / "model.onnx"))
+    with pytest.raises(
+        ModelLoadError, match=r"older export that puts a softmax inside the graph.*filter-worker model export"
+    ):
+        load(copy, backend="onnx", dtype="float32")
