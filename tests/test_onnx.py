@@ -244,3 +244,23 @@ def test_a_graph_of_an_earlier_export_with_the_softmax_inside_is_refused(exporte
         ModelLoadError, match=r"older export that puts a softmax inside the graph.*filter-worker model export"
     ):
         load(copy, backend="onnx", dtype="float32")
+
+
+def test_a_graph_the_quantizer_cannot_take_is_refused_at_export_in_one_sentence(keyword_model, tmp_path, monkeypatch):
+    """Refused by the command that makes the graph, never when the worker starts; float32 stays usable."""
+    import onnxruntime.quantization
+
+    def fails(*args, **kwargs):
+        raise ValueError("Unsupported op: ThisFamilysAttention\n  at node 12")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", fails)
+    directory = tmp_path / "model"
+    shutil.copytree(keyword_model, directory)
+    with pytest.raises(onnx_export.ExportError) as err:
+        onnx_export.export(directory)
+    assert str(err.value) == (
+        "ONNX Runtime could not quantize this model's graph to int8 (Unsupported op: ThisFamilysAttention); "
+        "the float32 graph is written and runs with FILTER_MODEL__DTYPE=float32"
+    )
+    assert sorted(p.name for p in (directory / "onnx").iterdir()) == ["model.onnx"]
+    assert load(directory, backend="onnx", dtype="float32").classify(["hello"])[0].shape == (1, 5)

@@ -153,7 +153,7 @@ def export(directory: str | Path, dtypes: Sequence[str] = DTYPES) -> list[Export
             _quantize(float32, tmp)
             difference, agreement = _compare(tmp, reference, texts, expected)
             if not np.isfinite(difference):
-                raise ExportError("the int8 graph returns invalid probabilities (NaN or infinite); nothing was written")
+                raise ExportError("the int8 graph returns invalid scores (NaN or infinite); nothing was written")
             os.replace(tmp, int8)
         written.append(ExportedGraph("int8", int8, int8.stat().st_size, difference, agreement))
     if lock is not None:
@@ -262,8 +262,15 @@ def _quantize(source: Path, target: Path) -> None:
     """int8 weights for every MatMul/Gemm, activations quantized per batch at run time (like torch's int8)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet():
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    try:
+        with _quiet():
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    except Exception as exc:  # noqa: BLE001 - the quantizer raises many types; one sentence for the operator
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"ONNX Runtime could not quantize this model's graph to int8 ({first}); the float32 graph is written "
+            "and runs with FILTER_MODEL__DTYPE=float32"
+        ) from exc
 
 
 def _compare(path: Path, reference: Classifier, texts: list[str], expected: np.ndarray) -> tuple[float, float]:
