@@ -420,6 +420,25 @@ class ModelSettings(_Section):
     # What runs the forward pass: eager PyTorch, or ONNX Runtime on a graph exported from the same
     # safetensors weights (``filter-worker model export``; needs the ``onnx`` extra).
     backend: Literal["torch", "onnx"] = "torch"
+    # The function from logits to scores: auto follows the model's config as transformers' pipeline does
+    # (sigmoid per label for multi-label heads and single outputs, softmax otherwise, none for
+    # regression); set it for a multi-label model whose config leaves problem_type unset.
+    score_function: Literal["auto", "softmax", "sigmoid", "none"] = "auto"
+    # Names for the model's outputs, in output order (a JSON list or comma-separated), replacing its
+    # id2label: a model whose labels are LABEL_0, LABEL_1, ... cannot be routed by name without them.
+    labels: Annotated[list[str] | None, NoDecode] = None
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [part.strip() for part in text.split(",")]
+        if isinstance(value, list) and (
+            not value or any(not isinstance(v, str) or not v.strip() for v in value) or len(set(value)) < len(value)
+        ):
+            raise ValueError("must name every output once, in output order: a JSON list or comma-separated names")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -454,7 +473,8 @@ class MessageSettings(_Section):
 
 
 class Rule(_Section):
-    """One routing rule: if the summed probability of ``labels`` reaches ``min_score``, take ``action``."""
+    """One routing rule: if the score of ``labels`` reaches ``min_score``, take ``action``. The score is
+    their sum under a softmax head, the highest of them under a sigmoid head (``model/head.py``)."""
 
     action: Literal["drop", "quarantine", "allow"]
     labels: list[str] = Field(min_length=1)

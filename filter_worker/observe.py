@@ -18,7 +18,7 @@ from filter_worker.logs import get_logger
 from filter_worker.metrics import Metrics, observe_many
 from filter_worker.moderation.drift import DriftMonitor, expected_noise, load_reference
 from filter_worker.moderation.drift_metrics import DriftExporter
-from filter_worker.pipeline.routing import Decision, Router, ScopeMatcher
+from filter_worker.pipeline.routing import Decision, Outputs, Router, ScopeMatcher
 
 log = get_logger("filter_worker.observe")
 
@@ -51,12 +51,12 @@ class Observer:
         self._since = 0.0  # when the oldest held row came
 
     @classmethod
-    def from_settings(cls, metrics: Metrics, settings: Settings, labels: Sequence[str], model: str) -> Observer:
+    def from_settings(cls, metrics: Metrics, settings: Settings, head: Outputs, model: str) -> Observer:
         """With ``FILTER_DRIFT__REFERENCE`` set: load and check it (``ConfigError`` naming it when bad)."""
         path = settings.drift.reference
         if path is None:
             return cls(metrics)
-        monitor = DriftMonitor(load_reference(path), labels, settings.drift.window, settings.drift.expire_s)
+        monitor = DriftMonitor(load_reference(path), head, settings.drift.window, settings.drift.expire_s)
         _log_coverage(monitor, settings, model)
         return cls(metrics, DriftExporter(metrics, monitor))
 

@@ -127,7 +127,7 @@ class Worker:
         self._failures = self.shell.failures
         self.metrics.initialise(self._topics, settings.topics.input, settings.cache.size > 0)
         self.metrics.track_readiness(self.health.ready)
-        self._observer = Observer.from_settings(self.metrics, settings, classifier.labels, classifier.identity)
+        self._observer = Observer.from_settings(self.metrics, settings, classifier.head, classifier.identity)
         self._running: _Running | None = None
         self._last_consumed = self._last_lag = clock()
         # Joining the group: librdkafka's group state (from its statistics), and since when nothing is assigned.
@@ -278,7 +278,7 @@ class Worker:
         """Decisions under ``routing``; with review sampling on, drawn records carry a copy for review."""
         review = self._settings.review
         sampler = ReviewSampler(review) if review.enabled else None
-        router = router or Router(routing, self._classifier.labels)
+        router = router or Router(routing, self._classifier.head)
         return Decider(router, routing.shadow, self._topics, self._classifier.identity, sampler)
 
     def _observe_forward(self, rows: int, padded: int, real: int, seconds: float) -> None:
@@ -427,7 +427,7 @@ class Worker:
             return
         try:
             routing = self._reload_routing()
-            router = Router(routing, self._classifier.labels)
+            router = Router(routing, self._classifier.head)
         except ConfigError as exc:
             self.metrics.rule_reloads.labels("refused").inc()
             log.error("routing reload refused; the previous rules stay in force", error=str(exc))

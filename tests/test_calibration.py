@@ -51,11 +51,11 @@ def test_calibrated_rule_routes_live_scores_exactly_as_calibrated(keyword_model)
     positive = np.array([True] * 4 + [False] * 4 + [True])
     probs, _ = model.classify(texts)
     labels = ["Very Negative", "Negative"]
-    score = rule_scores(probs, model.labels, labels)
+    score = rule_scores(probs, model.head, labels)
     result = calibrate(score, positive, 0.8, resamples=100)
     # The five keyword texts score > 0.8, the rest < 0.1: taking the five gives 4/5 precision, 4/5 recall.
     assert result.threshold == score[:5].min() and result.threshold > 0.8
     assert (result.precision, result.recall, result.taken) == (pytest.approx(0.8), pytest.approx(0.8), 5)
     rule = Rule(action="quarantine", labels=labels, min_score=result.threshold)
-    router = Router(RoutingSettings(rules=[rule]), model.labels)
+    router = Router(RoutingSettings(rules=[rule]), model.head)
     assert [router.decide(row).action for row in probs] == ["quarantine"] * 5 + ["allow"] * 4

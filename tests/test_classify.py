@@ -15,6 +15,7 @@ import orjson
 from filter_worker.classify import Classify
 from filter_worker.config import load_settings
 from filter_worker.metrics import Metrics
+from filter_worker.model.head import Head
 from filter_worker.observe import Observer
 from filter_worker.pipeline.batching import BatchBuffer
 from filter_worker.pipeline.cache import DecisionCache
@@ -26,6 +27,7 @@ from filter_worker.pipeline.routing import Router
 from tests.clock import ManualClock
 
 LABELS = ["Very Negative", "Negative", "Neutral", "Positive", "Very Positive"]
+HEAD = Head(tuple(LABELS), "softmax")
 TP = ("in", 0)
 
 
@@ -89,7 +91,7 @@ def _stage(model: ScriptedModel, emitted: list[list[Outgoing]], cache: DecisionC
         buffer=BatchBuffer(4, 10_000, 0.0, ManualClock()),
         inference=model,  # type: ignore[arg-type]
         tokenize=_tokenize,
-        decider=Decider(Router(settings.routing, LABELS), False, settings.topics.outputs(), "m@1"),
+        decider=Decider(Router(settings.routing, HEAD), False, settings.topics.outputs(), "m@1"),
         observer=Observer(metrics),
         metrics=metrics,
         message=settings.message,

@@ -17,6 +17,7 @@ from prometheus_client import generate_latest
 
 from filter_worker.config import MIN_DRIFT_REFERENCE, MIN_DRIFT_WINDOW, ConfigError, RoutingSettings, load_settings
 from filter_worker.metrics import Metrics
+from filter_worker.model.head import Head
 from filter_worker.moderation.drift import (
     QUANTILES,
     DriftMonitor,
@@ -34,6 +35,7 @@ from filter_worker.pipeline.routing import Router
 from tests.clock import ManualClock
 
 LABELS = ["bad", "good"]
+HEAD = Head(tuple(LABELS), "softmax")
 ALERTS = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "moderation-alerts.yml"
 
 
@@ -130,7 +132,7 @@ def test_without_drift_the_index_stays_near_its_expected_noise_and_far_below_the
 
 def test_a_shifted_stream_crosses_the_alert_and_the_window_forgets_it_when_the_shift_ends():
     base = reference(sample(1, 8, 5000, seed=3))
-    monitor = DriftMonitor(base, LABELS, window=1000)
+    monitor = DriftMonitor(base, HEAD, window=1000)
     before = feed(monitor, sample(1, 8, 1000, seed=4))
     during = feed(monitor, sample(2, 5, 1500, seed=5))  # the scores move up: mean 0.11 -> 0.29
     after = feed(monitor, sample(1, 8, 1000, seed=6))
@@ -142,12 +144,12 @@ def test_a_shifted_stream_crosses_the_alert_and_the_window_forgets_it_when_the_s
 
 def test_no_index_until_the_window_is_full_and_a_batch_larger_than_the_window_keeps_its_newest():
     base = reference(sample(1, 8, 2000, seed=7))
-    monitor = DriftMonitor(base, LABELS, window=500)
+    monitor = DriftMonitor(base, HEAD, window=500)
     assert monitor.observe(probs_of(sample(1, 8, 499, seed=8)), ["default"] * 499) == {}
     assert set(monitor.observe(probs_of(sample(1, 8, 1, seed=9)), ["default"])) == {("default", "bad")}
     stream = probs_of(sample(3, 3, 1200, seed=10))
     last_500 = psi(base.rules["default"]["bad"].counts, binned(stream[-500:, 0], base.rules["default"]["bad"].edges))
-    fresh = DriftMonitor(base, LABELS, window=500)
+    fresh = DriftMonitor(base, HEAD, window=500)
     assert fresh.observe(stream, ["default"] * 1200)[("default", "bad")] == pytest.approx(last_500)
     feed(monitor, stream[:, 0].astype(np.float64), batch=37)
     assert monitor.observe(stream[-500:], ["default"] * 500)[("default", "bad")] == pytest.approx(last_500)
@@ -164,7 +166,7 @@ def test_scopes_have_their_own_windows_and_unknown_scopes_are_ignored():
             "kids": {"bad": (["bad"], sample(1, 8, 1000, seed=12))},
         },
     )
-    monitor = DriftMonitor(base, LABELS, window=500)
+    monitor = DriftMonitor(base, HEAD, window=500)
     shifted = probs_of(sample(4, 2, 500, seed=13))
     calm = probs_of(sample(1, 8, 500, seed=14))
     both = monitor.observe(np.concatenate([shifted, calm]), ["kids"] * 500 + ["default"] * 500)
@@ -210,7 +212,7 @@ def test_the_reference_file_round_trips_and_bad_files_name_the_setting(tmp_path)
     with pytest.raises(
         ConfigError, match=r"scope 'default' rule 'bad' has label\(s\) \['bad'\] that the model does not"
     ):
-        DriftMonitor(base, ["toxic", "clean"], window=500)
+        DriftMonitor(base, Head(("toxic", "clean"), "softmax"), window=500)
 
 
 # ---- take rates: what the thresholds do ----
@@ -230,10 +232,10 @@ def traffic(rng: np.random.Generator, n: int, drop_rate: float, low: tuple[float
 def window_readings(drop_rate: float, low: tuple[float, float], windows: int, seed: int) -> list:
     """Each window against its own reference snapshot: the reference is a sample too."""
     rng = np.random.default_rng(seed)
-    router = Router(DROP, LABELS)
+    router = Router(DROP, HEAD)
     out = []
     for _ in range(windows):
-        monitor = DriftMonitor(reference(traffic(rng, 5000, 0.10)), LABELS, window=1000)
+        monitor = DriftMonitor(reference(traffic(rng, 5000, 0.10)), HEAD, window=1000)
         monitor.observe(probs_of(traffic(rng, 1000, drop_rate, low)), ["default"] * 1000)
         readings = monitor.readings(thresholds_of(router))
         out.append((readings.indices[("default", "bad")], readings.take_rates[("default", "bad")]))
@@ -264,7 +266,7 @@ def test_take_rates_alert_on_what_thresholds_do_and_not_on_harmless_shifts():
 
 def test_take_rates_follow_the_threshold_in_force_and_skip_rules_with_other_labels():
     base = reference(np.linspace(0, 1, 1000, endpoint=False))
-    monitor = DriftMonitor(base, LABELS, window=500)
+    monitor = DriftMonitor(base, HEAD, window=500)
     monitor.observe(probs_of(np.linspace(0, 1, 500, endpoint=False)), ["default"] * 500)
     rates = monitor.readings(lambda scope: {"bad": (("bad",), 0.8)}).take_rates[("default", "bad")]
     assert (rates.live, rates.reference, rates.z) == (pytest.approx(0.2), pytest.approx(0.2), pytest.approx(0.0))
@@ -287,9 +289,9 @@ def test_the_exporter_sets_the_series_and_removes_them_when_a_scope_goes_quiet_o
         "match": {"topics": ["kids-in"]},
         "rules": [{"action": "drop", "labels": ["bad"], "min_score": 0.5, "name": "bad"}],
     }
-    router = Router(RoutingSettings.model_validate({"rules": DROP.model_dump()["rules"], "scopes": [kids]}), LABELS)
+    router = Router(RoutingSettings.model_validate({"rules": DROP.model_dump()["rules"], "scopes": [kids]}), HEAD)
     metrics = Metrics()
-    exporter = DriftExporter(metrics, DriftMonitor(base, LABELS, window=500, expire_s=60.0, clock=clock))
+    exporter = DriftExporter(metrics, DriftMonitor(base, HEAD, window=500, expire_s=60.0, clock=clock))
     registry = metrics.registry
 
     def present(name: str) -> set[str]:
@@ -308,7 +310,7 @@ def test_the_exporter_sets_the_series_and_removes_them_when_a_scope_goes_quiet_o
     assert registry.get_sample_value(
         "filter_take_rate_reference", {"scope": "default", "rule": "bad"}
     ) == pytest.approx(base.rules["default"]["bad"].take_rate(0.9)[0] / 1000)
-    exporter.publish(both[:10], ["kids"] * 10, Router(DROP, LABELS))
+    exporter.publish(both[:10], ["kids"] * 10, Router(DROP, HEAD))
     assert present("filter_score_psi") == {"default"}, "kids is no longer configured"
 
 
@@ -320,9 +322,9 @@ def test_observer_counts_decisions_and_fills_histograms_and_the_drift_gauge(tmp_
     routing = RoutingSettings.model_validate(
         {"rules": [{"action": "drop", "labels": ["bad"], "min_score": 0.5, "name": "bad"}]}
     )
-    router = Router(routing, LABELS)
+    router = Router(routing, HEAD)
     metrics = Metrics()
-    observer = Observer.from_settings(metrics, settings, LABELS, model="m@1")
+    observer = Observer.from_settings(metrics, settings, HEAD, model="m@1")
     scores = sample(4, 2, 500, seed=22)  # far above the reference
     probs = probs_of(scores)
     decisions = router.decide_batch(probs, ["default"] * 500)
@@ -349,8 +351,8 @@ def test_observer_counts_decisions_and_fills_histograms_and_the_drift_gauge(tmp_
 
 def test_without_a_reference_there_is_no_drift_gauge():
     metrics = Metrics()
-    router = Router(RoutingSettings(rules=[]), LABELS)
-    observer = Observer.from_settings(metrics, load_settings(), LABELS, model="m@1")
+    router = Router(RoutingSettings(rules=[]), HEAD)
+    observer = Observer.from_settings(metrics, load_settings(), HEAD, model="m@1")
     probs = probs_of(sample(1, 1, 10, seed=23))
     observer.observe(probs, router.decide_batch(probs, ["default"] * 10), router)
     observer.flush()
@@ -369,7 +371,7 @@ def test_histograms_take_held_rows_after_the_interval_when_caught_up_or_when_the
     clock = ManualClock()
     observer = Observer(metrics, clock=clock)
     rules = RoutingSettings.model_validate({"rules": [{"action": "drop", "labels": ["bad"], "min_score": 0.99}]})
-    router = Router(rules, LABELS)
+    router = Router(rules, HEAD)
     registry = metrics.registry
 
     def scored() -> float:
@@ -396,7 +398,7 @@ def test_histograms_take_held_rows_after_the_interval_when_caught_up_or_when_the
     assert scored() == 20, "caught up: nothing more is coming, so nothing is held"
 
     observer.observe(calm, router.decide_batch(calm, ["default"] * 10), router)
-    reloaded = Router(RoutingSettings(rules=[]), LABELS)
+    reloaded = Router(RoutingSettings(rules=[]), HEAD)
     observer.observe(calm, reloaded.decide_batch(calm, ["default"] * 10), reloaded)
     assert scored() == 30, "rows decided under the old rules are scored under them before new ones are held"
     assert registry.get_sample_value("filter_rule_score_count", {"scope": "default", "rule": "rules[0]"}) == 30

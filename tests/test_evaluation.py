@@ -100,7 +100,7 @@ def model(keyword_model) -> Classifier:
 def test_metrics_on_the_keyword_model_are_exact(model, tmp_path):
     examples = load_examples(write_csv(tmp_path / "d.csv"), lang_field="lang", label_map=LABEL_MAP)
     probs, _ = model.classify([e.text for e in examples])
-    result = evaluate(examples, probs, model.labels, Router(RoutingSettings(), model.labels))
+    result = evaluate(examples, probs, model.labels, Router(RoutingSettings(), model.head))
     overall = result.overall
     assert overall.accuracy == pytest.approx(0.7)
     assert overall.confusion.tolist() == [

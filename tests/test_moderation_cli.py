@@ -215,9 +215,7 @@ def test_calibrate_from_feedback_refuses_what_it_cannot_judge(tmp_path):
     assert all_ok.returncode == 2 and "every verdict on rule negative is 'ok'" in all_ok.stderr
 
 
-def test_drift_snapshot_writes_each_scopes_scores_and_leaves_out_scopes_too_small_for_an_index(
-    keyword_model, tmp_path
-):
+def test_drift_snapshot_writes_each_scopes_scores_and_leaves_out_scopes_too_small_for_an_index(keyword_model, tmp_path):
     data = tmp_path / "sample.jsonl"
     texts = ["you idiot", "hello", "so broken", "see you tomorrow", "an annoying bug and a loser"]
     rows = [{"text": f"{texts[i % 5]} {i}", "lang": "en"} for i in range(1000)]
@@ -241,7 +239,7 @@ def test_drift_snapshot_writes_each_scopes_scores_and_leaves_out_scopes_too_smal
 
     settings = load_settings(routing={"scopes": [KIDS, GERMAN]})
     model = Classifier.load(settings.model.model_copy(update={"name": str(keyword_model)}))
-    router = Router(settings.routing, model.labels)
+    router = Router(settings.routing, model.head)
     probs, _ = model.classify([r["text"] for r in rows[:1000]])
     negative = router.rule_scores(probs, "default")[:, 1]
     assert reference.rules["default"]["negative"].scores.tolist() == sorted(negative.tolist())

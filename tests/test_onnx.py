@@ -95,9 +95,15 @@ def test_int8_graph_keeps_the_keyword_labels(exported):
 def test_export_refuses_a_graph_that_does_not_match_and_writes_nothing(keyword_model, tmp_path, monkeypatch):
     directory = tmp_path / "model"
     shutil.copytree(keyword_model, directory)
-    real = onnx_engine.OnnxEngine.probabilities
-    monkeypatch.setattr(onnx_engine.OnnxEngine, "probabilities", lambda self, ids, mask: real(self, ids, mask) + 0.01)
-    with pytest.raises(onnx_export.ExportError, match=r"max probability difference 1\.00e-02") as err:
+    real = onnx_engine.OnnxEngine.logits
+
+    def off(self, ids, mask):  # one logit off by 1: the label's score moves far beyond the tolerance
+        logits = real(self, ids, mask)
+        logits[:, 0] += 1.0
+        return logits
+
+    monkeypatch.setattr(onnx_engine.OnnxEngine, "logits", off)
+    with pytest.raises(onnx_export.ExportError, match=r"max score difference \d\.\d\de-0[12] ") as err:
         onnx_export.export(directory)
     assert "nothing was written" in str(err.value)
     assert list((directory / "onnx").iterdir()) == []
@@ -220,3 +226,41 @@ def test_model_export_command_prints_each_graph_and_refuses_a_missing_directory(
     assert f"FILTER_MODEL__BACKEND=onnx FILTER_MODEL__NAME={directory}" in lines[2]
     missing = cli("model", "export", str(tmp_path / "nothing-here"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not a directory" in missing.stderr
+
+
+def test_a_graph_of_an_earlier_export_with_the_softmax_inside_is_refused(exported, tmp_path):
+    """Its outputs are probabilities, not logits: scoring them again would be wrong for every head."""
+    import onnx
+
+    directory, _ = exported
+    copy = tmp_path / "earlier"
+    shutil.copytree(directory, copy)
+    graph = onnx.load(str(copy / "onnx" / "model.onnx"))
+    kept = [p for p in graph.metadata_props if p.key != onnx_engine.OUTPUT_KEY]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    onnx.save(graph, str(copy / "onnx" / "model.onnx"))
+    with pytest.raises(
+        ModelLoadError, match=r"older export that puts a softmax inside the graph.*filter-worker model export"
+    ):
+        load(copy, backend="onnx", dtype="float32")
+
+
+def test_a_graph_the_quantizer_cannot_take_is_refused_at_export_in_one_sentence(keyword_model, tmp_path, monkeypatch):
+    """Refused by the command that makes the graph, never when the worker starts; float32 stays usable."""
+    import onnxruntime.quantization
+
+    def fails(*args, **kwargs):
+        raise ValueError("Unsupported op: ThisFamilysAttention\n  at node 12")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", fails)
+    directory = tmp_path / "model"
+    shutil.copytree(keyword_model, directory)
+    with pytest.raises(onnx_export.ExportError) as err:
+        onnx_export.export(directory)
+    assert str(err.value) == (
+        "ONNX Runtime could not quantize this model's graph to int8 (Unsupported op: ThisFamilysAttention); "
+        "the float32 graph is written and runs with FILTER_MODEL__DTYPE=float32"
+    )
+    assert sorted(p.name for p in (directory / "onnx").iterdir()) == ["model.onnx"]
+    assert load(directory, backend="onnx", dtype="float32").classify(["hello"])[0].shape == (1, 5)

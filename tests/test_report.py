@@ -8,12 +8,14 @@ import re
 import numpy as np
 
 from filter_worker.config import RoutingSettings
+from filter_worker.model.head import Head
 from filter_worker.pipeline.routing import Router
 from filter_worker.tools.calibration import calibrate
 from filter_worker.tools.evaluation import Example, evaluate
 from filter_worker.tools.report import calibration_text, evaluation_text, write_calibration_html, write_evaluation_html
 
 LABELS = ["Very Negative", "Negative", "Neutral", "Positive", "Very Positive"]
+HEAD = Head(tuple(LABELS), "softmax")
 PNG = re.compile(r'<img alt="chart" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 
 
@@ -24,7 +26,7 @@ def images(path) -> list[bytes]:
 def test_evaluation_report_embeds_the_heat_map_and_curves(tmp_path):
     examples = [Example("a", "Neutral", "<b>en</b>"), Example("b", "Negative", "<b>en</b>"), Example("c", "Neutral")]
     probs = np.array([[0.0, 0.1, 0.9, 0.0, 0.0], [0.0, 0.8, 0.2, 0.0, 0.0], [0.95, 0.0, 0.05, 0.0, 0.0]], np.float32)
-    result = evaluate(examples, probs, LABELS, Router(RoutingSettings(), LABELS))
+    result = evaluate(examples, probs, LABELS, Router(RoutingSettings(), HEAD))
     path = tmp_path / "eval.html"
     write_evaluation_html(path, result, "m@rev", "data.csv")
     pngs = images(path)

@@ -9,9 +9,11 @@ from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from filter_worker.config import DEFAULT_RULES, ConfigError, RoutingSettings, Rule, Scope, load_settings
+from filter_worker.model.head import Head
 from filter_worker.pipeline.routing import Router
 
 LABELS = ["Very Negative", "Negative", "Neutral", "Positive", "Very Positive"]
+HEAD = Head(tuple(LABELS), "softmax")
 
 
 def routing(rules=DEFAULT_RULES, scopes=()) -> RoutingSettings:
@@ -23,7 +25,7 @@ def probs(*values: float) -> np.ndarray:
 
 
 def test_default_rules_drop_confident_hostility_and_quarantine_negativity():
-    router = Router(routing(), LABELS)
+    router = Router(routing(), HEAD)
     drop = router.decide(probs(0.95, 0.03, 0.01, 0.005, 0.005))
     assert (drop.action, drop.rule, drop.label) == ("drop", "very-negative", "Very Negative")
     assert drop.score == pytest.approx(0.95)
@@ -41,7 +43,7 @@ def test_first_matching_rule_wins_and_threshold_is_inclusive():
         Rule(action="quarantine", labels=["Negative"], min_score=0.5),
         Rule(action="drop", labels=["Negative"], min_score=0.4),
     ]
-    router = Router(routing(rules), LABELS)
+    router = Router(routing(rules), HEAD)
     decision = router.decide(probs(0.0, 0.5, 0.5, 0.0, 0.0))
     assert (decision.action, decision.rule) == ("quarantine", "rules[0]")
     assert router.decide(probs(0.0, 0.45, 0.55, 0.0, 0.0)).rule == "rules[1]"
@@ -52,13 +54,13 @@ def test_allow_rules_can_short_circuit_later_ones():
         Rule(action="allow", labels=["Very Positive"], min_score=0.3, name="praise"),
         Rule(action="drop", labels=["Very Negative"], min_score=0.3),
     ]
-    decision = Router(routing(rules), LABELS).decide(probs(0.35, 0.0, 0.0, 0.0, 0.65))
+    decision = Router(routing(rules), HEAD).decide(probs(0.35, 0.0, 0.0, 0.0, 0.65))
     assert (decision.action, decision.rule) == ("allow", "praise")
 
 
 def test_unknown_label_stops_startup_listing_the_valid_ones():
     with pytest.raises(ConfigError) as err:
-        Router(routing([Rule(action="drop", labels=["toxic"], min_score=0.5)]), LABELS)
+        Router(routing([Rule(action="drop", labels=["toxic"], min_score=0.5)]), HEAD)
     message = str(err.value)
     assert "FILTER_ROUTING__RULES" in message and "'toxic'" in message and "Very Positive" in message
 
@@ -84,7 +86,7 @@ TRUSTED = Scope.model_validate({"name": "trusted", "match": {"header": "tier", "
 
 @pytest.fixture
 def scoped() -> Router:
-    return Router(routing(scopes=[KIDS, GERMAN, TRUSTED]), LABELS)
+    return Router(routing(scopes=[KIDS, GERMAN, TRUSTED]), HEAD)
 
 
 def test_first_matching_scope_wins_and_unmatched_records_are_default(scoped):
@@ -160,7 +162,7 @@ def test_decide_batch_checks_its_inputs(scoped):
 def test_an_unknown_label_in_any_scope_refuses_the_whole_routing():
     bad = GERMAN.model_copy(update={"rules": [Rule(action="drop", labels=["toxic"], min_score=0.5)]})
     with pytest.raises(ConfigError) as err:
-        Router(routing(scopes=[KIDS, bad]), LABELS)
+        Router(routing(scopes=[KIDS, bad]), HEAD)
     message = str(err.value)
     assert message.startswith("FILTER_ROUTING__SCOPES (routing.scopes[1].rules[0].labels, scope 'de')")
     assert "'toxic'" in message and "Very Positive" in message
@@ -231,7 +233,7 @@ KIDS_TOPIC = {
 
 
 def test_a_scope_can_match_on_the_input_topic_which_the_sender_does_not_set():
-    router = Router(routing(scopes=[Scope.model_validate(KIDS_TOPIC), KIDS]), LABELS)
+    router = Router(routing(scopes=[Scope.model_validate(KIDS_TOPIC), KIDS]), HEAD)
     assert router.scope_of([("tenant", b"kids-app")], None, topic="kids.messages") == "kids-topic"
     assert router.scope_of([("tenant", b"kids-app")], None, topic="messages") == "kids"
     assert router.scope_of([], None, topic="messages") == "default"
@@ -274,7 +276,7 @@ STRICT = [
 def test_a_laxer_scope_that_the_sender_can_choose_is_warned_about(match, rules, warned):
     scope = Scope.model_validate({"name": "s", "match": match, "rules": rules})
     with capture_logs() as events:
-        Router(routing(scopes=[scope]), LABELS)
+        Router(routing(scopes=[scope]), HEAD)
     warnings = [e for e in events if e["event"].startswith("scope rules laxer than the default")]
     assert bool(warnings) == warned
     if warned:

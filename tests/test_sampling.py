@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from filter_worker.config import DEFAULT_SCOPE, ReviewSettings, RoutingSettings, load_settings
+from filter_worker.model.head import Head
 from filter_worker.moderation.verdicts import Sample, parse_verdict
 from filter_worker.moderation.windows import RuleOrder, SampleWindows
 from filter_worker.pipeline.decide import Decider
@@ -18,6 +19,7 @@ from filter_worker.pipeline.routing import Router
 from filter_worker.pipeline.sampling import ReviewSampler, draw
 
 LABELS = ["bad", "good"]
+HEAD = Head(tuple(LABELS), "softmax")
 RULES = RoutingSettings.model_validate(
     {
         "rules": [
@@ -58,7 +60,7 @@ def test_the_settings_are_checked():
 
 
 def test_the_probability_is_the_near_rate_just_below_a_threshold_and_the_uniform_rate_elsewhere():
-    router = Router(RULES, LABELS)
+    router = Router(RULES, HEAD)
     decide = sampler()
     thresholds = router.thresholds(DEFAULT_SCOPE)
     assert thresholds == [0.9, 0.6]
@@ -77,7 +79,7 @@ def test_the_draw_is_fixed_by_the_source_and_uniform_over_sources():
 
 
 def test_review_records_carry_the_routed_record_and_how_they_were_drawn():
-    router = Router(RULES, LABELS)
+    router = Router(RULES, HEAD)
     decider = Decider(router, False, TOPICS, MODEL, sampler(rate=0.05, near_rate=0.5))
     items = [Item(offset) for offset in range(3000)]
     scores = np.random.default_rng(1).uniform(0, 1, 3000)

@@ -98,7 +98,7 @@ def _from_data(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.data}: no example's label is one of {labels}; map data labels with --label-map")
     probs, _ = classifier.classify([e.text for e in examples], settings.batch.max_size, settings.batch.max_tokens)
     result = calibrate(
-        rule_scores(probs, classifier.labels, labels), positive, args.target_precision, args.resamples, seed=args.seed
+        rule_scores(probs, classifier.head, labels), positive, args.target_precision, args.resamples, seed=args.seed
     )
     text = calibration_text(result, args.action, labels, "examples")
     name = args.name or f"{args.action}-p{round(100 * args.target_precision)}"

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     scope = checked_scope(settings, args.scope) or DEFAULT_SCOPE
     texts = _read_texts(args)
     classifier = load_classifier(settings.model)
-    router = Router(settings.routing, classifier.labels)
+    router = Router(settings.routing, classifier.head)
     classifiable = [text for text in texts if text.strip()]
     decided: Iterator[tuple[Decision, bool]] = iter(())
     if classifiable:  # the tokenizer refuses an empty batch

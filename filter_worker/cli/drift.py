@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     rows = load_texts(args.data, args.text_field, ScopeMatcher(settings.routing.scopes))
     scopes = [scope or row_scope for _, row_scope in rows]
     classifier = load_classifier(settings.model)
-    router = Router(settings.routing, classifier.labels)
+    router = Router(settings.routing, classifier.head)
     probs, _ = classifier.classify([text for text, _ in rows], settings.batch.max_size, settings.batch.max_tokens)
     by_scope = {}
     for name in router.scopes:

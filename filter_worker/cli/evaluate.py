@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     settings, examples = labeled_data(args)
     classifier = load_classifier(settings.model)
     check_labels(examples, classifier.labels, args.data)
-    router = Router(settings.routing, classifier.labels)
+    router = Router(settings.routing, classifier.head)
     probs, _ = classifier.classify([e.text for e in examples], settings.batch.max_size, settings.batch.max_tokens)
     result = evaluate(examples, probs, classifier.labels, router)
     sys.stdout.write(evaluation_text(result, classifier.identity, args.data))

@@ -10,6 +10,7 @@ from typing import Any
 from filter_worker.cli.common import subcommand
 from filter_worker.config import ConfigError
 from filter_worker.exit_codes import ExitCode
+from filter_worker.tools.synthetic import FAMILIES
 
 
 def add_parser(commands: Any) -> None:
@@ -45,10 +46,11 @@ def add_parser(commands: Any) -> None:
     synth.add_argument("path", help="directory to write the model to")
     synth.add_argument(
         "--kind",
-        choices=["keyword", "random-base"],
+        choices=["keyword", "random-base", *FAMILIES],
         default="keyword",
         help="keyword: labels decided by built-in keywords, to try the demo offline; random-base: random "
-        "weights in the shape of distilbert-base-multilingual-cased, for benchmarks",
+        "weights in the shape of distilbert-base-multilingual-cased, for benchmarks; a family name: a tiny "
+        "random-weight stand-in with a public model's labels and head (docs/choosing-a-model.md)",
     )
 
 
@@ -58,12 +60,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from filter_worker.tools.synthetic import DEMO_KEYWORDS, build_keyword_model, build_model
+    from filter_worker.tools.synthetic import DEMO_KEYWORDS, build_family, build_keyword_model, build_model
 
     if args.kind == "keyword":
         path = build_keyword_model(args.path, DEMO_KEYWORDS)
-    else:
+    elif args.kind == "random-base":
         path = build_model(args.path, size="base")
+    else:
+        path = build_family(args.path, args.kind)
     print(f"wrote a {args.kind} model to {path}; use it with --model {path} or FILTER_MODEL__NAME={path}")
     return 0
 

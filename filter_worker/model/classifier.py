@@ -1,10 +1,11 @@
-"""The model wrapper: load a sequence classifier, tokenize, run forward passes, return probabilities.
+"""The model wrapper: load a sequence classifier, tokenize, run forward passes, return scores.
 
 This is the only module that runs torch (``onnx_engine`` runs ONNX Runtime; ``onnx_export`` exports through it).
 Tokenization and the forward pass are separate calls because the worker tokenizes on its Kafka thread
 (to know lengths for batching) and runs forward passes on the inference thread. The forward pass is an
-``Engine``: eager PyTorch here, or an ONNX Runtime session (``FILTER_MODEL__BACKEND=onnx``); the rest
-of the classifier (tokenizer, padding, labels, identity) is the same for both.
+``Engine``: eager PyTorch here, or an ONNX Runtime session (``FILTER_MODEL__BACKEND=onnx``); both return
+logits, and the rest of the classifier (tokenizer, padding, the head's score function and labels,
+identity) is the same for both, so the two backends cannot disagree on what a score is.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from filter_worker.config import ConfigError, ModelSettings
 from filter_worker.exit_codes import ModelLoadError
 from filter_worker.logs import get_logger
 from filter_worker.model import lockfile
+from filter_worker.model.head import Head
 from filter_worker.pipeline.batching import plan_batches
 
 log = get_logger(__name__)
@@ -84,9 +86,9 @@ def resolve_dtype(requested: str, device: str, backend: str = "torch") -> str:
 
 class Engine(Protocol):
     """What runs the forward pass: padded token ids and attention mask (int64, rows x width) in,
-    probabilities (float32, rows x labels, the config's label order) out."""
+    logits (float32, rows x labels, the config's label order) out; the head turns them into scores."""
 
-    def probabilities(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray: ...
+    def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray: ...
 
 
 class TorchEngine:
@@ -98,7 +100,7 @@ class TorchEngine:
         # Pinned host memory lets the copy to the GPU run asynchronously (non_blocking).
         self._pin = device.startswith("cuda")
 
-    def probabilities(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         import torch
 
         ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
@@ -109,7 +111,7 @@ class TorchEngine:
                 input_ids=ids_t.to(self._device, non_blocking=self._pin),
                 attention_mask=mask_t.to(self._device, non_blocking=self._pin),
             ).logits
-            return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            return logits.float().cpu().numpy()
 
 
 def pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +138,7 @@ class Classifier:
         self,
         tokenizer: Any,
         engine: Engine,
-        labels: list[str],
+        head: Head,
         name: str,
         revision: str,
         device: str,
@@ -153,7 +155,7 @@ class Classifier:
         # encode_batch_fast skips character offsets (tokenizers >= 0.21).
         self._encode = getattr(backend_tokenizer, "encode_batch_fast", backend_tokenizer.encode_batch)
         self.engine = engine
-        self.labels = labels
+        self.head = head
         self.name = name
         self.revision = revision
         self.weights_sha256 = weights_sha256
@@ -227,14 +229,14 @@ class Classifier:
                 )
             name, revision = settings.name, commit or settings.revision or "main"
             weights = lockfile.directory_weights_sha256(snapshot) if snapshot is not None else ""
-        labels = labels_of(config)
+        head = Head.of(config, settings)
         engine: Engine
         if model is None:
             from filter_worker.model import onnx_engine
 
             # A locked directory is never written to at load, also when its verification is turned off.
             locked = (Path(settings.name) / lockfile.LOCK_NAME).is_file()
-            engine = onnx_engine.load_engine(Path(settings.name), dtype, device, weights, labels, locked)
+            engine = onnx_engine.load_engine(Path(settings.name), dtype, device, weights, labels_of(config), locked)
         else:
             import torch
 
@@ -251,14 +253,26 @@ class Classifier:
             device=device,
             dtype=dtype,
             backend=settings.backend,
+            labels=list(head.labels),
+            score_function=head.describe(),
         )
-        return cls(tokenizer, engine, labels, name, revision, device, max_length, weights, dtype, settings.backend)
+        return cls(tokenizer, engine, head, name, revision, device, max_length, weights, dtype, settings.backend)
+
+    @property
+    def labels(self) -> list[str]:
+        """The head's labels in output order (``FILTER_MODEL__LABELS`` where set), as rules and outputs name them."""
+        return list(self.head.labels)
 
     @property
     def identity(self) -> str:
-        """``name@revision#sha256:<first 16 hex of weights_sha256>``: what the ``filter.model`` header carries."""
+        """``name@revision#sha256:<first 16 hex of weights_sha256>``: what the ``filter.model`` header carries.
+
+        With ``FILTER_MODEL__SCORE_FUNCTION`` overriding the model's own function, ``+<function>`` follows:
+        the same weights then give other scores, and verdicts and drift references must not mix the two.
+        """
         suffix = f"#sha256:{self.weights_sha256[:16]}" if self.weights_sha256 else ""
-        return f"{self.name}@{self.revision}{suffix}"
+        scores = f"+{self.head.function}" if self.head.overridden else ""
+        return f"{self.name}@{self.revision}{suffix}{scores}"
 
     def tokenize(self, texts: Sequence[str]) -> list[Tokenized]:
         """Token ids per text, truncated to ``max_length``; ``truncated`` says whether text was cut.
@@ -278,13 +292,13 @@ class Classifier:
         ]
 
     def predict(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        """One forward pass over token-id rows (padded here); returns probabilities, shape (rows, labels)."""
-        return self.engine.probabilities(*pad(batch, self.pad_id))
+        """One forward pass over token-id rows (padded here); returns scores, shape (rows, labels)."""
+        return self.head.scores(self.engine.logits(*pad(batch, self.pad_id)))
 
     def classify(
         self, texts: Sequence[str], max_size: int = 32, max_tokens: int = 16_384
     ) -> tuple[np.ndarray, list[bool]]:
-        """Probabilities for every text in input order, plus truncation flags; batched by length."""
+        """Scores for every text in input order, plus truncation flags; batched by length."""
         tokens = self.tokenize(texts)
         lengths = [len(t.ids) for t in tokens]
         probs = np.zeros((len(texts), len(self.labels)), dtype=np.float32)

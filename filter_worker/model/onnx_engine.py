@@ -4,9 +4,11 @@ Eager PyTorch dispatches every small op of a forward pass from Python, taking th
 ONNX Runtime runs the whole graph in C++ (fused kernels, int8 kernels) and releases the GIL for the
 whole pass, so the worker's Kafka thread is never stalled by the model.
 
-Each graph records the sha256 of the weights it came from and the label order, and loading refuses a
-graph exported from other weights. The export itself (``torch.onnx``, the equality check, the int8
-quantization) is a tool, not part of the worker: ``filter_worker/model/onnx_export.py``.
+Each graph records the sha256 of the weights it came from, the label order and that it returns logits
+(the head's score function runs after it, as after the torch engine), and loading refuses a graph
+exported from other weights, or one of an older export with a softmax inside. The export itself
+(``torch.onnx``, the equality check, the int8 quantization) is a tool, not part of the worker:
+``filter_worker/model/onnx_export.py``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ DTYPES: tuple[str, ...] = tuple(GRAPH_FILES)
 # What an exported graph records in its metadata: checked at every load.
 WEIGHTS_KEY = "filter_worker.weights_sha256"
 LABELS_KEY = "filter_worker.labels"
+OUTPUT_KEY = "filter_worker.output"
+OUTPUT = "logits"
 
 
 def runtime() -> Any:
@@ -73,12 +77,12 @@ def resolve_dtype(requested: str, device: str) -> str:
 
 
 class OnnxEngine:
-    """One ONNX Runtime session; ``run`` releases the GIL for the whole forward pass."""
+    """One ONNX Runtime session returning logits; ``run`` releases the GIL for the whole forward pass."""
 
     def __init__(self, session: Any) -> None:
         self._session = session
 
-    def probabilities(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         out: np.ndarray = self._session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
         return out
 
@@ -147,6 +151,11 @@ def load_engine(
             f"{directory / GRAPH_FILES[dtype]} was exported from other weights (sha256 "
             f"{meta.get(WEIGHTS_KEY) or 'not recorded'}, this directory's are {weights_sha256}); export it again: "
             f"filter-worker model export {directory}"
+        )
+    if meta.get(OUTPUT_KEY) != OUTPUT:
+        raise ModelLoadError(
+            f"{directory / GRAPH_FILES[dtype]} is of an older export that puts a softmax inside the graph, which is "
+            f"wrong for multi-label models; export it again: filter-worker model export {directory}"
         )
     if json.loads(meta.get(LABELS_KEY, "null")) != labels:
         raise ModelLoadError(

@@ -1,11 +1,13 @@
 """``filter-worker model export``: an ONNX graph from the safetensors weights, checked before it is written.
 
 The graph is exported from the same safetensors weights the torch backend loads (``torch.onnx``'s
-``torch.export``-based exporter; the TorchScript one is deprecated), with the softmax inside, dynamic
-batch and sequence axes, and written to ``<model dir>/onnx/``. An export is checked, not assumed: the
-float32 graph's probabilities must match eager PyTorch's on sample texts within ``TOLERANCE`` or
-nothing is written. The int8 graph is ONNX Runtime's dynamic quantization of the checked float32
-graph; its difference from float32 is reported, as for the torch backend's int8.
+``torch.export``-based exporter; the TorchScript one is deprecated), returning logits as the torch
+engine does (the head's score function runs after either engine, so the float32 and int8 graphs follow
+the model's function and ``FILTER_MODEL__SCORE_FUNCTION`` without a new export), with dynamic batch and
+sequence axes, and written to ``<model dir>/onnx/``. An export is checked, not assumed: the float32
+graph's scores must match eager PyTorch's on sample texts within ``TOLERANCE`` or nothing is written.
+The int8 graph is ONNX Runtime's dynamic quantization of the checked float32 graph; its difference
+from float32 is reported, as for the torch backend's int8.
 
 A locked directory lists the graphs in its lock file (the export adds them), so they are verified like
 the weights. The worker only loads graphs (``onnx_engine.py``); the development commands export a
@@ -37,6 +39,8 @@ from filter_worker.model.onnx_engine import (
     GRAPH_DIR,
     GRAPH_FILES,
     LABELS_KEY,
+    OUTPUT,
+    OUTPUT_KEY,
     WEIGHTS_KEY,
     OnnxEngine,
     resolve_device,
@@ -54,7 +58,6 @@ TOLERANCE = 1e-4
 # protobuf cannot hold a single file above 2 GiB; larger models would need external data files.
 _MAX_GRAPH_BYTES = 2_000_000_000
 _INPUTS = ("input_ids", "attention_mask")
-_OUTPUT = "probabilities"
 __all__ = ["DTYPES", "TOLERANCE", "ExportError", "ExportedGraph", "ensure_graph", "export"]
 
 
@@ -124,7 +127,7 @@ def export(directory: str | Path, dtypes: Sequence[str] = DTYPES) -> list[Export
     reference = Classifier.load(ModelSettings(name=str(root), dtype="float32", device="cpu", verify=False))
     texts = check_texts()
     expected, _ = reference.classify(texts, max_size=16)
-    meta = {WEIGHTS_KEY: reference.weights_sha256, LABELS_KEY: json.dumps(reference.labels)}
+    meta = {WEIGHTS_KEY: reference.weights_sha256, LABELS_KEY: json.dumps(reference.labels), OUTPUT_KEY: OUTPUT}
     try:
         (root / GRAPH_DIR).mkdir(exist_ok=True)
     except OSError as exc:
@@ -139,7 +142,7 @@ def export(directory: str | Path, dtypes: Sequence[str] = DTYPES) -> list[Export
         difference, agreement = _compare(tmp, reference, texts, expected)
         if difference > TOLERANCE:
             raise ExportError(
-                f"the exported graph does not match the PyTorch model: max probability difference {difference:.2e} "
+                f"the exported graph does not match the PyTorch model: max score difference {difference:.2e} "
                 f"on {len(texts)} sample texts (tolerance {TOLERANCE:.0e}); nothing was written"
             )
         os.replace(tmp, float32)
@@ -150,7 +153,7 @@ def export(directory: str | Path, dtypes: Sequence[str] = DTYPES) -> list[Export
             _quantize(float32, tmp)
             difference, agreement = _compare(tmp, reference, texts, expected)
             if not np.isfinite(difference):
-                raise ExportError("the int8 graph returns invalid probabilities (NaN or infinite); nothing was written")
+                raise ExportError("the int8 graph returns invalid scores (NaN or infinite); nothing was written")
             os.replace(tmp, int8)
         written.append(ExportedGraph("int8", int8, int8.stat().st_size, difference, agreement))
     if lock is not None:
@@ -216,20 +219,19 @@ def _export_float32(reference: Classifier, path: Path, meta: dict[str, str]) -> 
     engine = reference.engine
     assert isinstance(engine, TorchEngine), "the reference is loaded with the torch backend"
 
-    class Probabilities(torch.nn.Module):
-        """The classifier with its softmax: the graph returns what ``Classifier.predict`` returns."""
+    class Logits(torch.nn.Module):
+        """The classifier's logits in float32: the graph returns what ``TorchEngine.logits`` returns."""
 
         def __init__(self, model: Any) -> None:
             super().__init__()
             self.model = model
 
         def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            return torch.softmax(logits.float(), dim=-1)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
 
     # eval() on the wrapper too: a new Module is in training mode, and the exporter restores the mode
     # it found, which would turn dropout on in the reference model after the export.
-    wrapper = Probabilities(engine.module).eval()
+    wrapper = Logits(engine.module).eval()
     # Two rows of different lengths (so the example carries padding), neither axis of size 0 or 1,
     # which torch.export would treat as constants.
     rows = [t.ids for t in reference.tokenize(["an example message to trace", "a shorter one"])]
@@ -243,7 +245,7 @@ def _export_float32(reference: Classifier, path: Path, meta: dict[str, str]) -> 
                 (ids, mask),
                 None,
                 input_names=list(_INPUTS),
-                output_names=[_OUTPUT],
+                output_names=[OUTPUT],
                 dynamic_shapes={"input_ids": axes, "attention_mask": axes},
                 dynamo=True,
                 verbose=False,
@@ -260,12 +262,19 @@ def _quantize(source: Path, target: Path) -> None:
     """int8 weights for every MatMul/Gemm, activations quantized per batch at run time (like torch's int8)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet():
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    try:
+        with _quiet():
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    except Exception as exc:  # noqa: BLE001 - the quantizer raises many types; one sentence for the operator
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"ONNX Runtime could not quantize this model's graph to int8 ({first}); the float32 graph is written "
+            "and runs with FILTER_MODEL__DTYPE=float32"
+        ) from exc
 
 
 def _compare(path: Path, reference: Classifier, texts: list[str], expected: np.ndarray) -> tuple[float, float]:
-    """Largest probability difference from ``expected`` and the share of equal top labels.
+    """Largest score difference from ``expected`` and the share of equal top labels.
 
     The graph runs in the reference classifier's place (same tokenizer, padding and batches), so the
     engine is the only difference.

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from filter_worker.config import DEFAULT_SCOPE, MIN_DRIFT_REFERENCE, SCOPE_NAME, ConfigError
 from filter_worker.moderation.stats import two_proportion_z
-from filter_worker.pipeline.routing import rule_score_matrix
+from filter_worker.pipeline.routing import Combine, Outputs, rule_score_matrix
 
 # The index's bins hold these shares of the reference's scores: deciles, the usual PSI binning.
 QUANTILES: tuple[float, ...] = tuple(i / 10 for i in range(11))
@@ -255,8 +255,9 @@ class TakeRate:
 class _ScopeWindow:
     """Each reference rule's scores on a scope's last ``size`` records (a ring), and when it last grew."""
 
-    def __init__(self, rules: Mapping[str, RuleReference], labels: Sequence[str], size: int) -> None:
+    def __init__(self, rules: Mapping[str, RuleReference], labels: Sequence[str], combine: Combine, size: int) -> None:
         self.rules = dict(rules)
+        self.combine = combine
         self.columns = [np.array([list(labels).index(label) for label in rule.labels]) for rule in rules.values()]
         self.ring = np.zeros((size, len(rules)), dtype=np.float64)
         self.position = 0
@@ -265,7 +266,7 @@ class _ScopeWindow:
 
     def add(self, probs: np.ndarray, now: float) -> None:
         size = len(self.ring)
-        new = rule_score_matrix(probs, self.columns)[-size:]
+        new = rule_score_matrix(probs, self.columns, self.combine)[-size:]
         positions = (self.position + np.arange(len(new))) % size
         self.ring[positions] = new  # the oldest records' slots: they leave the window
         self.position = int((self.position + len(new)) % size)
@@ -309,16 +310,18 @@ class DriftMonitor:
     def __init__(
         self,
         reference: Reference,
-        labels: Sequence[str],
+        head: Outputs,
         window: int,
         expire_s: float = 900.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        reference.check_labels(labels)
+        reference.check_labels(head.labels)
         self.reference = reference
         self._expire_s = expire_s
         self._clock = clock
-        self._windows = {scope: _ScopeWindow(rules, labels, window) for scope, rules in reference.rules.items()}
+        self._windows = {
+            scope: _ScopeWindow(rules, head.labels, head.combine, window) for scope, rules in reference.rules.items()
+        }
         self._reported: set[str] = set()
 
     def observe(self, probs: np.ndarray, scopes: Sequence[str]) -> dict[tuple[str, str], float]:

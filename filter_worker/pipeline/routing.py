@@ -1,4 +1,8 @@
-"""Scopes, then rules x label probabilities -> an action. First matching rule wins; no match means allow.
+"""Scopes, then rules x label scores -> an action. First matching rule wins; no match means allow.
+
+A rule's score is what its labels say together, by the model's head (``model/head.py``): for a softmax
+head (exclusive labels) the sum of their scores, the probability of the set; for a sigmoid head
+(independent labels) the highest of them, "any of these labels at or above ``min_score``".
 
 A record's scope (a tenant, a language: ``FILTER_ROUTING__SCOPES``) picks the rule list that applies
 to it; the first scope whose match accepts the record wins, and a record no scope matches gets
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 
@@ -27,13 +31,30 @@ log = get_logger("filter_worker.routing")
 ACTIONS: tuple[str, ...] = ("allow", "quarantine", "drop")
 DEFAULT_RULE = "default"
 
+# How a rule's labels' scores make its score: summed (exclusive labels) or the highest (independent ones).
+Combine = Literal["sum", "max"]
+
+
+class Outputs(Protocol):
+    """What routing needs of the model's head (``model.head.Head``): the labels in output order, whether
+    they have names, and how a rule's labels combine."""
+
+    @property
+    def labels(self) -> tuple[str, ...]: ...
+
+    @property
+    def named(self) -> bool: ...
+
+    @property
+    def combine(self) -> Combine: ...
+
 
 # A NamedTuple, not a frozen dataclass: as immutable, built in a third of the time (one per record).
 class Decision(NamedTuple):
     """What happens to one record and why.
 
-    ``score`` is the matched rule's summed probability, or the top label's probability when no rule
-    matched. ``probabilities`` (one per label, in ``labels`` order) and ``rule_row`` (one per rule of
+    ``score`` is the matched rule's score (see ``rule_score_matrix``), or the top label's score when no
+    rule matched. ``probabilities`` (one per label, in ``labels`` order) and ``rule_row`` (one per rule of
     the scope, in ``rule_names`` order) are kept as they came out of the batch; ``scores`` and
     ``rule_scores`` name them on demand, for the embedded output and ``classify``. Building those two
     dicts for every record cost more than the rest of the decision; most records never need them.
@@ -51,7 +72,7 @@ class Decision(NamedTuple):
 
     @property
     def scores(self) -> dict[str, float]:
-        """Every label's probability, by label."""
+        """Every label's score, by label."""
         return dict(zip(self.labels, self.probabilities, strict=True))
 
     @property
@@ -126,8 +147,8 @@ _SEVERITY = {"allow": 0, "quarantine": 1, "drop": 2}
 
 def _covers(rules: Sequence[Rule], rule: Rule) -> bool:
     """Whether ``rules`` take everything ``rule`` takes, at least as severely: a rule on a superset of its
-    labels (so a score at least as high), at a threshold no higher, with an action no milder, and no
-    allow rule before it (first match wins)."""
+    labels (so a score at least as high, summed or the highest), at a threshold no higher, with an action
+    no milder, and no allow rule before it (first match wins)."""
     for candidate in rules:
         if candidate.action == "allow":
             return False
@@ -167,13 +188,15 @@ class _Rules:
     min_scores: np.ndarray  # float64, one per rule
 
 
-def rule_score_matrix(probs: np.ndarray, indices: Sequence[np.ndarray]) -> np.ndarray:
-    """Each rule's score per row, (rows, rules): its labels' probabilities summed in the model's dtype.
+def rule_score_matrix(probs: np.ndarray, indices: Sequence[np.ndarray], combine: Combine) -> np.ndarray:
+    """Each rule's score per row, (rows, rules): its labels' scores summed (``sum``, in the model's dtype)
+    or the highest of them (``max``), as the head says.
 
-    The one place a rule's score is computed, so calibration picks thresholds on exactly the numbers
-    routing compares with ``min_score``.
+    The one place a rule's score is computed, so calibration, drift and the ``filter.rule-score``
+    header and metrics show exactly the numbers routing compares with ``min_score``.
     """
-    columns = [probs[:, index].sum(axis=1) for index in indices]
+    reduce = np.sum if combine == "sum" else np.max
+    columns = [reduce(probs[:, index], axis=1) for index in indices]
     if not columns:
         return np.zeros((len(probs), 0), dtype=np.float64)
     return np.stack(columns, axis=1).astype(np.float64)
@@ -182,8 +205,10 @@ def rule_score_matrix(probs: np.ndarray, indices: Sequence[np.ndarray]) -> np.nd
 class Router:
     """Scopes and their rules compiled against a model's labels; built once, then a pure function."""
 
-    def __init__(self, routing: RoutingSettings, labels: Sequence[str]) -> None:
-        self._labels = tuple(labels)  # shared by every Decision: immutable
+    def __init__(self, routing: RoutingSettings, head: Outputs) -> None:
+        self._labels = tuple(head.labels)  # shared by every Decision: immutable
+        self._named = head.named
+        self.combine: Combine = head.combine
         self._matcher = ScopeMatcher(routing.scopes)
         self._rules = {DEFAULT_SCOPE: self._compile(routing.rules, "FILTER_ROUTING__RULES", "routing.rules")}
         for i, scope in enumerate(routing.scopes):
@@ -199,6 +224,13 @@ class Router:
 
     def _compile(self, rules: Sequence[Rule], variable: str, where: str, scope: str | None = None) -> _Rules:
         known = {label: i for i, label in enumerate(self._labels)}
+        if rules and not self._named:
+            example = ",".join(f"name{i}" for i in range(len(self._labels)))
+            raise ConfigError(
+                f"{variable}: the model's outputs have no names ({', '.join(self._labels)}), so no rule can say what "
+                f"it routes; name them in output order with FILTER_MODEL__LABELS (for example "
+                f"FILTER_MODEL__LABELS={example}) and write the rules with those names"
+            )
         for position, rule in enumerate(rules):
             unknown = [label for label in rule.labels if label not in known]
             if unknown:
@@ -252,10 +284,10 @@ class Router:
 
     def rule_scores(self, probs: np.ndarray, scope: str) -> np.ndarray:
         """Every rule of ``scope`` scored on every row of ``probs``: (rows, rules), rule order."""
-        return rule_score_matrix(np.asarray(probs), self._scope_rules(scope).indices)
+        return rule_score_matrix(np.asarray(probs), self._scope_rules(scope).indices, self.combine)
 
     def decide(self, probabilities: np.ndarray, scope: str = DEFAULT_SCOPE) -> Decision:
-        """Route one record from its probability vector (one entry per label, summing to 1)."""
+        """Route one record from its score vector (one entry per label)."""
         return self.decide_batch(np.asarray(probabilities)[np.newaxis, :], [scope])[0]
 
     def decide_batch(self, probs: np.ndarray, scopes: Sequence[str]) -> list[Decision]:
@@ -276,7 +308,7 @@ class Router:
         for scope in dict.fromkeys(scopes):
             rules = self._scope_rules(scope)
             rows: list[int] = np.flatnonzero(scope_of_row == scope).tolist()
-            scored = rule_score_matrix(probs[rows], rules.indices)
+            scored = rule_score_matrix(probs[rows], rules.indices, self.combine)
             hits: np.ndarray = np.asarray(scored >= rules.min_scores)
             matched: list[bool] = np.asarray(hits.any(axis=1)).tolist()
             first: list[int] = hits.argmax(axis=1).tolist() if len(rules.names) else [0] * len(rows)

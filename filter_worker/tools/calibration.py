@@ -2,7 +2,8 @@
 
 The lowest such threshold is the one that catches the most (recall only falls as the threshold
 rises). A record counts as positive when its gold label is one of the rule's labels, and its score is
-the summed probability of those labels computed exactly as ``Router`` computes it, so the printed
+its labels' scores combined as the model's head says (summed for a softmax head, the highest for a
+sigmoid head), computed exactly as ``Router`` computes it, so the printed
 rule selects on live traffic exactly what it selected here. The bootstrap (resampling the examples
 with a seeded generator) says how much of that is luck of the sample. Pure functions.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from filter_worker.pipeline.routing import rule_score_matrix
+from filter_worker.pipeline.routing import Outputs, rule_score_matrix
 from filter_worker.tools.evaluation import Curve, pr_curve
 
 
@@ -50,10 +51,10 @@ class Calibration:
         return self.threshold if self.meets_target else None
 
 
-def rule_scores(probs: np.ndarray, labels: Sequence[str], rule_labels: Sequence[str]) -> np.ndarray:
-    """A rule's score per row: the float32 sum ``Router`` compares with ``min_score`` (the same function)."""
-    indices = np.array([list(labels).index(label) for label in rule_labels])
-    return rule_score_matrix(probs, [indices])[:, 0]
+def rule_scores(probs: np.ndarray, head: Outputs, rule_labels: Sequence[str]) -> np.ndarray:
+    """A rule's score per row: the number ``Router`` compares with ``min_score`` (the same function)."""
+    indices = np.array([list(head.labels).index(label) for label in rule_labels])
+    return rule_score_matrix(probs, [indices], head.combine)[:, 0]
 
 
 def lowest_threshold(curve: Curve, target: float) -> int | None:

@@ -1,4 +1,5 @@
-"""DistilBERT classifiers built offline: random weights, or weights set so keywords decide the label.
+"""Classifiers built offline: random weights, weights set so keywords decide the label, and stand-ins of
+every common family with public models' label sets and problem types.
 
 Tests, the benchmark and air-gapped trials need a model without reaching a model hub. These are real
 ``transformers`` checkpoints (safetensors weights, a WordPiece tokenizer trained on the built-in
@@ -9,15 +10,27 @@ multilingual samples), loaded through exactly the code path a downloaded model t
   is as close to free as a real checkpoint gets, for measuring everything but the model.
 - ``build_keyword_model``: weights set by hand so that chosen words push a text towards chosen labels
   and everything else is the default label. For tests that must know the right answer.
+- ``build_family``: a random-weight stand-in of a family in ``FAMILIES`` (DistilBERT, BERT, RoBERTa,
+  XLM-RoBERTa, DeBERTa-v2/v3, ELECTRA, ModernBERT) with its kind of tokenizer and a public model's
+  labels and head (multi-label, single-label, a single output, unnamed outputs). For checking that the
+  worker scores each as transformers' pipeline does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from filter_worker.model.samples import corpus
+from filter_worker.tools.synthetic_tokenizers import (
+    BERT_SPECIALS,
+    ROBERTA_SPECIALS,
+    Specials,
+    TokenizerKind,
+    train_tokenizer,
+)
 
 DEFAULT_LABELS: tuple[str, ...] = ("Very Negative", "Negative", "Neutral", "Positive", "Very Positive")
 
@@ -166,5 +179,187 @@ def build_keyword_model(
         params["pre_classifier.weight"].copy_(torch.eye(dim))
         params["classifier.weight"][:, :n].copy_(torch.eye(n) * 8.0)
         params["classifier.bias"][index[default_label]] = 3.5
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+# ---- stand-ins for the families of public classifiers ----
+
+TOXIC_BERT_LABELS = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")
+TEXT_MODERATION_LABELS = ("S", "H", "V", "HR", "SH", "S3", "H2", "V2", "OK")
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """A model family's stand-in: its config class and tiny shape, tokenizer kind, and a public model's
+    label set and problem type (``labels`` None: the config's generated ``LABEL_N`` names)."""
+
+    name: str
+    model_type: str
+    tokenizer: TokenizerKind
+    specials: Specials
+    inputs: tuple[str, ...]
+    labels: tuple[str, ...] | None
+    problem_type: str | None
+    like: str  # the public model whose labels and head it carries
+    shape: tuple[tuple[str, Any], ...] = ()
+    num_labels: int = 2
+
+
+_SPREAD = 0.3
+_BERT_SHAPE = (("hidden_size", 32), ("num_hidden_layers", 2), ("num_attention_heads", 2), ("intermediate_size", 64))
+_WITH_TYPES = ("input_ids", "token_type_ids", "attention_mask")
+_WITHOUT_TYPES = ("input_ids", "attention_mask")
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "distilbert",
+            "distilbert",
+            "wordpiece",
+            BERT_SPECIALS,
+            _WITHOUT_TYPES,
+            DEFAULT_LABELS,
+            "single_label_classification",
+            "tabularisai/multilingual-sentiment-analysis",
+            (("dim", 32), ("n_layers", 2), ("n_heads", 2), ("hidden_dim", 64)),
+        ),
+        Family(
+            "bert",
+            "bert",
+            "wordpiece",
+            BERT_SPECIALS,
+            _WITH_TYPES,
+            TOXIC_BERT_LABELS,
+            "multi_label_classification",
+            "unitary/toxic-bert",
+            _BERT_SHAPE,
+        ),
+        Family(
+            "bert-unnamed",
+            "bert",
+            "wordpiece",
+            BERT_SPECIALS,
+            _WITH_TYPES,
+            None,
+            None,
+            "mrm8488/bert-tiny-finetuned-sms-spam-detection",
+            _BERT_SHAPE,
+        ),
+        Family(
+            "roberta",
+            "roberta",
+            "bpe",
+            ROBERTA_SPECIALS,
+            _WITHOUT_TYPES,
+            ("neutral", "toxic"),
+            None,
+            "s-nlp/roberta_toxicity_classifier",
+            _BERT_SHAPE,
+        ),
+        Family(
+            "xlm-roberta",
+            "xlm-roberta",
+            "unigram",
+            ROBERTA_SPECIALS,
+            _WITHOUT_TYPES,
+            ("negative", "neutral", "positive"),
+            None,
+            "cardiffnlp/twitter-xlm-roberta-base-sentiment",
+            _BERT_SHAPE,
+        ),
+        Family(
+            "deberta-v2",
+            "deberta-v2",
+            "unigram",
+            BERT_SPECIALS,
+            _WITH_TYPES,
+            TEXT_MODERATION_LABELS,
+            "multi_label_classification",
+            "KoalaAI/Text-Moderation",
+            (
+                *_BERT_SHAPE,
+                ("relative_attention", True),
+                ("pos_att_type", ["p2c", "c2p"]),
+                ("position_biased_input", False),
+                ("max_relative_positions", -1),
+                ("position_buckets", 64),
+                ("norm_rel_ebd", "layer_norm"),
+                ("share_att_key", True),
+                ("type_vocab_size", 0),
+            ),
+        ),
+        Family(
+            "electra",
+            "electra",
+            "wordpiece",
+            BERT_SPECIALS,
+            _WITH_TYPES,
+            ("ham", "spam"),
+            None,
+            "an SMS spam head (ham, spam) on google/electra-small-discriminator",
+            (*_BERT_SHAPE, ("embedding_size", 16)),
+        ),
+        Family(
+            "modernbert",
+            "modernbert",
+            "bpe",
+            BERT_SPECIALS,
+            _WITHOUT_TYPES,
+            ("spam",),
+            None,
+            "a single spam-probability output on answerdotai/ModernBERT-base",
+            (*_BERT_SHAPE, ("local_attention", 16), ("global_attn_every_n_layers", 2)),
+            num_labels=1,
+        ),
+    )
+}
+
+
+def build_family(path: str | Path, family: str, seed: int = 0, problem_type: str | None = "config") -> Path:
+    """Write a random-weight stand-in of ``family`` (a ``FAMILIES`` key) to ``path`` and return the path.
+
+    Built from the family's transformers config with a public model's labels and problem type, and a
+    tokenizer of the family's kind trained on the built-in samples; ``problem_type`` other than
+    ``"config"`` replaces the family's (None: unset, as many multi-label models on the Hub leave it).
+    The weights are drawn wider than transformers' initialization (``_SPREAD``): at its 0.02 every text
+    gets nearly the same scores (a standard deviation of logits near 0.001), so no threshold would
+    split records the way a trained model's scores do; at 0.3 the logits spread by about 0.6.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    spec = FAMILIES[family]
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = train_tokenizer(out, list(corpus()), spec.tokenizer, spec.specials, spec.inputs)
+    num_labels = len(spec.labels) if spec.labels is not None else spec.num_labels
+    options: dict[str, Any] = dict(spec.shape)
+    if spec.labels is not None:
+        options["id2label"] = dict(enumerate(spec.labels))
+        options["label2id"] = {label: i for i, label in enumerate(spec.labels)}
+    chosen = spec.problem_type if problem_type == "config" else problem_type
+    if chosen is not None:
+        options["problem_type"] = chosen
+    padded = spec.model_type in ("roberta", "xlm-roberta")  # positions start after the padding index
+    config = AutoConfig.for_model(
+        spec.model_type,
+        vocab_size=ids["vocab_size"],
+        num_labels=num_labels,
+        max_position_embeddings=514 if padded else 512,
+        pad_token_id=ids[spec.specials.pad],
+        bos_token_id=ids[spec.specials.cls],
+        eos_token_id=ids[spec.specials.sep],
+        cls_token_id=ids[spec.specials.cls],
+        sep_token_id=ids[spec.specials.sep],
+        **options,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
+                module.weight.normal_(0.0, _SPREAD)
     model.save_pretrained(out, safe_serialization=True)
     return out

@@ -148,7 +148,7 @@ def test_a_header_name_that_is_not_utf8_dead_letters_the_record_instead_of_raisi
     intake = intake_of(classifier, [converted])
     ((failed, _, failure),) = intake.failed
     assert failed is converted and failure.error == "invalid_header"
-    out = Decider(Router(RoutingSettings(), classifier.labels), False, TOPICS, "m").failed(converted, 0, failure)
+    out = Decider(Router(RoutingSettings(), classifier.head), False, TOPICS, "m").failed(converted, 0, failure)
     headers = dict(out.out.headers)
     assert (out.out.topic, out.out.value) == ("dlq", b'{"text": "hello"}')
     assert headers["filter.error"] == b"invalid_header" and b"UTF-8" in headers["filter.reason"]
@@ -157,7 +157,7 @@ def test_a_header_name_that_is_not_utf8_dead_letters_the_record_instead_of_raisi
 def test_invalid_utf8_in_header_values_and_duplicate_names_pass_through_untouched(classifier):
     headers = [("trace", b"\xff\xfe"), ("trace", b"second"), ("tenant", None), ("tenant", b"\xc3")]
     intake = intake_of(classifier, [record(b'{"text": "fine"}', headers)])
-    decider = Decider(Router(RoutingSettings(), classifier.labels), False, TOPICS, "m")
+    decider = Decider(Router(RoutingSettings(), classifier.head), False, TOPICS, "m")
     outputs, _ = decider.classified(intake.pending, classifier.classify(["fine"])[0])
     kept = [(name, value) for name, value in outputs[0].out.headers if not name.startswith("filter.")]
     assert kept == headers
@@ -173,7 +173,7 @@ def test_input_headers_imitating_the_decision_are_replaced_never_passed_through(
         ("trace", b"1"),
     ]
     intake = intake_of(classifier, [record(b'{"text": "you idiot loser"}', forged)])
-    decider = Decider(Router(RoutingSettings(), classifier.labels), False, TOPICS, "m")
+    decider = Decider(Router(RoutingSettings(), classifier.head), False, TOPICS, "m")
     outputs, (decision,) = decider.classified(intake.pending, classifier.classify(["you idiot loser"])[0])
     assert decision.action == "drop"
     headers = outputs[0].out.headers

@@ -118,7 +118,7 @@ def test_every_record_ends_as_one_decision_or_one_dead_letter(
     dead_letter_max: int,
 ) -> None:
     message = MessageSettings(format=fmt, text_field="text")  # type: ignore[arg-type]
-    decider = Decider(Router(ROUTING, classifier.labels), shadow, TOPICS, MODEL)
+    decider = Decider(Router(ROUTING, classifier.head), shadow, TOPICS, MODEL)
     cache = DecisionCache(64)
     by_offset = {record.offset: record for record in records}
     for turn in ("model", "cache"):  # the second turn finds every classified text in the cache

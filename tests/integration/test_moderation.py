@@ -145,7 +145,7 @@ def test_drift_index_crosses_0_2_on_shifted_traffic_and_stays_low_but_not_zero_o
         {"action": "drop", "labels": ["Very Negative"], "min_score": 0.9, "name": "very-negative"},
         {"action": "quarantine", "labels": ["Very Negative", "Negative"], "min_score": 0.2, "name": "negative"},
     ]
-    router = Router(RoutingSettings(rules=routing_rules), classifier.labels)
+    router = Router(RoutingSettings(rules=routing_rules), classifier.head)
     probs, _ = classifier.classify(mixed_texts(1, 1200, hostile=0.2))
     scored = router.rule_scores(probs, "default")
     rules = router.rules("default")

@@ -61,7 +61,7 @@ def _near_free_classifier(settings: Settings) -> Iterator[Classifier]:
 
 
 class _ConstantEngine:
-    """Returns the same probabilities for every row: the worker with no forward pass at all.
+    """Returns the same logits for every row: the worker with no forward pass at all.
 
     On a small CPU even the micro model costs about as much per record as the whole tokenizing loop
     (its model-only rate is printed), so the worker with it measures model and plumbing together.
@@ -70,9 +70,9 @@ class _ConstantEngine:
     """
 
     def __init__(self, labels: int) -> None:
-        self._row = np.full((1, labels), 1.0 / labels, dtype=np.float32)
+        self._row = np.zeros((1, labels), dtype=np.float32)
 
-    def probabilities(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return np.repeat(self._row, len(ids), axis=0)
 
 

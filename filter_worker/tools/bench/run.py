@@ -41,7 +41,7 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
     ensure_graph(model)
     classifier = Classifier.load(model)
     models = Models(settings, classifier)
-    router = Router(settings.routing, classifier.labels)
+    router = Router(settings.routing, classifier.head)
     batch = settings.batch
     ids = [t.ids for t in classifier.tokenize(texts)]
     lengths = [len(row) for row in ids]
