@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from filter_worker.config import ConfigError, MessageSettings, RoutingSettings, Rule, Settings
+from filter_worker.exit_codes import ExitCode
 from filter_worker.pipeline.candidate import (
     ACTION_HEADER,
     MODEL_HEADER,
@@ -23,7 +24,9 @@ from filter_worker.pipeline.intake import Pending
 from filter_worker.pipeline.records import InputRecord, Outgoing, OutputRecord
 from filter_worker.pipeline.routing import Router
 from filter_worker.pipeline.sampling import draw
+from filter_worker.tools.synthetic import build_model
 from tests.test_classify import ScriptedModel, _stage
+from tests.test_cli import cli
 
 LABELS = ["ham", "spam"]
 RULES = RoutingSettings(
@@ -170,3 +173,19 @@ def test_a_candidate_its_rules_cannot_decide_is_refused_in_one_sentence(tmp_path
         check_candidate_rules(settings, LABELS)
     settings = Settings(candidate={"name": str(tmp_path), "routing": RULES.model_dump()})
     check_candidate_rules(settings, LABELS)
+
+
+def test_run_refuses_a_candidate_the_routing_in_force_cannot_decide(keyword_model, tmp_path):
+    """Before joining the group: the live rules name sentiment labels, the candidate has ham and spam."""
+    candidate = build_model(tmp_path / "candidate", size="micro", labels=LABELS)
+    result = cli(
+        "run",
+        FILTER_MODEL__NAME=str(keyword_model),
+        FILTER_CANDIDATE__NAME=str(candidate),
+        FILTER_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:1",
+    )
+    assert result.returncode == ExitCode.CONFIG
+    error = result.stderr.splitlines()[-1]  # after the two models' "model loaded" log lines
+    assert error.startswith("filter-worker: FILTER_CANDIDATE__NAME=")
+    assert "cannot be decided under the routing in force" in error
+    assert "Traceback" not in result.stderr
