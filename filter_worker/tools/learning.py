@@ -8,9 +8,9 @@ Two sources, one shape (texts, labels, which rows are held out):
   (``topic/partition/offset``); the output and review topics carry each record's value under the same
   ``filter.source`` header. Each source counts once, its latest verdict winning, as for
   ``calibrate --from-feedback``. Verdicts on what the rules took are a biased sample (nothing the
-  rules allowed is in it), so the held-out part is the verdicts on records drawn at random for review
-  (``FILTER_REVIEW__*``) where there are any; without them the report says plainly that the held-out
-  data is only what the rules took.
+  rules allowed is in it), so the held-out part is drawn from the verdicts on records drawn at random
+  for review (``FILTER_REVIEW__*``) where there are any; without them the report says plainly that the
+  held-out data is only what the rules took.
 
 The checks turn every way the data cannot train a classifier into one sentence (exit 2).
 """
@@ -34,7 +34,9 @@ from filter_worker.tools.evaluation import Example, load_training_examples
 
 SOURCE_HEADER = "filter.source"
 RANDOM_HELD_OUT = "a random part of each label, never trained on"
-DRAWN_HELD_OUT = "the verdicts on records drawn at random for review (FILTER_REVIEW__*), never trained on"
+DRAWN_HELD_OUT = (
+    "a random part of the verdicts on records drawn at random for review (FILTER_REVIEW__*), never trained on"
+)
 TAKEN_HELD_OUT = (
     "a random part of the verdicts, never trained on; there were no verdicts on randomly drawn records, so the "
     "held-out data is only what the rules took (quarantined or dropped): the figures say nothing about what the "
@@ -108,12 +110,14 @@ def from_verdicts(
             continue
         examples.append(Example(text, abuse_label if verdict.abuse else ok_label))
         drawn.append(verdict.sample is not None)
-    mask = np.array(drawn, dtype=bool)
-    note = DRAWN_HELD_OUT
-    if not mask.any() and examples:
-        _, held = stratified_split([e.label for e in examples], held_out, seed)
-        mask[held] = True
-        note = TAKEN_HELD_OUT
+    # Held out: a random part of the drawn verdicts (the rest of them are trained on: verdicts on what
+    # the rules allowed are often the only examples of the label the rules do not take).
+    pool = [i for i, was_drawn in enumerate(drawn) if was_drawn] or list(range(len(examples)))
+    note = DRAWN_HELD_OUT if any(drawn) else TAKEN_HELD_OUT
+    mask = np.zeros(len(examples), dtype=bool)
+    if pool:
+        _, held = stratified_split([examples[i].label for i in pool], held_out, seed)
+        mask[np.array(pool)[held]] = True
     return TrainingData(examples, mask, note, f"{verdict_source} joined with {', '.join(text_sources)}", dict(skipped))
 
 
