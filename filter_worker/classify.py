@@ -30,6 +30,7 @@ from filter_worker.pipeline.decode import DecodeFailure
 from filter_worker.pipeline.inference import InferenceThread, Result
 from filter_worker.pipeline.intake import Answered, Pending, Tokenize, take_in
 from filter_worker.pipeline.records import InputRecord, Outgoing
+from filter_worker.pipeline.routing import Decision
 
 log = get_logger("filter_worker.classify")
 
@@ -280,7 +281,7 @@ class Classify:
         return outputs
 
     def _compare(
-        self, candidate: Candidate, items: Sequence[Classified], decisions: Sequence[Any], outputs: list[Outgoing]
+        self, candidate: Candidate, items: Sequence[Classified], decisions: Sequence[Decision], outputs: list[Outgoing]
     ) -> list[Outgoing]:
         """The candidate decides the same records; counted, a sample of disagreements copied for review.
 
