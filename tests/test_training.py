@@ -105,13 +105,15 @@ def test_train_writes_a_locked_model_that_loads_with_the_new_labels(tiny_model, 
     assert config["problem_type"] == "single_label_classification"
     classifier = Classifier.load(ModelSettings(name=str(out), verify=True))
     assert classifier.labels == ["ham", "spam"]
-    probs, _ = classifier.classify(["buy cheap pills now, limited offer 999", "see you at lunch tomorrow 999"])
+    unseen = [spam_ham(1000)[999]["text"], spam_ham(1000)[998]["text"]]  # spam, ham: texts not in the data
+    probs, _ = classifier.classify(unseen)
     assert probs.argmax(1).tolist() == [1, 0]
     card = orjson.loads((out / "training.json").read_bytes())
     assert card["data"]["train_per_label"] == {"ham": 64, "spam": 32}
     assert card["data"]["held_out_per_label"] == {"ham": 16, "spam": 8}
     assert card["data"]["skipped"] == {"empty_text": 1}
     assert card["base_encoder"].startswith(f"{tiny_model.name}@local#sha256:")
+    assert card["max_length"] == 512  # FILTER_MODEL__MAX_LENGTH, within the base's positions
     report = orjson.loads((out / "evaluation.json").read_bytes())
     assert report["examples"] == 24
     assert report["labels"]["spam"]["f1"] == card["held_out_metrics"]["labels"]["spam"]["f1"]

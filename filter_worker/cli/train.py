@@ -179,6 +179,7 @@ def train(args: argparse.Namespace) -> int:
         labels=labels,
         data=data,
         mode=mode,
+        max_length=model.max_length,
         held_out_fraction=args.held_out,
         seed=args.seed,
         evaluation=evaluation,

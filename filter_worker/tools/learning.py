@@ -162,6 +162,7 @@ def card(
     labels: Sequence[str],
     data: TrainingData,
     mode: str,
+    max_length: int,
     held_out_fraction: float,
     seed: int,
     evaluation: Mapping[str, Any],
@@ -174,6 +175,7 @@ def card(
         "labels": list(labels),
         "problem_type": "single_label_classification",
         "training": mode,
+        "max_length": max_length,
         "data": {
             "source": data.source,
             "examples_sha256": data.digest,
@@ -196,7 +198,7 @@ def card_markdown(facts: Mapping[str, Any]) -> str:
         f"# {facts['model']}",
         "",
         f"A `{facts['problem_type']}` classifier for the labels {', '.join(facts['labels'])}, trained by "
-        f"`filter-worker model train` ({facts['training']}).",
+        f"`filter-worker model train` ({facts['training']}; texts read up to {facts['max_length']} tokens).",
         "",
         f"- **Base encoder:** `{facts['base_encoder']}`",
         f"- **Data:** {data['source']}; {data['examples']} examples, sha256 of the (text, label) pairs "
