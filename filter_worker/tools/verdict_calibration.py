@@ -235,11 +235,16 @@ def lower_from_drawn(
     return Lowering(float(ranked[ends[at]]), len(score), int(ends[at] + 1), estimate)
 
 
-def drawn_below(scores: Sequence[dict[str, float]], rule: str, earlier: Sequence[tuple[str, float]]) -> np.ndarray:
+def drawn_below(
+    scores: Sequence[dict[str, float]], rule: str, earlier: Sequence[tuple[str, float]]
+) -> np.ndarray:
     """Which drawn records a lower threshold of ``rule`` would move to it: those with a score for it
     and for every rule before it, none of which takes the record (first match wins)."""
     return np.array(
-        [rule in s and all(name in s and s[name] < min_score for name, min_score in earlier) for s in scores],
+        [
+            rule in s and all(name in s and s[name] < min_score for name, min_score in earlier)
+            for s in scores
+        ],
         dtype=bool,
     )
 
