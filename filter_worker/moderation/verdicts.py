@@ -238,7 +238,9 @@ def _topic_records(
     record timestamp order (partitions are read interleaved; the latest verdict of a source must be the
     one published last, whichever partition it is in)."""
     config = {
-        **clients.consumer_config(kafka.model_copy(update={"group_id": f"filter-worker-calibrate-{uuid.uuid4().hex}"})),
+        **clients.consumer_config(
+            kafka.model_copy(update={"group_id": f"filter-worker-calibrate-{uuid.uuid4().hex}"})
+        ),
         "auto.offset.reset": "earliest",
         "logger": librdkafka_logger(),
     }
