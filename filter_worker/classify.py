@@ -24,11 +24,13 @@ from filter_worker.metrics import Metrics
 from filter_worker.observe import Observer
 from filter_worker.pipeline.batching import BatchBuffer
 from filter_worker.pipeline.cache import DecisionCache
+from filter_worker.pipeline.candidate import Candidate
 from filter_worker.pipeline.decide import Classified, Decider
 from filter_worker.pipeline.decode import DecodeFailure
 from filter_worker.pipeline.inference import InferenceThread, Result
 from filter_worker.pipeline.intake import Answered, Pending, Tokenize, take_in
 from filter_worker.pipeline.records import InputRecord, Outgoing
+from filter_worker.pipeline.routing import Decision
 
 log = get_logger("filter_worker.classify")
 
@@ -58,6 +60,7 @@ class Classify:
         cache: DecisionCache | None = None,
         embed: bool = False,
         log_text: bool = False,
+        candidate: Candidate | None = None,
     ) -> None:
         self._buffer = buffer
         self._inference = inference
@@ -73,6 +76,7 @@ class Classify:
         self._cache = cache
         self._embed = embed
         self._log_text = log_text
+        self.candidate = candidate  # FILTER_CANDIDATE__*: a second model compared in shadow, never acted on
         # Passes taken from the model and not yet routed. Kept here, not in a local variable: a
         # consumer call may run a revocation between taking them and routing them, and ``finish``
         # routes them first, so their records are published before the revocation commits.
@@ -272,7 +276,32 @@ class Classify:
         if decider.shadow:
             for action, count in Counter(d.action for d in decisions).items():
                 self._metrics.shadow_decisions.labels(action).inc(count)
+        if self.candidate is not None:
+            outputs = self._compare(self.candidate, items, decisions, outputs)
         return outputs
+
+    def _compare(
+        self, candidate: Candidate, items: Sequence[Classified], decisions: Sequence[Decision], outputs: list[Outgoing]
+    ) -> list[Outgoing]:
+        """The candidate decides the same records; counted, a sample of disagreements copied for review.
+
+        A candidate that fails never holds up the live decisions: they are emitted as they are.
+        """
+        try:
+            comparison = candidate.compare(items, decisions, outputs)
+        except Exception as exc:  # noqa: BLE001 - the shadow model must not stop the live one
+            self._metrics.candidate_failures.inc(len(items))
+            log.warning("the candidate model failed on a batch; the live decisions stand", error=str(exc))
+            return outputs
+        metrics = self._metrics
+        metrics.candidate_records.inc(len(items))
+        metrics.candidate_seconds.inc(comparison.seconds)
+        for action, count in Counter(comparison.actions).items():
+            metrics.candidate_decisions.labels(action).inc(count)
+        for pair, count in comparison.disagreements.items():
+            metrics.candidate_disagreements.labels(pair).inc(count)
+        metrics.candidate_review_copies.inc(comparison.drawn)
+        return comparison.outputs
 
     def _dead_letter(self, record: InputRecord, generation: int, failure: DecodeFailure) -> None:
         fields: dict[str, Any] = {"error": failure.error, "reason": failure.reason}

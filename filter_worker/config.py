@@ -700,6 +700,24 @@ class ReviewSettings(_Section):
         return self.rate > 0.0 or self.near_rate > 0.0
 
 
+class CandidateSettings(_Section):
+    """A second model run in shadow on the same batches: compared with the live one, never acted on.
+
+    Off without ``name``. ``routing`` is the candidate's own rules (a retrained model has other labels);
+    without it the candidate is decided under the routing in force, which then must name only labels
+    the candidate has. ``sample_rate``: the share of disagreements copied to FILTER_REVIEW__TOPIC with
+    both decisions in headers. See ``pipeline/candidate.py`` and docs/learning.md.
+    """
+
+    name: Annotated[Text, AfterValidator(_model_name)] | None = None
+    routing: RoutingSettings | None = None
+    sample_rate: float = Field(0.0, ge=0.0, le=1.0)
+
+    def model_settings(self, live: ModelSettings) -> ModelSettings:
+        """The candidate loads as the live model does (device, dtype, backend, lock), from its own name."""
+        return live.model_copy(update={"name": self.name, "revision": None})
+
+
 class HealthSettings(_Section):
     # /healthz fails when the Kafka loop has not turned for this long; the loop turns at least every
     # 100 ms while healthy, so the window only has to cover GC pauses and a slow rebalance callback.
@@ -727,6 +745,7 @@ class Settings(BaseSettings):
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
+    candidate: CandidateSettings = Field(default_factory=CandidateSettings)
     shutdown_timeout_s: float = Field(30.0, gt=0)
     # A FILTER_ variable that is no setting is almost always a typo (one underscore for two), and
     # pydantic-settings would ignore it: refused by default, only warned about with "warn".

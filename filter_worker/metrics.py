@@ -116,6 +116,34 @@ class Metrics:
         self.rule_reloads = Counter(
             "filter_routing_reloads", "Routing reloads on SIGHUP, by result", ["result"], registry=r
         )
+        # FILTER_CANDIDATE__*: a second model in shadow (pipeline/candidate.py).
+        self.candidate_records = Counter(
+            "filter_candidate_records", "Records the candidate model decided in shadow beside the live one", registry=r
+        )
+        self.candidate_decisions = Counter(
+            "filter_candidate_decisions", "The action the candidate model would have taken", ["action"], registry=r
+        )
+        self.candidate_disagreements = Counter(
+            "filter_candidate_disagreements",
+            "Records the candidate would have routed otherwise, by pair: live action->candidate action",
+            ["pair"],
+            registry=r,
+        )
+        self.candidate_review_copies = Counter(
+            "filter_candidate_review_copies",
+            "Disagreements drawn for review (FILTER_CANDIDATE__SAMPLE_RATE), with both decisions in headers",
+            registry=r,
+        )
+        self.candidate_failures = Counter(
+            "filter_candidate_failures",
+            "Records the candidate model failed on (the live decisions stood; see the log)",
+            registry=r,
+        )
+        self.candidate_seconds = Counter(
+            "filter_candidate_forward_seconds",
+            "Seconds spent in the candidate's forward passes (its cost; compare filter_forward_seconds_sum)",
+            registry=r,
+        )
         self.model = Info("filter_model", "The loaded model", registry=r)
         self.latency_listeners: list[Callable[[Sequence[float]], None]] = []
         # Moderation, per scope (labels from FILTER_ROUTING__SCOPES and rule names: configuration only).
@@ -211,6 +239,13 @@ class Metrics:
         if cache:
             for result in ("hit", "miss"):
                 self.cache_records.labels(result)
+
+    def initialise_candidate(self, pairs: Iterable[str]) -> None:
+        """The candidate's series at 0 (only with a candidate: without one they would say it agrees)."""
+        for action in ACTIONS:
+            self.candidate_decisions.labels(action)
+        for pair in pairs:
+            self.candidate_disagreements.labels(pair)
 
     def track_readiness(self, ready: Callable[[], bool]) -> None:
         """``filter_ready`` reads ``ready`` (``Health.ready``) at every scrape: no call site per state change."""

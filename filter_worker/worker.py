@@ -51,6 +51,7 @@ from filter_worker.model.classifier import Classifier
 from filter_worker.observe import Observer
 from filter_worker.pipeline.batching import BatchBuffer
 from filter_worker.pipeline.cache import DecisionCache
+from filter_worker.pipeline.candidate import PAIRS, Candidate
 from filter_worker.pipeline.decide import Decider
 from filter_worker.pipeline.inference import InferenceThread
 from filter_worker.pipeline.intake import Pending
@@ -112,9 +113,11 @@ class Worker:
         classifier: Classifier,
         clock: Callable[[], float] = time.monotonic,
         reload_routing: Callable[[], RoutingSettings] | None = None,
+        candidate: Classifier | None = None,
     ) -> None:
         self._settings = settings
         self._classifier = classifier
+        self._candidate = candidate  # FILTER_CANDIDATE__NAME loaded: compared in shadow (pipeline/candidate.py)
         self._topics = settings.topics.outputs()
         self._reload_routing = reload_routing
         self._clock = clock
@@ -127,6 +130,8 @@ class Worker:
         self._failures = self.shell.failures
         self.metrics.initialise(self._topics, settings.topics.input, settings.cache.size > 0)
         self.metrics.track_readiness(self.health.ready)
+        if candidate is not None:
+            self.metrics.initialise_candidate(PAIRS)
         self._observer = Observer.from_settings(self.metrics, settings, classifier.head, classifier.identity)
         self._running: _Running | None = None
         self._last_consumed = self._last_lag = clock()
@@ -198,6 +203,8 @@ class Worker:
         """One forward pass before joining the group: CUDA kernels and allocator are ready on record one."""
         classifier = self._classifier
         classifier.classify(["warm-up"])
+        if self._candidate is not None:
+            self._candidate.classify(["warm-up"])
         self.metrics.model.info(
             {
                 "name": classifier.name,
@@ -256,6 +263,7 @@ class Worker:
             cache=DecisionCache(settings.cache.size) if settings.cache.size else None,
             embed=settings.output.embed,
             log_text=settings.log.include_text,
+            candidate=self._candidate_shadow(self._candidate_router(routing)),
         )
         pausing = Pausing(
             consumer, InFlightBudget(settings.budget.max_records, settings.budget.max_bytes), committer, self.metrics
@@ -280,6 +288,26 @@ class Worker:
         sampler = ReviewSampler(review) if review.enabled else None
         router = router or Router(routing, self._classifier.head)
         return Decider(router, routing.shadow, self._topics, self._classifier.identity, sampler)
+
+    def _candidate_router(self, routing: RoutingSettings) -> Router | None:
+        """The candidate's rules: its own (FILTER_CANDIDATE__ROUTING), else the routing in force."""
+        if self._candidate is None:
+            return None
+        return Router(self._settings.candidate.routing or routing, self._candidate.head)
+
+    def _candidate_shadow(self, router: Router | None) -> Candidate | None:
+        candidate = self._candidate
+        if candidate is None or router is None:
+            return None
+        batch = self._settings.batch
+        return Candidate(
+            lambda texts: candidate.classify(texts, batch.max_size, batch.max_tokens)[0],
+            candidate.identity,
+            router,
+            self._settings.message,
+            self._settings.review.topic,
+            self._settings.candidate.sample_rate,
+        )
 
     def _observe_forward(self, rows: int, padded: int, real: int, seconds: float) -> None:
         self.metrics.batch_size.observe(rows)
@@ -428,11 +456,14 @@ class Worker:
         try:
             routing = self._reload_routing()
             router = Router(routing, self._classifier.head)
+            candidate_router = self._candidate_router(routing)  # refused too when the candidate cannot follow
         except ConfigError as exc:
             self.metrics.rule_reloads.labels("refused").inc()
             log.error("routing reload refused; the previous rules stay in force", error=str(exc))
             return
         self._r.classify.decider = self._decider(routing, router)
+        if self._r.classify.candidate is not None and candidate_router is not None:
+            self._r.classify.candidate.router = candidate_router
         self.metrics.rule_reloads.labels("applied").inc()
         log.info(
             "routing reloaded",

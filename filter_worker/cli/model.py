@@ -1,4 +1,4 @@
-"""``filter-worker model``: pull, lock, verify, export and synthesize model directories."""
+"""``filter-worker model``: pull, lock, verify, export, synthesize and train model directories."""
 
 from __future__ import annotations
 
@@ -53,9 +53,73 @@ def add_parser(commands: Any) -> None:
         "random-weight stand-in with a public model's labels and head (docs/choosing-a-model.md)",
     )
 
+    _train_parser(model)
+
+
+def _train_parser(model: Any) -> None:
+    train = model.add_parser(
+        "train",
+        help="train a classification head for your labels (labeled data or reviewers' verdicts) into a new, locked "
+        "model directory",
+    )
+    train.add_argument(
+        "data", nargs="?", help="labeled examples, as eval reads them: .csv with a header line, or .jsonl"
+    )
+    train.add_argument("--to", required=True, metavar="DIR", help="new or empty directory to write the model to")
+    train.add_argument(
+        "--labels",
+        help="the labels, comma-separated, in output order: 'ham,spam' (required with DATA; with --from-feedback "
+        "the default is OK_LABEL,ABUSE_LABEL)",
+    )
+    train.add_argument(
+        "--base", metavar="DIR", help="encoder (or model) directory to train on (default FILTER_MODEL__NAME)"
+    )
+    train.add_argument("--text-field", default="text", help="field holding the text (default text)")
+    train.add_argument("--label-field", default="label", help="field holding the label (default label)")
+    train.add_argument("--label-map", help='JSON object mapping data labels to --labels: \'{"1": "spam"}\'')
+    train.add_argument(
+        "--from-feedback",
+        metavar="TOPIC|FILE",
+        help="train on reviewers' verdicts (a verdict topic from its beginning, or a JSON-lines export of one) "
+        "instead of DATA",
+    )
+    train.add_argument(
+        "--texts",
+        metavar="TOPIC|FILE",
+        action="append",
+        default=[],
+        help="with --from-feedback: output or review topics (or their JSON-lines exports) holding the judged "
+        "records, joined on filter.source; repeat for several",
+    )
+    train.add_argument("--abuse-label", default="abuse", help="label of an 'abuse' verdict (default abuse)")
+    train.add_argument("--ok-label", default="ok", help="label of an 'ok' verdict (default ok)")
+    train.add_argument("--feedback-model", metavar="ID", help="with --from-feedback: only verdicts on this model")
+    train.add_argument(
+        "--held-out", type=float, default=0.2, help="share of each label held out for evaluation (default 0.2)"
+    )
+    train.add_argument("--seed", type=int, default=0, help="seed of the split and the training (default 0)")
+    train.add_argument("--min-examples", type=int, default=10, help="fewest training examples per label (default 10)")
+    train.add_argument(
+        "--full",
+        action="store_true",
+        help="fine-tune every weight, not only the head (for a GPU; the time estimate is shown first)",
+    )
+    train.add_argument("--epochs", type=int, default=2, help="with --full: passes over the data (default 2)")
+    train.add_argument("--learning-rate", type=float, default=3e-5, help="with --full (default 3e-5)")
+    train.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    train.add_argument("--name", help="model id the lock file records (default: the directory's name)")
+    train.add_argument("--report", action="store_true", help="also write the held-out HTML report (needs matplotlib)")
+
 
 def run(args: argparse.Namespace) -> int:
-    handlers = {"pull": _pull, "lock": _lock, "verify": _verify, "export": _export, "synth": _synth}
+    handlers = {
+        "pull": _pull,
+        "lock": _lock,
+        "verify": _verify,
+        "export": _export,
+        "synth": _synth,
+        "train": _train,
+    }
     return handlers[args.model_command](args)
 
 
@@ -145,3 +209,9 @@ def _verify(args: argparse.Namespace) -> int:
         f"weights sha256 {lock.weights_sha256}"
     )
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from filter_worker.cli.train import train
+
+    return train(args)

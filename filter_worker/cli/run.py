@@ -35,10 +35,16 @@ def run(args: argparse.Namespace) -> int:
     # bad setting should be reported at once.
     from filter_worker.kafka.client_check import check_clients
     from filter_worker.model.classifier import Classifier
+    from filter_worker.pipeline.candidate import check_candidate_rules
     from filter_worker.service import serve
     from filter_worker.worker import Worker
 
     check_clients(settings.kafka)  # before the (slow) model load
     classifier = Classifier.load(settings.model)
-    worker = Worker(settings, classifier, reload_routing=lambda: load_settings(args.config).routing)
+    candidate = settings.candidate
+    shadow = None
+    if candidate.name is not None:
+        shadow = Classifier.load(candidate.model_settings(settings.model))
+        check_candidate_rules(settings, shadow.head)
+    worker = Worker(settings, classifier, reload_routing=lambda: load_settings(args.config).routing, candidate=shadow)
     return serve(worker, args.config, watcher)

@@ -18,9 +18,10 @@ log = get_logger("filter_worker.kafka.topics")
 
 
 def output_topics(settings: Settings) -> set[str]:
-    """Every topic the worker writes: the four outputs, and the review topic when sampling is on."""
+    """Every topic the worker writes: the four outputs, and the review topic when sampling is on (random
+    review, or the candidate's disagreements)."""
     outputs = set(settings.topics.outputs().values())
-    if settings.review.enabled:
+    if settings.review.enabled or (settings.candidate.name is not None and settings.candidate.sample_rate > 0):
         outputs.add(settings.review.topic)
     return outputs
 

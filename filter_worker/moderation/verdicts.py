@@ -185,8 +185,7 @@ def read_verdicts(source: str, kafka: KafkaSettings) -> tuple[list[Verdict], Cou
     """Every verdict in a JSON-lines export (an existing file, in line order) or a topic read from its
     beginning (in record timestamp order), and the skipped records per reason. Repeats included: see
     ``latest_per_source``."""
-    path = Path(source)
-    records = _jsonl_records(path) if path.is_file() else _topic_records(source, kafka)
+    records = read_records(source, kafka)
     verdicts: list[Verdict] = []
     skipped: Counter[str] = Counter()
     for headers, value in records:
@@ -198,12 +197,24 @@ def read_verdicts(source: str, kafka: KafkaSettings) -> tuple[list[Verdict], Cou
     return verdicts, skipped
 
 
-def _jsonl_records(path: Path) -> list[tuple[Headers, bytes]]:
+def read_records(
+    source: str, kafka: KafkaSettings, option: str = "--from-feedback"
+) -> list[tuple[Headers, bytes | None]]:
+    """(headers, value) of every record of a JSON-lines export (an existing file) or of a topic read from
+    its beginning: the verdicts, or the output and review records whose texts they judged
+    (``model train --texts``). ``option`` names the source in error messages."""
+    path = Path(source)
+    if path.is_file():
+        return list(_jsonl_records(path, option))
+    return _topic_records(source, kafka, option=option)
+
+
+def _jsonl_records(path: Path, option: str) -> list[tuple[Headers, bytes]]:
     """``{"headers": {"filter.action": "drop", ...}, "value": {"source": ..., "verdict": ...}}`` per line."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise ConfigError(f"--from-feedback {path}: not UTF-8 text") from None
+        raise ConfigError(f"{option} {path}: not UTF-8 text") from None
     records = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
@@ -211,16 +222,18 @@ def _jsonl_records(path: Path) -> list[tuple[Headers, bytes]]:
         try:
             row = orjson.loads(line)
         except orjson.JSONDecodeError:
-            raise ConfigError(f"--from-feedback {path} line {n}: not valid JSON") from None
+            raise ConfigError(f"{option} {path} line {n}: not valid JSON") from None
         if not isinstance(row, dict) or not isinstance(row.get("headers"), dict) or "value" not in row:
-            raise ConfigError(f"--from-feedback {path} line {n}: expected an object with 'headers' and 'value'")
+            raise ConfigError(f"{option} {path} line {n}: expected an object with 'headers' and 'value'")
         headers = [(str(k), None if v is None else str(v).encode()) for k, v in row["headers"].items()]
         value = row["value"]
         records.append((headers, value.encode() if isinstance(value, str) else orjson.dumps(value)))
     return records
 
 
-def _topic_records(topic: str, kafka: KafkaSettings, stall_s: float = 30.0) -> list[tuple[Headers, bytes | None]]:
+def _topic_records(
+    topic: str, kafka: KafkaSettings, stall_s: float = 30.0, option: str = "--from-feedback"
+) -> list[tuple[Headers, bytes | None]]:
     """Every record of ``topic`` up to the end it had when reading began, with a throwaway group, in
     record timestamp order (partitions are read interleaved; the latest verdict of a source must be the
     one published last, whichever partition it is in)."""
@@ -237,12 +250,12 @@ def _topic_records(topic: str, kafka: KafkaSettings, stall_s: float = 30.0) -> l
             metadata = consumer.list_topics(topic, timeout=10)
         except KafkaException as exc:
             raise ConfigError(
-                f"--from-feedback {topic}: no such file, and Kafka at FILTER_KAFKA__BOOTSTRAP_SERVERS="
+                f"{option} {topic}: no such file, and Kafka at FILTER_KAFKA__BOOTSTRAP_SERVERS="
                 f"{kafka.bootstrap_servers} did not answer ({exc.args[0].str() if exc.args else exc})"
             ) from None
         described = metadata.topics.get(topic)
         if described is None or described.error is not None or not described.partitions:
-            raise ConfigError(f"--from-feedback {topic}: no such file, and no such topic on {kafka.bootstrap_servers}")
+            raise ConfigError(f"{option} {topic}: no such file, and no such topic on {kafka.bootstrap_servers}")
         ends: dict[int, int] = {}
         starts = []
         for partition in described.partitions:
@@ -264,7 +277,7 @@ def _topic_records(topic: str, kafka: KafkaSettings, stall_s: float = 30.0) -> l
                 if tp.offset >= ends[tp.partition]:
                     del ends[tp.partition]
             if time.monotonic() - last_progress > stall_s:
-                raise ConfigError(f"--from-feedback {topic}: reading stalled for {stall_s:.0f} s before the end")
+                raise ConfigError(f"{option} {topic}: reading stalled for {stall_s:.0f} s before the end")
         records.sort(key=lambda record: record[0])
         return [(headers, value) for _, headers, value in records]
     finally:

@@ -185,6 +185,25 @@ def load_examples(
     return examples
 
 
+def load_training_examples(
+    path: str | Path, text_field: str, label_field: str, label_map: Mapping[str, str] | None = None
+) -> tuple[list[Example], int]:
+    """Labeled examples for training, and how many rows had an empty or missing text (skipped: a model
+    learns nothing from them, and the count is reported). A row without a label is still an error."""
+    mapping = dict(label_map or {})
+    examples, empty = [], 0
+    for line, row in _read(path):
+        text = row.get(text_field)
+        if text is None or (isinstance(text, str) and not text.strip()):
+            empty += 1
+            continue
+        if not isinstance(text, str):
+            raise ConfigError(f"{path} line {line}: field '{text_field}' is not text")
+        label = _required(path, line, row, label_field)
+        examples.append(Example(text, mapping.get(str(label), str(label))))
+    return examples, empty
+
+
 def load_texts(path: str | Path, text_field: str, scopes: ScopeMatcher) -> list[tuple[str, str]]:
     """(text, scope) per row of labeled or unlabeled data: a sample of traffic, for drift references."""
     return [(_text(path, line, row, text_field), scope_of_row(row, scopes)) for line, row in _read(path)]

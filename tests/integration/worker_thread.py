@@ -12,9 +12,11 @@ from filter_worker.worker import Worker
 
 
 @contextmanager
-def worker_thread(settings: Settings, classifier: Classifier) -> Iterator[tuple[Worker, list[int], threading.Thread]]:
+def worker_thread(
+    settings: Settings, classifier: Classifier, candidate: Classifier | None = None
+) -> Iterator[tuple[Worker, list[int], threading.Thread]]:
     """Yields the worker, the list its exit code lands in, and its thread; stops it on leaving."""
-    worker = Worker(settings, classifier)
+    worker = Worker(settings, classifier, candidate=candidate)
     codes: list[int] = []
     thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
     thread.start()
