@@ -265,6 +265,7 @@ def test_drift_snapshot_writes_each_scopes_scores_and_leaves_out_scopes_too_smal
         (["run"], "FILTER_DRIFT__WINDOW", "499"),
         (["feedback"], "FILTER_FEEDBACK__WINDOW", "49"),
         (["run"], "FILTER_REVIEW__NEAR_RATE", "2"),
+        (["run"], "FILTER_REVIEW__NEAR_RATE", "0.1"),
         (
             ["classify", "x"],
             "FILTER_ROUTING__SCOPES",

@@ -54,7 +54,14 @@ def test_the_settings_are_checked():
         load_settings(review={"rate": 0.1, "near_rate": 0.05})
     with pytest.raises(Exception, match="FILTER_REVIEW__TOPIC"):
         load_settings(review={"topic": "messages"})
-    assert not load_settings().review.enabled and load_settings(review={"near_rate": 0.1}).review.enabled
+    assert not load_settings().review.enabled and load_settings(review={"rate": 0.01, "near_rate": 0.1}).review.enabled
+
+
+def test_a_near_rate_without_a_uniform_rate_is_refused_since_most_records_could_never_be_drawn():
+    """With RATE=0 every record away from a threshold has probability 0: inverse-probability weights
+    cannot stand for records that can never be drawn. Simulated below, the estimates are far off."""
+    with pytest.raises(Exception, match="FILTER_REVIEW__RATE.*0.*FILTER_REVIEW__NEAR_RATE"):
+        load_settings(review={"rate": 0.0, "near_rate": 0.1})
 
 
 def test_the_probability_is_the_near_rate_just_below_a_threshold_and_the_uniform_rate_elsewhere():
