@@ -600,8 +600,8 @@ class MetricsSettings(_Section):
     port: int = Field(8470, ge=0, le=65535)  # 0 picks a free port (tests)
 
 
-# Fewest verdicts a precision window may hold: the precision alerts need 30 in a window, and below
-# about 50 a window's confidence interval is too wide to tell a failing rule from a sound one.
+# Fewest verdicts a precision window may hold: below about 50 a window's confidence interval is too
+# wide to tell a failing rule from a sound one (the alerts page on a CUSUM, not on the window).
 MIN_FEEDBACK_WINDOW = 50
 
 
@@ -628,6 +628,15 @@ class FeedbackSettings(_Section):
     # without this a restart would empty every precision gauge until reviewers catch up). 0: none.
     replay: int = Field(10_000, ge=0)
     metrics_port: int = Field(8471, ge=0, le=65535)  # 0 picks a free port (tests)
+    # The precision each action's rules must keep: a wrong drop silences someone for good, a wrong
+    # quarantine costs a reviewer a look. The precision alerts page on a CUSUM against these
+    # (moderation/sequential.py), tuned to see the floor minus half its error (0.85, 0.25) at once.
+    drop_floor: float = Field(0.9, gt=0.0, lt=1.0)
+    quarantine_floor: float = Field(0.5, gt=0.0, lt=1.0)
+    # The false-page budget: on average one false page per this many verdicts on a rule exactly at its
+    # floor (the CUSUM's in-control run length), however often Prometheus looks. At 100 verdicts a day
+    # 20 000 is a page in about 2 % of weeks; raise it for rules with many more verdicts a day.
+    false_page_verdicts: int = Field(20_000, ge=1_000, le=10_000_000)
 
     def group(self, kafka: KafkaSettings) -> str:
         return self.group_id or f"{kafka.group_id}-feedback"

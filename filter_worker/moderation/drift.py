@@ -245,11 +245,14 @@ def load_reference(path: Path) -> Reference:
 
 @dataclass(frozen=True, slots=True)
 class TakeRate:
-    """A rule's share of records at or above its ``min_score``: live, on the reference, and their z."""
+    """A rule's share of records at or above its ``min_score``: live (``taken`` of ``records``), on the
+    reference, and their z."""
 
     live: float
     reference: float
     z: float
+    taken: int
+    records: int
 
 
 class _ScopeWindow:
@@ -291,7 +294,8 @@ class _ScopeWindow:
             taken = int(np.count_nonzero(self.ring[:, column] >= current[1]))
             reference_taken, reference_records = rule.take_rate(current[1])
             z = two_proportion_z(taken, len(self.ring), reference_taken, reference_records)
-            rates[name] = TakeRate(taken / len(self.ring), reference_taken / reference_records, z)
+            records = len(self.ring)
+            rates[name] = TakeRate(taken / records, reference_taken / reference_records, z, taken, records)
         return rates
 
 

@@ -75,12 +75,15 @@ class PrecisionWindows:
         self._size = size
         self._windows: dict[Key, _Window] = {}
 
-    def add(self, key: Key, source: str, abuse: bool, score: float) -> None:
-        """Record a verdict; a repeat (re-read after a crash) or a revision replaces the earlier one."""
+    def add(self, key: Key, source: str, abuse: bool, score: float) -> bool:
+        """Record a verdict; a repeat (re-read after a crash) or a revision replaces the earlier one.
+        Whether the source is new to the window: a repeat must not count twice in a sequential test."""
         window = self._windows.setdefault(key, _Window())
+        new = source not in window.verdicts
         window.put(source, abuse, score)
         if len(window.verdicts) > self._size:
             window.remove(window.oldest())
+        return new
 
     def tracked(self) -> list[Key]:
         return list(self._windows)
