@@ -167,6 +167,20 @@ class Metrics:
             ["scope", "rule"],
             registry=r,
         )
+        # The last day's take rate, counted per minute, with a z whose variance bursts cannot fool: what
+        # FilterTakeRateShift reads (moderation/take_rate.py).
+        self.take_rate_day = Gauge(
+            "filter_take_rate_day",
+            "Share of the scope's records of the last day (per minute, at the min_score in force) at or above it",
+            ["scope", "rule"],
+            registry=r,
+        )
+        self.take_rate_day_zscore = Gauge(
+            "filter_take_rate_day_zscore",
+            "z of filter_take_rate_day against filter_take_rate_reference, with a per-minute (Newey-West) variance",
+            ["scope", "rule"],
+            registry=r,
+        )
         self.take_rate_reference = Gauge(
             "filter_take_rate_reference",
             "The same share on the FILTER_DRIFT__REFERENCE sample, at the min_score in force",

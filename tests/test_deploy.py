@@ -71,6 +71,8 @@ WORKER_METRICS = {
     "filter_take_rate_zscore",
     "filter_take_rate_taken_records",
     "filter_take_rate_window_records",
+    "filter_take_rate_day",
+    "filter_take_rate_day_zscore",
     "process_start_time_seconds",
 }
 # `filter-worker feedback`, on its own port (FILTER_FEEDBACK__METRICS_PORT).

@@ -46,12 +46,19 @@ def alert_threshold(name: str) -> str:
 PSI_ALERT = float(re.search(r"filter_score_psi > ([\d.]+)", alert_threshold("FilterScoreDrift")).group(1))
 
 
-def take_rate_alert(rate: object) -> bool:
-    """FilterTakeRateShift's condition, with its numbers read from the rule file."""
+def take_rate_alert_numbers() -> tuple[float, float]:
+    """(|z| above which, and the ratio beyond which) FilterTakeRateShift fires, read from the rule file."""
     expr = alert_threshold("FilterTakeRateShift")
-    z = float(re.search(r"abs\(filter_take_rate_zscore\) > ([\d.]+)", expr).group(1))
-    ratio = float(re.search(r"filter_take_rate > ([\d.]+) \* filter_take_rate_reference", expr).group(1))
-    assert f"filter_take_rate < filter_take_rate_reference / {ratio}" in expr
+    z = float(re.search(r"abs\(filter_take_rate_day_zscore\) > ([\d.]+)", expr).group(1))
+    ratio = float(re.search(r"filter_take_rate_day > ([\d.]+) \* filter_take_rate_reference", expr).group(1))
+    assert f"filter_take_rate_day < filter_take_rate_reference / {ratio}" in expr
+    return z, ratio
+
+
+def take_rate_alert(rate: object) -> bool:
+    """FilterTakeRateShift's numbers applied to a window's take rate (the alert reads the day's, which
+    ``tests/test_take_rate.py`` tests on bursty traffic): independent records, as here, are its easy case."""
+    z, ratio = take_rate_alert_numbers()
     return abs(rate.z) > z and (rate.live > ratio * rate.reference or rate.live < rate.reference / ratio)
 
 

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from filter_worker.config import DEFAULT_SCOPE, MIN_DRIFT_REFERENCE, SCOPE_NAME, ConfigError
 from filter_worker.moderation.stats import two_proportion_z
+from filter_worker.moderation.take_rate import DayCounts, DayRate
 from filter_worker.pipeline.routing import rule_score_matrix
 
 # The index's bins hold these shares of the reference's scores: deciles, the usual PSI binning.
@@ -45,6 +46,8 @@ EPSILON = 1e-4
 REFERENCE_FORMAT = "filter-worker/drift-reference"
 REFERENCE_VERSION = 2
 _SETTING = "FILTER_DRIFT__REFERENCE"
+# A scope's rules in force, by name: their labels and min_score.
+_Thresholds = Mapping[str, tuple[tuple[str, ...], float]]
 
 
 def psi(reference: np.ndarray, live: np.ndarray, epsilon: float = EPSILON) -> float:
@@ -253,6 +256,7 @@ class TakeRate:
     z: float
     taken: int
     records: int
+    day: DayRate | None = None  # the last day's, per minute: the one the alert reads
 
 
 class _ScopeWindow:
@@ -265,15 +269,31 @@ class _ScopeWindow:
         self.position = 0
         self.filled = 0
         self.seen = float("-inf")
+        self.days: dict[str, DayCounts] = {}
 
-    def add(self, probs: np.ndarray, now: float) -> None:
+    def add(self, probs: np.ndarray, now: float, thresholds: _Thresholds | None = None) -> None:
+        """A batch of the scope's rows; with the rules in force, each rule's day counts take it too."""
         size = len(self.ring)
-        new = rule_score_matrix(probs, self.columns)[-size:]
+        scored = rule_score_matrix(probs, self.columns)
+        if thresholds is not None:
+            self._count_day(scored, now, thresholds)
+        new = scored[-size:]
         positions = (self.position + np.arange(len(new))) % size
         self.ring[positions] = new  # the oldest records' slots: they leave the window
         self.position = int((self.position + len(new)) % size)
         self.filled = min(size, self.filled + len(new))
         self.seen = now
+
+    def _count_day(self, scored: np.ndarray, now: float, thresholds: _Thresholds) -> None:
+        for column, (name, rule) in enumerate(self.rules.items()):
+            current = thresholds.get(name)
+            if current is None or current[0] != rule.labels:
+                self.days.pop(name, None)
+                continue
+            counts = self.days.get(name)
+            if counts is None or counts.threshold != current:  # another threshold: another rule's rate
+                counts = self.days[name] = DayCounts(current)
+            counts.add(scored[:, column], now)
 
     def full(self) -> bool:
         return self.filled == len(self.ring)
@@ -295,7 +315,9 @@ class _ScopeWindow:
             reference_taken, reference_records = rule.take_rate(current[1])
             z = two_proportion_z(taken, len(self.ring), reference_taken, reference_records)
             records = len(self.ring)
-            rates[name] = TakeRate(taken / records, reference_taken / reference_records, z, taken, records)
+            counts = self.days.get(name)
+            day = counts.rate(reference_taken, reference_records) if counts and counts.threshold == current else None
+            rates[name] = TakeRate(taken / records, reference_taken / reference_records, z, taken, records, day)
         return rates
 
 
@@ -325,9 +347,15 @@ class DriftMonitor:
         self._windows = {scope: _ScopeWindow(rules, labels, window) for scope, rules in reference.rules.items()}
         self._reported: set[str] = set()
 
-    def observe(self, probs: np.ndarray, scopes: Sequence[str]) -> dict[tuple[str, str], float]:
+    def observe(
+        self,
+        probs: np.ndarray,
+        scopes: Sequence[str],
+        thresholds: Callable[[str], _Thresholds | None] | None = None,
+    ) -> dict[tuple[str, str], float]:
         """Add a batch (``probs`` rows with their scopes); the index of every rule of every scope the
-        batch touched whose window is full. Scopes the reference does not cover are ignored."""
+        batch touched whose window is full. Scopes the reference does not cover are ignored. With
+        ``thresholds`` (the rules in force) each rule's day counts take the batch too."""
         indices: dict[tuple[str, str], float] = {}
         now = self._clock()
         scope_of_row = np.array(scopes, dtype=object)
@@ -335,7 +363,7 @@ class DriftMonitor:
             window = self._windows.get(scope)
             if window is None:
                 continue
-            window.add(np.asarray(probs)[scope_of_row == scope], now)
+            window.add(np.asarray(probs)[scope_of_row == scope], now, thresholds(scope) if thresholds else None)
             if window.full():
                 indices.update({(scope, rule): value for rule, value in window.indices().items()})
         return indices

@@ -45,8 +45,9 @@ class DriftExporter:
 
     def publish(self, probs: np.ndarray, scopes: Sequence[str], router: Router) -> None:
         """Held rows (``probs``, one scope each) decided under ``router``: into the windows, then the series."""
-        self.monitor.observe(probs, scopes)
-        readings = self.monitor.readings(thresholds_of(router))
+        in_force = thresholds_of(router)
+        self.monitor.observe(probs, scopes, in_force)
+        readings = self.monitor.readings(in_force)
         m = self._metrics
         for key, value in readings.indices.items():
             m.score_psi.labels(*key).set(value)
@@ -56,6 +57,11 @@ class DriftExporter:
             m.take_rate_zscore.labels(*key).set(rate.z)
             m.take_rate_taken.labels(*key).set(rate.taken)
             m.take_rate_records.labels(*key).set(rate.records)
+            if rate.day is not None:
+                m.take_rate_day.labels(*key).set(rate.day.live)
+                m.take_rate_day_zscore.labels(*key).set(rate.day.z)
+            else:
+                self._drop({key}, (m.take_rate_day, m.take_rate_day_zscore))
         self._drop(self._indices - set(readings.indices), (m.score_psi,))
         self._drop(self._rates - set(readings.take_rates), self._rate_gauges())
         self._indices, self._rates = set(readings.indices), set(readings.take_rates)
@@ -75,7 +81,15 @@ class DriftExporter:
 
     def _rate_gauges(self) -> tuple[Gauge, ...]:
         m = self._metrics
-        return (m.take_rate, m.take_rate_reference, m.take_rate_zscore, m.take_rate_taken, m.take_rate_records)
+        return (
+            m.take_rate,
+            m.take_rate_reference,
+            m.take_rate_zscore,
+            m.take_rate_taken,
+            m.take_rate_records,
+            m.take_rate_day,
+            m.take_rate_day_zscore,
+        )
 
     @staticmethod
     def _drop(keys: set[tuple[str, str]], gauges: Sequence[Gauge]) -> None:
