@@ -7,7 +7,7 @@ change at all, that z had a standard deviation of 2 to 4.7 instead of 1 and the 
 in 2 to 22 % of evaluations. And 1000 records hold 10 drops at a 1 % drop rate: a doubling to 2 %
 was caught in no 24-hour run.
 
-Here each rule's records are counted per minute (taken, records) over the last ``DAY_MINUTES``, at
+Here each rule's records are counted per minute (taken, records) over the last day (``minutes``), at
 the ``min_score`` in force (a change starts the count afresh). The share is the day's taken over its
 records, and its variance is estimated from the minutes themselves: the ratio estimate's residuals
 per minute, with their autocovariances up to ``LAGS`` minutes apart (Newey–West, Bartlett weights),
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DAY_MINUTES = 1440
+from filter_worker.moderation.minutes import MinuteCounts
+
 # Bursts up to about an hour long: minutes further apart are taken as independent.
 LAGS = 60
 # Minutes with records before a day z is shown: fewer leave the variance estimate itself too noisy.
@@ -65,30 +66,18 @@ class DayCounts:
 
     def __init__(self, threshold: tuple[tuple[str, ...], float]) -> None:
         self.threshold = threshold
-        self._taken = np.zeros(DAY_MINUTES)
-        self._records = np.zeros(DAY_MINUTES)
-        self._minute: int | None = None  # the newest minute counted
+        self._minutes = MinuteCounts(2)
 
     def add(self, scores: np.ndarray, now: float) -> None:
         """A batch of the rule's scores, arrived at ``now`` (seconds)."""
-        minute = int(now // 60)
-        if self._minute is not None and minute > self._minute:
-            gone = min(minute - self._minute, DAY_MINUTES)  # minutes without records, and the day's oldest
-            for step in range(1, gone + 1):
-                self._taken[(self._minute + step) % DAY_MINUTES] = 0
-                self._records[(self._minute + step) % DAY_MINUTES] = 0
-        if self._minute is None or minute > self._minute:
-            self._minute = minute
-        at = self._minute % DAY_MINUTES
-        self._taken[at] += np.count_nonzero(scores >= self.threshold[1])
-        self._records[at] += len(scores)
+        self._minutes.add(np.array([np.count_nonzero(scores >= self.threshold[1]), len(scores)]), now)
 
     def rate(self, reference_taken: int, reference_records: int) -> DayRate | None:
-        """The day's rate, oldest minute first; None until ``FEWEST_MINUTES`` minutes had records."""
-        if self._minute is None or np.count_nonzero(self._records) < FEWEST_MINUTES:
+        """The day's rate; None until ``FEWEST_MINUTES`` minutes had records."""
+        minutes = self._minutes.minutes()
+        taken, records = minutes[:, 0], minutes[:, 1]
+        if np.count_nonzero(records) < FEWEST_MINUTES:
             return None
-        order = (self._minute + 1 + np.arange(DAY_MINUTES)) % DAY_MINUTES
-        taken, records = self._taken[order], self._records[order]
         total = int(records.sum())
         z = day_z(taken, records, reference_taken, reference_records)
         return DayRate(float(taken.sum()) / total, z, int(taken.sum()), total)
