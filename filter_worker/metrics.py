@@ -146,6 +146,13 @@ class Metrics:
             ["scope", "rule"],
             registry=r,
         )
+        self.score_psi_day = Gauge(
+            "filter_score_psi_day",
+            "Population stability index of a rule's score over the scope's records of the last day (per minute) "
+            "against FILTER_DRIFT__REFERENCE: what FilterScoreDrift reads",
+            ["scope", "rule"],
+            registry=r,
+        )
         self.take_rate = Gauge(
             "filter_take_rate",
             "Share of the scope's last FILTER_DRIFT__WINDOW records whose rule score is at or above the rule's "

@@ -66,6 +66,7 @@ WORKER_METRICS = {
     "filter_rule_score",
     "filter_top_label_probability",
     "filter_score_psi",
+    "filter_score_psi_day",
     "filter_take_rate",
     "filter_take_rate_reference",
     "filter_take_rate_zscore",
@@ -818,7 +819,7 @@ def test_dashboard_uses_only_exported_metrics():
         "filter_oversized_dead_letters_total",
         "filter_transaction_aborts_total",
         "filter_decisions_total",
-        "filter_score_psi",
+        "filter_score_psi_day",
         "filter_feedback_precision",
         "filter_feedback_window_verdicts",
         "filter_feedback_invalid_total",
@@ -898,7 +899,7 @@ def test_dashboard_lines_are_the_budget_and_the_alert_floors(defaults: Settings)
     assert panel_with("(instance) (filter_in_flight_bytes)")["fieldConfig"]["defaults"]["unit"] == "bytes"
 
     moderation = alert_exprs(MODERATION_ALERTS)
-    (psi,) = re.findall(r"filter_score_psi > ([\d.]+)", moderation["FilterScoreDrift"])
+    (psi,) = re.findall(r"filter_score_psi_day > ([\d.]+)", moderation["FilterScoreDrift"])
     psi_panels = [p for p in dashboard_panels() if any("filter_score_psi" in t["expr"] for t in p.get("targets", []))]
     assert {p["type"] for p in psi_panels} == {"gauge", "timeseries"}
     for panel in psi_panels:

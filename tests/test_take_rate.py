@@ -101,6 +101,11 @@ def test_the_exporter_publishes_the_day_rate_and_restarts_it_when_the_threshold_
     day = metrics.registry.get_sample_value("filter_take_rate_day", labels)
     assert day == pytest.approx(0.1, abs=0.02)
     assert abs(metrics.registry.get_sample_value("filter_take_rate_day_zscore", labels)) < 4
+    assert metrics.registry.get_sample_value("filter_score_psi_day", labels) < 0.05, "the same scores as the reference"
+    clock.now += 900.1
+    exporter.expire()
+    assert metrics.registry.get_sample_value("filter_score_psi_day", labels) is None, "a quiet scope reports nothing"
+    exporter.publish(np.array([[0.2, 0.8]]), ["default"], router)
     raised = Router(RoutingSettings.model_validate({"rules": [{**rules[0], "min_score": 0.96}]}), ["bad", "good"])
     exporter.publish(np.array([[0.97, 0.03]]), ["default"], raised)
     assert metrics.registry.get_sample_value("filter_take_rate_day", labels) is None, "another rule's rate now"

@@ -42,6 +42,7 @@ class DriftExporter:
         self._metrics = metrics
         self._indices: set[tuple[str, str]] = set()
         self._rates: set[tuple[str, str]] = set()
+        self._days: set[tuple[str, str]] = set()
 
     def publish(self, probs: np.ndarray, scopes: Sequence[str], router: Router) -> None:
         """Held rows (``probs``, one scope each) decided under ``router``: into the windows, then the series."""
@@ -51,6 +52,8 @@ class DriftExporter:
         m = self._metrics
         for key, value in readings.indices.items():
             m.score_psi.labels(*key).set(value)
+        for key, value in readings.day_indices.items():
+            m.score_psi_day.labels(*key).set(value)
         for key, rate in readings.take_rates.items():
             m.take_rate.labels(*key).set(rate.live)
             m.take_rate_reference.labels(*key).set(rate.reference)
@@ -63,8 +66,10 @@ class DriftExporter:
             else:
                 self._drop({key}, (m.take_rate_day, m.take_rate_day_zscore))
         self._drop(self._indices - set(readings.indices), (m.score_psi,))
+        self._drop(self._days - set(readings.day_indices), (m.score_psi_day,))
         self._drop(self._rates - set(readings.take_rates), self._rate_gauges())
         self._indices, self._rates = set(readings.indices), set(readings.take_rates)
+        self._days = set(readings.day_indices)
 
     def expire(self) -> None:
         """Remove the series of scopes without a record for ``FILTER_DRIFT__EXPIRE_S``."""
@@ -74,6 +79,9 @@ class DriftExporter:
         m = self._metrics
         gone_indices = {key for key in self._indices if key[0] in quiet}
         gone_rates = {key for key in self._rates if key[0] in quiet}
+        gone_days = {key for key in self._days if key[0] in quiet}
+        self._drop(gone_days, (m.score_psi_day,))
+        self._days -= gone_days
         self._drop(gone_indices, (m.score_psi,))
         self._drop(gone_rates, self._rate_gauges())
         self._indices -= gone_indices
