@@ -623,8 +623,8 @@ class MetricsSettings(_Section):
     port: int = Field(8470, ge=0, le=65535)  # 0 picks a free port (tests)
 
 
-# Fewest verdicts a precision window may hold: the precision alerts need 30 in a window, and below
-# about 50 a window's confidence interval is too wide to tell a failing rule from a sound one.
+# Fewest verdicts a precision window may hold: below about 50 a window's confidence interval is too
+# wide to tell a failing rule from a sound one (the alerts page on a CUSUM, not on the window).
 MIN_FEEDBACK_WINDOW = 50
 
 
@@ -651,6 +651,15 @@ class FeedbackSettings(_Section):
     # without this a restart would empty every precision gauge until reviewers catch up). 0: none.
     replay: int = Field(10_000, ge=0)
     metrics_port: int = Field(8471, ge=0, le=65535)  # 0 picks a free port (tests)
+    # The precision each action's rules must keep: a wrong drop silences someone for good, a wrong
+    # quarantine costs a reviewer a look. The precision alerts page on a CUSUM against these
+    # (moderation/sequential.py), tuned to see the floor minus half its error (0.85, 0.25) at once.
+    drop_floor: float = Field(0.9, gt=0.0, lt=1.0)
+    quarantine_floor: float = Field(0.5, gt=0.0, lt=1.0)
+    # The false-page budget: on average one false page per this many verdicts on a rule exactly at its
+    # floor (the CUSUM's in-control run length), however often Prometheus looks. At 100 verdicts a day
+    # 20 000 is a page in about 2 % of weeks; raise it for rules with many more verdicts a day.
+    false_page_verdicts: int = Field(20_000, ge=1_000, le=10_000_000)
 
     def group(self, kafka: KafkaSettings) -> str:
         return self.group_id or f"{kafka.group_id}-feedback"
@@ -676,7 +685,8 @@ class DriftSettings(_Section):
 class ReviewSettings(_Section):
     """Random review sampling: decided records drawn with a known probability and published for review.
 
-    Off while both rates are 0. See ``pipeline/sampling.py`` and docs/moderation.md.
+    Off while both rates are 0; a near rate needs a uniform rate above 0. See ``pipeline/sampling.py``
+    and docs/moderation.md.
     """
 
     topic: Topic = "messages.review"
@@ -689,6 +699,14 @@ class ReviewSettings(_Section):
 
     @model_validator(mode="after")
     def _near_at_least_uniform(self) -> ReviewSettings:
+        # Inverse-probability weights stand for the records that could have been drawn: with a near
+        # rate alone, most records (every one away from a threshold) never can, and prevalence and
+        # recall came out 0.265 for a truth of 0.088 and 0.000 for 0.281 (docs/moderation.md).
+        if self.near_rate > 0.0 and self.rate <= 0.0:
+            raise ValueError(
+                f"FILTER_REVIEW__RATE is 0 while FILTER_REVIEW__NEAR_RATE is {self.near_rate}: records away from a "
+                "threshold could never be drawn, so recall and prevalence would be wrong; set a RATE above 0 too"
+            )
         if 0.0 < self.near_rate < self.rate:
             raise ValueError(
                 f"FILTER_REVIEW__NEAR_RATE ({self.near_rate}) must be 0 or at least FILTER_REVIEW__RATE ({self.rate})"

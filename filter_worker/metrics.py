@@ -174,10 +174,45 @@ class Metrics:
             ["scope", "rule"],
             registry=r,
         )
+        self.score_psi_day = Gauge(
+            "filter_score_psi_day",
+            "Population stability index of a rule's score over the scope's records of the last day (per minute) "
+            "against FILTER_DRIFT__REFERENCE: what FilterScoreDrift reads",
+            ["scope", "rule"],
+            registry=r,
+        )
         self.take_rate = Gauge(
             "filter_take_rate",
             "Share of the scope's last FILTER_DRIFT__WINDOW records whose rule score is at or above the rule's "
             "min_score",
+            ["scope", "rule"],
+            registry=r,
+        )
+        # The share's parts, so a dashboard can pool the workers: sum over sum, where the highest of 20
+        # workers' shares read 11.8 % for a true 10 %.
+        self.take_rate_taken = Gauge(
+            "filter_take_rate_taken_records",
+            "Records of the scope's last FILTER_DRIFT__WINDOW whose rule score is at or above the rule's min_score",
+            ["scope", "rule"],
+            registry=r,
+        )
+        self.take_rate_records = Gauge(
+            "filter_take_rate_window_records",
+            "Records the take rate is taken over (FILTER_DRIFT__WINDOW once full)",
+            ["scope", "rule"],
+            registry=r,
+        )
+        # The last day's take rate, counted per minute, with a z whose variance bursts cannot fool: what
+        # FilterTakeRateShift reads (moderation/take_rate.py).
+        self.take_rate_day = Gauge(
+            "filter_take_rate_day",
+            "Share of the scope's records of the last day (per minute, at the min_score in force) at or above it",
+            ["scope", "rule"],
+            registry=r,
+        )
+        self.take_rate_day_zscore = Gauge(
+            "filter_take_rate_day_zscore",
+            "z of filter_take_rate_day against filter_take_rate_reference, with a per-minute (Newey-West) variance",
             ["scope", "rule"],
             registry=r,
         )
@@ -271,6 +306,13 @@ class FeedbackMetrics:
             "Clopper-Pearson",
             key,
             r,
+        )
+        self.evidence = Gauge(
+            "filter_feedback_precision_evidence",
+            "A rule's precision CUSUM against its floor (FILTER_FEEDBACK__DROP_FLOOR, _QUARANTINE_FLOOR) as a share "
+            "of the sum that pages: 1 or more means the precision is below the floor",
+            key,
+            registry=r,
         )
         self.window = Gauge(
             "filter_feedback_window_verdicts",

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from filter_worker.config import ENV_PREFIX, Settings, load_settings
+from filter_worker.config import ENV_PREFIX, MIN_FEEDBACK_WINDOW, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -72,9 +72,14 @@ WORKER_METRICS = {
     "filter_rule_score",
     "filter_top_label_probability",
     "filter_score_psi",
+    "filter_score_psi_day",
     "filter_take_rate",
     "filter_take_rate_reference",
     "filter_take_rate_zscore",
+    "filter_take_rate_taken_records",
+    "filter_take_rate_window_records",
+    "filter_take_rate_day",
+    "filter_take_rate_day_zscore",
     "process_start_time_seconds",
 }
 # `filter-worker feedback`, on its own port (FILTER_FEEDBACK__METRICS_PORT).
@@ -82,6 +87,7 @@ FEEDBACK_METRICS = {
     "filter_feedback_precision",
     "filter_feedback_precision_lower",
     "filter_feedback_precision_upper",
+    "filter_feedback_precision_evidence",
     "filter_feedback_window_verdicts",
     "filter_feedback_last_verdict_timestamp_seconds",
     "filter_feedback_verdicts_total",
@@ -845,7 +851,7 @@ def test_dashboard_uses_only_exported_metrics():
         "filter_oversized_dead_letters_total",
         "filter_transaction_aborts_total",
         "filter_decisions_total",
-        "filter_score_psi",
+        "filter_score_psi_day",
         "filter_feedback_precision",
         "filter_feedback_window_verdicts",
         "filter_feedback_invalid_total",
@@ -886,7 +892,7 @@ def test_each_panel_shows_one_unit():
         assert len(kinds) <= 1, f"{panel['title']} mixes {kinds}"
         # An estimate, the ends of its interval and its reference value are one quantity.
         families = {
-            re.sub(r"_(lower|upper|reference)$", "", base_metric(n).removesuffix("_total"))
+            re.sub(r"_(lower|upper|reference|taken_records|window_records)$", "", base_metric(n).removesuffix("_total"))
             for e in exprs
             for n in promql_metric_names(e)
         }
@@ -925,19 +931,20 @@ def test_dashboard_lines_are_the_budget_and_the_alert_floors(defaults: Settings)
     assert panel_with("(instance) (filter_in_flight_bytes)")["fieldConfig"]["defaults"]["unit"] == "bytes"
 
     moderation = alert_exprs(MODERATION_ALERTS)
-    (psi,) = re.findall(r"filter_score_psi > ([\d.]+)", moderation["FilterScoreDrift"])
+    (psi,) = re.findall(r"filter_score_psi_day > ([\d.]+)", moderation["FilterScoreDrift"])
     psi_panels = [p for p in dashboard_panels() if any("filter_score_psi" in t["expr"] for t in p.get("targets", []))]
     assert {p["type"] for p in psi_panels} == {"gauge", "timeseries"}
     for panel in psi_panels:
         assert float(psi) in drawn_thresholds(panel), panel["title"]
+    floors = {"drop": defaults.feedback.drop_floor, "quarantine": defaults.feedback.quarantine_floor}
     for alert, action in (("FilterDropPrecisionLow", "drop"), ("FilterQuarantinePrecisionLow", "quarantine")):
-        (floor,) = re.findall(rf'filter_feedback_precision_upper{{action="{action}"}} < ([\d.]+)', moderation[alert])
+        (line,) = re.findall(rf'filter_feedback_precision_evidence{{action="{action}"}} >= ([\d.]+)', moderation[alert])
+        assert drawn_thresholds(panel_with("filter_feedback_precision_evidence")) == {float(line)}
         panel = panel_with(f'filter_feedback_precision_upper{{action="{action}"}}')
         assert panel == panel_with(f'filter_feedback_precision{{action="{action}"}}'), "the estimate beside its bound"
-        assert drawn_thresholds(panel) == {float(floor)}, panel["title"]
+        assert drawn_thresholds(panel) == {floors[action]}, panel["title"]
         assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit"
-        (minimum,) = re.findall(r"filter_feedback_window_verdicts >= (\d+)", moderation[alert])
-        assert drawn_thresholds(panel_with("filter_feedback_window_verdicts")) == {float(minimum)}
+    assert drawn_thresholds(panel_with("filter_feedback_window_verdicts")) == {float(MIN_FEEDBACK_WINDOW)}
 
 
 def test_fetch_paused_shows_on_the_in_flight_panels():

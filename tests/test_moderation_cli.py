@@ -128,9 +128,9 @@ def calibrate_feedback(path, *extra: str, **env: str):
 
 
 def test_calibrate_from_a_verdict_export(tmp_path):
-    """100 abuse verdicts from 0.86 up, 20 ok ones from 0.76 to 0.855. Clopper–Pearson's lower bound of
-    100 abuse among 104 verdicts is 0.904, among 105 0.892: the lowest threshold that shows 0.9 takes the
-    four highest ok ones with the 100, at 0.84."""
+    """100 abuse verdicts from 0.86 up, 20 ok ones from 0.76 to 0.855. The scan tests every tenth of the
+    120 verdicts by score (12, 24, ..., 120 taken), each at 0.25 %: 96 of 96 abuse passes (lower end
+    0.962), 100 of 108 does not, so the proposal takes the 96 highest, from 0.864."""
     export = tmp_path / "verdicts.jsonl"
     lines = [verdict_line(i, "abuse", 0.86 + i / 1000) for i in range(100)]
     lines += [verdict_line(100 + i, "ok", 0.76 + i / 200) for i in range(20)]
@@ -149,14 +149,14 @@ def test_calibrate_from_a_verdict_export(tmp_path):
     assert first.startswith(f"120 verdicts on rule negative (scope default, model {MODEL_A}; 'abuse' is positive)")
     assert first.endswith("verdict records skipped: {'not_json': 1}")
     assert "100 of 120 verdicts are abuse" in result.stdout
-    assert "min_score 0.840000 (proposed): precision 0.9615 95% [0.9044, 0.9894]" in result.stdout, result.stdout
+    assert "min_score 0.864000 (proposed): precision 1.0000 95% [0.9623, 1.0000]" in result.stdout, result.stdout
     assert "never lowering it" in result.stdout
-    assert "from 0.75 to 0.840000 stops taking 16 of the reviewed records (16 judged ok)" in result.stdout
+    assert "from 0.75 to 0.864000 stops taking 24 of the reviewed records (20 judged ok)" in result.stdout
     rule = orjson.loads(result.stdout.splitlines()[-1])
     assert rule == {
         "action": "quarantine",
         "labels": ["Very Negative", "Negative"],
-        "min_score": 0.84,
+        "min_score": 0.864,
         "name": "negative",
     }
 
@@ -184,7 +184,7 @@ def test_calibrate_from_a_verdict_export(tmp_path):
         FILTER_ROUTING__SCOPES=SCOPES,
     )
     assert kids.returncode == 1, kids.stderr
-    assert "2 verdicts on rule no-negativity (scope kids" in kids.stdout and "34 more" in kids.stdout
+    assert "2 verdicts on rule no-negativity (scope kids" in kids.stdout and "55 more" in kids.stdout
 
 
 def test_calibrate_from_feedback_refuses_what_it_cannot_judge(tmp_path):
@@ -263,6 +263,7 @@ def test_drift_snapshot_writes_each_scopes_scores_and_leaves_out_scopes_too_smal
         (["run"], "FILTER_DRIFT__WINDOW", "499"),
         (["feedback"], "FILTER_FEEDBACK__WINDOW", "49"),
         (["run"], "FILTER_REVIEW__NEAR_RATE", "2"),
+        (["run"], "FILTER_REVIEW__NEAR_RATE", "0.1"),
         (
             ["classify", "x"],
             "FILTER_ROUTING__SCOPES",
@@ -323,15 +324,16 @@ def test_calibrate_from_feedback_counts_each_source_once_with_its_latest_verdict
 
 def test_calibrate_from_feedback_gives_an_exact_interval_and_refuses_too_few_verdicts(tmp_path):
     """The docs' 6-verdict example: 6 of 6 abuse above 0.93 used to read "precision 1.0000 95% [1.0000,
-    1.0000]" and a rule. Clopper–Pearson gives [0.54, 1]: 6 verdicts cannot show 0.9, 36 could."""
+    1.0000]" and a rule. Clopper–Pearson gives [0.54, 1]: 6 verdicts cannot show 0.9; 57 could, at the 0.25 % each
+    threshold of the corrected scan is tested at."""
     scores = [0.76, 0.78, 0.8, 0.82, 0.84, 0.86, 0.88, 0.9, 0.92, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995]
     verdicts = ["ok"] * 6 + ["abuse", "ok", "abuse", "abuse", "abuse", "abuse", "abuse", "abuse", "abuse", "abuse"]
     lines = [verdict_line(n, v, s) for n, (s, v) in enumerate(zip(scores, verdicts, strict=True))]
     result = calibrate_feedback(write_export(tmp_path / "v.jsonl", lines), "--target-precision", "0.9")
     assert result.returncode == 1, result.stdout
     assert "[1.0000, 1.0000]" not in result.stdout
-    assert "36 verdicts at or above the min_score in force are needed" in result.stdout, result.stdout
-    assert "20 more" in result.stdout
+    assert "57 verdicts at or above the min_score in force are needed" in result.stdout, result.stdout
+    assert "41 more" in result.stdout
     assert proposed_min_score(result) is None
 
 
@@ -365,20 +367,21 @@ def drawn_line(n: int, verdict: str, negative: float, probability: float = 0.05)
 
 
 def test_calibrate_from_feedback_lowers_a_threshold_only_from_drawn_verdicts_below_it(tmp_path):
-    """The rule's own verdicts keep 0.75; 60 drawn records between 0.70 and 0.75 are all abuse, the 20
-    drawn below 0.70 all ok. Wilson's lower bound (equal weights) of 60 abuse among 61 is 0.913, among 62
-    0.890: lower to the highest ok one, which adds 61 drawn records."""
+    """The rule's own verdicts keep 0.75; 120 drawn records between 0.70 and 0.75 are all abuse, the 20
+    drawn below 0.70 all ok. The scan tests every tenth of the 140 (14, 28, ..., 140), each at 0.25 %:
+    Wilson's lower bound (equal weights) of 112 of 112 is 0.934, of 120 among 126 0.868: lower to the
+    112th, which adds 112 drawn records."""
     rng = np.random.default_rng(24)
     lines = [verdict_line(n, "abuse", float(s)) for n, s in enumerate(rng.uniform(0.75, 1.0, 100))]
-    abuse_scores = np.sort(rng.uniform(0.70, 0.75, 60))
+    abuse_scores = np.sort(rng.uniform(0.70, 0.75, 120))
     ok_scores = rng.uniform(0.5, 0.70, 20)
     lines += [drawn_line(n, "abuse", float(s)) for n, s in enumerate(abuse_scores)]
-    lines += [drawn_line(100 + n, "ok", float(s)) for n, s in enumerate(ok_scores)]
+    lines += [drawn_line(1000 + n, "ok", float(s)) for n, s in enumerate(ok_scores)]
     result = calibrate_feedback(write_export(tmp_path / "v.jsonl", lines), "--target-precision", "0.9")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "keep min_score 0.75" in result.stdout
-    lowered = ok_scores.max()
-    assert f"Lowering min_score from 0.75 to {lowered:.6f} adds the records between them: 61 of the 80" in (
+    lowered = abuse_scores[-112]
+    assert f"Lowering min_score from 0.75 to {lowered:.6f} adds the records between them: 112 of the 140" in (
         result.stdout
     )
     assert proposed_min_score(result) == pytest.approx(lowered, abs=1e-6)
@@ -386,5 +389,5 @@ def test_calibrate_from_feedback_lowers_a_threshold_only_from_drawn_verdicts_bel
     # The same drawn records, mostly ok: nothing supports lowering.
     lines = lines[:100] + [drawn_line(n, "ok" if n % 3 else "abuse", float(s)) for n, s in enumerate(abuse_scores)]
     result = calibrate_feedback(write_export(tmp_path / "v.jsonl", lines), "--target-precision", "0.9")
-    assert "60 verdicts on records drawn at random below it: no range below it shows precision 0.9" in result.stdout
+    assert "120 verdicts on records drawn at random below it: no range below it shows precision 0.9" in result.stdout
     assert proposed_min_score(result) == 0.75

@@ -14,6 +14,7 @@ from filter_worker.moderation.stats import (
     clopper_pearson,
     effective_size,
     fewest_trials,
+    korn_graubard,
     two_proportion_z,
     wilson,
 )
@@ -106,3 +107,17 @@ def test_two_proportion_z_is_zero_without_a_difference_and_standard_normal_under
     z = [two_proportion_z(int(rng.binomial(1000, 0.1)), 1000, int(rng.binomial(5000, 0.1)), 5000) for _ in range(4000)]
     assert abs(np.mean(z)) < 0.06 and 0.95 < np.std(z) < 1.05
     assert np.mean(np.abs(z) > 1.96) == pytest.approx(0.05, abs=0.015)
+
+
+@pytest.mark.parametrize(("hits", "size"), [(0, 12), (3, 12), (12, 12), (37, 200)])
+def test_korn_graubard_is_clopper_pearson_for_an_unweighted_sample(hits, size):
+    """Equal weights: the linearised variance is share (1 - share) / n, so the effective size is n and
+    the interval is Clopper–Pearson's on the whole count (0 and n take the fallback size, also n)."""
+    share = hits / size
+    low, high = korn_graubard(share, share * (1 - share) / size, size, float(size))
+    assert (low, high) == pytest.approx(clopper_pearson(hits, size), abs=1e-9)
+
+
+def test_korn_graubard_never_takes_more_records_than_there_are():
+    """A tiny linearised variance would claim an effective size far above the verdicts behind it."""
+    assert korn_graubard(0.5, 1e-9, 20, 20.0) == pytest.approx(clopper_pearson(10, 20), abs=1e-9)

@@ -36,6 +36,7 @@ from filter_worker.kafka import clients
 from filter_worker.kafka.clients import to_input_record
 from filter_worker.logs import get_logger, librdkafka_logger
 from filter_worker.metrics import FeedbackMetrics
+from filter_worker.moderation.sequential import design
 from filter_worker.moderation.verdicts import INVALID_REASONS, MODERATED, VERDICTS, Invalid, Verdict, parse_verdict
 from filter_worker.moderation.windows import (
     MAX_MODELS,
@@ -124,6 +125,11 @@ class FeedbackService:
         feedback = settings.feedback
         self._rules = RuleIndex(settings.routing)
         self._windows = PrecisionWindows(feedback.window)
+        self._cusums = {
+            "drop": design(feedback.drop_floor, feedback.false_page_verdicts),
+            "quarantine": design(feedback.quarantine_floor, feedback.false_page_verdicts),
+        }
+        self._evidence: dict[Key, float] = {}  # each key's CUSUM: evidence of a precision below its floor
         self._samples = SampleWindows(feedback.sample_window)
         self._roster = ModelRoster(feedback.models or [settings.model.name], MAX_MODELS, feedback.model_idle_s)
         self._newest: dict[tuple[str, str, str], float] = {}  # (scope, rule, action) -> newest verdict's time
@@ -275,7 +281,8 @@ class FeedbackService:
         if stale is not None:
             return stale if verdict.sample is None else None  # a drawn record still counted in its sample
         key = Key(verdict.scope, verdict.rule, verdict.action, verdict.model)
-        self._windows.add(key, verdict.source, verdict.abuse, verdict.score)
+        if self._windows.add(key, verdict.source, verdict.abuse, verdict.score):
+            self._evidence[key] = self._cusums[verdict.action].step(self._evidence.get(key, 0.0), verdict.abuse)
         self._publish_precision(key)
         stamp = (verdict.scope, verdict.rule, verdict.action)
         if at > self._newest.get(stamp, float("-inf")):
@@ -293,6 +300,7 @@ class FeedbackService:
         m = self.metrics
         _set(m.precision, m.precision_lower, m.precision_upper, key, estimate)
         m.window.labels(*key).set(estimate.size)
+        m.evidence.labels(*key).set(self._evidence.get(key, 0.0) / self._cusums[key.action].limit)
 
     def _publish_sample(self, scope: str, model: str) -> None:
         """Prevalence and recall of a (scope, model) from its drawn verdicts, under the rules in force."""
@@ -311,7 +319,9 @@ class FeedbackService:
 
     def _forget(self, key: Key) -> None:
         m = self.metrics
+        self._evidence.pop(key, None)
         series = [(m.precision, key), (m.precision_lower, key), (m.precision_upper, key), (m.window, key)]
+        series.append((m.evidence, key))
         for metric, labels in [*series, *((m.verdicts, (*key, v)) for v in VERDICTS)]:
             _remove(metric, labels)
 
@@ -346,6 +356,9 @@ class FeedbackService:
                 dropped = self._windows.drop(_of_rule(scope, rule))
             elif before is not None and now > before:
                 dropped = self._windows.keep_from(scope, rule, now)
+                for key in self._windows.tracked():  # another rule now: its evidence starts afresh
+                    if (key.scope, key.rule) == (scope, rule):
+                        self._evidence.pop(key, None)
             else:
                 continue
             for key in dropped:

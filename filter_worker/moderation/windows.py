@@ -7,7 +7,8 @@
 - ``ModelRoster``: which model identities may become labels (those configured), how many at once, and
   when one has gone quiet for long enough to be forgotten.
 - ``SampleWindows``: verdicts on randomly drawn records, weighted by the inverse of their probability
-  of being drawn, for prevalence and each rule's recall with Wilson intervals on Kish's effective size.
+  of being drawn, for prevalence and each rule's recall: ratio (Hájek) estimates with Korn–Graubard
+  intervals on their linearised variance.
   Each drawn record carries every rule's score, so it is decided again under the rules in force.
 """
 
@@ -20,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from filter_worker.moderation.stats import clopper_pearson, effective_size, wilson
+from filter_worker.moderation.stats import clopper_pearson, effective_size, korn_graubard
 from filter_worker.moderation.verdicts import MODERATED, Invalid, Sample
 
 # A deploy rolls one model at a time; a few cover a rollout, a rollback and verdicts still arriving on
@@ -75,12 +76,15 @@ class PrecisionWindows:
         self._size = size
         self._windows: dict[Key, _Window] = {}
 
-    def add(self, key: Key, source: str, abuse: bool, score: float) -> None:
-        """Record a verdict; a repeat (re-read after a crash) or a revision replaces the earlier one."""
+    def add(self, key: Key, source: str, abuse: bool, score: float) -> bool:
+        """Record a verdict; a repeat (re-read after a crash) or a revision replaces the earlier one.
+        Whether the source is new to the window: a repeat must not count twice in a sequential test."""
         window = self._windows.setdefault(key, _Window())
+        new = source not in window.verdicts
         window.put(source, abuse, score)
         if len(window.verdicts) > self._size:
             window.remove(window.oldest())
+        return new
 
     def tracked(self) -> list[Key]:
         return list(self._windows)
@@ -214,14 +218,22 @@ def _decide(scores: dict[str, float], rules: Sequence[RuleOrder]) -> tuple[int, 
 
 
 def _weighted_share(weights: np.ndarray, hits: np.ndarray) -> Estimate | None:
-    """An inverse-probability-weighted share, with Wilson's interval on Kish's effective sample size."""
+    """The ratio (Hájek) estimate of a share from verdicts weighted by 1 / their probability of being
+    drawn, with Korn and Graubard's interval on its linearised variance.
+
+    The draws are independent (Poisson sampling: each record by its own hash), so the variance of the
+    ratio is about sum (1 - p) w^2 (hit - share)^2 / (sum w)^2 over the drawn records, p = 1 / w. The
+    size reported is the interval's effective size."""
     total = float(weights.sum())
     if total <= 0:
         return None
     share = float(weights[hits].sum()) / total
-    size = effective_size(weights)
-    low, high = wilson(share, size)
-    return Estimate(share, low, high, size)
+    residual = hits.astype(np.float64) - share
+    variance = float(np.sum((1.0 - 1.0 / weights) * np.square(weights * residual))) / (total * total)
+    kish = effective_size(weights)
+    low, high = korn_graubard(share, variance, min(len(weights), int(np.ceil(kish))), kish)
+    size = share * (1 - share) / variance if variance > 0 and 0.0 < share < 1.0 else kish
+    return Estimate(share, low, high, min(size, float(len(weights))))
 
 
 @dataclass(frozen=True, slots=True)

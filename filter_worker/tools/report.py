@@ -21,7 +21,7 @@ from filter_worker.config import ConfigError
 from filter_worker.moderation.windows import Estimate
 from filter_worker.tools.calibration import Calibration
 from filter_worker.tools.evaluation import Curve, Evaluation, Scores
-from filter_worker.tools.verdict_calibration import VerdictCalibration
+from filter_worker.tools.verdict_calibration import GRID, LEVEL, VerdictCalibration
 
 
 def require_matplotlib() -> None:
@@ -122,8 +122,8 @@ def verdict_calibration_text(result: VerdictCalibration, action: str, labels: Se
     if result.refused:
         lines.append(
             f"{result.reviewed} {unit} at or above the min_score in force: {result.needed} {unit} at or above the "
-            f"min_score in force are needed to show precision {target} with 95% confidence even if every one is "
-            f"abuse; {result.needed - result.reviewed} more"
+            f"min_score in force are needed to show precision {target} even if every one is abuse (at the "
+            f"{100 * LEVEL:g}% level each threshold of the scan is tested at); {result.needed - result.reviewed} more"
         )
     if result.taken:
         where = "proposed" if result.threshold is not None else "closest to the target"
@@ -133,8 +133,10 @@ def verdict_calibration_text(result: VerdictCalibration, action: str, labels: Se
             f"among the reviewed {_estimate(result.recall)}, takes {result.taken} {unit}"
         )
     lines.append(
-        "A min_score is proposed only where the lower end of that precision interval reaches the target: the lowest "
-        "such one at or above the min_score in force."
+        f"A min_score is proposed only where the lower end of its precision interval reaches the target at the "
+        f"{100 * LEVEL:g}% level: the lowest such one of {GRID} at or above the min_score in force (every tenth of "
+        f"the {unit} by score), so that all {GRID} together claim a target the truth misses at most "
+        f"{100 * LEVEL * GRID:g}% of the time."
     )
     if result.resamples and result.reviewed:
         spread = f"min_score 95% {_interval(result.threshold_interval)}; " if result.threshold_interval else ""

@@ -261,9 +261,10 @@ def test_feedback_command_exits_4_when_the_topic_is_missing(bootstrap_servers):
 
 def test_calibrate_from_a_verdict_topic_proposes_a_higher_threshold(bootstrap_servers, tmp_path):
     topic = create_topic(bootstrap_servers, partitions=2)
-    # Rule "negative" quarantines from 0.75. Reviewers call everything below 0.9 ok, above it abuse: 50
-    # of each. Clopper-Pearson's lower bound of 50 abuse among 50 is 0.929, among 51 0.895: 0.91.
-    scores = [0.76 + i * 0.0026 for i in range(50)] + [0.91 + i * 0.0016 for i in range(50)]
+    # Rule "negative" quarantines from 0.75. Reviewers call everything below 0.9 ok (40), above it abuse
+    # (60). The scan tests every tenth of the verdicts by score at 0.25 % each: Clopper-Pearson's lower
+    # bound of 60 abuse among 60 is 0.905, of 60 among 70 below 0.9: 0.91.
+    scores = [0.76 + i * 0.0026 for i in range(40)] + [0.91 + i * 0.0014 for i in range(60)]
     records = [
         verdict(i, "abuse" if s > 0.9 else "ok", "default", "negative", "quarantine", s, MODEL_A)
         for i, s in enumerate(scores)
@@ -297,7 +298,7 @@ def test_calibrate_from_a_verdict_topic_proposes_a_higher_threshold(bootstrap_se
     lines = result.stdout.splitlines()
     assert lines[0].startswith("100 verdicts on rule negative (scope default, model " + MODEL_A)
     assert "{'not_json': 1}" in lines[0] and lines[1].startswith("101 verdict records on these 100 sources")
-    assert "never lowering it" in result.stdout and "from 0.75 to 0.910000 stops taking 50" in result.stdout
+    assert "never lowering it" in result.stdout and "from 0.75 to 0.910000 stops taking 40" in result.stdout
     rule = orjson.loads(lines[-1])
     assert rule == {
         "action": "quarantine",
