@@ -116,7 +116,10 @@ class Metrics:
         self.rule_reloads = Counter(
             "filter_routing_reloads", "Routing reloads on SIGHUP, by result", ["result"], registry=r
         )
-        self.model = Info("filter_model", "The loaded model", registry=r)
+        # dtype and backend: the running precision and engine; precision_source: how they were chosen
+        # (setting: FILTER_MODEL__DTYPE; auto: measured at start-up; fallback: float32 after a reload
+        # made the chosen precision disagree).
+        self.model = Info("filter_model", "The loaded model, its precision and engine", registry=r)
         self.latency_listeners: list[Callable[[Sequence[float]], None]] = []
         # Moderation, per scope (labels from FILTER_ROUTING__SCOPES and rule names: configuration only).
         self.decisions = Counter(

@@ -28,7 +28,7 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from filter_worker.kafka.client_check import check_clients
-    from filter_worker.model.classifier import Classifier
+    from filter_worker.model import precision
     from filter_worker.service import serve
     from filter_worker.worker import Worker
 
@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     watcher = ConfigWatcher(args.config, lambda: worker.request_reload()) if args.config else None
     settings = settings_with_model(args)
     check_clients(settings.kafka)  # before the (slow) model load
-    classifier = Classifier.load(settings.model)
-    worker = Worker(settings, classifier, reload_routing=lambda: load_settings(args.config).routing)
+    loaded = precision.load(settings.model, settings.routing, settings.batch.max_size)
+    worker = Worker(
+        settings, loaded.classifier, reload_routing=lambda: load_settings(args.config).routing, precision=loaded
+    )
     return serve(worker, args.config, watcher)

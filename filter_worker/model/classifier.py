@@ -57,7 +57,8 @@ def resolve_device(requested: str, backend: str = "torch") -> str:
 def resolve_dtype(requested: str, device: str, backend: str = "torch") -> str:
     """The precision to load for ``FILTER_MODEL__DTYPE`` on ``device``; refuses what the device cannot run well.
 
-    - ``auto``: float16 on CUDA (tensor cores, half the memory traffic), float32 elsewhere.
+    - ``auto``: float16 on CUDA (tensor cores, half the memory traffic), float32 elsewhere: the choice
+      without a measurement (one-off commands); ``run`` and ``bench`` measure (``model/precision.py``).
     - ``int8``: dynamic quantization of the Linear layers, which PyTorch implements for CPU only.
     - ``float16`` on CPU is refused: most CPUs have no float16 arithmetic, so it runs slower than
       float32, and bfloat16 gives the same memory saving with float32's range.
@@ -180,9 +181,10 @@ class Classifier:
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        onnx = settings.backend == "onnx"
-        device = resolve_device(settings.device, settings.backend)
-        dtype = resolve_dtype(settings.dtype, device, settings.backend)
+        backend = "onnx" if settings.backend == "onnx" else "torch"  # auto: torch (model/precision.py chooses)
+        onnx = backend == "onnx"
+        device = resolve_device(settings.device, backend)
+        dtype = resolve_dtype(settings.dtype, device, backend)
         local = Path(settings.name).is_dir()
         if onnx and not local:
             raise ModelLoadError(
@@ -250,9 +252,9 @@ class Classifier:
             source=settings.name,
             device=device,
             dtype=dtype,
-            backend=settings.backend,
+            backend=backend,
         )
-        return cls(tokenizer, engine, labels, name, revision, device, max_length, weights, dtype, settings.backend)
+        return cls(tokenizer, engine, labels, name, revision, device, max_length, weights, dtype, backend)
 
     @property
     def identity(self) -> str:

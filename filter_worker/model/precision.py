@@ -1,0 +1,582 @@
+"""``FILTER_MODEL__DTYPE=auto``: the fastest engine this machine runs natively, if it decides as float32 does.
+
+Which precision is fastest depends on the processor (AMX and AVX-512 BF16 run bfloat16 natively, VNNI
+runs int8 natively, an AVX2-only CPU emulates bfloat16 more slowly than float32), so no fixed default
+is right everywhere. At start-up the candidates the machine runs natively are measured against torch
+float32 on a small check set: speed (interleaved passes, the median ratio) and decisions under the
+rules in force (every scope's rules). A candidate qualifies when at least 99.5 % of the check records
+take the same action and none moves between allow and drop; the fastest qualifying one that beats
+float32 by a clear margin is chosen, else float32.
+
+The measurement (probabilities and speeds on the check set) is cached by what decides it: the CPU's
+capabilities, the device, the weights digest, the candidates, the check texts and the library
+versions. The rules are re-applied to the cached probabilities at every start and every reload
+(``Precision.recheck``), so a rule change never needs the model run again, and a rule change that
+makes the chosen precision disagree falls back to float32 instead of routing differently from what
+was checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from filter_worker.config import ConfigError, ModelSettings, RoutingSettings
+from filter_worker.logs import get_logger
+from filter_worker.model.classifier import Classifier
+from filter_worker.model.samples import message_mix
+from filter_worker.pipeline.batching import plan_batches
+from filter_worker.pipeline.routing import Router
+
+log = get_logger(__name__)
+
+# The CPU flags (Linux /proc/cpuinfo names) that decide which precisions run natively.
+FLAGS: tuple[str, ...] = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+INT8_FLAGS = frozenset({"amx_int8", "avx512_vnni", "avx_vnni"})
+CUDA_BF16 = "cuda_bf16"  # not a CPU flag: the GPU runs bfloat16 (compute capability 8.0 and later)
+
+MIN_SAME_ACTION = 0.995
+# A candidate must beat float32 by this much: a precision that is only as fast is not worth its risk,
+# and on a shared machine a few percent is noise.
+MIN_SPEEDUP = 1.1
+CHECK_TEXTS = 200  # the built-in check set's size: a few seconds of float32 on a 2-core CPU
+CHECK_FILE_NAME = "check-texts.txt"  # a model directory's own check set, one text per line
+SPEED_ROUNDS = 2
+CHECK_BUDGET_S = 20.0  # the measurement's time at start-up, on the first float32 pass's estimate
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """A backend and precision: what ``FILTER_MODEL__BACKEND`` and ``FILTER_MODEL__DTYPE`` name."""
+
+    backend: str
+    dtype: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend} {self.dtype}"
+
+
+REFERENCE = Engine("torch", "float32")
+
+
+@dataclass(frozen=True, slots=True)
+class Agreement:
+    """How a candidate's decisions compare with float32's on the check set, under one rule set."""
+
+    records: int  # check texts x scopes: every scope's rules are checked
+    same_action: float
+    allow_drop_moves: int
+    max_score_difference: float  # the largest difference of a rule score or a label probability
+
+    @property
+    def passes(self) -> bool:
+        return self.same_action >= MIN_SAME_ACTION and self.allow_drop_moves == 0
+
+
+def agreement(router: Router, reference: np.ndarray, candidate: np.ndarray) -> Agreement:
+    """Decisions of ``candidate``'s probabilities against ``reference``'s, under every scope's rules."""
+    same, moves, records = 0, 0, 0
+    difference = float(np.abs(candidate - reference).max()) if len(reference) else 0.0
+    for scope in router.scopes:
+        scopes = [scope] * len(reference)
+        for ref, cand in zip(
+            router.decide_batch(reference, scopes), router.decide_batch(candidate, scopes), strict=True
+        ):
+            same += ref.action == cand.action
+            moves += {ref.action, cand.action} == {"allow", "drop"}
+        rule_gap = np.abs(router.rule_scores(candidate, scope) - router.rule_scores(reference, scope))
+        difference = max(difference, float(rule_gap.max()) if rule_gap.size else 0.0)
+        records += len(reference)
+    return Agreement(records, same / records if records else 1.0, moves, difference)
+
+
+def cpu_capabilities(cpuinfo: str | None = None) -> frozenset[str]:
+    """The precision-relevant flags of this CPU, from /proc/cpuinfo (or ``cpuinfo``'s text).
+
+    Without /proc/cpuinfo (not Linux), torch's own capability says whether AVX-512 or AVX2 is there,
+    but not whether bfloat16 or VNNI are: nothing is then run that might be emulated.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return _torch_capabilities()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split()) & frozenset(FLAGS)
+    return _torch_capabilities()
+
+
+def _torch_capabilities() -> frozenset[str]:
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    return frozenset(
+        {"avx512f", "avx2"} if capability.startswith("AVX512") else {"avx2"} if capability == "AVX2" else ()
+    )
+
+
+def device_capabilities(device: str) -> frozenset[str]:
+    """The CPU's flags, or on CUDA whether the GPU runs bfloat16."""
+    if not device.startswith("cuda"):
+        return cpu_capabilities()
+    import torch
+
+    return frozenset({CUDA_BF16}) if torch.cuda.is_bf16_supported() else frozenset()
+
+
+def native_candidates(
+    device: str, capabilities: frozenset[str], backends: Sequence[str], graphs: Sequence[str]
+) -> list[Engine]:
+    """The engines other than torch float32 that ``device`` runs natively, among ``backends``.
+
+    On CUDA: float16 (tensor cores), and bfloat16 where the GPU has it. On a CPU: torch bfloat16 with
+    AMX or AVX-512 BF16; int8 (torch's dynamic quantization, ONNX Runtime's int8 graph) with VNNI or
+    AMX-INT8; ONNX Runtime float32 anywhere. ONNX graphs only where ``graphs`` (the dtypes exported
+    into the model directory) has them: start-up never writes into the model directory.
+    """
+    found: list[Engine] = []
+    if device.startswith("cuda"):
+        if "torch" in backends:
+            found.append(Engine("torch", "float16"))
+            if CUDA_BF16 in capabilities:
+                found.append(Engine("torch", "bfloat16"))
+        return found
+    bf16, int8 = bool(capabilities & BF16_FLAGS), bool(capabilities & INT8_FLAGS)
+    if "torch" in backends:
+        found += [Engine("torch", "bfloat16")] if bf16 else []
+        found += [Engine("torch", "int8")] if int8 else []
+    if "onnx" in backends:
+        found += [Engine("onnx", "float32")] if "float32" in graphs else []
+        found += [Engine("onnx", "int8")] if int8 and "int8" in graphs else []
+    return found
+
+
+def emulation_warning(dtype: str, device: str, capabilities: frozenset[str]) -> str | None:
+    """For an explicit ``FILTER_MODEL__DTYPE`` the device only emulates: the sentence naming the faster native one."""
+    if device.startswith("cuda"):
+        if dtype == "bfloat16" and CUDA_BF16 not in capabilities:
+            return "FILTER_MODEL__DTYPE=bfloat16: this GPU emulates bfloat16; float16 runs natively and faster"
+        return None
+    if dtype == "bfloat16" and not capabilities & BF16_FLAGS:
+        native = "int8 (VNNI)" if capabilities & INT8_FLAGS else "float32"
+        return (
+            f"FILTER_MODEL__DTYPE=bfloat16: this CPU has no AMX or AVX-512 BF16, so bfloat16 is emulated and slower "
+            f"than float32; {native} runs natively (or leave FILTER_MODEL__DTYPE=auto to measure)"
+        )
+    if dtype == "int8" and not capabilities & INT8_FLAGS and capabilities & BF16_FLAGS:
+        return "FILTER_MODEL__DTYPE=int8: this CPU has no VNNI; bfloat16 runs natively (AMX or AVX-512 BF16)"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """One engine on the check set: its probabilities and its speed against float32 in the same rounds."""
+
+    engine: Engine
+    probabilities: np.ndarray
+    records_per_s: float
+    speed_ratio: float
+
+
+@dataclass
+class Measurement:
+    """Every candidate measured against float32 on one check set (what the cache keeps)."""
+
+    key: str
+    capabilities: frozenset[str]
+    reference: Measured
+    candidates: list[Measured]
+    seconds: float
+    cached: bool = False
+
+    def to_json(self) -> bytes:
+        def one(m: Measured) -> dict[str, Any]:
+            return {
+                "backend": m.engine.backend,
+                "dtype": m.engine.dtype,
+                "records_per_s": m.records_per_s,
+                "speed_ratio": m.speed_ratio,
+                "probabilities": m.probabilities.tolist(),
+            }
+
+        document = {
+            "version": CACHE_VERSION,
+            "key": self.key,
+            "capabilities": sorted(self.capabilities),
+            "seconds": self.seconds,
+            "reference": one(self.reference),
+            "candidates": [one(m) for m in self.candidates],
+        }
+        return orjson.dumps(document)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Measurement:
+        document = orjson.loads(data)
+
+        def one(item: dict[str, Any]) -> Measured:
+            engine = Engine(item["backend"], item["dtype"])
+            probs = np.asarray(item["probabilities"], dtype=np.float32)
+            return Measured(engine, probs, float(item["records_per_s"]), float(item["speed_ratio"]))
+
+        return cls(
+            key=document["key"],
+            capabilities=frozenset(document["capabilities"]),
+            reference=one(document["reference"]),
+            candidates=[one(item) for item in document["candidates"]],
+            seconds=float(document["seconds"]),
+            cached=True,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The engine to run under one rule set, with every candidate's agreement and speed."""
+
+    engine: Engine
+    agreements: dict[Engine, Agreement]
+    measurement: Measurement
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per candidate: speed against float32 and agreement, as the log line and ``bench`` show them."""
+        rows = []
+        for m in self.measurement.candidates:
+            a = self.agreements[m.engine]
+            rows.append(
+                {
+                    "engine": m.engine.name,
+                    "records_per_s": round(m.records_per_s, 1),
+                    "vs_float32": round(m.speed_ratio, 2),
+                    "same_action": round(a.same_action, 4),
+                    "allow_drop_moves": a.allow_drop_moves,
+                    "max_score_difference": round(a.max_score_difference, 4),
+                    "agrees": a.passes,
+                }
+            )
+        return rows
+
+
+def choose(measurement: Measurement, router: Router) -> Choice:
+    """The fastest candidate that agrees with float32 under ``router``'s rules and beats it clearly; else float32."""
+    reference = measurement.reference.probabilities
+    agreements = {m.engine: agreement(router, reference, m.probabilities) for m in measurement.candidates}
+    qualified = [m for m in measurement.candidates if agreements[m.engine].passes and m.speed_ratio >= MIN_SPEEDUP]
+    best = max(qualified, key=lambda m: m.speed_ratio, default=None)
+    return Choice(best.engine if best else measurement.reference.engine, agreements, measurement)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+def check_texts(model: ModelSettings) -> tuple[list[str], str]:
+    """The check set and where it came from: the operator's file, the model directory's, or the built-in mix."""
+    if model.precision_check_file:
+        path = Path(model.precision_check_file)
+        if not path.is_file():
+            raise ConfigError(f"FILTER_MODEL__PRECISION_CHECK_FILE={model.precision_check_file}: no such file")
+        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise ConfigError(f"FILTER_MODEL__PRECISION_CHECK_FILE={model.precision_check_file}: no non-empty lines")
+        return texts, str(path)
+    shipped = Path(model.name) / CHECK_FILE_NAME
+    if shipped.is_file():
+        texts = [line for line in shipped.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if texts:
+            return texts, str(shipped)
+    return message_mix(CHECK_TEXTS, seed=0), "built-in multilingual mix"
+
+
+def timed_passes(
+    classifier: Classifier, rows: Sequence[Sequence[int]], groups: Sequence[Sequence[int]]
+) -> tuple[np.ndarray, float]:
+    """Probabilities of ``rows`` passed in ``groups`` (length-sorted batches), and the seconds it took."""
+    probs = np.zeros((len(rows), len(classifier.labels)), dtype=np.float32)
+    started = time.perf_counter()
+    for group in groups:
+        probs[list(group)] = classifier.predict([rows[i] for i in group])
+    return probs, time.perf_counter() - started
+
+
+def measure(
+    reference: Classifier,
+    load: Callable[[Engine], Classifier],
+    candidates: Sequence[Engine],
+    texts: Sequence[str],
+    batch_size: int,
+    key: str,
+    capabilities: frozenset[str],
+    budget_s: float = CHECK_BUDGET_S,
+) -> Measurement:
+    """Each candidate against ``reference`` (float32) on ``texts``, in ``SPEED_ROUNDS`` paired rounds.
+
+    One candidate is loaded at a time beside the reference (peak memory: float32 and one candidate);
+    the chosen one is loaded again afterwards. Each round runs the reference and the candidate back to
+    back, alternating which goes first, and the candidate's ratio is the median of its rounds: the
+    machine's drift between rounds cancels. When the first float32 pass shows that every round would
+    take longer than ``budget_s``, the check set is thinned (every k-th text by length, so the length
+    mix stays) to fit: start-up takes seconds, not minutes, on a slow machine or a long check file.
+    """
+    started = time.perf_counter()
+    rows = [t.ids for t in reference.tokenize(texts)]
+    groups = plan_batches([len(r) for r in rows], batch_size, 16_384)
+    reference.predict(rows[:batch_size])  # warm-up
+    reference_probs, first = timed_passes(reference, rows, groups)
+    estimate = first * (1 + 2 * SPEED_ROUNDS * len(candidates))
+    if estimate > budget_s:
+        keep = max(2 * batch_size, int(len(rows) * budget_s / estimate))
+        by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        subset = sorted(by_length[:: max(1, len(rows) // keep)])
+        rows = [rows[i] for i in subset]
+        reference_probs = reference_probs[subset]
+        groups = plan_batches([len(r) for r in rows], batch_size, 16_384)
+    reference_speeds: list[float] = []
+    measured: list[Measured] = []
+    for engine in candidates:
+        try:
+            model = load(engine)
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot load is left out, with the reason
+            log.warning("precision candidate could not load; left out", engine=engine.name, error=str(exc))
+            continue
+        model.predict(rows[:batch_size])  # warm-up (int8 and bfloat16 kernels pick their paths on first use)
+        probs = reference_probs
+        ratios, speeds = [], []
+        for n in range(SPEED_ROUNDS):
+            order = [reference, model] if n % 2 == 0 else [model, reference]
+            seconds: dict[int, float] = {}
+            for classifier in order:
+                out, seconds[id(classifier)] = timed_passes(classifier, rows, groups)
+                if classifier is model:
+                    probs = out
+            reference_speeds.append(len(rows) / seconds[id(reference)])
+            speeds.append(len(rows) / seconds[id(model)])
+            ratios.append(seconds[id(reference)] / seconds[id(model)])
+        del model  # one candidate in memory at a time
+        measured.append(Measured(engine, probs, statistics.median(speeds), statistics.median(ratios)))
+    reference_speed = statistics.median(reference_speeds) if reference_speeds else len(rows) / first
+    ref = Measured(REFERENCE, reference_probs, reference_speed, 1.0)
+    return Measurement(key, capabilities, ref, measured, time.perf_counter() - started)
+
+
+def cache_key(
+    capabilities: frozenset[str],
+    device: str,
+    weights_sha256: str,
+    candidates: Sequence[Engine],
+    texts: Sequence[str],
+    batch_size: int,
+) -> str:
+    """What decides a measurement: the CPU (or GPU), the weights, the candidates, the check set, the libraries."""
+    import torch
+    import transformers
+
+    material = {
+        "version": CACHE_VERSION,
+        "capabilities": sorted(capabilities),
+        "device": device,
+        "weights": weights_sha256,
+        "candidates": [c.name for c in candidates],
+        "texts": hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest(),
+        "batch_size": batch_size,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": _onnxruntime_version(),
+        "threads": torch.get_num_threads(),
+    }
+    return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _onnxruntime_version() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return str(onnxruntime.__version__)
+
+
+def cache_dirs(model: ModelSettings) -> list[Path]:
+    """Where a measurement may be found, in order: the model directory's ``precision/`` (a read-only
+    volume can ship one), then the writable cache directory."""
+    dirs = [Path(model.name) / "precision"] if Path(model.name).is_dir() else []
+    return [*dirs, writable_cache_dir(model)]
+
+
+def writable_cache_dir(model: ModelSettings) -> Path:
+    if model.precision_cache_dir:
+        return Path(model.precision_cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "filter-worker" / "precision"
+
+
+def read_cached(model: ModelSettings, key: str) -> Measurement | None:
+    for directory in cache_dirs(model):
+        path = directory / f"{key}.json"
+        try:
+            measurement = Measurement.from_json(path.read_bytes())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("precision cache entry unreadable; measuring again", path=str(path), error=str(exc))
+            continue
+        if measurement.key == key:
+            return measurement
+    return None
+
+
+def write_cached(model: ModelSettings, measurement: Measurement) -> Path | None:
+    """Keep the measurement for the next start; a cache that cannot be written only costs the next start its seconds."""
+    directory = writable_cache_dir(model)
+    path = directory / f"{measurement.key}.json"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(measurement.to_json())
+        partial.replace(path)  # atomic: a scale-out's workers never read half a file
+    except OSError as exc:
+        log.warning(
+            "precision measurement not cached; set FILTER_MODEL__PRECISION_CACHE_DIR to a writable directory",
+            path=str(path),
+            error=str(exc),
+        )
+        return None
+    return path
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+
+class Precision:
+    """The loaded classifier, how its precision was decided, and the re-check a rule reload runs.
+
+    ``source``: ``setting`` (FILTER_MODEL__DTYPE named it), ``auto`` (measured here or cached), or
+    ``fallback`` (a reload's rules made the chosen precision disagree, so float32 runs now).
+    """
+
+    def __init__(self, classifier: Classifier, source: str, choice: Choice | None, model: ModelSettings) -> None:
+        self.classifier = classifier
+        self.source = source
+        self.choice = choice
+        self._model = model
+
+    def recheck(self, router: Router) -> bool:
+        """Under reloaded rules, keep the chosen precision only if it still agrees; else switch to float32.
+
+        Re-routes the cached check-set probabilities (no model run). On disagreement float32 weights
+        are loaded and swapped in as the classifier's engine; the next forward pass uses them. Returns
+        whether it switched. A float32 load that fails raises ``ConfigError``: the reload is refused
+        and the old rules stay, rather than route the new rules with an unchecked precision.
+        """
+        choice = self.choice
+        if choice is None or self.source != "auto" or choice.engine == REFERENCE:
+            return False
+        measured = next(m for m in choice.measurement.candidates if m.engine == choice.engine)
+        checked = agreement(router, choice.measurement.reference.probabilities, measured.probabilities)
+        if checked.passes:
+            log.info(
+                "precision re-checked under the reloaded rules: it still agrees", **_fields(choice.engine, checked)
+            )
+            return False
+        try:
+            fallback = Classifier.load(self._model.model_copy(update={"backend": "torch", "dtype": "float32"}))
+        except Exception as exc:  # noqa: BLE001 - any load failure refuses the reload, with its reason
+            raise ConfigError(
+                f"the reloaded rules make {choice.engine.name} disagree with float32 and float32 could not load ({exc})"
+            ) from exc
+        self.classifier.engine = fallback.engine
+        self.classifier.dtype, self.classifier.backend = "float32", "torch"
+        self.source = "fallback"
+        log.warning(
+            "precision falls back to float32: under the reloaded rules the chosen precision routes differently",
+            **_fields(choice.engine, checked),
+        )
+        return True
+
+
+def _fields(engine: Engine, checked: Agreement) -> dict[str, Any]:
+    return {
+        "engine": engine.name,
+        "same_action": round(checked.same_action, 4),
+        "allow_drop_moves": checked.allow_drop_moves,
+        "max_score_difference": round(checked.max_score_difference, 4),
+    }
+
+
+def onnx_graphs(model: ModelSettings) -> list[str]:
+    """The ONNX graphs exported into the model directory, when ONNX Runtime is installed."""
+    from filter_worker.model import onnx_engine
+
+    try:
+        onnx_engine.runtime()
+    except ConfigError:
+        return []
+    directory = Path(model.name)
+    return [dtype for dtype, file in onnx_engine.GRAPH_FILES.items() if (directory / file).is_file()]
+
+
+def load(model: ModelSettings, routing: RoutingSettings, batch_size: int) -> Precision:
+    """The classifier at the precision ``model`` names, or with ``FILTER_MODEL__DTYPE=auto`` the one measured best.
+
+    An explicit dtype always wins (with a warning when the device only emulates it); an explicit
+    backend limits the candidates to its own engines.
+    """
+    if model.dtype != "auto":
+        classifier = Classifier.load(model)
+        warning = emulation_warning(classifier.dtype, classifier.device, device_capabilities(classifier.device))
+        if warning:
+            log.warning(warning)
+        return Precision(classifier, "setting", None, model)
+    backends = ("torch", "onnx") if model.backend == "auto" else (model.backend,)
+    reference = Classifier.load(model.model_copy(update={"backend": "torch", "dtype": "float32"}))
+    capabilities = device_capabilities(reference.device)
+    graphs = onnx_graphs(model) if "onnx" in backends and Path(model.name).is_dir() else []
+    candidates = native_candidates(reference.device, capabilities, backends, graphs)
+    if model.backend == "onnx" and Engine("onnx", "float32") not in candidates:
+        candidates.insert(0, Engine("onnx", "float32"))  # what the operator asked for must at least run
+    if not candidates:
+        log.info(
+            "precision chosen",
+            engine=REFERENCE.name,
+            capabilities=sorted(capabilities),
+            candidates=[],
+            reason="no precision runs natively faster than float32 here (no AMX, AVX-512 BF16 or VNNI)",
+        )
+        return Precision(reference, "auto", None, model)
+    texts, origin = check_texts(model)
+    key = cache_key(capabilities, reference.device, reference.weights_sha256, candidates, texts, batch_size)
+
+    def load_engine(engine: Engine) -> Classifier:
+        return Classifier.load(model.model_copy(update={"backend": engine.backend, "dtype": engine.dtype}))
+
+    measurement = read_cached(model, key)
+    if measurement is None:
+        measurement = measure(reference, load_engine, candidates, texts, batch_size, key, capabilities)
+        write_cached(model, measurement)
+    choice = choose(measurement, Router(routing, reference.labels))
+    engine = choice.engine
+    if model.backend == "onnx" and engine.backend != "onnx":
+        engine = Engine("onnx", "float32")  # the explicit backend wins; its float32 decides as torch float32 does
+    classifier = reference if engine == REFERENCE else load_engine(engine)
+    log.info(
+        "precision chosen",
+        engine=engine.name,
+        capabilities=sorted(capabilities),
+        float32_records_per_s=round(measurement.reference.records_per_s, 1),
+        candidates=choice.summary(),
+        rule=f">= {MIN_SAME_ACTION:.1%} same action, no allow<->drop move, >= {MIN_SPEEDUP}x float32",
+        check_texts=f"{len(texts)} from {origin}",
+        cached=measurement.cached,
+        seconds=round(measurement.seconds, 1),
+    )
+    return Precision(classifier, "auto", Choice(engine, choice.agreements, measurement), model)
