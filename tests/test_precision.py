@@ -253,3 +253,13 @@ def test_a_reload_whose_rules_make_the_choice_disagree_falls_back_to_float32(tin
     ids = [t.ids for t in classifier.tokenize(["you idiot", "hello there"])]
     np.testing.assert_array_equal(classifier.predict(ids), float32.predict(ids))
     assert loaded.recheck(loose) is False, "after the fallback nothing is re-checked: float32 is the reference"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_a_precision_derived_from_the_loaded_float32_model_is_the_one_a_load_gives(tiny_model, dtype):
+    float32 = Classifier.load(ModelSettings(name=str(tiny_model), dtype="float32"))
+    derived, loaded = float32.at_precision(dtype), Classifier.load(ModelSettings(name=str(tiny_model), dtype=dtype))
+    assert (derived.dtype, derived.backend, derived.identity) == (dtype, "torch", loaded.identity)
+    ids = [t.ids for t in float32.tokenize(["you idiot", "a wonderful day, thanks", "hello"])]
+    np.testing.assert_array_equal(derived.predict(ids), loaded.predict(ids))
+    assert float32.dtype == "float32" and not np.array_equal(float32.predict(ids), derived.predict(ids))
