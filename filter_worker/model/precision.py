@@ -18,6 +18,9 @@ was checked.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import hashlib
 import os
 import statistics
@@ -513,6 +516,17 @@ def _fields(engine: Engine, checked: Agreement) -> dict[str, Any]:
     }
 
 
+def _release_freed_memory() -> None:
+    """Hand the measured candidates' freed memory back to the system (glibc keeps freed heap otherwise).
+
+    Measured on the default model's shape: a worker that had just measured kept 1428 MiB resident,
+    against 846 MiB started from the cache; with the trim, 846 MiB right after measuring.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def onnx_graphs(model: ModelSettings) -> list[str]:
     """The ONNX graphs exported into the model directory, when ONNX Runtime is installed."""
     from filter_worker.model import onnx_engine
@@ -565,6 +579,7 @@ def load(model: ModelSettings, routing: RoutingSettings, batch_size: int) -> Pre
     if measurement is None:
         measurement = measure(reference, load_engine, candidates, texts, batch_size, key, capabilities)
         write_cached(model, measurement)
+        _release_freed_memory()
     choice = choose(measurement, Router(routing, reference.labels))
     engine = choice.engine
     if model.backend == "onnx" and engine.backend != "onnx":

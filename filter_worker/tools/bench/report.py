@@ -95,14 +95,14 @@ def format_table(report: dict[str, Any]) -> str:
         f"{work['messages']} messages ({work['source']}), tokens p50 {work['tokens_p50']:.0f} / p95 "
         f"{work['tokens_p95']:.0f} / max {work['tokens_max']}, batch {work['batch_max_size']}",
         "",
-        f"{'measurement':<44} {'msg/s':>9} {'padding eff.':>13}",
+        f"{'measurement':<56} {'msg/s':>9} {'padding eff.':>13}",
     ]
 
     def row(name: str, result: dict[str, Any] | None) -> None:
         if result is None:
             return
         eff = result.get("padding_efficiency")
-        lines.append(f"{name:<44} {result['messages_per_s']:>9.1f} {'' if eff is None else f'{eff:.2f}':>13}")
+        lines.append(f"{name:<56} {result['messages_per_s']:>9.1f} {'' if eff is None else f'{eff:.2f}':>13}")
 
     chosen = report["precision"]
     agree = chosen["agreement"]
@@ -123,6 +123,8 @@ def format_table(report: dict[str, Any]) -> str:
         report["model_only_arrival_order"],
     )
     row("model only, sorted, after the last round", report["model_only_after"])
+    if len(report["model_only_float32"]) > 1:
+        row("model only, torch float32, sorted, after the last round", report["model_only_float32"][-1])
     row("end to end (worker + broker), median round", report["end_to_end"])
     if "end_to_end_cached" in report:
         row(
