@@ -342,7 +342,7 @@ def measure(
     timed, timed_groups = rows, groups
     estimate = first * 2 * SPEED_ROUNDS * len(candidates)
     if estimate > budget_s:
-        keep = max(2 * batch_size, int(len(rows) * budget_s / estimate))
+        keep = max(batch_size, int(len(rows) * budget_s / estimate))
         by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         timed = [rows[i] for i in sorted(by_length[:: max(1, len(rows) // keep)])]
         timed_groups = plan_batches([len(r) for r in timed], batch_size, 16_384)
