@@ -422,10 +422,10 @@ class ModelSettings(_Section):
     backend: Literal["auto", "torch", "onnx"] = "auto"
     # The check set of FILTER_MODEL__DTYPE=auto: one text per line. Default: the model directory's
     # check-texts.txt, else a built-in multilingual mix.
-    precision_check_file: str | None = None
+    precision_check_file: Text | None = None
     # Where the measurement is cached (keyed by CPU capabilities, weights, candidates and check set);
     # default $XDG_CACHE_HOME/filter-worker/precision. A model directory's precision/ is read first.
-    precision_cache_dir: str | None = None
+    precision_cache_dir: Text | None = None
 
     @field_validator("device")
     @classmethod

@@ -263,3 +263,37 @@ def test_a_precision_derived_from_the_loaded_float32_model_is_the_one_a_load_giv
     ids = [t.ids for t in float32.tokenize(["you idiot", "a wonderful day, thanks", "hello"])]
     np.testing.assert_array_equal(derived.predict(ids), loaded.predict(ids))
     assert float32.dtype == "float32" and not np.array_equal(float32.predict(ids), derived.predict(ids))
+
+
+def test_exported_onnx_graphs_are_candidates_and_an_explicit_onnx_backend_keeps_to_them(
+    tiny_model, tmp_path, monkeypatch
+):
+    import shutil
+
+    from filter_worker.model import onnx_export
+
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_model, directory)
+    onnx_export.export(directory)
+    monkeypatch.setattr(precision, "device_capabilities", lambda device: AMX)
+    monkeypatch.setattr(precision, "MIN_SPEEDUP", 0.0)
+    with capture_logs() as logs:
+        loaded = precision.load(
+            ModelSettings(name=str(directory), precision_cache_dir=str(tmp_path / "cache")), RoutingSettings(), 32
+        )
+    chosen = next(entry for entry in logs if entry["event"] == "precision chosen")
+    names = [row["engine"] for row in chosen["candidates"]]
+    assert names == ["torch bfloat16", "torch int8", "onnx float32", "onnx int8"]
+    assert chosen["engine"] == f"{loaded.classifier.backend} {loaded.classifier.dtype}"
+    onnx_float32 = next(row for row in chosen["candidates"] if row["engine"] == "onnx float32")
+    assert onnx_float32["max_score_difference"] <= 1e-4 and onnx_float32["agrees"]
+
+    with capture_logs() as logs:
+        onnx_only = precision.load(
+            ModelSettings(name=str(directory), backend="onnx", precision_cache_dir=str(tmp_path / "cache")),
+            RoutingSettings(),
+            32,
+        )
+    chosen = next(entry for entry in logs if entry["event"] == "precision chosen")
+    assert [row["engine"] for row in chosen["candidates"]] == ["onnx float32", "onnx int8"]
+    assert onnx_only.classifier.backend == "onnx"
