@@ -7,9 +7,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from filter_worker.config import ConfigError, ModelSettings, RoutingSettings, Rule
-from filter_worker.model import precision
+from filter_worker.model import capabilities, precision, precision_cache
+from filter_worker.model.capabilities import Engine
 from filter_worker.model.classifier import Classifier
-from filter_worker.model.precision import Engine, Measured, Measurement
+from filter_worker.model.precision_cache import Measured, Measurement
 from filter_worker.pipeline.routing import Router
 
 LABELS = ["Very Negative", "Negative", "Neutral", "Positive", "Very Positive"]
@@ -26,12 +27,12 @@ CPUINFO_AVX2 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
 
 
 def test_cpu_capabilities_are_read_from_cpuinfo():
-    assert precision.cpu_capabilities(CPUINFO_AMX) == AMX
-    assert precision.cpu_capabilities(CPUINFO_AVX2) == AVX2
+    assert capabilities.cpu_capabilities(CPUINFO_AMX) == AMX
+    assert capabilities.cpu_capabilities(CPUINFO_AVX2) == AVX2
 
 
 @pytest.mark.parametrize(
-    ("device", "capabilities", "backends", "graphs", "expected"),
+    ("device", "flags", "backends", "graphs", "expected"),
     [
         (
             "cpu",
@@ -44,23 +45,23 @@ def test_cpu_capabilities_are_read_from_cpuinfo():
         ("cpu", AMX, ("torch",), ["float32", "int8"], ["torch bfloat16", "torch int8"]),  # explicit backend
         ("cpu", VNNI, ("torch", "onnx"), ["float32", "int8"], ["torch int8", "onnx float32", "onnx int8"]),
         ("cpu", AVX2, ("torch",), [], []),  # bfloat16 emulated, no VNNI: float32 it is
-        ("cuda", frozenset({precision.CUDA_BF16}), ("torch", "onnx"), [], ["torch float16", "torch bfloat16"]),
+        ("cuda", frozenset({capabilities.CUDA_BF16}), ("torch", "onnx"), [], ["torch float16", "torch bfloat16"]),
         ("cuda:1", frozenset(), ("torch",), [], ["torch float16"]),
     ],
 )
-def test_candidates_are_what_the_device_runs_natively(device, capabilities, backends, graphs, expected):
-    found = precision.native_candidates(device, capabilities, backends, graphs)
+def test_candidates_are_what_the_device_runs_natively(device, flags, backends, graphs, expected):
+    found = capabilities.native_candidates(device, flags, backends, graphs)
     assert [engine.name for engine in found] == expected
 
 
 def test_an_explicit_precision_the_cpu_only_emulates_is_warned_about_naming_the_native_one():
-    avx2 = precision.emulation_warning("bfloat16", "cpu", AVX2)
+    avx2 = capabilities.emulation_warning("bfloat16", "cpu", AVX2)
     assert avx2 is not None and "emulated" in avx2 and "float32 runs natively" in avx2
-    vnni = precision.emulation_warning("bfloat16", "cpu", VNNI)
+    vnni = capabilities.emulation_warning("bfloat16", "cpu", VNNI)
     assert vnni is not None and "int8 (VNNI) runs natively" in vnni
-    assert precision.emulation_warning("bfloat16", "cpu", AMX) is None
-    assert precision.emulation_warning("float32", "cpu", AVX2) is None
-    assert "float16 runs natively" in (precision.emulation_warning("bfloat16", "cuda", frozenset()) or "")
+    assert capabilities.emulation_warning("bfloat16", "cpu", AMX) is None
+    assert capabilities.emulation_warning("float32", "cpu", AVX2) is None
+    assert "float16 runs natively" in (capabilities.emulation_warning("bfloat16", "cuda", frozenset()) or "")
 
 
 def _router(drop: float = 0.9, quarantine: float = 0.75, scopes: list[dict] | None = None) -> Router:
@@ -146,18 +147,18 @@ def test_a_measurement_survives_the_cache_and_unwritable_caches_only_warn(tmp_pa
     reference = _rows([0.1, 0.2, 0.3])
     measurement = _measurement({BF16: (2.9, reference + 0.001)}, reference)
     model = ModelSettings(name="acme/model", precision_cache_dir=str(tmp_path / "cache"))
-    assert precision.read_cached(model, measurement.key) is None
-    assert precision.write_cached(model, measurement) == tmp_path / "cache" / f"{measurement.key}.json"
-    again = precision.read_cached(model, measurement.key)
+    assert precision_cache.read_cached(model, measurement.key) is None
+    assert precision_cache.write_cached(model, measurement) == tmp_path / "cache" / f"{measurement.key}.json"
+    again = precision_cache.read_cached(model, measurement.key)
     assert again is not None and again.cached and again.candidates[0].speed_ratio == 2.9
     np.testing.assert_array_equal(again.candidates[0].probabilities, reference + 0.001)
-    assert precision.read_cached(model, "0" * 64) is None
+    assert precision_cache.read_cached(model, "0" * 64) is None
 
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     unwritable = ModelSettings(name="acme/model", precision_cache_dir=str(blocked / "cache"))
     with capture_logs() as logs:
-        assert precision.write_cached(unwritable, measurement) is None
+        assert precision_cache.write_cached(unwritable, measurement) is None
     assert any("FILTER_MODEL__PRECISION_CACHE_DIR" in entry["event"] for entry in logs)
 
 
@@ -168,7 +169,7 @@ def test_a_read_only_model_volume_can_ship_the_measurement(tiny_model, tmp_path)
     shipped.mkdir(exist_ok=True)
     (shipped / f"{measurement.key}.json").write_bytes(measurement.to_json())
     model = ModelSettings(name=str(tiny_model), precision_cache_dir=str(tmp_path / "empty"))
-    found = precision.read_cached(model, measurement.key)
+    found = precision_cache.read_cached(model, measurement.key)
     assert found is not None and found.candidates[0].engine == BF16
     (shipped / f"{measurement.key}.json").unlink()
 

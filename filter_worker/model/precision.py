@@ -1,19 +1,18 @@
 """``FILTER_MODEL__DTYPE=auto``: the fastest engine this machine runs natively, if it decides as float32 does.
 
 Which precision is fastest depends on the processor (AMX and AVX-512 BF16 run bfloat16 natively, VNNI
-runs int8 natively, an AVX2-only CPU emulates bfloat16 more slowly than float32), so no fixed default
-is right everywhere. At start-up the candidates the machine runs natively are measured against torch
-float32 on a small check set: speed (interleaved passes, the median ratio) and decisions under the
-rules in force (every scope's rules). A candidate qualifies when at least 99.5 % of the check records
-take the same action and none moves between allow and drop; the fastest qualifying one that beats
-float32 by a clear margin is chosen, else float32.
+runs int8 natively, an AVX2-only CPU emulates bfloat16 more slowly than float32; ``capabilities.py``),
+so no fixed default is right everywhere. At start-up the candidates the machine runs natively are
+measured against torch float32 on a small check set: speed (paired rounds, each engine's fastest) and
+decisions under the rules in force (every scope's rules). A candidate qualifies when at least 99.5 %
+of the check records take the same action and none moves between allow and drop; the fastest
+qualifying one that beats float32 by a clear margin is chosen, else float32.
 
-The measurement (probabilities and speeds on the check set) is cached by what decides it: the CPU's
-capabilities, the device, the weights digest, the candidates, the check texts and the library
-versions. The rules are re-applied to the cached probabilities at every start and every reload
-(``Precision.recheck``), so a rule change never needs the model run again, and a rule change that
-makes the chosen precision disagree falls back to float32 instead of routing differently from what
-was checked.
+The measurement (probabilities and speeds on the check set) is cached by what decides it
+(``precision_cache.py``). The rules are re-applied to the cached probabilities at every start and
+every reload (``Precision.recheck``), so a rule change never needs the model run again, and a rule
+change that makes the chosen precision disagree falls back to float32 instead of routing differently
+from what was checked.
 """
 
 from __future__ import annotations
@@ -21,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import hashlib
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,22 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from filter_worker.config import ConfigError, ModelSettings, RoutingSettings
 from filter_worker.logs import get_logger
+from filter_worker.model.capabilities import (
+    REFERENCE,
+    Engine,
+    device_capabilities,
+    emulation_warning,
+    native_candidates,
+)
 from filter_worker.model.classifier import Classifier
+from filter_worker.model.precision_cache import Measured, Measurement, cache_key, read_cached, write_cached
 from filter_worker.model.samples import message_mix
 from filter_worker.pipeline.batching import plan_batches
 from filter_worker.pipeline.routing import Router
 
 log = get_logger(__name__)
-
-# The CPU flags (Linux /proc/cpuinfo names) that decide which precisions run natively.
-FLAGS: tuple[str, ...] = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
-BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
-INT8_FLAGS = frozenset({"amx_int8", "avx512_vnni", "avx_vnni"})
-CUDA_BF16 = "cuda_bf16"  # not a CPU flag: the GPU runs bfloat16 (compute capability 8.0 and later)
 
 MIN_SAME_ACTION = 0.995
 # A candidate must beat float32 by this much: a precision that is only as fast is not worth its risk,
@@ -55,22 +53,6 @@ CHECK_TEXTS = 200  # the built-in check set's size: a few seconds of float32 on 
 CHECK_FILE_NAME = "check-texts.txt"  # a model directory's own check set, one text per line
 SPEED_ROUNDS = 3
 CHECK_BUDGET_S = 15.0  # the measurement's time at start-up, on the first float32 pass's estimate
-CACHE_VERSION = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Engine:
-    """A backend and precision: what ``FILTER_MODEL__BACKEND`` and ``FILTER_MODEL__DTYPE`` name."""
-
-    backend: str
-    dtype: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.backend} {self.dtype}"
-
-
-REFERENCE = Engine("torch", "float32")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,146 +84,6 @@ def agreement(router: Router, reference: np.ndarray, candidate: np.ndarray) -> A
         difference = max(difference, float(rule_gap.max()) if rule_gap.size else 0.0)
         records += len(reference)
     return Agreement(records, same / records if records else 1.0, moves, difference)
-
-
-def cpu_capabilities(cpuinfo: str | None = None) -> frozenset[str]:
-    """The precision-relevant flags of this CPU, from /proc/cpuinfo (or ``cpuinfo``'s text).
-
-    Without /proc/cpuinfo (not Linux), torch's own capability says whether AVX-512 or AVX2 is there,
-    but not whether bfloat16 or VNNI are: nothing is then run that might be emulated.
-    """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return _torch_capabilities()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split()) & frozenset(FLAGS)
-    return _torch_capabilities()
-
-
-def _torch_capabilities() -> frozenset[str]:
-    import torch
-
-    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
-    return frozenset(
-        {"avx512f", "avx2"} if capability.startswith("AVX512") else {"avx2"} if capability == "AVX2" else ()
-    )
-
-
-def device_capabilities(device: str) -> frozenset[str]:
-    """The CPU's flags, or on CUDA whether the GPU runs bfloat16."""
-    if not device.startswith("cuda"):
-        return cpu_capabilities()
-    import torch
-
-    return frozenset({CUDA_BF16}) if torch.cuda.is_bf16_supported() else frozenset()
-
-
-def native_candidates(
-    device: str, capabilities: frozenset[str], backends: Sequence[str], graphs: Sequence[str]
-) -> list[Engine]:
-    """The engines other than torch float32 that ``device`` runs natively, among ``backends``.
-
-    On CUDA: float16 (tensor cores), and bfloat16 where the GPU has it. On a CPU: torch bfloat16 with
-    AMX or AVX-512 BF16; int8 (torch's dynamic quantization, ONNX Runtime's int8 graph) with VNNI or
-    AMX-INT8; ONNX Runtime float32 anywhere. ONNX graphs only where ``graphs`` (the dtypes exported
-    into the model directory) has them: start-up never writes into the model directory.
-    """
-    found: list[Engine] = []
-    if device.startswith("cuda"):
-        if "torch" in backends:
-            found.append(Engine("torch", "float16"))
-            if CUDA_BF16 in capabilities:
-                found.append(Engine("torch", "bfloat16"))
-        return found
-    bf16, int8 = bool(capabilities & BF16_FLAGS), bool(capabilities & INT8_FLAGS)
-    if "torch" in backends:
-        found += [Engine("torch", "bfloat16")] if bf16 else []
-        found += [Engine("torch", "int8")] if int8 else []
-    if "onnx" in backends:
-        found += [Engine("onnx", "float32")] if "float32" in graphs else []
-        found += [Engine("onnx", "int8")] if int8 and "int8" in graphs else []
-    return found
-
-
-def emulation_warning(dtype: str, device: str, capabilities: frozenset[str]) -> str | None:
-    """For an explicit ``FILTER_MODEL__DTYPE`` the device only emulates: the sentence naming the faster native one."""
-    if device.startswith("cuda"):
-        if dtype == "bfloat16" and CUDA_BF16 not in capabilities:
-            return "FILTER_MODEL__DTYPE=bfloat16: this GPU emulates bfloat16; float16 runs natively and faster"
-        return None
-    if dtype == "bfloat16" and not capabilities & BF16_FLAGS:
-        native = "int8 (VNNI)" if capabilities & INT8_FLAGS else "float32"
-        return (
-            f"FILTER_MODEL__DTYPE=bfloat16: this CPU has no AMX or AVX-512 BF16, so bfloat16 is emulated and slower "
-            f"than float32; {native} runs natively (or leave FILTER_MODEL__DTYPE=auto to measure)"
-        )
-    if dtype == "int8" and not capabilities & INT8_FLAGS and capabilities & BF16_FLAGS:
-        return "FILTER_MODEL__DTYPE=int8: this CPU has no VNNI; bfloat16 runs natively (AMX or AVX-512 BF16)"
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class Measured:
-    """One engine on the check set: its probabilities and its speed against float32 in the same rounds."""
-
-    engine: Engine
-    probabilities: np.ndarray
-    records_per_s: float
-    speed_ratio: float
-
-
-@dataclass
-class Measurement:
-    """Every candidate measured against float32 on one check set (what the cache keeps)."""
-
-    key: str
-    capabilities: frozenset[str]
-    reference: Measured
-    candidates: list[Measured]
-    seconds: float
-    cached: bool = False
-
-    def to_json(self) -> bytes:
-        def one(m: Measured) -> dict[str, Any]:
-            return {
-                "backend": m.engine.backend,
-                "dtype": m.engine.dtype,
-                "records_per_s": m.records_per_s,
-                "speed_ratio": m.speed_ratio,
-                "probabilities": m.probabilities.tolist(),
-            }
-
-        document = {
-            "version": CACHE_VERSION,
-            "key": self.key,
-            "capabilities": sorted(self.capabilities),
-            "seconds": self.seconds,
-            "reference": one(self.reference),
-            "candidates": [one(m) for m in self.candidates],
-        }
-        return orjson.dumps(document)
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Measurement:
-        document = orjson.loads(data)
-
-        def one(item: dict[str, Any]) -> Measured:
-            engine = Engine(item["backend"], item["dtype"])
-            probs = np.asarray(item["probabilities"], dtype=np.float32)
-            return Measured(engine, probs, float(item["records_per_s"]), float(item["speed_ratio"]))
-
-        return cls(
-            key=document["key"],
-            capabilities=frozenset(document["capabilities"]),
-            reference=one(document["reference"]),
-            candidates=[one(item) for item in document["candidates"]],
-            seconds=float(document["seconds"]),
-            cached=True,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,90 +211,6 @@ def measure(
     ]
     ref = Measured(REFERENCE, reference_probs, len(timed) / best_reference, 1.0)
     return Measurement(key, capabilities, ref, measured, time.perf_counter() - started)
-
-
-def cache_key(
-    capabilities: frozenset[str],
-    device: str,
-    weights_sha256: str,
-    candidates: Sequence[Engine],
-    texts: Sequence[str],
-    batch_size: int,
-) -> str:
-    """What decides a measurement: the CPU (or GPU), the weights, the candidates, the check set, the libraries."""
-    import torch
-    import transformers
-
-    material = {
-        "version": CACHE_VERSION,
-        "capabilities": sorted(capabilities),
-        "device": device,
-        "weights": weights_sha256,
-        "candidates": [c.name for c in candidates],
-        "texts": hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest(),
-        "batch_size": batch_size,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnxruntime": _onnxruntime_version(),
-        "threads": torch.get_num_threads(),
-    }
-    return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-def _onnxruntime_version() -> str | None:
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    return str(onnxruntime.__version__)
-
-
-def cache_dirs(model: ModelSettings) -> list[Path]:
-    """Where a measurement may be found, in order: the model directory's ``precision/`` (a read-only
-    volume can ship one), then the writable cache directory."""
-    dirs = [Path(model.name) / "precision"] if Path(model.name).is_dir() else []
-    return [*dirs, writable_cache_dir(model)]
-
-
-def writable_cache_dir(model: ModelSettings) -> Path:
-    if model.precision_cache_dir:
-        return Path(model.precision_cache_dir)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "filter-worker" / "precision"
-
-
-def read_cached(model: ModelSettings, key: str) -> Measurement | None:
-    for directory in cache_dirs(model):
-        path = directory / f"{key}.json"
-        try:
-            measurement = Measurement.from_json(path.read_bytes())
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("precision cache entry unreadable; measuring again", path=str(path), error=str(exc))
-            continue
-        if measurement.key == key:
-            return measurement
-    return None
-
-
-def write_cached(model: ModelSettings, measurement: Measurement) -> Path | None:
-    """Keep the measurement for the next start; a cache that cannot be written only costs the next start its seconds."""
-    directory = writable_cache_dir(model)
-    path = directory / f"{measurement.key}.json"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_bytes(measurement.to_json())
-        partial.replace(path)  # atomic: a scale-out's workers never read half a file
-    except OSError as exc:
-        log.warning(
-            "precision measurement not cached; set FILTER_MODEL__PRECISION_CACHE_DIR to a writable directory",
-            path=str(path),
-            error=str(exc),
-        )
-        return None
-    return path
 
 
 # -- loading ----------------------------------------------------------------------------------------

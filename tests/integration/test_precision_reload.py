@@ -10,8 +10,9 @@ import orjson
 
 from filter_worker.config import ModelSettings, RoutingSettings, Rule
 from filter_worker.model import precision
+from filter_worker.model.capabilities import Engine
 from filter_worker.model.classifier import Classifier
-from filter_worker.model.precision import Engine, Measured, Measurement
+from filter_worker.model.precision_cache import Measured, Measurement
 from filter_worker.pipeline.routing import Router
 from filter_worker.worker import Worker
 from tests.integration.kafka_helpers import create_topics, produce, read_outputs, worker_settings

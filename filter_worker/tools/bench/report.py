@@ -169,8 +169,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines += [
             f"  {c['engine']:<16} {c['records_per_s']:>8.1f} msg/s {c['vs_float32']:>5.2f}x  "
             f"{c['same_action']:.1%} same action, {c['allow_drop_moves']} allow<->drop, "
-            f"max score difference {c['max_score_difference']:.4f}"
-            + ("" if c["agrees"] else "  (disagrees)")
+            f"max score difference {c['max_score_difference']:.4f}" + ("" if c["agrees"] else "  (disagrees)")
             for c in chosen["check_set"]
         ]
     variants = report["variants"]

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 
 from filter_worker.config import ConfigError, Settings
+from filter_worker.model.capabilities import device_capabilities
 from filter_worker.model.classifier import Classifier, resolve_dtype
 from filter_worker.model.onnx_export import ensure_graph
-from filter_worker.model.precision import Precision, agreement, device_capabilities
+from filter_worker.model.precision import Precision, agreement
 from filter_worker.pipeline.routing import Router
 from filter_worker.tools.bench.harness import on_model_thread
 from filter_worker.tools.bench.options import BenchOptions
