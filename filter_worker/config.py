@@ -413,13 +413,22 @@ class ModelSettings(_Section):
             return choices[text]
         return value
 
-    # auto: float16 on CUDA (tensor cores, half the memory traffic), float32 elsewhere. int8 is dynamic
-    # quantization of the Linear layers, a CPU technique; the combinations a device cannot run are
-    # refused at load time with the reason (model.resolve_dtype).
+    # auto: ``run`` and ``bench`` measure the precisions and engines this machine runs natively (AMX or
+    # AVX-512 BF16: bfloat16; VNNI: int8; CUDA: float16, bfloat16) against float32 on a check set and
+    # run the fastest that decides as float32 does (model/precision.py); float32 when none does, and
+    # for the one-off commands. int8 is dynamic quantization of the Linear layers, a CPU technique; the
+    # combinations a device cannot run are refused at load time with the reason (model.resolve_dtype).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
     # What runs the forward pass: eager PyTorch, or ONNX Runtime on a graph exported from the same
-    # safetensors weights (``filter-worker model export``; needs the ``onnx`` extra).
-    backend: Literal["torch", "onnx"] = "torch"
+    # safetensors weights (``filter-worker model export``; needs the ``onnx`` extra). auto: torch, or
+    # with FILTER_MODEL__DTYPE=auto whichever engine the measurement chooses.
+    backend: Literal["auto", "torch", "onnx"] = "auto"
+    # The check set of FILTER_MODEL__DTYPE=auto: one text per line. Default: the model directory's
+    # check-texts.txt, else a built-in multilingual mix.
+    precision_check_file: Text | None = None
+    # Where the measurement is cached (keyed by CPU capabilities, weights, candidates and check set);
+    # default $XDG_CACHE_HOME/filter-worker/precision. A model directory's precision/ is read first.
+    precision_cache_dir: Text | None = None
     # The function from logits to scores: auto follows the model's config as transformers' pipeline does
     # (sigmoid per label for multi-label heads and single outputs, softmax otherwise, none for
     # regression); set it for a multi-label model whose config leaves problem_type unset.

@@ -144,7 +144,10 @@ class Metrics:
             "Seconds spent in the candidate's forward passes (its cost; compare filter_forward_seconds_sum)",
             registry=r,
         )
-        self.model = Info("filter_model", "The loaded model", registry=r)
+        # dtype and backend: the running precision and engine; precision_source: how they were chosen
+        # (setting: FILTER_MODEL__DTYPE; auto: measured at start-up; fallback: float32 after a reload
+        # made the chosen precision disagree).
+        self.model = Info("filter_model", "The loaded model, its precision and engine", registry=r)
         self.latency_listeners: list[Callable[[Sequence[float]], None]] = []
         # Moderation, per scope (labels from FILTER_ROUTING__SCOPES and rule names: configuration only).
         self.decisions = Counter(

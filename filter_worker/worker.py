@@ -48,6 +48,7 @@ from filter_worker.kafka.topics import prepare_topics
 from filter_worker.logs import get_logger, librdkafka_logger
 from filter_worker.metrics import Metrics
 from filter_worker.model.classifier import Classifier
+from filter_worker.model.precision import Precision
 from filter_worker.observe import Observer
 from filter_worker.pipeline.batching import BatchBuffer
 from filter_worker.pipeline.cache import DecisionCache
@@ -114,9 +115,11 @@ class Worker:
         clock: Callable[[], float] = time.monotonic,
         reload_routing: Callable[[], RoutingSettings] | None = None,
         candidate: Classifier | None = None,
+        precision: Precision | None = None,
     ) -> None:
         self._settings = settings
         self._classifier = classifier
+        self._precision = precision  # FILTER_MODEL__DTYPE=auto's choice, re-checked on every rule reload
         self._candidate = candidate  # FILTER_CANDIDATE__NAME loaded: compared in shadow (pipeline/candidate.py)
         self._topics = settings.topics.outputs()
         self._reload_routing = reload_routing
@@ -205,6 +208,11 @@ class Worker:
         classifier.classify(["warm-up"])
         if self._candidate is not None:
             self._candidate.classify(["warm-up"])
+        self._model_info()
+        self.health.model_ready = True
+
+    def _model_info(self) -> None:
+        classifier = self._classifier
         self.metrics.model.info(
             {
                 "name": classifier.name,
@@ -212,9 +220,10 @@ class Worker:
                 "weights_sha256": classifier.weights_sha256,
                 "device": classifier.device,
                 "dtype": classifier.dtype,
+                "backend": classifier.backend,
+                "precision_source": self._precision.source if self._precision is not None else "setting",
             }
         )
-        self.health.model_ready = True
 
     def _build(self) -> _Running:
         """The clients and the stages on them; the commit mode is chosen here, once."""
@@ -457,6 +466,8 @@ class Worker:
             routing = self._reload_routing()
             router = Router(routing, self._classifier.head)
             candidate_router = self._candidate_router(routing)  # refused too when the candidate cannot follow
+            if self._precision is not None and self._precision.recheck(router):
+                self._model_info()
         except ConfigError as exc:
             self.metrics.rule_reloads.labels("refused").inc()
             log.error("routing reload refused; the previous rules stay in force", error=str(exc))

@@ -21,6 +21,7 @@ def test_bench_runs_every_phase_and_writes_the_report(tiny_model, bootstrap_serv
     result = cli(
         "bench",
         "--model", str(tiny_model),
+        "--dtype", "float32",  # auto's choice depends on the machine: test_bench_with_auto_precision covers it
         "--bootstrap-servers", bootstrap_servers,
         "--messages", "40",
         "--duplicate-ratio", "0.25",
@@ -70,6 +71,59 @@ def test_bench_runs_every_phase_and_writes_the_report(tiny_model, bootstrap_serv
     assert set(report["ratios"]) >= {"end_to_end_vs_model_only", "end_to_end_vs_naive"}
     assert report["targets"]["end_to_end_vs_model_only"]["goal"] == 0.9
     assert "model_only_vs_torch_float32" not in report["targets"]
+    chosen = report["precision"]
+    assert (chosen["engine"], chosen["source"], chosen["check_set"]) == ("torch float32", "setting", [])
+    assert chosen["agreement"]["same_action"] == 1.0 and chosen["agreement"]["max_score_difference"] == 0.0
+    assert report["ratios"]["end_to_end_vs_float32_model_only"] > 0
+    assert "end_to_end_vs_float32_model_only" not in report["targets"], "judged only when auto chose"
+
+
+@pytest.mark.integration
+def test_bench_with_auto_precision_prints_float32_beside_the_choice(
+    tiny_model, bootstrap_servers, tmp_path, monkeypatch
+):
+    from filter_worker.config import load_settings
+    from filter_worker.model import precision
+    from filter_worker.tools.bench import run_bench
+
+    monkeypatch.setattr(precision, "device_capabilities", lambda device: frozenset({"amx_bf16", "amx_int8", "avx2"}))
+    monkeypatch.setattr(precision, "MIN_SPEEDUP", 0.0)  # a tiny model wins nothing clearly: force a choice
+    settings = load_settings(
+        None,
+        model={"name": str(tiny_model), "backend": "torch", "precision_cache_dir": str(tmp_path / "cache")},
+        batch={"max_size": 8},
+        kafka={"session_timeout_ms": 6000, "consumer_properties": {"fetch.wait.max.ms": "10"}},
+    )
+    printed: list[str] = []
+    options = BenchOptions(
+        messages=24,
+        rounds=1,
+        naive_count=5,
+        arrival_count=8,
+        compare_count=12,
+        compare_rounds=1,
+        latency_seconds=1,
+        rate=20,
+        plumbing_messages=200,
+        bootstrap_servers=bootstrap_servers,
+        json_path=str(tmp_path / "bench.json"),
+        progress=printed.append,
+    )
+    report = run_bench(settings, options)
+    chosen = report["precision"]
+    assert chosen["source"] == "auto" and chosen["engine"] in ("torch bfloat16", "torch int8")
+    assert {row["engine"] for row in chosen["check_set"]} == {"torch bfloat16", "torch int8"}
+    assert chosen["agreement"]["texts"] == 12 and chosen["agreement"]["same_action"] == 1.0
+    assert report["environment"]["dtype"] == chosen["engine"].split()[1]
+    assert len(report["model_only_float32"]) == 2, "float32's ceiling before the first round and after the last"
+    ratios = report["ratios"]
+    float32 = sum(c["messages_per_s"] for c in report["model_only_float32"]) / 2
+    assert ratios["end_to_end_vs_float32_model_only"] == pytest.approx(report["end_to_end"]["messages_per_s"] / float32)
+    target = report["targets"]["end_to_end_vs_float32_model_only"]
+    assert target["goal"] == 2.7 and target["measured"] == ratios["end_to_end_vs_float32_model_only"]
+    table = "\n".join(printed)
+    assert "end to end / torch float32 ceiling" in table and "start-up check set" in table
+    assert "model only, torch float32, sorted (reference)" in table
 
 
 @pytest.mark.integration

@@ -3,6 +3,7 @@ from __future__ import annotations
 import gc
 
 import numpy as np
+import pytest
 
 from filter_worker.pipeline.inference import InferenceThread, infer_resilient
 
@@ -86,3 +87,22 @@ def test_thread_crash_surfaces_in_the_kafka_loop():
         raise AssertionError("the crash was swallowed")
     finally:
         thread.close()
+
+
+def test_the_model_thread_gets_the_gil_back_quickly_between_ops():
+    """Eager PyTorch takes the GIL back between its ops; Python's 5 ms default switch interval made each
+    take-back wait behind the Kafka thread (docs/performance.md). A shorter interval an operator set stays."""
+    import sys
+
+    from filter_worker.pipeline.inference import GIL_SWITCH_INTERVAL_S
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        InferenceThread(fake_predict(set(), []), lambda r: r, max_size=2, max_tokens=100).close()
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S, rel=0.02)
+        sys.setswitchinterval(0.0001)
+        InferenceThread(fake_predict(set(), []), lambda r: r, max_size=2, max_tokens=100).close()
+        assert sys.getswitchinterval() == pytest.approx(0.0001, rel=0.02)
+    finally:
+        sys.setswitchinterval(before)

@@ -34,17 +34,24 @@ def run(args: argparse.Namespace) -> int:
     # Imported after the settings are checked: torch and transformers take seconds to import, and a
     # bad setting should be reported at once.
     from filter_worker.kafka.client_check import check_clients
+    from filter_worker.model import precision
     from filter_worker.model.classifier import Classifier
     from filter_worker.pipeline.candidate import check_candidate_rules
     from filter_worker.service import serve
     from filter_worker.worker import Worker
 
     check_clients(settings.kafka)  # before the (slow) model load
-    classifier = Classifier.load(settings.model)
+    loaded = precision.load(settings.model, settings.routing, settings.batch.max_size)
     candidate = settings.candidate
     shadow = None
     if candidate.name is not None:
         shadow = Classifier.load(candidate.model_settings(settings.model))
         check_candidate_rules(settings, shadow.head)
-    worker = Worker(settings, classifier, reload_routing=lambda: load_settings(args.config).routing, candidate=shadow)
+    worker = Worker(
+        settings,
+        loaded.classifier,
+        reload_routing=lambda: load_settings(args.config).routing,
+        candidate=shadow,
+        precision=loaded,
+    )
     return serve(worker, args.config, watcher)

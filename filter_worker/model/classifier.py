@@ -59,7 +59,8 @@ def resolve_device(requested: str, backend: str = "torch") -> str:
 def resolve_dtype(requested: str, device: str, backend: str = "torch") -> str:
     """The precision to load for ``FILTER_MODEL__DTYPE`` on ``device``; refuses what the device cannot run well.
 
-    - ``auto``: float16 on CUDA (tensor cores, half the memory traffic), float32 elsewhere.
+    - ``auto``: float16 on CUDA (tensor cores, half the memory traffic), float32 elsewhere: the choice
+      without a measurement (one-off commands); ``run`` and ``bench`` measure (``model/precision.py``).
     - ``int8``: dynamic quantization of the Linear layers, which PyTorch implements for CPU only.
     - ``float16`` on CPU is refused: most CPUs have no float16 arithmetic, so it runs slower than
       float32, and bfloat16 gives the same memory saving with float32's range.
@@ -182,9 +183,10 @@ class Classifier:
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        onnx = settings.backend == "onnx"
-        device = resolve_device(settings.device, settings.backend)
-        dtype = resolve_dtype(settings.dtype, device, settings.backend)
+        backend = "onnx" if settings.backend == "onnx" else "torch"  # auto: torch (model/precision.py chooses)
+        onnx = backend == "onnx"
+        device = resolve_device(settings.device, backend)
+        dtype = resolve_dtype(settings.dtype, device, backend)
         local = Path(settings.name).is_dir()
         if onnx and not local:
             raise ModelLoadError(
@@ -252,16 +254,46 @@ class Classifier:
             source=settings.name,
             device=device,
             dtype=dtype,
-            backend=settings.backend,
+            backend=backend,
             labels=list(head.labels),
             score_function=head.describe(),
         )
-        return cls(tokenizer, engine, head, name, revision, device, max_length, weights, dtype, settings.backend)
+        return cls(tokenizer, engine, head, name, revision, device, max_length, weights, dtype, backend)
 
     @property
     def labels(self) -> list[str]:
         """The head's labels in output order (``FILTER_MODEL__LABELS`` where set), as rules and outputs name them."""
         return list(self.head.labels)
+
+    def at_precision(self, dtype: str) -> Classifier:
+        """This torch float32 classifier's weights at ``dtype`` (bfloat16, float16, int8), without reading them again.
+
+        What the start-up precision check measures (``model/precision.py``): converting the loaded
+        float32 module gives the same weights ``from_pretrained`` would at that dtype, in a fraction of
+        a load's time, and needs no second tokenizer load.
+        """
+        import copy
+
+        import torch
+
+        if not isinstance(self.engine, TorchEngine) or self.dtype != "float32":
+            raise ValueError(f"precisions are derived from a torch float32 classifier, not {self.backend} {self.dtype}")
+        resolve_dtype(dtype, self.device)
+        module = copy.deepcopy(self.engine.module)
+        floating = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+        module = _quantize_dynamic(module) if dtype == "int8" else module.to(floating.get(dtype, torch.float32))
+        return Classifier(
+            self.tokenizer,
+            TorchEngine(module, self.device),
+            self.head,
+            self.name,
+            self.revision,
+            self.device,
+            self.max_length,
+            self.weights_sha256,
+            dtype,
+            "torch",
+        )
 
     @property
     def identity(self) -> str:

@@ -8,6 +8,7 @@ queue. torch releases the GIL inside its kernels, so the two really overlap.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +20,14 @@ import numpy as np
 from filter_worker.pipeline.batching import padded_tokens, plan_batches
 
 T = TypeVar("T")
+
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). Eager
+# PyTorch releases the GIL inside each kernel and takes it back between ops, hundreds of times a
+# pass; with the default, every take-back can wait up to 5 ms behind the Kafka thread's Python work,
+# which at bfloat16 (kernels of a few hundred microseconds) costs more than the kernels. Measured
+# beside a busy Python thread (one intra-op thread, 16 rows, bfloat16 on AMX): 4.4x the pass time
+# alone at 5 ms, 1.7x at 0.2 ms (docs/performance.md).
+GIL_SWITCH_INTERVAL_S = 0.0002
 Predict = Callable[[Sequence[Sequence[int]]], np.ndarray]
 # Called after every forward pass with (rows, padded tokens, real tokens, seconds): metrics.
 Observe = Callable[[int, int, int, float], None]
@@ -106,6 +115,8 @@ class InferenceThread(Generic[T]):
         self._inbox: queue.Queue[list[T] | None] = queue.Queue()
         self._outbox: queue.Queue[Result[T] | BaseException] = queue.Queue()
         self._in_flight = 0  # batches submitted minus those whose last pass was collected; submitting thread only
+        # Process-wide, set where the thread that needs it starts.
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
         self._thread.start()
 

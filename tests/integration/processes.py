@@ -26,6 +26,9 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         "FILTER_TOPICS__DROP": topics.drop,
         "FILTER_TOPICS__DEAD_LETTER": topics.dead_letter,
         "FILTER_MODEL__NAME": settings.model.name,
+        # auto's choice depends on the machine's CPU (tests/test_precision.py covers it): the outputs
+        # these tests check are float32's on every machine.
+        "FILTER_MODEL__DTYPE": "float32",
         "FILTER_BATCH__MAX_SIZE": "8",
         "FILTER_METRICS__PORT": "0",
         "FILTER_LOG__FORMAT": "json",

@@ -94,6 +94,8 @@ def test_metrics_and_probes_reflect_the_run(bootstrap_servers, keyword_model, ru
         "weights_sha256": weights,
         "device": "cpu",
         "dtype": "float32",
+        "backend": "torch",
+        "precision_source": "setting",  # the worker was given a classifier, not auto's choice
     }
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 
 from filter_worker.config import Settings
-from filter_worker.model.classifier import Classifier
+from filter_worker.model import precision
 from filter_worker.model.onnx_export import ensure_graph
 from filter_worker.pipeline.routing import Router
 from filter_worker.tools.bench.harness import broker_for, environment
@@ -19,7 +19,7 @@ from filter_worker.tools.bench.options import BenchOptions, load_texts
 from filter_worker.tools.bench.plumbing import plumbing_capacity, run_plumbing
 from filter_worker.tools.bench.report import GOAL_CPU, GOAL_GPU, format_table, targets
 from filter_worker.tools.bench.throughput import end_to_end, latency, model_only
-from filter_worker.tools.bench.variants import REFERENCE, Models, variants
+from filter_worker.tools.bench.variants import REFERENCE, Models, precision_report, variants
 
 # Cache size for the "with cache" run of --duplicate-ratio when FILTER_CACHE__SIZE is 0.
 BENCH_CACHE_SIZE = 10_000
@@ -37,12 +37,15 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
 
     texts = load_texts(options)
     model = settings.model
+    batch = settings.batch
     say(f"loading {model.name} ({model.backend}, {model.dtype} on {model.device}) ...")
     ensure_graph(model)
-    classifier = Classifier.load(model)
+    loaded = precision.load(model, settings.routing, batch.max_size)
+    classifier = loaded.classifier
     models = Models(settings, classifier)
     router = Router(settings.routing, classifier.head)
-    batch = settings.batch
+    float32 = models.get(*REFERENCE)
+    is_float32 = float32 is classifier
     ids = [t.ids for t in classifier.tokenize(texts)]
     lengths = [len(row) for row in ids]
     report: dict[str, Any] = {
@@ -65,6 +68,11 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
     classifier.predict(ids[: batch.max_size])  # warm-up
     by_length = sorted(range(len(ids)), key=lambda i: lengths[i])
     ceilings = [model_only(classifier, ids, by_length, batch.max_size)]
+    float32_ceilings = [ceilings[0]]
+    if not is_float32:
+        say("model only, torch float32 (the reference the chosen precision is judged against) ...")
+        float32.predict(ids[: batch.max_size])  # warm-up
+        float32_ceilings = [model_only(float32, ids, by_length, batch.max_size)]
     subset = list(range(min(options.arrival_count, len(ids))))
     say(f"model only: {len(subset)} texts in arrival order ...")
     arrival = model_only(classifier, ids, subset, batch.max_size)
@@ -86,6 +94,9 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
         report["end_to_end"] = last = sorted(rounds, key=lambda r: r["vs_model_only"])[(len(rounds) - 1) // 2]
         report["end_to_end_rounds"] = rounds
         report["model_only_after"] = ceilings[-1]
+        if not is_float32:
+            say("model only, torch float32 again ...")
+            float32_ceilings.append(model_only(float32, ids, by_length, batch.max_size))
         goal = GOAL_GPU if classifier.device.startswith("cuda") else GOAL_CPU
         if last["vs_model_only"] < goal:
             say(f"end to end below {goal} of the ceiling: can this broker move records faster than the model? ...")
@@ -112,8 +123,14 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
 
     compare = texts[: options.compare_count]
     report["variants"] = variants(settings, models, classifier, router, compare, options, say)
+    report["precision"] = precision_report(loaded, float32, router, compare, batch.max_size)
+    report["model_only_float32"] = float32_ceilings
     e2e = report["end_to_end"]["messages_per_s"]
+    float32_ceiling = float(np.mean([c["messages_per_s"] for c in float32_ceilings]))
     report["ratios"] = {
+        # The bar of issue 27: the worker at the chosen precision against float32's own ceiling.
+        "end_to_end_vs_float32_model_only": e2e / float32_ceiling,
+        "model_only_vs_float32_model_only": float(np.mean([c["messages_per_s"] for c in ceilings])) / float32_ceiling,
         # The median round, against the mean of the ceilings measured just before and after it.
         "end_to_end_vs_model_only": report["end_to_end"]["vs_model_only"],
         "model_only_after_vs_before": ceilings[-1]["messages_per_s"] / ceilings[0]["messages_per_s"],

@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 
 from filter_worker.config import ConfigError, Settings
+from filter_worker.model.capabilities import device_capabilities
 from filter_worker.model.classifier import Classifier, resolve_dtype
 from filter_worker.model.onnx_export import ensure_graph
+from filter_worker.model.precision import Precision, agreement
 from filter_worker.pipeline.routing import Router
 from filter_worker.tools.bench.harness import on_model_thread
 from filter_worker.tools.bench.options import BenchOptions
@@ -135,3 +137,35 @@ def variants(
             "max_abs_probability_difference": float(np.abs(probs[name] - probs[reference]).max()),
         }
     return results
+
+
+def precision_report(
+    loaded: Precision, float32: Classifier, router: Router, texts: Sequence[str], batch_size: int
+) -> dict[str, Any]:
+    """How the running precision was chosen (the start-up comparison) and its decisions against float32 on ``texts``.
+
+    Printed beside every speed figure: a faster precision is only worth what it keeps of float32's decisions.
+    """
+    classifier = loaded.classifier
+    reference = on_model_thread(functools.partial(float32.classify, texts, batch_size))[0]
+    running = (
+        reference
+        if classifier is float32
+        else on_model_thread(functools.partial(classifier.classify, texts, batch_size))[0]
+    )
+    checked = agreement(router, reference, running)
+    choice = loaded.choice
+    return {
+        "engine": variant_name(classifier.backend, classifier.dtype),
+        "source": loaded.source,
+        "capabilities": sorted(device_capabilities(classifier.device)),
+        "check_set": choice.summary() if choice is not None else [],
+        "check_set_float32_records_per_s": choice.measurement.reference.records_per_s if choice is not None else None,
+        "agreement": {
+            "texts": len(texts),
+            "records": checked.records,
+            "same_action": checked.same_action,
+            "allow_drop_moves": checked.allow_drop_moves,
+            "max_score_difference": checked.max_score_difference,
+        },
+    }
