@@ -57,7 +57,7 @@ from filter_worker.pipeline.intake import Pending
 from filter_worker.pipeline.records import InputRecord
 from filter_worker.pipeline.routing import Router
 from filter_worker.pipeline.sampling import ReviewSampler
-from filter_worker.service import ServiceShell
+from filter_worker.service import Requests, ServiceShell
 
 log = get_logger("filter_worker.worker")
 
@@ -112,6 +112,7 @@ class Worker:
         classifier: Classifier,
         clock: Callable[[], float] = time.monotonic,
         reload_routing: Callable[[], RoutingSettings] | None = None,
+        requests: Requests | None = None,
     ) -> None:
         self._settings = settings
         self._classifier = classifier
@@ -122,7 +123,7 @@ class Worker:
         self.health = Health(settings.health.liveness_window_s, clock)
         port = settings.metrics.port if settings.metrics.enabled else None
         self.shell = ServiceShell(
-            self.health, self.metrics.registry, settings.kafka, port, "FILTER_METRICS__PORT", clock
+            self.health, self.metrics.registry, settings.kafka, port, "FILTER_METRICS__PORT", clock, requests
         )
         self._failures = self.shell.failures
         self.metrics.initialise(self._topics, settings.topics.input, settings.cache.size > 0)
@@ -157,6 +158,9 @@ class Worker:
 
     def run(self) -> int:
         settings = self._settings
+        if self.shell.stopping:  # SIGTERM while the model loaded: nothing was started, nothing to finish
+            log.info("stop requested during start-up; the worker did not join the group")
+            return int(ExitCode.OK)
         log.info(
             "worker starting",
             model=self._classifier.identity,
