@@ -53,7 +53,7 @@ class AtLeastOnce(Committer):
         super().acknowledged(items)
         count_published(self._metrics, items)
 
-    def refused(self, item: Outgoing, err: KafkaError) -> None:
+    def refused(self, item: Outgoing, err: KafkaError, queued: bool = True) -> None:
         source = item.source
         if not self.tracker.is_current((source.topic, source.partition), item.generation):
             return  # revoked meanwhile: the next owner reads the record again

@@ -159,8 +159,9 @@ class Committer(ABC):
         self._health.broker_reachable = True
 
     @abstractmethod
-    def refused(self, item: Outgoing, err: KafkaError) -> None:
-        """The broker refused a queued output: replace it, or stop."""
+    def refused(self, item: Outgoing, err: KafkaError, queued: bool = True) -> None:
+        """The broker refused a queued output, or (``queued=False``) produce() refused a copy for review
+        before queueing it: replace it, drop the copy, or stop."""
 
     @abstractmethod
     def committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
