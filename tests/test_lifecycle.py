@@ -8,6 +8,8 @@ calls (which is what a transactional producer's state machine cares about) is wh
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +97,9 @@ class RecordingProducer:
 
     def __len__(self) -> int:
         return len(self._reports)
+
+    def init_transactions(self, timeout: float = 0) -> None:
+        self.calls.append("init")
 
     def begin_transaction(self) -> None:
         self._call("begin")
@@ -208,10 +213,18 @@ class Rig:
             self.clock,
         )
         settings = KafkaSettings(exactly_once=exactly_once, commit_interval_ms=1000, **kafka)
-        mode: type[Committer] = Transactional if exactly_once else AtLeastOnce
-        self.committer = mode(settings, self.consumer, self.publisher, self.metrics, Health(60, self.clock),  # type: ignore[arg-type]
-                              self.failures, self.clock)  # fmt: skip
+        self.health = Health(60, self.clock)
+        self.replacements: list[RecordingProducer] = []  # producers made after one was stuck in a call
+        stages = (settings, self.consumer, self.publisher, self.metrics, self.health, self.failures, self.clock)
+        self.committer: Committer = (
+            Transactional(*stages, new_producer=self._new_producer)  # type: ignore[arg-type]
+            if exactly_once
+            else AtLeastOnce(*stages)  # type: ignore[arg-type]
+        )
         self.consumer.on_commit = self.committer.committed
+        if isinstance(self.committer, Transactional):
+            assert self.committer.init_transactions()
+            self.producer.calls.clear()
         self.gate = DeadLetterGate(DeadLetterSettings(), self.committer.publish)
         self.stage = RecordingStage(self.consumer.calls)
         self.pausing = Pausing(self.consumer, InFlightBudget(1000, 10**9), self.committer, self.metrics)  # type: ignore[arg-type]
@@ -227,6 +240,10 @@ class Rig:
         )
         self.lifecycle.assigned([TopicPartition(*TP)])
         self.generation = self.committer.tracker.generation(TP)
+
+    def _new_producer(self) -> RecordingProducer:
+        self.replacements.append(RecordingProducer(self.clock, transactional=True))
+        return self.replacements[-1]
 
     def consume(self, *offsets: int) -> None:
         for offset in offsets:
@@ -558,7 +575,11 @@ def test_an_abort_empties_the_publishers_backlog():
     assert rig.publisher.backlog == 0 and "produce refused: _STATE" not in rig.producer.calls
 
 
-def test_a_copy_for_review_refused_before_queueing_aborts_before_the_commit_not_after():
+def test_a_copy_for_review_refused_before_queueing_is_dropped_without_an_abort():
+    """Issue 25, item 1: the copy never entered the transaction, so nothing in it needs an abort.
+
+    Before: the refusal doomed the transaction; with every copy too large, every transaction aborted.
+    """
     rig = Rig(exactly_once=True)
     produce = rig.producer.produce
 
@@ -571,12 +592,64 @@ def test_a_copy_for_review_refused_before_queueing_aborts_before_the_commit_not_
     rig.consume(0, 1)
     rig.decide(0, 1, reviewed=(0,))
     rig.lifecycle.poll(caught_up=True)  # released and due in one turn
-    assert committed_offset(rig) is None and rig.producer.calls[-1] == "abort", "aborted, not committed"
-    rig.clock.now += 1
-    rig.consume(0, 1)
-    rig.decide(0, 1, reviewed=(0,))
+    assert committed_offset(rig) == 2 and "abort" not in rig.producer.calls
+    assert rig.metrics.transaction_aborts._value.get() == 0  # noqa: SLF001
+    assert rig.metrics.review_records.labels("refused")._value.get() == 1  # noqa: SLF001
+
+
+def test_a_call_that_outlives_its_timeout_leaves_the_loop_turning_and_a_stuck_one_replaces_the_producer():
+    """Issue 25, item 2: librdkafka 2.16 was seen blocking in send_offsets_to_transaction for good.
+
+    The loop waits on the call at most a turn's worth (0.5 s), says not ready once it outlived its
+    timeout, and after 30 s takes a new producer (same transactional id: the broker aborts the old
+    one's transaction) and re-reads from the last commit. Before, the loop itself blocked in the call.
+    """
+    rig = Rig(exactly_once=True)
+    stuck = threading.Event()
+    rig.producer.send_offsets_to_transaction = lambda *_args: stuck.wait()  # type: ignore[method-assign,assignment,return-value]
+    try:
+        rig.consume(0, 1, 2)
+        rig.decide(0, 1, 2)
+        started = time.monotonic()
+        rig.lifecycle.poll(caught_up=True)  # released, frozen, offsets being sent: the call does not return
+        assert time.monotonic() - started < 5, "the loop waited on the call"
+        assert rig.committer.phase is Phase.SENDING and rig.health.publishing
+        rig.clock.now += 12  # past the call's 10 s timeout
+        rig.lifecycle.poll(caught_up=True)
+        assert rig.committer.phase is Phase.SENDING and not rig.health.publishing, "not ready while stuck"
+        rig.clock.now += 20  # 32 s: given up
+        rig.lifecycle.poll(caught_up=True)
+        assert len(rig.replacements) == 1 and rig.publisher.producer is rig.replacements[0]
+        assert rig.committer.phase is Phase.IDLE and committed_offset(rig) is None
+        assert rig.consumer.calls[-2:] == ["seek:0", "classify.discard"], "rewound, stale work dropped"
+        fresh = rig.replacements[0]
+        rig.lifecycle.poll(caught_up=True)  # the new producer registers the transactional id first
+        assert fresh.calls == ["init"]
+        rig.consume(0, 1, 2)  # re-read after the rewind
+        rig.decide(0, 1, 2)
+        rig.lifecycle.poll(caught_up=True)
+        assert committed_offset(rig) == 3 and rig.health.publishing
+        assert fresh.calls == ["init", "begin", "produce", "produce", "produce", "send_offsets:3", "commit"]
+    finally:
+        stuck.set()
+
+
+def test_a_commit_of_unknown_outcome_is_never_given_up():
+    """A commit may have committed: replacing its producer and re-reading would repeat its records."""
+    rig = Rig(exactly_once=True)
+    stuck = threading.Event()
+    rig.producer.commit_transaction = lambda *_args: stuck.wait()  # type: ignore[method-assign,assignment,return-value]
+    try:
+        rig.consume(0, 1)
+        rig.decide(0, 1)
+        rig.lifecycle.poll(caught_up=True)
+        rig.clock.now += 120
+        rig.lifecycle.poll(caught_up=True)
+        assert rig.committer.phase is Phase.COMMITTING and not rig.replacements
+    finally:
+        stuck.set()
     rig.lifecycle.poll(caught_up=True)
-    assert committed_offset(rig) == 2 and rig.metrics.transaction_aborts._value.get() == 1  # noqa: SLF001
+    assert committed_offset(rig) == 2
 
 
 def test_a_stop_that_resumes_a_commit_also_publishes_what_was_decided_meanwhile():
