@@ -351,8 +351,9 @@ class Worker:
             r.lag.update(r.committer.tracker.assigned(), r.pausing.paused)
         self.shell.probe(r.consumer)
         self._log_join_wait()
-        self.metrics.in_flight.set(r.committer.tracker.in_flight())
-        self.metrics.in_flight_bytes.set(r.committer.tracker.in_flight_bytes())
+        records, size = r.committer.in_flight()
+        self.metrics.in_flight.set(records)
+        self.metrics.in_flight_bytes.set(size)
         self.health.progress()
 
     def _caught_up(self) -> bool:

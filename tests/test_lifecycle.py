@@ -476,6 +476,30 @@ def test_lost_partitions_abort_the_open_transaction_and_commit_nothing():
     assert rig.consumer.calls[-2:] == ["classify.discard", f"classify.forget:{[TP]}"]
 
 
+def test_at_least_once_lost_partitions_outputs_still_queued_count_against_the_budget_and_their_backlog_goes():
+    """Issue 25, item 6: lost() forgot the tracker's records while their outputs stayed in librdkafka's queue
+    (still produced: allowed repeats) and in the publisher's backlog, so the in-flight budget no longer
+    counted them and fetching resumed with them still in memory."""
+    rig = Rig(exactly_once=False)
+    rig.producer.report_inside_commit = True  # no acknowledgement arrives: the broker is away
+    produce = rig.producer.produce
+
+    def queue_of_three(topic: str, *args: Any, **kwargs: Any) -> None:
+        if len(rig.producer) >= 3:
+            raise BufferError("queue full")
+        produce(topic, *args, **kwargs)
+
+    rig.producer.produce = queue_of_three  # type: ignore[method-assign]
+    rig.consume(*range(5))
+    rig.decide(*range(5))
+    assert (len(rig.producer), rig.publisher.backlog) == (3, 2)
+    assert rig.committer.in_flight() == (5, 5)  # one byte each
+    rig.lifecycle.lost([TP])
+    assert rig.publisher.backlog == 0, "the backlog of a lost partition is not produced"
+    assert rig.committer.tracker.in_flight() == 0
+    assert rig.committer.in_flight()[0] == 3, "what librdkafka still holds counts against the budget"
+
+
 # -- exactly-once: what librdkafka refuses while a call must be resumed (the review of issue 20) ------
 
 

@@ -150,7 +150,12 @@ class AtLeastOnce(Committer):
         return True
 
     def lost(self, tps: list[TP]) -> bool:
+        """Forget ``tps``; their outputs still waiting for room in librdkafka's queue are dropped (the next
+        owner publishes them). Those already queued cannot be taken back: they are published (allowed
+        repeats) and count against the in-flight budget until librdkafka is done with them."""
         self.forget(tps)
+        gone = set(tps)
+        self._publisher.drop_backlog(lambda item: (item.source.topic, item.source.partition) not in gone)
         return False
 
     def finish(self, deadline: float) -> bool:

@@ -75,6 +75,12 @@ class Committer(ABC):
     def is_current(self, tp: TP, generation: int) -> bool:
         return self.tracker.is_current(tp, generation)
 
+    def in_flight(self) -> tuple[int, int]:
+        """What the in-flight budget counts: records (and their bytes) consumed and not yet acknowledged,
+        and at least as many as librdkafka and the publisher still hold outputs for. Outputs of partitions
+        lost meanwhile are no longer tracked but still take memory until librdkafka is done with them."""
+        return max(self.tracker.in_flight(), self._publisher.outstanding), self.tracker.in_flight_bytes()
+
     def commit_due(self, caught_up: bool) -> bool:
         """Every commit interval under load; at once when everything consumed is settled."""
         return caught_up or self._clock() - self._last_commit >= self._interval_s

@@ -175,6 +175,11 @@ class Publisher:
         source = item.source
         self._no_review.add((source.topic, source.partition, source.offset))
 
+    def drop_backlog(self, keep: Callable[[Outgoing], bool]) -> None:
+        """Forget what waits for room in librdkafka's queue and ``keep`` rejects (outputs of lost partitions)."""
+        if self._backlog:
+            self._backlog = deque(item for item in self._backlog if keep(item))
+
     def clear_backlog(self) -> None:
         """Forget what waits for room in librdkafka's queue: it belonged to a transaction just aborted."""
         self._backlog.clear()
