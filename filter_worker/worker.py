@@ -335,8 +335,12 @@ class Worker:
         self._failures.raise_if_set()
         self._maybe_reload()
         r.pausing.poll()
-        messages = self._wait()
-        self._ingest(messages)
+        r.committer.begin_read()
+        try:
+            messages = self._wait()
+            self._ingest(messages)
+        finally:
+            r.committer.end_read()
         r.classify.poll()  # the model starts its next batch before this turn publishes the last one
         self._observer.flush_if_due(caught_up=self._caught_up())
         now = self._clock()

@@ -500,6 +500,34 @@ def test_at_least_once_lost_partitions_outputs_still_queued_count_against_the_bu
     assert rig.committer.in_flight()[0] == 3, "what librdkafka still holds counts against the budget"
 
 
+def test_records_read_across_a_rewind_inside_a_rebalance_callback_are_dropped_and_read_again():
+    """Issue 25, item 4: the loop polls one record, then consume() serves a loss that aborts and rewinds the
+    partitions kept; the polled record predates the seek.
+
+    Before: it was tracked under the new generation, the re-fetched lower offsets then raised
+    ``consumed out of order`` (a ValueError: a traceback, not an exit code).
+    """
+    rig = Rig(exactly_once=True)
+    other = ("in", 1)
+    rig.lifecycle.assigned([TopicPartition(*other)])
+    rig.consume(0, 1, 2)
+    rig.decide(0, 1, 2)
+    rig.lifecycle.poll(caught_up=False)  # 0-2 released into the open transaction
+    rig.committer.begin_read()
+    # poll() returned record 3; consume() then served the loss of the other partition: abort, rewind to 0
+    rig.lifecycle.lost([other])
+    assert rig.consumer.calls[-3:] == ["seek:0", "classify.discard", f"classify.forget:{[other]}"]
+    rig.consume(3)  # read before the seek
+    rig.consume(0)  # read after it, in the same consume()
+    rig.committer.end_read()
+    assert rig.consumer.calls[-1] == "seek:0", "sought again: both records are read again"
+    assert rig.committer.tracker.in_flight() == 0
+    rig.consume(0, 1, 2, 3)  # the next read, in order
+    rig.decide(0, 1, 2, 3)
+    rig.lifecycle.poll(caught_up=True)
+    assert rig.failures.failure is None and committed_offset(rig) == 4
+
+
 # -- exactly-once: what librdkafka refuses while a call must be resumed (the review of issue 20) ------
 
 

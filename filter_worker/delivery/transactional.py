@@ -474,6 +474,7 @@ class Transactional(Committer):
             if position is not None:
                 self._consumer.seek(TopicPartition(tp[0], tp[1], position))
                 rewound.append((tp, position))
+        self._rewound(rewound)
         return rewound
 
     # -- revocation, stop, close ------------------------------------------------------------------
