@@ -686,6 +686,24 @@ def test_a_call_that_outlives_its_timeout_leaves_the_loop_turning_and_a_stuck_on
         stuck.set()
 
 
+def test_a_stop_right_after_the_producer_was_replaced_registers_it_and_commits():
+    rig = Rig(exactly_once=True)
+    stuck = threading.Event()
+    rig.producer.send_offsets_to_transaction = lambda *_args: stuck.wait()  # type: ignore[method-assign,assignment,return-value]
+    try:
+        rig.consume(0, 1)
+        rig.decide(0, 1)
+        rig.lifecycle.poll(caught_up=True)
+        rig.clock.now += 31
+        rig.lifecycle.poll(caught_up=True)  # replaced, rewound
+        rig.consume(0, 1)
+        rig.decide(0, 1)
+        assert rig.lifecycle.stop(deadline=rig.clock.now + 10)
+        assert committed_offset(rig) == 2 and rig.replacements[0].calls[0] == "init"
+    finally:
+        stuck.set()
+
+
 def test_a_commit_of_unknown_outcome_is_never_given_up():
     """A commit may have committed: replacing its producer and re-reading would repeat its records."""
     rig = Rig(exactly_once=True)

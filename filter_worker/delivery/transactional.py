@@ -130,10 +130,7 @@ class Transactional(Committer):
         if self._failures.failure is not None:  # never commit past a record that could not be published
             return False
         if not self._initialised:  # a replaced producer registers its transactional id first
-            try:
-                self.init_transactions()
-            except FatalError as exc:
-                self._failures.set(exc)
+            self._initialise()
             return False
         if self.phase in (Phase.SENDING, Phase.COMMITTING, Phase.ABORTING):
             if self._new_producer is not None and self._stuck_for_good():
@@ -303,6 +300,14 @@ class Transactional(Committer):
                 raise FatalError(f"could not initialise transactions: {err.str()}") from None
             log.warning("retrying transaction initialisation", error=err.str())
             return False
+
+    def _initialise(self) -> None:
+        """A turn of ``init_transactions`` for a replaced producer; a failure that cannot be retried stops
+        the worker."""
+        try:
+            self.init_transactions()
+        except FatalError as exc:
+            self._failures.set(exc)
 
     def _committed_transaction(self) -> None:
         """The transaction committed: its offsets are committed, what was delivered in it is published."""
@@ -525,6 +530,11 @@ class Transactional(Committer):
             if self._doomed is not None:
                 self._abort(*self._doomed)
                 return False
+            if not self._initialised:  # a replaced producer: nothing begins before it is registered
+                if not self._releasable():
+                    return True
+                self._initialise()
+                continue
             self._release()
             if self.phase is Phase.IDLE:
                 if not self._releasable():
