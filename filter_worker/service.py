@@ -11,7 +11,6 @@ signal handlers and the config-file watcher. The loop itself is each service's o
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -26,6 +25,7 @@ from filter_worker.exit_codes import FailureSlot, FatalError
 from filter_worker.health import Health, HealthServer
 from filter_worker.kafka.startup import StartupWatch, embedded_broker_hint
 from filter_worker.logs import RateLimit, get_logger, repeated_line
+from filter_worker.signals import Requests
 
 log = get_logger("filter_worker.service")
 
@@ -49,7 +49,8 @@ class MetadataSource(Protocol):
 
 
 class ServiceShell:
-    """See the module docstring. ``port_setting`` names the variable a busy port is reported under."""
+    """See the module docstring. ``port_setting`` names the variable a busy port is reported under;
+    ``requests`` are the stop and reload requests, when they were taken before the shell existed."""
 
     def __init__(
         self,
@@ -59,6 +60,7 @@ class ServiceShell:
         port: int | None,
         port_setting: str,
         clock: Callable[[], float] = time.monotonic,
+        requests: Requests | None = None,
     ) -> None:
         self.health = health
         self._registry = registry
@@ -68,8 +70,7 @@ class ServiceShell:
         self._port_setting = port_setting
         self._clock = clock
         self.failures = FailureSlot()
-        self._stop = threading.Event()
-        self._reload = threading.Event()
+        self.requests = requests or Requests()
         self._http: HealthServer | None = None
         self._watch: StartupWatch | None = None  # while waiting for Kafka at start-up
         self._last_probe = clock()
@@ -79,22 +80,19 @@ class ServiceShell:
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from signal handlers and other threads."""
-        self._stop.set()
+        self.requests.stop()
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self.requests.stopping
 
     def request_reload(self) -> None:
         """Ask the loop to reload the routing settings; safe from signal handlers and other threads."""
-        self._reload.set()
+        self.requests.request_reload()
 
     def reload_requested(self) -> bool:
         """Whether a reload was asked for since the last call (the request is taken)."""
-        if not self._reload.is_set():
-            return False
-        self._reload.clear()
-        return True
+        return self.requests.reload_requested()
 
     # -- the HTTP endpoint ------------------------------------------------------------------------
 
@@ -128,7 +126,7 @@ class ServiceShell:
         last_log = -WAITING_LOG_INTERVAL_S
         self._watch = watch = StartupWatch(self._kafka, self._clock)
         try:
-            while not self._stop.is_set():
+            while not self.stopping:
                 self.failures.raise_if_set()
                 self.health.progress()
                 try:

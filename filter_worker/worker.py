@@ -12,8 +12,10 @@ client errors are the service shell's (``service.py``).
 
 One thread owns the consumer, the producer's callbacks and every stage, so none of them needs a lock;
 forward passes run on the model's thread. (Closing the consumer runs on a thread of its own, bounded,
-after the loop is done: its callbacks only forget.) No loop here blocks without serving stop requests
-and liveness, beyond one transactional call (at most 10 s) or a revocation (at most its deadline).
+after the loop is done: its callbacks only forget. librdkafka's transactional calls run on a helper
+thread, one at a time, because librdkafka can block in them far past their timeout: the loop waits on
+one at most 0.5 s a turn, ``delivery/calls.py``.) No loop here blocks without serving stop requests
+and liveness for longer than that, beyond a revocation (at most its deadline).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from filter_worker.delivery.gate import DeadLetterGate
 from filter_worker.delivery.lifecycle import Lifecycle
 from filter_worker.delivery.pausing import Pausing
 from filter_worker.delivery.publisher import Publisher
-from filter_worker.delivery.transactional import CALL_TIMEOUT_S, Transactional
+from filter_worker.delivery.transactional import Transactional
 from filter_worker.exit_codes import ExitCode, FatalError
 from filter_worker.health import Health
 from filter_worker.kafka import clients
@@ -59,7 +61,7 @@ from filter_worker.pipeline.intake import Pending
 from filter_worker.pipeline.records import InputRecord
 from filter_worker.pipeline.routing import Router
 from filter_worker.pipeline.sampling import ReviewSampler
-from filter_worker.service import ServiceShell
+from filter_worker.service import Requests, ServiceShell
 
 log = get_logger("filter_worker.worker")
 
@@ -116,6 +118,7 @@ class Worker:
         reload_routing: Callable[[], RoutingSettings] | None = None,
         candidate: Classifier | None = None,
         precision: Precision | None = None,
+        requests: Requests | None = None,
     ) -> None:
         self._settings = settings
         self._classifier = classifier
@@ -128,7 +131,7 @@ class Worker:
         self.health = Health(settings.health.liveness_window_s, clock)
         port = settings.metrics.port if settings.metrics.enabled else None
         self.shell = ServiceShell(
-            self.health, self.metrics.registry, settings.kafka, port, "FILTER_METRICS__PORT", clock
+            self.health, self.metrics.registry, settings.kafka, port, "FILTER_METRICS__PORT", clock, requests
         )
         self._failures = self.shell.failures
         self.metrics.initialise(self._topics, settings.topics.input, settings.cache.size > 0)
@@ -165,6 +168,9 @@ class Worker:
 
     def run(self) -> int:
         settings = self._settings
+        if self.shell.stopping:  # SIGTERM while the model loaded: nothing was started, nothing to finish
+            log.info("stop requested during start-up; the worker did not join the group")
+            return int(ExitCode.OK)
         log.info(
             "worker starting",
             model=self._classifier.identity,
@@ -229,7 +235,11 @@ class Worker:
         """The clients and the stages on them; the commit mode is chosen here, once."""
         settings = self._settings
         callbacks = {"error_cb": self.shell.client_error, "logger": librdkafka_logger()}
-        producer = Producer({**clients.producer_config(settings.kafka), **callbacks})
+
+        def new_producer() -> Producer:
+            return Producer({**clients.producer_config(settings.kafka), **callbacks})
+
+        producer = new_producer()
         consumer = Consumer(
             {
                 **clients.consumer_config(settings.kafka),
@@ -250,8 +260,10 @@ class Worker:
             self._failures,
             self._clock,
         )
-        mode = Transactional if settings.kafka.exactly_once else AtLeastOnce
-        committer = mode(settings.kafka, consumer, publisher, self.metrics, self.health, self._failures, self._clock)
+        stages = (settings.kafka, consumer, publisher, self.metrics, self.health, self._failures, self._clock)
+        committer: Committer = (
+            Transactional(*stages, new_producer=new_producer) if settings.kafka.exactly_once else AtLeastOnce(*stages)
+        )
         gate = DeadLetterGate(settings.dead_letter, committer.publish)
         batch = settings.batch
         inference: InferenceThread[Pending] = InferenceThread(
@@ -346,17 +358,12 @@ class Worker:
 
     def _init_transactions(self) -> None:
         """Register the transactional id: fences a previous incarnation and aborts its open transaction."""
-        producer = self._r.publisher.producer
+        committer = self._r.committer
+        assert isinstance(committer, Transactional), "only exactly-once has transactions"
         while not self.shell.stopping:
             self.health.progress()
-            try:
-                producer.init_transactions(CALL_TIMEOUT_S)
+            if committer.init_transactions():
                 return
-            except KafkaException as exc:
-                err = exc.args[0]
-                if not err.retriable():
-                    raise FatalError(f"could not initialise transactions: {err.str()}") from None
-                log.warning("retrying transaction initialisation", error=err.str())
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -365,8 +372,12 @@ class Worker:
         self._failures.raise_if_set()
         self._maybe_reload()
         r.pausing.poll()
-        messages = self._wait()
-        self._ingest(messages)
+        r.committer.begin_read()
+        try:
+            messages = self._wait()
+            self._ingest(messages)
+        finally:
+            r.committer.end_read()
         r.classify.poll()  # the model starts its next batch before this turn publishes the last one
         self._observer.flush_if_due(caught_up=self._caught_up())
         now = self._clock()
@@ -381,8 +392,9 @@ class Worker:
             r.lag.update(r.committer.tracker.assigned(), r.pausing.paused)
         self.shell.probe(r.consumer)
         self._log_join_wait()
-        self.metrics.in_flight.set(r.committer.tracker.in_flight())
-        self.metrics.in_flight_bytes.set(r.committer.tracker.in_flight_bytes())
+        records, size = r.committer.in_flight()
+        self.metrics.in_flight.set(records)
+        self.metrics.in_flight_bytes.set(size)
         self.health.progress()
 
     def _caught_up(self) -> bool:

@@ -14,6 +14,7 @@ from filter_worker.kafka.diagnosis import (
     TLS_CLOSED,
     UNREACHABLE,
     UNTRUSTED,
+    WANTS_PLAINTEXT,
     WANTS_TLS,
     KafkaDiagnosis,
     classify,
@@ -51,6 +52,16 @@ PLAIN_TO_TLS_LINE = (
     "[thrd:127.0.0.1:58811/bootstrap]: 127.0.0.1:58811/bootstrap: Disconnected: connection closed by peer: receive 0 "
     "after POLLIN (after 1ms in state APIVERSION_QUERY)"
 )
+# A TLS client at a plain-text listener (librdkafka 2.16.0): Apache Kafka resets the connection; a broker
+# that waits for the rest of what it read as a request (the embedded one) lets the handshake time out.
+TLS_TO_PLAIN_RESET = (
+    "[thrd:ssl://127.0.0.1:37273/bootstrap]: ssl://127.0.0.1:37273/bootstrap: SSL handshake failed: Disconnected: "
+    "connection reset by peer: connecting to a PLAINTEXT broker listener? (after 0ms in state SSL_HANDSHAKE)"
+)
+TLS_TO_PLAIN_TIMEOUT = (
+    "[thrd:ssl://127.0.0.1:46533/bootstrap]: ssl://127.0.0.1:46533/bootstrap: Connection setup timed out in state "
+    "SSL_HANDSHAKE (after 30078ms in state SSL_HANDSHAKE)"
+)
 TLS = KafkaSettings(security_protocol="SSL")
 
 
@@ -65,8 +76,21 @@ TLS = KafkaSettings(security_protocol="SSL")
         (PLAIN_UNSUPPORTED, False, None, AUTHENTICATION, "127.0.0.1:57757"),
         (TLS_CLOSED_LINE, True, None, TLS_CLOSED, "127.0.0.1:58811"),
         (PLAIN_TO_TLS_LINE, False, None, WANTS_TLS, "127.0.0.1:58811"),
+        (TLS_TO_PLAIN_RESET, True, None, WANTS_PLAINTEXT, "127.0.0.1:37273"),
+        (TLS_TO_PLAIN_TIMEOUT, True, None, WANTS_PLAINTEXT, "127.0.0.1:46533"),
     ],
-    ids=["resolve-log", "resolve-error", "refused", "untrusted", "scram", "plain-unsupported", "tls-closed", "plain"],
+    ids=[
+        "resolve-log",
+        "resolve-error",
+        "refused",
+        "untrusted",
+        "scram",
+        "plain-unsupported",
+        "tls-closed",
+        "plain",
+        "tls-to-plain-reset",
+        "tls-to-plain-timeout",
+    ],
 )
 def test_librdkafkas_words_are_classified(text, tls, code, kind, broker):
     cause = classify(text, tls, code)
@@ -185,6 +209,22 @@ def test_plain_text_connections_closed_at_the_first_request_stop_asking_for_tls(
     assert diagnosis.stop(29.0) is None
     stop = diagnosis.stop(30.0)
     assert stop is not None and "FILTER_KAFKA__SECURITY_PROTOCOL is PLAINTEXT (use SSL or SASL_SSL)" in stop.message
+
+
+@pytest.mark.parametrize("line", [TLS_TO_PLAIN_RESET, TLS_TO_PLAIN_TIMEOUT], ids=["reset", "timed-out"])
+def test_tls_handshakes_a_plain_text_listener_never_completes_stop_after_the_window_asking_for_plain_text(line):
+    diagnosis = KafkaDiagnosis(TLS, started=0.0, window_s=30)
+    diagnosis.log_line(1.0, "FAIL", line)
+    assert diagnosis.stop(29.0) is None
+    stop = diagnosis.stop(30.0)
+    assert stop is not None and "completed no TLS handshake for 30 s" in stop.message
+    assert "FILTER_KAFKA__SECURITY_PROTOCOL is SSL (use PLAINTEXT or SASL_PLAINTEXT" in stop.message
+
+
+def test_a_handshake_timeout_without_tls_is_waited_for():
+    """A plain-text client never handshakes: a timeout in that state cannot be about TLS."""
+    cause = classify(TLS_TO_PLAIN_TIMEOUT, False)
+    assert cause is not None and cause.kind == UNREACHABLE
 
 
 def test_once_kafka_answered_nothing_seen_before_stops_start_up():

@@ -8,6 +8,8 @@ calls (which is what a transactional producer's state machine cares about) is wh
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +97,9 @@ class RecordingProducer:
 
     def __len__(self) -> int:
         return len(self._reports)
+
+    def init_transactions(self, timeout: float = 0) -> None:
+        self.calls.append("init")
 
     def begin_transaction(self) -> None:
         self._call("begin")
@@ -208,10 +213,18 @@ class Rig:
             self.clock,
         )
         settings = KafkaSettings(exactly_once=exactly_once, commit_interval_ms=1000, **kafka)
-        mode: type[Committer] = Transactional if exactly_once else AtLeastOnce
-        self.committer = mode(settings, self.consumer, self.publisher, self.metrics, Health(60, self.clock),  # type: ignore[arg-type]
-                              self.failures, self.clock)  # fmt: skip
+        self.health = Health(60, self.clock)
+        self.replacements: list[RecordingProducer] = []  # producers made after one was stuck in a call
+        stages = (settings, self.consumer, self.publisher, self.metrics, self.health, self.failures, self.clock)
+        self.committer: Committer = (
+            Transactional(*stages, new_producer=self._new_producer)  # type: ignore[arg-type]
+            if exactly_once
+            else AtLeastOnce(*stages)  # type: ignore[arg-type]
+        )
         self.consumer.on_commit = self.committer.committed
+        if isinstance(self.committer, Transactional):
+            assert self.committer.init_transactions()
+            self.producer.calls.clear()
         self.gate = DeadLetterGate(DeadLetterSettings(), self.committer.publish)
         self.stage = RecordingStage(self.consumer.calls)
         self.pausing = Pausing(self.consumer, InFlightBudget(1000, 10**9), self.committer, self.metrics)  # type: ignore[arg-type]
@@ -227,6 +240,10 @@ class Rig:
         )
         self.lifecycle.assigned([TopicPartition(*TP)])
         self.generation = self.committer.tracker.generation(TP)
+
+    def _new_producer(self) -> RecordingProducer:
+        self.replacements.append(RecordingProducer(self.clock, transactional=True))
+        return self.replacements[-1]
 
     def consume(self, *offsets: int) -> None:
         for offset in offsets:
@@ -459,6 +476,58 @@ def test_lost_partitions_abort_the_open_transaction_and_commit_nothing():
     assert rig.consumer.calls[-2:] == ["classify.discard", f"classify.forget:{[TP]}"]
 
 
+def test_at_least_once_lost_partitions_outputs_still_queued_count_against_the_budget_and_their_backlog_goes():
+    """Issue 25, item 6: lost() forgot the tracker's records while their outputs stayed in librdkafka's queue
+    (still produced: allowed repeats) and in the publisher's backlog, so the in-flight budget no longer
+    counted them and fetching resumed with them still in memory."""
+    rig = Rig(exactly_once=False)
+    rig.producer.report_inside_commit = True  # no acknowledgement arrives: the broker is away
+    produce = rig.producer.produce
+
+    def queue_of_three(topic: str, *args: Any, **kwargs: Any) -> None:
+        if len(rig.producer) >= 3:
+            raise BufferError("queue full")
+        produce(topic, *args, **kwargs)
+
+    rig.producer.produce = queue_of_three  # type: ignore[method-assign]
+    rig.consume(*range(5))
+    rig.decide(*range(5))
+    assert (len(rig.producer), rig.publisher.backlog) == (3, 2)
+    assert rig.committer.in_flight() == (5, 5)  # one byte each
+    rig.lifecycle.lost([TP])
+    assert rig.publisher.backlog == 0, "the backlog of a lost partition is not produced"
+    assert rig.committer.tracker.in_flight() == 0
+    assert rig.committer.in_flight()[0] == 3, "what librdkafka still holds counts against the budget"
+
+
+def test_records_read_across_a_rewind_inside_a_rebalance_callback_are_dropped_and_read_again():
+    """Issue 25, item 4: the loop polls one record, then consume() serves a loss that aborts and rewinds the
+    partitions kept; the polled record predates the seek.
+
+    Before: it was tracked under the new generation, the re-fetched lower offsets then raised
+    ``consumed out of order`` (a ValueError: a traceback, not an exit code).
+    """
+    rig = Rig(exactly_once=True)
+    other = ("in", 1)
+    rig.lifecycle.assigned([TopicPartition(*other)])
+    rig.consume(0, 1, 2)
+    rig.decide(0, 1, 2)
+    rig.lifecycle.poll(caught_up=False)  # 0-2 released into the open transaction
+    rig.committer.begin_read()
+    # poll() returned record 3; consume() then served the loss of the other partition: abort, rewind to 0
+    rig.lifecycle.lost([other])
+    assert rig.consumer.calls[-3:] == ["seek:0", "classify.discard", f"classify.forget:{[other]}"]
+    rig.consume(3)  # read before the seek
+    rig.consume(0)  # read after it, in the same consume()
+    rig.committer.end_read()
+    assert rig.consumer.calls[-1] == "seek:0", "sought again: both records are read again"
+    assert rig.committer.tracker.in_flight() == 0
+    rig.consume(0, 1, 2, 3)  # the next read, in order
+    rig.decide(0, 1, 2, 3)
+    rig.lifecycle.poll(caught_up=True)
+    assert rig.failures.failure is None and committed_offset(rig) == 4
+
+
 # -- exactly-once: what librdkafka refuses while a call must be resumed (the review of issue 20) ------
 
 
@@ -558,7 +627,11 @@ def test_an_abort_empties_the_publishers_backlog():
     assert rig.publisher.backlog == 0 and "produce refused: _STATE" not in rig.producer.calls
 
 
-def test_a_copy_for_review_refused_before_queueing_aborts_before_the_commit_not_after():
+def test_a_copy_for_review_refused_before_queueing_is_dropped_without_an_abort():
+    """Issue 25, item 1: the copy never entered the transaction, so nothing in it needs an abort.
+
+    Before: the refusal doomed the transaction; with every copy too large, every transaction aborted.
+    """
     rig = Rig(exactly_once=True)
     produce = rig.producer.produce
 
@@ -571,12 +644,82 @@ def test_a_copy_for_review_refused_before_queueing_aborts_before_the_commit_not_
     rig.consume(0, 1)
     rig.decide(0, 1, reviewed=(0,))
     rig.lifecycle.poll(caught_up=True)  # released and due in one turn
-    assert committed_offset(rig) is None and rig.producer.calls[-1] == "abort", "aborted, not committed"
-    rig.clock.now += 1
-    rig.consume(0, 1)
-    rig.decide(0, 1, reviewed=(0,))
+    assert committed_offset(rig) == 2 and "abort" not in rig.producer.calls
+    assert rig.metrics.transaction_aborts._value.get() == 0  # noqa: SLF001
+    assert rig.metrics.review_records.labels("refused")._value.get() == 1  # noqa: SLF001
+
+
+def test_a_call_that_outlives_its_timeout_leaves_the_loop_turning_and_a_stuck_one_replaces_the_producer():
+    """Issue 25, item 2: librdkafka 2.16 was seen blocking in send_offsets_to_transaction for good.
+
+    The loop waits on the call at most a turn's worth (0.5 s), says not ready once it outlived its
+    timeout, and after 30 s takes a new producer (same transactional id: the broker aborts the old
+    one's transaction) and re-reads from the last commit. Before, the loop itself blocked in the call.
+    """
+    rig = Rig(exactly_once=True)
+    stuck = threading.Event()
+    rig.producer.send_offsets_to_transaction = lambda *_args: stuck.wait()  # type: ignore[method-assign,assignment,return-value]
+    try:
+        rig.consume(0, 1, 2)
+        rig.decide(0, 1, 2)
+        started = time.monotonic()
+        rig.lifecycle.poll(caught_up=True)  # released, frozen, offsets being sent: the call does not return
+        assert time.monotonic() - started < 5, "the loop waited on the call"
+        assert rig.committer.phase is Phase.SENDING and rig.health.publishing
+        rig.clock.now += 12  # past the call's 10 s timeout
+        rig.lifecycle.poll(caught_up=True)
+        assert rig.committer.phase is Phase.SENDING and not rig.health.publishing, "not ready while stuck"
+        rig.clock.now += 20  # 32 s: given up
+        rig.lifecycle.poll(caught_up=True)
+        assert len(rig.replacements) == 1 and rig.publisher.producer is rig.replacements[0]
+        assert rig.committer.phase is Phase.IDLE and committed_offset(rig) is None
+        assert rig.consumer.calls[-2:] == ["seek:0", "classify.discard"], "rewound, stale work dropped"
+        fresh = rig.replacements[0]
+        rig.lifecycle.poll(caught_up=True)  # the new producer registers the transactional id first
+        assert fresh.calls == ["init"]
+        rig.consume(0, 1, 2)  # re-read after the rewind
+        rig.decide(0, 1, 2)
+        rig.lifecycle.poll(caught_up=True)
+        assert committed_offset(rig) == 3 and rig.health.publishing
+        assert fresh.calls == ["init", "begin", "produce", "produce", "produce", "send_offsets:3", "commit"]
+    finally:
+        stuck.set()
+
+
+def test_a_stop_right_after_the_producer_was_replaced_registers_it_and_commits():
+    rig = Rig(exactly_once=True)
+    stuck = threading.Event()
+    rig.producer.send_offsets_to_transaction = lambda *_args: stuck.wait()  # type: ignore[method-assign,assignment,return-value]
+    try:
+        rig.consume(0, 1)
+        rig.decide(0, 1)
+        rig.lifecycle.poll(caught_up=True)
+        rig.clock.now += 31
+        rig.lifecycle.poll(caught_up=True)  # replaced, rewound
+        rig.consume(0, 1)
+        rig.decide(0, 1)
+        assert rig.lifecycle.stop(deadline=rig.clock.now + 10)
+        assert committed_offset(rig) == 2 and rig.replacements[0].calls[0] == "init"
+    finally:
+        stuck.set()
+
+
+def test_a_commit_of_unknown_outcome_is_never_given_up():
+    """A commit may have committed: replacing its producer and re-reading would repeat its records."""
+    rig = Rig(exactly_once=True)
+    stuck = threading.Event()
+    rig.producer.commit_transaction = lambda *_args: stuck.wait()  # type: ignore[method-assign,assignment,return-value]
+    try:
+        rig.consume(0, 1)
+        rig.decide(0, 1)
+        rig.lifecycle.poll(caught_up=True)
+        rig.clock.now += 120
+        rig.lifecycle.poll(caught_up=True)
+        assert rig.committer.phase is Phase.COMMITTING and not rig.replacements
+    finally:
+        stuck.set()
     rig.lifecycle.poll(caught_up=True)
-    assert committed_offset(rig) == 2 and rig.metrics.transaction_aborts._value.get() == 1  # noqa: SLF001
+    assert committed_offset(rig) == 2
 
 
 def test_a_stop_that_resumes_a_commit_also_publishes_what_was_decided_meanwhile():

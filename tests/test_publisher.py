@@ -81,7 +81,7 @@ class _Listener:
     def acknowledged(self, items: list[Outgoing]) -> None:
         self.acked += items
 
-    def refused(self, item: Outgoing, err: KafkaError) -> None:
+    def refused(self, item: Outgoing, err: KafkaError, queued: bool = True) -> None:
         raise AssertionError(f"unexpected refusal {err}")
 
 

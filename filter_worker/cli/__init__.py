@@ -17,8 +17,12 @@ from filter_worker.config import ConfigError
 from filter_worker.exit_codes import ExitCode, ModelLoadError
 from filter_worker.model.lockfile import LockError
 from filter_worker.redaction import redact
+from filter_worker.signals import Requests, release_reloads
 from filter_worker.tools.broker import BrokerError
 
+# Commands that serve until stopped: SIGHUP reloads them, so it never ends them, even while they start
+# (``run`` applies a reload that came meanwhile once its loop runs; ``feedback`` does not see it).
+_SERVICES = ("run", "feedback")
 # In the order ``--help`` lists them.
 COMMANDS: tuple[ModuleType, ...] = (
     run,
@@ -45,9 +49,13 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, requests: Requests | None = None) -> int:
+    """``requests``: the stop and reload requests the entry point took before importing the commands."""
     args = parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    args.requests = requests or Requests()
+    if requests is not None and args.command not in _SERVICES:
+        release_reloads(requests)
     # Messages are built to leave secrets out; redact() is the last line of defence for ones that
     # quote a client's error.
     try:

@@ -12,6 +12,7 @@ from typing import Any
 from filter_worker.cli.common import model_argument, settings_with_model, subcommand
 from filter_worker.config import load_settings
 from filter_worker.config_watcher import ConfigWatcher
+from filter_worker.signals import Requests, take_reloads, take_stops
 
 
 def add_parser(commands: Any) -> None:
@@ -27,9 +28,14 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Signals are taken before anything slow: a SIGHUP while the model loads is a reload applied once
+    # the loop runs (Python's default would end the process), a SIGTERM a stop before joining the group.
+    requests: Requests = args.requests
+    take_reloads(requests)
+    take_stops(requests)
     # The watcher's baseline is the content the settings are loaded from, so an edit made while the
     # model loads is still noticed.
-    watcher = ConfigWatcher(args.config, lambda: worker.request_reload()) if args.config else None
+    watcher = ConfigWatcher(args.config, requests.request_reload) if args.config else None
     settings = settings_with_model(args)
     # Imported after the settings are checked: torch and transformers take seconds to import, and a
     # bad setting should be reported at once.
@@ -53,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
         reload_routing=lambda: load_settings(args.config).routing,
         candidate=shadow,
         precision=loaded,
+        requests=requests,
     )
     return serve(worker, args.config, watcher)

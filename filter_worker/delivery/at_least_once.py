@@ -53,7 +53,7 @@ class AtLeastOnce(Committer):
         super().acknowledged(items)
         count_published(self._metrics, items)
 
-    def refused(self, item: Outgoing, err: KafkaError) -> None:
+    def refused(self, item: Outgoing, err: KafkaError, queued: bool = True) -> None:
         source = item.source
         if not self.tracker.is_current((source.topic, source.partition), item.generation):
             return  # revoked meanwhile: the next owner reads the record again
@@ -150,7 +150,12 @@ class AtLeastOnce(Committer):
         return True
 
     def lost(self, tps: list[TP]) -> bool:
+        """Forget ``tps``; their outputs still waiting for room in librdkafka's queue are dropped (the next
+        owner publishes them). Those already queued cannot be taken back: they are published (allowed
+        repeats) and count against the in-flight budget until librdkafka is done with them."""
         self.forget(tps)
+        gone = set(tps)
+        self._publisher.drop_backlog(lambda item: (item.source.topic, item.source.partition) not in gone)
         return False
 
     def finish(self, deadline: float) -> bool:

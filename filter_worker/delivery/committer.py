@@ -56,6 +56,11 @@ class Committer(ABC):
         self.tracker = OffsetTracker()
         self._interval_s = settings.commit_interval_ms / 1000
         self._last_commit = clock()
+        # While the loop reads (``begin_read`` .. ``end_read``): partitions rewound by an abort inside a
+        # rebalance callback, and the records of theirs dropped since (read before or after the seek).
+        self._reading = False
+        self._rewound_in_read: dict[TP, int] = {}
+        self._dropped_in_read: set[TP] = set()
         publisher.listen(self)
 
     # -- partitions and records -------------------------------------------------------------------
@@ -64,16 +69,52 @@ class Committer(ABC):
         for tp in tps:
             self.tracker.assign(tp)
 
+    def begin_read(self) -> None:
+        """The loop is about to call the consumer, whose rebalance callbacks may abort and rewind."""
+        self._reading = True
+        self._rewound_in_read.clear()
+        self._dropped_in_read.clear()
+
+    def end_read(self) -> None:
+        """The records of that read are tracked: seek again the partitions whose records were dropped.
+
+        A rewind inside the read (a revocation or loss that aborted) seeks the partitions kept, but the
+        read may hold records of theirs fetched before the seek: tracked under the new generation, they
+        would sit above the re-fetched ones (``consumed out of order``). Every record of such a partition
+        in that read is dropped instead, and the partition is sought to the rewind's position again.
+        """
+        self._reading = False
+        for tp in self._dropped_in_read:
+            if self.tracker.generation(tp) is not None:
+                self._consumer.seek(TopicPartition(tp[0], tp[1], self._rewound_in_read[tp]))
+        self._rewound_in_read.clear()
+        self._dropped_in_read.clear()
+
+    def _rewound(self, positions: list[tuple[TP, int]]) -> None:
+        """Partitions just sought back to ``positions`` (an abort's rewind)."""
+        if self._reading:
+            self._rewound_in_read.update(positions)
+
     def track(self, record: InputRecord) -> int | None:
-        """Register a consumed record; its generation, or ``None`` if its partition is no longer owned."""
+        """Register a consumed record; its generation, or ``None`` if its partition is no longer owned
+        (or was rewound while the record was being read: ``end_read``)."""
         tp = (record.topic, record.partition)
         if self.tracker.generation(tp) is None:  # revoked while the record sat in the fetch queue
+            return None
+        if tp in self._rewound_in_read:
+            self._dropped_in_read.add(tp)
             return None
         size = len(record.value or b"") + len(record.key or b"")
         return self.tracker.track(tp, record.offset, size)
 
     def is_current(self, tp: TP, generation: int) -> bool:
         return self.tracker.is_current(tp, generation)
+
+    def in_flight(self) -> tuple[int, int]:
+        """What the in-flight budget counts: records (and their bytes) consumed and not yet acknowledged,
+        and at least as many as librdkafka and the publisher still hold outputs for. Outputs of partitions
+        lost meanwhile are no longer tracked but still take memory until librdkafka is done with them."""
+        return max(self.tracker.in_flight(), self._publisher.outstanding), self.tracker.in_flight_bytes()
 
     def commit_due(self, caught_up: bool) -> bool:
         """Every commit interval under load; at once when everything consumed is settled."""
@@ -159,8 +200,9 @@ class Committer(ABC):
         self._health.broker_reachable = True
 
     @abstractmethod
-    def refused(self, item: Outgoing, err: KafkaError) -> None:
-        """The broker refused a queued output: replace it, or stop."""
+    def refused(self, item: Outgoing, err: KafkaError, queued: bool = True) -> None:
+        """The broker refused a queued output, or (``queued=False``) produce() refused a copy for review
+        before queueing it: replace it, drop the copy, or stop."""
 
     @abstractmethod
     def committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:

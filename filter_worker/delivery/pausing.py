@@ -33,8 +33,7 @@ class Pausing:
         """Pause or resume every owned partition as the budget and the committer say."""
         if self._held:
             return
-        tracker = self._committer.tracker
-        records, size = tracker.in_flight(), tracker.in_flight_bytes()
+        records, size = self._committer.in_flight()
         budget = not self._budget.refilled(records, size) if self.paused else self._budget.spent(records, size)
         pause = budget or self._committer.fetch_paused()
         if pause != self.paused:

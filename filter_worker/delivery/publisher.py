@@ -73,7 +73,7 @@ class DeliveryListener(Protocol):
 
     def acknowledged(self, items: list[Outgoing]) -> None: ...
 
-    def refused(self, item: Outgoing, err: KafkaError) -> None: ...
+    def refused(self, item: Outgoing, err: KafkaError, queued: bool = True) -> None: ...
 
 
 class Publisher:
@@ -102,6 +102,8 @@ class Publisher:
         self._backlog: deque[Outgoing] = deque()
         # Delivery reports as librdkafka hands them over, settled together after each poll.
         self._reports: list[tuple[Outgoing, KafkaError | None]] = []
+        # Copies for review that produce() refused before queueing them: never in any transaction.
+        self._unqueued: list[tuple[Outgoing, KafkaError]] = []
         # Records refused inside a transaction that was then aborted: what to publish when they come back.
         self._replacements: dict[tuple[str, int, int], Outgoing] = {}
         # Records whose copy for review was refused so: published without it when they come back.
@@ -112,6 +114,15 @@ class Publisher:
     def producer(self) -> Producer:
         """For the transactional calls; records go through ``send``."""
         return self._producer
+
+    def replace_producer(self, producer: Producer) -> None:
+        """Produce through ``producer`` from now on, instead of one whose transactional call never returned.
+
+        What the old one holds is abandoned with it: its transaction is aborted by the broker once the
+        new producer registers the same transactional id.
+        """
+        self._producer = producer
+        self._backlog.clear()
 
     def listen(self, listener: DeliveryListener) -> None:
         self._listener = listener
@@ -164,6 +175,11 @@ class Publisher:
         source = item.source
         self._no_review.add((source.topic, source.partition, source.offset))
 
+    def drop_backlog(self, keep: Callable[[Outgoing], bool]) -> None:
+        """Forget what waits for room in librdkafka's queue and ``keep`` rejects (outputs of lost partitions)."""
+        if self._backlog:
+            self._backlog = deque(item for item in self._backlog if keep(item))
+
     def clear_backlog(self) -> None:
         """Forget what waits for room in librdkafka's queue: it belonged to a transaction just aborted."""
         self._backlog.clear()
@@ -214,8 +230,8 @@ class Publisher:
             return False
         except KafkaException as exc:  # refused before it was queued (e.g. over message.max.bytes)
             err = exc.args[0]
-            if item.action == REVIEW:  # the committer decides, as for a refusal after queueing
-                self._reports.append((item, err))
+            if item.action == REVIEW:  # the committer decides; never queued, it is in no transaction
+                self._unqueued.append((item, err))
                 return True
             fallback = self.fallback(item, err)
             if fallback is None:
@@ -235,10 +251,14 @@ class Publisher:
         and when, is the committer's: a delivery inside a transaction that is then aborted was never
         published.
         """
+        assert self._listener is not None
+        if self._unqueued:
+            unqueued, self._unqueued = self._unqueued, []
+            for copy, refusal in unqueued:
+                self._listener.refused(copy, refusal, queued=False)
         if not self._reports:
             return
         reports, self._reports = self._reports, []
-        assert self._listener is not None
         delivered = []
         for item, err in reports:
             if err is None:

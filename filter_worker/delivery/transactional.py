@@ -17,20 +17,25 @@ once when the worker has caught up), following librdkafka's transactional rules:
 - Anything else (fenced by a newer incarnation, a fatal client error) stops the worker (exit 1).
 
 A record refused for what it is comes back after the rewind and is replaced by its fallback (its dead
-letter, cut to fit if need be: see ``publisher.py``) until its offset is committed. Aborts in a row
-are counted and backed off (fetching paused, not ready); past ``FILTER_KAFKA__MAX_ABORTS`` the worker
-stops instead of looping. Outputs count as published when their transaction commits, not when the
-broker acknowledges them inside it. Once the worker stops or closes, no transaction begins.
+letter, cut to fit if need be: see ``publisher.py``) until its offset is committed. Such an abort
+is progress (the record is not refused again), so it is neither counted nor backed off; other aborts in
+a row are counted and backed off (fetching paused, not ready); past ``FILTER_KAFKA__MAX_ABORTS`` the
+worker stops instead of looping. A copy for review that ``produce()`` refuses before queueing it never
+entered the transaction: it is dropped, and nothing aborts. Outputs count as published when their
+transaction commits, not when the broker acknowledges them inside it. Once the worker stops or closes,
+no transaction begins.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
+from filter_worker.delivery.calls import TransactionalCalls
 from filter_worker.delivery.committer import TP, Committer
 from filter_worker.delivery.publisher import REVIEW, count_published
 from filter_worker.exit_codes import FatalError
@@ -39,9 +44,23 @@ from filter_worker.pipeline.records import InputRecord, Outgoing
 
 log = get_logger(__name__)
 
-# How long one transactional call (begin, send offsets, commit, abort) may block the loop. Not the
+# The timeout given to each transactional call (send offsets, commit, abort, init). librdkafka may
+# outlive it (60 s measured for send_offsets_to_transaction with the broker gone), so the calls run on
+# a helper thread (``calls.py``) and the loop waits on one at most ``_TURN_WAIT_S`` a turn. Not the
 # transaction's own timeout (librdkafka's transaction.timeout.ms), and not the shutdown deadline.
 CALL_TIMEOUT_S = 10.0
+# How long the loop waits on a running transactional call per turn before serving everything else.
+_TURN_WAIT_S = 0.5
+# A call running this much longer than its timeout: the log says so, and the worker is not ready.
+_OVERDUE_S = 1.0
+# Sending offsets (or aborting) for this long: the producer is replaced. After a 20 s outage of every
+# connection, librdkafka 2.16 was seen to block in send_offsets_to_transaction for good (over 3 minutes,
+# with the broker back and the consumer's group rejoined). Neither call can have committed anything, so
+# a new producer with the same transactional id (which fences the old one and has the broker abort its
+# transaction) and a rewind to the last commit lose and repeat nothing. A commit whose outcome is
+# unknown is never given up on this way: it may have committed.
+_REPLACE_AFTER_S = 30.0
+_REPLACEABLE_CALLS = frozenset({"send_offsets", "abort"})
 # The abort on close: the broker aborts a transaction left open once transaction.timeout.ms passes anyway.
 _CLOSE_ABORT_S = 1.0
 _BACKOFF_FIRST_S = 0.5
@@ -59,8 +78,12 @@ class Phase(Enum):
 
 
 class Transactional(Committer):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    """``new_producer`` makes a producer like the first, for when a transactional call never returns."""
+
+    def __init__(self, *args: Any, new_producer: Callable[[], Producer] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._new_producer = new_producer
+        self._initialised = False  # init_transactions done on the current producer
         self.phase = Phase.IDLE
         self._held: dict[TP, dict[int, Outgoing]] = {}  # decided, waiting for their turn
         self._unreleased: dict[TP, deque[int]] = {}  # consumed offsets not yet released, in order
@@ -71,8 +94,12 @@ class Transactional(Committer):
         # An abort that must wait for its call to be resumed: why, and whether it counts as a failure in a row.
         self._pending_abort: tuple[KafkaError, str, bool] | None = None
         self._aborts = 0  # in a row, since the last successful commit
+        # The open transaction holds a record refused for what it is, now replaced (or published without
+        # its copy for review) when read again: its abort is progress, not a failure in a row.
+        self._learned = False
         self._resume_at = 0.0
         self._ended = False  # stopped or closed: no transaction may begin
+        self._calls = TransactionalCalls(self._clock)
 
     # -- records ----------------------------------------------------------------------------------
 
@@ -102,8 +129,13 @@ class Transactional(Committer):
         self._publisher.poll(0)
         if self._failures.failure is not None:  # never commit past a record that could not be published
             return False
+        if not self._initialised:  # a replaced producer registers its transactional id first
+            self._initialise()
+            return False
         if self.phase in (Phase.SENDING, Phase.COMMITTING, Phase.ABORTING):
-            return self._resume(CALL_TIMEOUT_S)  # nothing else may be called meanwhile
+            if self._new_producer is not None and self._stuck_for_good():
+                return self._replace_producer()
+            return self._resume(_TURN_WAIT_S)  # nothing else may be called meanwhile
         if self._doomed is not None:
             return self._abort(*self._doomed)
         if self.fetch_paused():
@@ -111,20 +143,22 @@ class Transactional(Committer):
         self._release()
         settled = caught_up and not any(self._unreleased.values())
         if self.phase is Phase.OPEN and self.commit_due(settled):
-            return self._commit(CALL_TIMEOUT_S)
+            return self._commit(_TURN_WAIT_S)
         return False
 
-    def _resume(self, timeout_s: float) -> bool:
-        """Call again the transactional call that failed retriably; ``True`` when an abort rewound.
+    def _resume(self, wait_s: float) -> bool:
+        """Wait on the transactional call still running, or call again the one that failed retriably;
+        ``True`` when an abort rewound.
 
         A commit that must be resumed is resumed even when an abort is wanted meanwhile (a record's
         refusal reported after the commit timed out): librdkafka refuses the abort until the commit
-        ends, and it ends in an abortable error if a record failed.
+        ends, and it ends in an abortable error if a record failed. Offsets still being sent when an
+        abort is wanted (lost partitions) are not committed: the abort follows the send.
         """
-        if self.phase is Phase.ABORTING:
+        if self.phase is Phase.ABORTING or (self.phase is Phase.SENDING and self._pending_abort is not None):
             assert self._pending_abort is not None, "an abort waits only with its reason"
-            return self._abort(*self._pending_abort)
-        rewound = self._commit(timeout_s)
+            return self._abort(*self._pending_abort, wait_s=wait_s)
+        rewound = self._commit(wait_s)
         if self.phase is Phase.IDLE and self._pending_abort is not None and not rewound:
             self._pending_abort = None  # the commit succeeded: nothing is left to abort
         return rewound
@@ -150,7 +184,7 @@ class Transactional(Committer):
 
     def _begin(self) -> bool:
         """Open a transaction; ``False`` when none may begin now (ended, or a retriable failure: next turn)."""
-        if self._ended:
+        if self._ended or not self._initialised:
             return False
         try:
             self._publisher.producer.begin_transaction()
@@ -165,10 +199,11 @@ class Transactional(Committer):
         self._last_commit = self._clock()
         return True
 
-    def _commit(self, timeout_s: float) -> bool:
-        """Freeze the open transaction, send its offsets and commit it, each call at most ``timeout_s``.
+    def _commit(self, wait_s: float) -> bool:
+        """Freeze the open transaction, send its offsets and commit it, waiting at most ``wait_s`` on a call.
 
-        Resumes where the last try stopped. ``True`` when an abort rewound the partitions.
+        Resumes where the last try stopped (a call still running is waited on again). ``True`` when an
+        abort rewound the partitions.
         """
         producer = self._publisher.producer
         if self._failures.failure is not None:  # never commit past a record that could not be published
@@ -182,19 +217,97 @@ class Transactional(Committer):
             self.phase = Phase.SENDING
         if self.phase is Phase.SENDING:
             if self._released:
+                offsets = self._partitions(self._released)
+                group = self._consumer.consumer_group_metadata()
                 try:
-                    producer.send_offsets_to_transaction(
-                        self._partitions(self._released), self._consumer.consumer_group_metadata(), timeout_s
+                    sent = self._calls.run(
+                        "send_offsets",
+                        lambda: producer.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S),
+                        wait_s,
                     )
                 except KafkaException as exc:
                     return self._call_failed(exc.args[0], "sending the transaction's offsets")
+                if not sent:
+                    return self._still_running()
             self.phase = Phase.COMMITTING
         try:
-            producer.commit_transaction(timeout_s)
+            committed = self._calls.run("commit", lambda: producer.commit_transaction(CALL_TIMEOUT_S), wait_s)
         except KafkaException as exc:
             return self._call_failed(exc.args[0], "committing the transaction")
+        if not committed:
+            return self._still_running()
         self._committed_transaction()
         return False
+
+    def _stuck_for_good(self) -> bool:
+        """Offsets being sent (or an abort) for longer than librdkafka ever returns from them normally."""
+        return self._calls.running in _REPLACEABLE_CALLS and self._calls.running_for() > _REPLACE_AFTER_S
+
+    def _replace_producer(self) -> bool:
+        """Give up a producer stuck in a call that cannot have committed: a new one takes its transactional
+        id (the broker aborts the old one's transaction), every owned partition is re-read from its last
+        commit. The stuck call's thread keeps the old producer until it returns, if ever. ``True``: rewound."""
+        assert self._new_producer is not None
+        log.warning(
+            "a transactional call never returned; the producer is replaced and the partitions are re-read "
+            "from the last commit",
+            call=self._calls.running,
+            waited_s=round(self._calls.running_for(), 1),
+        )
+        self._calls = TransactionalCalls(self._clock)
+        self._publisher.replace_producer(self._new_producer())
+        self._initialised = False
+        self.phase = Phase.IDLE
+        self._released.clear()
+        self._delivered.clear()
+        self._doomed = self._pending_abort = None
+        self._learned = False
+        self._metrics.transaction_aborts.inc()
+        self._health.publishing = False
+        self._rewind()
+        return True
+
+    def _still_running(self) -> bool:
+        """A transactional call outlives this turn's wait: the loop goes on and waits on it next turn.
+
+        Past its own timeout (librdkafka does not always keep it) nothing can commit until it returns:
+        the worker says so once and is not ready meanwhile.
+        """
+        waited = self._calls.overdue(CALL_TIMEOUT_S + _OVERDUE_S)
+        if waited is not None:
+            self._health.publishing = False
+            log.warning(
+                "a transactional call outlived its timeout; the loop goes on and waits for it",
+                call=self._calls.running,
+                waited_s=round(waited, 1),
+                timeout_s=CALL_TIMEOUT_S,
+            )
+        return False
+
+    def init_transactions(self) -> bool:
+        """One turn of registering the transactional id (it fences a previous incarnation and aborts its
+        open transaction): ``True`` once done, ``False`` while it runs or after a retriable failure (call
+        again); a failure that cannot be retried is a ``FatalError``."""
+        producer = self._publisher.producer
+        try:
+            self._initialised = self._calls.run(
+                "init", lambda: producer.init_transactions(CALL_TIMEOUT_S), _TURN_WAIT_S
+            )
+            return self._initialised
+        except KafkaException as exc:
+            err = exc.args[0]
+            if not err.retriable():
+                raise FatalError(f"could not initialise transactions: {err.str()}") from None
+            log.warning("retrying transaction initialisation", error=err.str())
+            return False
+
+    def _initialise(self) -> None:
+        """A turn of ``init_transactions`` for a replaced producer; a failure that cannot be retried stops
+        the worker."""
+        try:
+            self.init_transactions()
+        except FatalError as exc:
+            self._failures.set(exc)
 
     def _committed_transaction(self) -> None:
         """The transaction committed: its offsets are committed, what was delivered in it is published."""
@@ -209,6 +322,7 @@ class Transactional(Committer):
         self._publisher.forget_replacements(lambda key: key[2] >= offsets.get((key[0], key[1]), 0))
         self._metrics.commits.inc()
         self._aborts = 0
+        self._learned = False
         self._health.publishing = True
 
     def _call_failed(self, err: KafkaError, what: str) -> bool:
@@ -227,42 +341,53 @@ class Transactional(Committer):
     def acknowledged(self, items: list[Outgoing]) -> None:
         self._acknowledge(items, self._delivered)  # counted as published when their transaction commits
 
-    def refused(self, item: Outgoing, err: KafkaError) -> None:
+    def refused(self, item: Outgoing, err: KafkaError, queued: bool = True) -> None:
         """A queued output failed: its transaction is doomed; a record-level refusal is replaced when it comes back.
 
         A report can arrive after its transaction was aborted (inside ``commit_transaction``'s flush, say):
         the record still comes back, so its replacement is registered while the partition is owned; only
-        a refusal of the current generation dooms the open transaction.
+        a refusal of the current generation dooms the open transaction. A copy for review that produce()
+        refused before queueing it never entered the transaction: it is dropped and nothing aborts (an
+        abort would learn nothing, and the same copy would be refused again after the rewind).
         """
         source = item.source
         tp = (source.topic, source.partition)
         if self.tracker.generation(tp) is None:
             return  # revoked: the next owner reads the record and decides afresh
+        if not queued and self._review_refused(item, err):
+            self.tracker.ack(tp, source.offset, item.generation)  # the routed output alone settles its record
+            return
+        learned = False
         if item.action == REVIEW:
             if self._review_refused(item, err):
                 self._publisher.refuse_review(item)
+                learned = True
         else:
             fallback = self._publisher.fallback(item, err)
             if fallback is not None:
                 self._publisher.replace_later(fallback)
-        if self.tracker.is_current(tp, item.generation) and self._doomed is None:
-            self._doomed = (err, f"{item.out.topic} refused {source.source}")
+                learned = True
+        if self.tracker.is_current(tp, item.generation):
+            self._learned = self._learned or learned
+            if self._doomed is None:
+                self._doomed = (err, f"{item.out.topic} refused {source.source}")
 
     def committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """Never called: offsets are committed by the transaction, not by the consumer."""
 
     # -- aborts -----------------------------------------------------------------------------------
 
-    def _abort(self, err: KafkaError, cause: str, counted: bool = True) -> bool:
+    def _abort(self, err: KafkaError, cause: str, counted: bool = True, wait_s: float = _TURN_WAIT_S) -> bool:
         """Abort the open transaction and re-read every owned partition from its first uncommitted record.
 
         ``counted``: a failure that may repeat (backed off, and bounded by FILTER_KAFKA__MAX_ABORTS),
         unlike an abort for revoked or lost partitions. ``True`` when the partitions were rewound;
         ``False`` when the abort waits for a call to be resumed (the next turns resume it), when the
-        transaction committed after all (a resumed commit), or when the worker must stop.
+        transaction committed after all (a resumed commit), or when the worker must stop. ``wait_s``: the
+        longest it waits on a transactional call.
         """
         self._doomed = None
-        ended = self._end_by_abort(CALL_TIMEOUT_S)
+        ended = self._end_by_abort(wait_s)
         if ended != "aborted":
             self._pending_abort = (err, cause, counted) if ended == "pending" else None
             return False
@@ -270,8 +395,10 @@ class Transactional(Committer):
         self._metrics.transaction_aborts.inc()
         rewound = self._rewind()
         error = f"{cause}: {err.str()}"
-        if not counted:
-            log.warning("transaction aborted; re-reading from the last commit", error=error)
+        learned, self._learned = self._learned, False
+        if not counted or learned:
+            reason = "records refused for what they are are replaced when read again" if learned else cause
+            log.warning("transaction aborted; re-reading from the last commit", error=error, why=reason)
             return True
         self._aborts += 1
         if self._aborts > self._settings.max_aborts:
@@ -294,21 +421,24 @@ class Transactional(Committer):
         )
         return True
 
-    def _end_by_abort(self, timeout_s: float) -> str:
+    def _end_by_abort(self, wait_s: float) -> str:
         """End the open transaction by aborting it: ``"aborted"`` (or none was open), ``"committed"``,
         ``"pending"`` (a call must be resumed first), or ``"failed"`` (the worker stops).
 
         librdkafka allows nothing but the resumed call after a retriable error: a commit that timed
         out is resumed (it commits, or fails abortably and then may be aborted), and an abort that
-        timed out is called again. Whatever the transaction held, the publisher's backlog included,
-        is forgotten once it is aborted.
+        timed out is called again. Offsets still being sent are waited for (their outcome does not
+        matter: the transaction is aborted). A call still running after ``wait_s`` is ``"pending"``.
+        Whatever the transaction held, the publisher's backlog included, is forgotten once it is aborted.
         """
         producer = self._publisher.producer
         if self.phase is Phase.IDLE:
             return "aborted"
         if self.phase is Phase.COMMITTING:
             try:
-                producer.commit_transaction(timeout_s)
+                if not self._calls.run("commit", lambda: producer.commit_transaction(CALL_TIMEOUT_S), wait_s):
+                    self._still_running()
+                    return "pending"
             except KafkaException as exc:
                 err = exc.args[0]
                 if not err.txn_requires_abort():
@@ -319,9 +449,14 @@ class Transactional(Committer):
             else:
                 self._committed_transaction()
                 return "committed"
+        elif self.phase is Phase.SENDING and not self._calls.wait_idle(wait_s):
+            self._still_running()
+            return "pending"
         self.phase = Phase.ABORTING
         try:
-            producer.abort_transaction(timeout_s)
+            if not self._calls.run("abort", lambda: producer.abort_transaction(CALL_TIMEOUT_S), wait_s):
+                self._still_running()
+                return "pending"
         except KafkaException as exc:
             err = exc.args[0]
             if err.retriable() and not err.fatal():
@@ -344,6 +479,7 @@ class Transactional(Committer):
             if position is not None:
                 self._consumer.seek(TopicPartition(tp[0], tp[1], position))
                 rewound.append((tp, position))
+        self._rewound(rewound)
         return rewound
 
     # -- revocation, stop, close ------------------------------------------------------------------
@@ -384,9 +520,9 @@ class Transactional(Committer):
         output decided in order is committed."""
         while self._clock() < deadline and self._failures.failure is None:
             self._publisher.poll(0)
-            timeout_s = min(CALL_TIMEOUT_S, max(0.001, deadline - self._clock()))
+            wait_s = min(_TURN_WAIT_S, max(0.001, deadline - self._clock()))
             if self.phase in (Phase.SENDING, Phase.COMMITTING, Phase.ABORTING):
-                if self._resume(timeout_s) or self.phase is Phase.ABORTING:
+                if self._resume(wait_s) or self.phase is Phase.ABORTING:
                     return False  # aborted, or an abort waits for its call
                 if self.phase is not Phase.IDLE:
                     self._publisher.poll(_SETTLE_POLL_S)
@@ -394,6 +530,11 @@ class Transactional(Committer):
             if self._doomed is not None:
                 self._abort(*self._doomed)
                 return False
+            if not self._initialised:  # a replaced producer: nothing begins before it is registered
+                if not self._releasable():
+                    return True
+                self._initialise()
+                continue
             self._release()
             if self.phase is Phase.IDLE:
                 if not self._releasable():
@@ -402,7 +543,7 @@ class Transactional(Committer):
                     return False
                 self._publisher.poll(_SETTLE_POLL_S)  # a transaction could not begin: try again
                 continue
-            if self._commit(timeout_s):
+            if self._commit(wait_s):
                 return False  # aborted
             if self.phase is not Phase.IDLE:
                 self._publisher.poll(_SETTLE_POLL_S)

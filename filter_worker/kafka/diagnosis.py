@@ -16,7 +16,11 @@ What stops, and when:
   authentication is refused (or the SASL mechanism is not offered);
 - after ``window_s`` of nothing else: a name that does not resolve, a broker that closes every TLS
   connection after the handshake (it wants a client certificate it accepts), a broker that closes
-  every plain-text connection at its first request (it speaks TLS);
+  every plain-text connection at its first request (it speaks TLS), a TLS client whose every
+  handshake is reset or never answered (the listener speaks plain text: Apache Kafka resets the
+  connection, librdkafka then asks "connecting to a PLAINTEXT broker listener?"; a broker that waits
+  for the rest of what it took for a request lets the handshake time out after
+  ``socket.connection.setup.timeout.ms``, 30 s);
 - never: connections refused or timing out, anything else. A broker that is not up yet looks like
   that, and it is waited for.
 
@@ -38,10 +42,11 @@ UNTRUSTED = "tls_untrusted"
 AUTHENTICATION = "authentication"
 TLS_CLOSED = "tls_closed"
 WANTS_TLS = "wants_tls"
+WANTS_PLAINTEXT = "wants_plaintext"
 UNREACHABLE = "unreachable"
 
 _AT_ONCE = frozenset({UNTRUSTED, AUTHENTICATION})
-_AFTER_WINDOW = frozenset({RESOLVE, TLS_CLOSED, WANTS_TLS})
+_AFTER_WINDOW = frozenset({RESOLVE, TLS_CLOSED, WANTS_TLS, WANTS_PLAINTEXT})
 
 # "[thrd:ssl://h:9093/bootstrap]: ssl://h:9093/bootstrap: <what> (after 3ms in state SSL_HANDSHAKE, 2 identical ...)"
 _LINE = re.compile(
@@ -104,6 +109,8 @@ def classify(text: str, tls: bool, code: str | None = None) -> Cause | None:
         kind = AUTHENTICATION
     elif state == "APIVERSION_QUERY" and (_CLOSED.search(what) or "ssl connection closed" in lowered):
         kind = TLS_CLOSED if tls else WANTS_TLS
+    elif tls and state == "SSL_HANDSHAKE" and (_CLOSED.search(what) or "timed out" in lowered):
+        kind = WANTS_PLAINTEXT
     else:
         kind = UNREACHABLE
     return Cause(kind, broker, what)
@@ -207,6 +214,12 @@ class KafkaDiagnosis:
                 fix = "it most likely does not accept the client certificate in FILTER_KAFKA__SSL_CERTIFICATE_LOCATION "
                 fix += "(not signed by a CA it trusts, or expired)"
             return Stop(f"the broker at {where} closed every TLS connection right after the handshake {waited}: {fix}")
+        if cause.kind == WANTS_PLAINTEXT:
+            return Stop(
+                f"the broker at {where} completed no TLS handshake {waited} ({cause.text}): it most likely listens "
+                f"for plain text, but FILTER_KAFKA__SECURITY_PROTOCOL is {kafka.security_protocol} (use PLAINTEXT or "
+                "SASL_PLAINTEXT, or the port of the broker's TLS listener in FILTER_KAFKA__BOOTSTRAP_SERVERS)"
+            )
         return Stop(
             f"the broker at {where} closed every connection at its first request {waited}: it most likely expects "
             f"TLS, but FILTER_KAFKA__SECURITY_PROTOCOL is {kafka.security_protocol} (use SSL or SASL_SSL)"

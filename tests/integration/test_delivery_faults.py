@@ -442,3 +442,88 @@ def test_rebalance_repeats_no_record_published_out_of_offset_order(bootstrap_ser
     repeats = sum(n - 1 for n in counts.values())
     print(f"repeats after {len(revocations)} revocations: {repeats} of {len(produced)}")
     assert repeats == 0, f"repeated (partition, offset): {sorted(k for k, n in counts.items() if n > 1)}"
+
+
+# -- issue 25: refusals that must not crash-loop exactly-once --------------------------------------
+
+
+def _sized(i: int, size: int) -> bytes:
+    """A JSON record of exactly ``size`` bytes."""
+    head = orjson.dumps({"text": f"message {i} "})
+    return orjson.dumps({"text": f"message {i} " + "x" * (size - len(head))})
+
+
+def test_exactly_once_review_copies_over_the_size_limit_are_dropped_without_an_abort(
+    bootstrap_servers, keyword_model, classifier
+):
+    """Issue 25, item 1: every routed output fits the producer's message.max.bytes, no copy for review does.
+
+    Before: produce() refused each copy before queueing it, the refusal doomed a transaction the copy was
+    never in, each abort learned only its own refusals and counted toward FILTER_KAFKA__MAX_ABORTS:
+    exit 1 after 6 aborts, nothing committed, the same on every restart.
+    """
+    extra = transactional(
+        {"review": {"rate": 1.0}, "topics__create": True, "kafka__producer_properties": {"message.max.bytes": "4000"}},
+        exactly_once=True,
+    )
+    settings = worker_settings(bootstrap_servers, str(keyword_model), **extra)
+    prefix = settings.topics.input[0].removesuffix(".in")
+    settings = settings.model_copy(update={"review": settings.review.model_copy(update={"topic": f"{prefix}.review"})})
+    create_topics(settings, input_partitions=1)
+    produced = produce(bootstrap_servers, settings.topics.input[0], [_sized(i, 3695) for i in range(120)])
+    with worker_thread(settings, classifier) as (worker, codes, _):
+        wait_for_commits(settings, end_offsets(produced), timeout_s=90)
+        registry = worker.metrics.registry
+        aborts = sample(registry, "filter_transaction_aborts_total")
+        dropped = sample(registry, "filter_review_records_total", result="refused")
+    assert codes == [ExitCode.OK]
+    assert aborts == 0, "a copy refused before it was queued was never in the transaction"
+    assert dropped == len(produced)
+    outputs = read_committed_outputs(settings)
+    assert not outputs.open
+    assert sorted(o.source for o in outputs.committed) == [(0, p.offset) for p in produced], "each record once"
+    assert {o.topic for o in outputs.committed} <= {settings.topics.allow, settings.topics.drop}
+
+
+def test_exactly_once_a_burst_of_records_refused_after_queueing_does_not_exhaust_the_abort_limit(
+    bootstrap_servers, keyword_model, classifier, monkeypatch
+):
+    """Issue 25, item 5: like a topic whose max.message.bytes is below the producer's, for 7 records in a row.
+
+    Each refusal dooms its transaction and the rewind re-reads from the last commit, so the 7 refused
+    records abort 7 transactions in a row. Before: each abort counted toward FILTER_KAFKA__MAX_ABORTS (5),
+    so the 6th stopped the worker (exit 1) and a restart forgot the replacements: a crash loop. An abort
+    that registered a replacement is progress: the record is not refused again.
+    """
+    settings = worker_settings(
+        bootstrap_servers,
+        str(keyword_model),
+        batch={"max_size": 8, "max_wait_ms": 5},
+        **transactional({"kafka__commit_interval_ms": 60_000}, exactly_once=True),
+    )
+    create_topics(settings, input_partitions=1)
+    marker = b"too large for its topic"
+
+    def refuse(topic: str, value: bytes | None) -> KafkaError | None:
+        if topic != settings.topics.dead_letter and value and marker in value:
+            return KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large")
+        return None
+
+    monkeypatch.setattr(RefusingProducer, "refuse", staticmethod(refuse))
+    monkeypatch.setattr(RefusingProducer, "refused", [])
+    monkeypatch.setattr(worker_module, "Producer", RefusingProducer)
+    values = texts(200)
+    refused_at = [10 + 25 * k for k in range(7)]
+    for offset in refused_at:
+        values[offset] = orjson.dumps({"text": f"message {offset} {marker.decode()}"})
+    produced = produce(bootstrap_servers, settings.topics.input[0], values)
+    with worker_thread(settings, classifier) as (worker, codes, _):
+        wait_for_commits(settings, end_offsets(produced), timeout_s=90)
+        aborts = sample(worker.metrics.registry, "filter_transaction_aborts_total")
+    assert codes == [ExitCode.OK]
+    assert aborts >= 6, "the refusals landed in six transactions or more (else this shows nothing)"
+    outputs = read_committed_outputs(settings)
+    assert not outputs.open
+    assert sorted(o.source for o in outputs.committed) == [(0, p.offset) for p in produced], "each record once"
+    letters = {o.source[1] for o in outputs.committed if o.topic == settings.topics.dead_letter}
+    assert letters == set(refused_at)

@@ -462,3 +462,93 @@ def test_exactly_once_abort_with_latest_reset_loses_nothing_committed(
     log = read_committed_outputs(settings)
     assert log.aborted, "the aborted transaction's records are in the log, marked aborted"
     assert_each_once(settings, produced)
+
+
+# -- issue 25, item 2: a broker outage under exactly-once -------------------------------------------
+
+
+def _outage_run(keyword_model, classifier, during_outage):
+    """Exactly-once through a proxy the broker advertises, with every connection dropped for 20 s mid-stream.
+
+    ``during_outage(worker, thread)`` runs while the proxy is down; returns what it returns with the
+    produced records and the settings, once the proxy is up again.
+    """
+    broker = EmbeddedBroker(advertised_port=free_port()).start()
+    proxy = TcpProxy(broker.advertised_port, broker.port).up()
+    try:
+        settings = worker_settings(
+            broker.bootstrap_servers,
+            str(keyword_model),
+            batch={"max_size": 8, "max_wait_ms": 5},
+            health={"liveness_window_s": 5},
+            **exactly_once(kafka__commit_interval_ms=500),
+        )
+        create_topics(settings, input_partitions=3)
+        produced = produce(broker.bootstrap_servers, settings.topics.input[0], texts(3300))
+        slow = SlowClassifier(classifier, seconds=0.03)  # about 12 s of work: the outage lands mid-stream
+        with worker_thread(settings, slow) as (worker, codes, thread):  # type: ignore[arg-type]
+            registry = worker.metrics.registry
+            wait_until(lambda: (sample(registry, "filter_commits_total") or 0) >= 2, 60, "commits before the outage")
+            proxy.down()
+            outcome = during_outage(worker, thread)
+            proxy.up()
+            yield settings, produced, worker, codes, thread, outcome
+    finally:
+        proxy.down()
+        broker.stop()
+
+
+def test_exactly_once_broker_outage_keeps_the_loop_live_says_not_ready_and_recovers(keyword_model, classifier):
+    """Issue 25, item 2: librdkafka 2.16 blocks in send_offsets_to_transaction far past its timeout.
+
+    Before: the loop blocked inside the call for minutes (liveness lost, SIGTERM not served, /readyz 200)
+    and the worker did not recover after the outage without a restart.
+    """
+
+    def watch(worker, _thread):
+        live, ready = [], []
+        until = time.monotonic() + 20
+        while time.monotonic() < until:
+            live.append(worker.health.live())
+            ready.append(worker.health.ready())
+            time.sleep(0.05)
+        return live, ready
+
+    run = _outage_run(keyword_model, classifier, watch)
+    settings, produced, worker, codes, _thread, (live, ready) = next(run)
+    try:
+        wait_for_commits(settings, end_offsets(produced), timeout_s=180)
+        wait_until(worker.health.ready, 60, "readiness after the outage")
+        worker.stop()
+        _thread.join(60)
+        assert codes == [ExitCode.OK]
+        assert all(live), f"the loop stalled during the outage ({live.count(False)} of {len(live)} samples)"
+        assert not all(ready), "ready all through an outage that stopped every commit"
+        assert_each_once(settings, produced)
+    finally:
+        run.close()
+
+
+def test_exactly_once_stop_during_a_broker_outage_ends_by_its_deadline(keyword_model, classifier):
+    """Issue 25, item 2: a stop asked for while a transactional call hangs is served by the shutdown deadline
+    (10 s here), and what it could not commit is read again, once, by the next run."""
+
+    def stop_late(worker, thread):
+        time.sleep(12)  # past the session timeout (6 s): a transactional call hangs on the dropped connections
+        stopped_at = time.monotonic()
+        worker.stop()
+        thread.join(40)
+        return time.monotonic() - stopped_at
+
+    run = _outage_run(keyword_model, classifier, stop_late)
+    settings, produced, _worker, codes, thread, took_s = next(run)
+    try:
+        assert not thread.is_alive(), "the stop was not served"
+        assert took_s < settings.shutdown_timeout_s + 5, f"the stop took {took_s:.1f} s"
+        assert codes and codes[0] in (ExitCode.OK, ExitCode.SHUTDOWN_DEADLINE)
+        with worker_thread(settings, classifier) as (_, again, _t):
+            wait_for_commits(settings, end_offsets(produced), timeout_s=120)
+        assert again == [ExitCode.OK]
+        assert_each_once(settings, produced)
+    finally:
+        run.close()

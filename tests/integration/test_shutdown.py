@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import orjson
 
@@ -67,3 +68,29 @@ def test_sigterm_mid_stream_then_restart_loses_nothing(bootstrap_servers, keywor
     assert set(sources) == {(p.partition, p.offset) for p in produced}
     assert len(sources) == len(set(sources)), "a graceful stop must not repeat records"
     assert ends == end_offsets(produced)
+
+
+def test_sighup_during_start_up_is_a_reload_applied_once_running(bootstrap_servers, keyword_model):
+    """A reload sent to every pod (``kill -HUP``) reaches one still importing and loading its model.
+
+    Before: the handler was installed once the service ran, so Python's default ended the process by
+    the signal, with no log line.
+    """
+    settings = worker_settings(bootstrap_servers, str(keyword_model))
+    create_topics(settings, input_partitions=1)
+    worker = start_worker(worker_env(settings))
+    started = time.monotonic()
+    try:
+        for at_s in (1.0, 2.5):  # seconds after start: importing, then loading the model
+            time.sleep(max(0.0, started + at_s - time.monotonic()))
+            assert worker.poll() is None, "the worker died of the signal"
+            worker.send_signal(signal.SIGHUP)
+        produced = produce(bootstrap_servers, settings.topics.input[0], [orjson.dumps({"text": "you idiot"})])
+        outputs = read_outputs(settings, expected=1, timeout_s=60)
+        wait_for_commits(settings, end_offsets(produced))
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        log = worker.communicate(timeout=60)[0].decode()
+    assert worker.returncode == 0, log
+    assert [o.topic for o in outputs] == [settings.topics.drop]
+    assert '"routing reloaded"' in log, "the reload asked for during start-up is applied once the loop runs"

@@ -139,6 +139,25 @@ def test_a_broker_that_wants_a_client_certificate_stops_start_up_after_the_windo
     assert "set FILTER_KAFKA__SSL_CERTIFICATE_LOCATION and FILTER_KAFKA__SSL_KEY_LOCATION" in str(err.value)
 
 
+def test_a_tls_client_at_a_plain_text_listener_stops_start_up_after_the_window(bootstrap_servers):
+    """Issue 25, item 7: FILTER_KAFKA__SECURITY_PROTOCOL=SSL against the embedded broker's plain-text port.
+
+    The broker waits for the rest of what it read as a request, so every handshake times out (after
+    socket.connection.setup.timeout.ms: 2 s here, 30 s by default). Before, that was a cause that can
+    heal and start-up waited for ever.
+    """
+    kafka = _kafka(
+        bootstrap_servers=bootstrap_servers,
+        security_protocol="SSL",
+        properties={"socket.connection.setup.timeout.ms": "2000"},
+    )
+    with pytest.raises(FatalError) as err:
+        wait_for_kafka(kafka, 20)
+    assert err.value.code == ExitCode.CONFIG
+    assert "completed no TLS handshake for 3 s" in str(err.value)
+    assert "FILTER_KAFKA__SECURITY_PROTOCOL is SSL (use PLAINTEXT or SASL_PLAINTEXT" in str(err.value)
+
+
 def test_refused_credentials_stop_start_up_at_once_without_showing_the_password():
     with EmbeddedBroker(authentication=True) as broker:
         kafka = _kafka(
