@@ -1095,6 +1095,8 @@ def test_dockerfile_essentials():
     assert re.search(r"^CMD \[\"run\"\]$", text, re.MULTILINE)
     assert re.search(r"^EXPOSE 8470$", text, re.MULTILINE)
     assert re.search(r"^ENV HF_HOME=/models$", text, re.MULTILINE)
+    # auto's precision measurement on the model volume: the manifests' root file system is read-only.
+    assert re.search(r"^ENV FILTER_MODEL__PRECISION_CACHE_DIR=/models/precision$", text, re.MULTILINE)
     assert re.search(r'^VOLUME \["/models"\]$', text, re.MULTILINE)
     users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
     assert users and not users[-1].startswith(("root", "0")), "runs as a non-root user"
