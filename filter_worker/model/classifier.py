@@ -26,7 +26,7 @@ from filter_worker.config import ConfigError, ModelSettings
 from filter_worker.exit_codes import ModelLoadError
 from filter_worker.logs import get_logger
 from filter_worker.model import lockfile
-from filter_worker.model.head import Head
+from filter_worker.model.head import Head, labels_of
 from filter_worker.pipeline.batching import plan_batches
 
 log = get_logger(__name__)
@@ -125,11 +125,6 @@ def pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.nda
     ids = np.full(real.shape, pad_id, dtype=np.int64)
     ids[real] = np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum()))
     return ids, real.astype(np.int64)
-
-
-def labels_of(config: Any) -> list[str]:
-    """The model's labels in output order (``id2label``), which routing rules and graphs refer to."""
-    return [config.id2label[i] for i in range(len(config.id2label))]
 
 
 class Classifier:

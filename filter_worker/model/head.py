@@ -54,6 +54,11 @@ def placeholder_labels(labels: Sequence[str]) -> bool:
     return all(_PLACEHOLDER.fullmatch(label) for label in labels)
 
 
+def labels_of(config: Any) -> list[str]:
+    """The model's labels in output order (``id2label``), which routing rules and graphs refer to."""
+    return [config.id2label[i] for i in range(len(config.id2label))]
+
+
 @dataclass(frozen=True, slots=True)
 class Head:
     """Labels in output order and the score function; ``combine`` is what a rule over several labels means."""
@@ -66,7 +71,7 @@ class Head:
     @classmethod
     def of(cls, config: Any, settings: ModelSettings) -> Head:
         """The head of a transformers config, with the settings' score-function override and label names."""
-        own = [config.id2label[i] for i in range(config.num_labels)]
+        own = labels_of(config)
         labels = own
         if settings.labels is not None:
             if len(settings.labels) != len(own):
