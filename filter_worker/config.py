@@ -419,10 +419,11 @@ class ModelSettings(_Section):
     # for the one-off commands. int8 is dynamic quantization of the Linear layers, a CPU technique; the
     # combinations a device cannot run are refused at load time with the reason (model.resolve_dtype).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
-    # What runs the forward pass: eager PyTorch, or ONNX Runtime on a graph exported from the same
-    # safetensors weights (``filter-worker model export``; needs the ``onnx`` extra). auto: torch, or
-    # with FILTER_MODEL__DTYPE=auto whichever engine the measurement chooses.
-    backend: Literal["auto", "torch", "onnx"] = "auto"
+    # What runs the forward pass: eager PyTorch, ONNX Runtime on a graph exported from the same
+    # safetensors weights (``filter-worker model export``; needs the ``onnx`` extra), or OpenVINO on the
+    # same module converted in memory at start-up (CPU; float32 or bfloat16; needs the ``openvino``
+    # extra). auto: torch, or with FILTER_MODEL__DTYPE=auto whichever engine the measurement chooses.
+    backend: Literal["auto", "torch", "onnx", "openvino"] = "auto"
     # The check set of FILTER_MODEL__DTYPE=auto: one text per line. Default: the model directory's
     # check-texts.txt, else a built-in multilingual mix.
     precision_check_file: Text | None = None
@@ -1046,9 +1047,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     redaction.register(settings.kafka.secret_values())  # before anything can log them
     unknown = unknown_variables(os.environ)
     if unknown and settings.unknown_variables == "refuse":
-        raise ConfigError(
-            f"invalid configuration: {'; '.join(unknown)}; FILTER_UNKNOWN_VARIABLES=warn starts anyway"
-        )
+        raise ConfigError(f"invalid configuration: {'; '.join(unknown)}; FILTER_UNKNOWN_VARIABLES=warn starts anyway")
     for problem in unknown:  # before logging is configured, and whatever its format: plainly on stderr
         print(f"filter-worker: warning: {problem}; ignored", file=sys.stderr)
     return settings

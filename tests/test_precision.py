@@ -44,6 +44,8 @@ def test_cpu_capabilities_are_read_from_cpuinfo():
             ["torch bfloat16", "torch int8", "onnx float32", "onnx int8"],
         ),
         ("cpu", AMX, ("torch", "onnx"), [], ["torch bfloat16", "torch int8"]),  # no graph exported: no onnx
+        ("cpu", AMX, ("torch", "onnx", "openvino"), [], ["torch bfloat16", "torch int8", "openvino bfloat16"]),
+        ("cpu", VNNI, ("torch", "openvino"), [], ["torch int8"]),  # openvino's bfloat16 needs AMX or AVX-512 BF16
         ("cpu", AMX, ("torch",), ["float32", "int8"], ["torch bfloat16", "torch int8"]),  # explicit backend
         ("cpu", VNNI, ("torch", "onnx"), ["float32", "int8"], ["torch int8", "onnx float32", "onnx int8"]),
         ("cpu", AVX2, ("torch",), [], []),  # bfloat16 emulated, no VNNI: float32 it is
@@ -286,7 +288,7 @@ def test_exported_onnx_graphs_are_candidates_and_an_explicit_onnx_backend_keeps_
         )
     chosen = next(entry for entry in logs if entry["event"] == "precision chosen")
     names = [row["engine"] for row in chosen["candidates"]]
-    assert names == ["torch bfloat16", "torch int8", "onnx float32", "onnx int8"]
+    assert names == ["torch bfloat16", "torch int8", "onnx float32", "onnx int8", "openvino bfloat16"]
     assert chosen["engine"] == f"{loaded.classifier.backend} {loaded.classifier.dtype}"
     onnx_float32 = next(row for row in chosen["candidates"] if row["engine"] == "onnx float32")
     assert onnx_float32["max_score_difference"] <= 1e-4 and onnx_float32["agrees"]

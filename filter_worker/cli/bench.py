@@ -15,7 +15,7 @@ def add_parser(commands: Any) -> None:
     )
     model_argument(parser)
     parser.add_argument("--dtype", help="overrides FILTER_MODEL__DTYPE: auto, float32, bfloat16, float16, int8")
-    parser.add_argument("--backend", help="overrides FILTER_MODEL__BACKEND: torch or onnx")
+    parser.add_argument("--backend", help="overrides FILTER_MODEL__BACKEND: torch, onnx or openvino")
     parser.add_argument("--device", help="overrides FILTER_MODEL__DEVICE: auto, cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, help="overrides FILTER_BATCH__MAX_SIZE")
     parser.add_argument("--messages", type=int, default=1000, help="size of the built-in message mix (default 1000)")

@@ -47,6 +47,10 @@ def resolve_device(requested: str, backend: str = "torch") -> str:
         from filter_worker.model import onnx_engine
 
         return onnx_engine.resolve_device(requested)
+    if backend == "openvino":
+        from filter_worker.model import openvino_engine
+
+        return openvino_engine.resolve_device(requested)
     import torch
 
     if requested == "auto":
@@ -65,12 +69,17 @@ def resolve_dtype(requested: str, device: str, backend: str = "torch") -> str:
     - ``float16`` on CPU is refused: most CPUs have no float16 arithmetic, so it runs slower than
       float32, and bfloat16 gives the same memory saving with float32's range.
 
-    The onnx backend has its own rules (``onnx_engine.resolve_dtype``): float32 and int8 graphs.
+    The onnx backend has its own rules (``onnx_engine.resolve_dtype``): float32 and int8 graphs; so
+    has openvino (``openvino_engine.resolve_dtype``): float32 and bfloat16.
     """
     if backend == "onnx":
         from filter_worker.model import onnx_engine
 
         return onnx_engine.resolve_dtype(requested, device)
+    if backend == "openvino":
+        from filter_worker.model import openvino_engine
+
+        return openvino_engine.resolve_dtype(requested)
     setting = f"FILTER_MODEL__DTYPE={requested}"
     if requested == "auto":
         return "float16" if device.startswith("cuda") else "float32"
@@ -127,6 +136,19 @@ def pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.nda
     return ids, real.astype(np.int64)
 
 
+def _engine(module: Any, backend: str, dtype: str, device: str) -> Engine:
+    """The engine that runs a float32 (or, for torch, already ``dtype``) module at ``dtype``."""
+    import torch
+
+    if backend == "openvino":
+        from filter_worker.model import openvino_engine
+
+        return openvino_engine.OpenVinoEngine(module, dtype, torch.get_num_threads())
+    floating = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    module = _quantize_dynamic(module) if dtype == "int8" else module.to(floating.get(dtype, torch.float32))
+    return TorchEngine(module, device)
+
+
 class Classifier:
     """A loaded classifier. Thread use: ``tokenize`` on one thread and ``predict`` on another is safe."""
 
@@ -178,7 +200,8 @@ class Classifier:
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        backend = "onnx" if settings.backend == "onnx" else "torch"  # auto: torch (model/precision.py chooses)
+        # auto: torch (model/precision.py chooses)
+        backend = settings.backend if settings.backend in ("onnx", "openvino") else "torch"
         onnx = backend == "onnx"
         device = resolve_device(settings.device, backend)
         dtype = resolve_dtype(settings.dtype, device, backend)
@@ -200,8 +223,9 @@ class Classifier:
             tokenizer = AutoTokenizer.from_pretrained(settings.name, **kwargs)
             if onnx:
                 model, config = None, AutoConfig.from_pretrained(settings.name, **kwargs)
-            else:
-                model = _load_weights(AutoModelForSequenceClassification, settings.name, dtype, device, kwargs)
+            else:  # openvino converts the float32 module
+                weights_dtype = "float32" if backend == "openvino" else dtype
+                model = _load_weights(AutoModelForSequenceClassification, settings.name, weights_dtype, device, kwargs)
                 config = model.config
         except (OSError, ValueError, SafetensorError) as exc:  # a corrupt weight file raises SafetensorError
             raise ModelLoadError(_load_failure(settings.name, local, exc)) from exc
@@ -239,7 +263,7 @@ class Classifier:
 
             model.to(device).eval()
             torch.set_grad_enabled(False)
-            engine = TorchEngine(_quantize_dynamic(model) if dtype == "int8" else model, device)
+            engine = _engine(model, backend, dtype, device)
         log.info(
             "model loaded",
             model=name,
@@ -260,26 +284,23 @@ class Classifier:
         """The head's labels in output order (``FILTER_MODEL__LABELS`` where set), as rules and outputs name them."""
         return list(self.head.labels)
 
-    def at_precision(self, dtype: str) -> Classifier:
+    def at_precision(self, dtype: str, backend: str = "torch") -> Classifier:
         """This torch float32 classifier's weights at ``dtype`` (bfloat16, float16, int8), without reading them again.
 
         What the start-up precision check measures (``model/precision.py``): converting the loaded
         float32 module gives the same weights ``from_pretrained`` would at that dtype, in a fraction of
-        a load's time, and needs no second tokenizer load.
+        a load's time, and needs no second tokenizer load. ``backend="openvino"`` converts the module
+        for OpenVINO instead, as a load with that backend does.
         """
         import copy
 
-        import torch
-
         if not isinstance(self.engine, TorchEngine) or self.dtype != "float32":
             raise ValueError(f"precisions are derived from a torch float32 classifier, not {self.backend} {self.dtype}")
-        resolve_dtype(dtype, self.device)
-        module = copy.deepcopy(self.engine.module)
-        floating = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-        module = _quantize_dynamic(module) if dtype == "int8" else module.to(floating.get(dtype, torch.float32))
+        resolve_dtype(dtype, self.device, backend)
+        module = self.engine.module if backend == "openvino" else copy.deepcopy(self.engine.module)  # it copies
         return Classifier(
             self.tokenizer,
-            TorchEngine(module, self.device),
+            _engine(module, backend, dtype, self.device),
             self.head,
             self.name,
             self.revision,
@@ -287,7 +308,7 @@ class Classifier:
             self.max_length,
             self.weights_sha256,
             dtype,
-            "torch",
+            backend,
         )
 
     @property

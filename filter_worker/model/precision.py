@@ -30,6 +30,7 @@ import numpy as np
 
 from filter_worker.config import ConfigError, ModelSettings, RoutingSettings
 from filter_worker.logs import get_logger
+from filter_worker.model import openvino_engine
 from filter_worker.model.capabilities import (
     REFERENCE,
     Engine,
@@ -307,13 +308,17 @@ def load(model: ModelSettings, routing: RoutingSettings, batch_size: int) -> Pre
         if warning:
             log.warning(warning)
         return Precision(classifier, "setting", None, model)
-    backends = ("torch", "onnx") if model.backend == "auto" else (model.backend,)
+    if model.backend == "auto":
+        backends: tuple[str, ...] = ("torch", "onnx", *(("openvino",) if openvino_engine.available() else ()))
+    else:
+        backends = (model.backend,)
     reference = Classifier.load(model.model_copy(update={"backend": "torch", "dtype": "float32"}))
     capabilities = device_capabilities(reference.device)
     graphs = onnx_graphs(model) if "onnx" in backends and Path(model.name).is_dir() else []
     candidates = native_candidates(reference.device, capabilities, backends, graphs)
-    if model.backend == "onnx" and Engine("onnx", "float32") not in candidates:
-        candidates.insert(0, Engine("onnx", "float32"))  # what the operator asked for must at least run
+    explicit = Engine(model.backend, "float32") if model.backend in ("onnx", "openvino") else None
+    if explicit is not None and explicit not in candidates:
+        candidates.insert(0, explicit)  # what the operator asked for must at least run
     if not candidates:
         log.info(
             "precision chosen",
@@ -329,8 +334,8 @@ def load(model: ModelSettings, routing: RoutingSettings, batch_size: int) -> Pre
     )
 
     def load_engine(engine: Engine) -> Classifier:
-        if engine.backend == "torch":
-            return reference.at_precision(engine.dtype)  # no second read of the weights
+        if engine.backend in ("torch", "openvino"):
+            return reference.at_precision(engine.dtype, engine.backend)  # no second read of the weights
         return Classifier.load(model.model_copy(update={"backend": engine.backend, "dtype": engine.dtype}))
 
     measurement = read_cached(model, key)
@@ -340,8 +345,8 @@ def load(model: ModelSettings, routing: RoutingSettings, batch_size: int) -> Pre
         _release_freed_memory()
     choice = choose(measurement, Router(routing, reference.head))
     engine = choice.engine
-    if model.backend == "onnx" and engine.backend != "onnx":
-        engine = Engine("onnx", "float32")  # the explicit backend wins; its float32 decides as torch float32 does
+    if explicit is not None and engine.backend != explicit.backend:
+        engine = explicit  # the explicit backend wins; its float32 decides as torch float32 does
     classifier = reference if engine == REFERENCE else load_engine(engine)
     log.info(
         "precision chosen",

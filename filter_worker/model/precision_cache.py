@@ -7,6 +7,7 @@ force can be re-applied to it without running the model. Its key is the sha256 o
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,18 +111,19 @@ def cache_key(
         "batch_size": batch_size,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "onnxruntime": _onnxruntime_version(),
+        "onnxruntime": _version("onnxruntime"),
+        "openvino": _version("openvino"),
         "threads": torch.get_num_threads(),
     }
     return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def _onnxruntime_version() -> str | None:
+def _version(package: str) -> str | None:
+    """An installed engine's version (its kernels decide the speed), or None where it is not installed."""
     try:
-        import onnxruntime
-    except ImportError:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
         return None
-    return str(onnxruntime.__version__)
 
 
 def cache_dirs(model: ModelSettings) -> list[Path]:

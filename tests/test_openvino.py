@@ -1,0 +1,93 @@
+"""FILTER_MODEL__BACKEND=openvino: the float32 module converted in memory, at float32 and bfloat16.
+
+Scores are checked against eager PyTorch float32 on the same weights, loaded through the users' code
+path (``Classifier.load``) and as auto derives them (``at_precision``); what OpenVINO cannot run is
+refused with one sentence naming the setting.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from structlog.testing import capture_logs
+
+from filter_worker.config import ConfigError, ModelSettings, RoutingSettings
+from filter_worker.model import openvino_engine, precision
+from filter_worker.model.classifier import Classifier
+
+pytest.importorskip("openvino", reason="the openvino extra is not installed")
+
+AMX = frozenset({"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2"})
+TEXTS = ["you idiot", "a wonderful day, thanks", "hello", "BUY NOW cheap pills " * 20, "ok"]
+
+
+@pytest.fixture(scope="module")
+def float32(tiny_model) -> Classifier:
+    return Classifier.load(ModelSettings(name=str(tiny_model), dtype="float32"))
+
+
+def _scores(classifier: Classifier) -> np.ndarray:
+    return classifier.classify(TEXTS)[0]
+
+
+def test_openvino_float32_scores_as_torch_float32_does(tiny_model, float32):
+    loaded = Classifier.load(ModelSettings(name=str(tiny_model), backend="openvino", dtype="float32"))
+    assert (loaded.backend, loaded.dtype, loaded.identity) == ("openvino", "float32", float32.identity)
+    np.testing.assert_allclose(_scores(loaded), _scores(float32), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_openvino_engine_derived_from_the_loaded_module_is_the_one_a_load_gives(tiny_model, float32, dtype):
+    derived = float32.at_precision(dtype, "openvino")
+    loaded = Classifier.load(ModelSettings(name=str(tiny_model), backend="openvino", dtype=dtype))
+    assert (derived.backend, derived.dtype) == ("openvino", dtype)
+    np.testing.assert_allclose(_scores(derived), _scores(loaded), atol=1e-6)
+    # bfloat16 keeps 8 bits of mantissa: close to float32, and the top label holds on these texts.
+    np.testing.assert_allclose(_scores(derived), _scores(float32), atol=0.02)
+    assert (_scores(derived).argmax(axis=1) == _scores(float32).argmax(axis=1)).all()
+    assert float32.backend == "torch" and float32.dtype == "float32", "deriving leaves the reference as it was"
+
+
+@pytest.mark.parametrize(
+    ("update", "setting"),
+    [
+        ({"dtype": "int8"}, "FILTER_MODEL__DTYPE=int8"),
+        ({"dtype": "float16"}, "FILTER_MODEL__DTYPE=float16"),
+        ({"device": "cuda"}, "FILTER_MODEL__DEVICE=cuda"),
+    ],
+)
+def test_what_openvino_does_not_run_is_refused_naming_the_setting(tiny_model, update, setting):
+    with pytest.raises(ConfigError) as refused:
+        Classifier.load(ModelSettings(name=str(tiny_model), backend="openvino", **update))
+    message = str(refused.value)
+    assert message.startswith(setting) and "openvino" in message and "\n" not in message
+
+
+def test_without_openvino_installed_the_backend_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    assert openvino_engine.available() is False
+    with pytest.raises(ConfigError, match=r"pip install 'filter-worker\[openvino\]'"):
+        openvino_engine.runtime()
+
+
+def test_auto_measures_openvino_bfloat16_and_an_explicit_openvino_backend_keeps_to_it(
+    tiny_model, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(precision, "device_capabilities", lambda device: AMX)
+    monkeypatch.setattr(precision, "MIN_SPEEDUP", 0.0)  # the tiny model is too small for a clear winner
+    cache = str(tmp_path / "cache")
+    with capture_logs() as logs:
+        precision.load(ModelSettings(name=str(tiny_model), precision_cache_dir=cache), RoutingSettings(), 32)
+    chosen = next(entry for entry in logs if entry["event"] == "precision chosen")
+    row = next(row for row in chosen["candidates"] if row["engine"] == "openvino bfloat16")
+    assert row["agrees"] and row["max_score_difference"] < 0.02
+
+    with capture_logs() as logs:
+        loaded = precision.load(
+            ModelSettings(name=str(tiny_model), backend="openvino", precision_cache_dir=cache), RoutingSettings(), 32
+        )
+    chosen = next(entry for entry in logs if entry["event"] == "precision chosen")
+    assert [row["engine"] for row in chosen["candidates"]] == ["openvino float32", "openvino bfloat16"]
+    assert loaded.classifier.backend == "openvino" and chosen["engine"].startswith("openvino ")
