@@ -9,10 +9,11 @@ from structlog.testing import capture_logs
 from filter_worker.config import ConfigError, ModelSettings, RoutingSettings, Rule
 from filter_worker.model import capabilities, precision, precision_cache
 from filter_worker.model.capabilities import Engine
-from filter_worker.model.classifier import Classifier
+from filter_worker.model.classifier import Classifier, Tokenized
 from filter_worker.model.head import Head
 from filter_worker.model.precision_cache import Measured, Measurement
 from filter_worker.pipeline.routing import Router
+from tests.clock import ManualClock
 
 LABELS = ["Very Negative", "Negative", "Neutral", "Positive", "Very Positive"]
 HEAD = Head(tuple(LABELS), "softmax")
@@ -176,6 +177,142 @@ def test_a_read_only_model_volume_can_ship_the_measurement(tiny_model, tmp_path)
     found = precision_cache.read_cached(model, measurement.key)
     assert found is not None and found.candidates[0].engine == BF16
     (shipped / f"{measurement.key}.json").unlink()
+
+
+# -- the speed rounds under a burst of other load, on a fake clock ----------------------------------------------
+
+ONNX_FLOAT32 = Engine("onnx", "float32")
+BURST_SLOWDOWN = 3.0
+# Other load on the machine from 0.7 s to 8.6 s of the check: float32's first pass (0.6 s after a 0.12 s
+# warm-up) has ended, and under the old blocked scheme bfloat16's whole block (its pass and 3 paired rounds
+# beside float32, 7.8 s when slowed) falls inside it.
+BURST = (0.7, 8.6)
+
+
+class _TimedEngine:
+    """Classifier-like: each batch advances the fake clock by ``per_text`` a text, ``BURST_SLOWDOWN`` times
+    that when the batch starts during the burst (whatever runs then is slowed, whichever engine it is)."""
+
+    labels = LABELS
+
+    def __init__(self, engine: Engine, per_text: float, clock: ManualClock, burst: tuple[float, float]) -> None:
+        self.engine, self.per_text, self._clock, self._burst = engine, per_text, clock, burst
+
+    def tokenize(self, texts):
+        return [Tokenized([101, 7, 8, 9, 102], False) for _ in texts]
+
+    def predict(self, rows):
+        slowed = self._burst[0] <= self._clock.now < self._burst[1]
+        self._clock.now += self.per_text * len(rows) * (BURST_SLOWDOWN if slowed else 1.0)
+        return _rows([0.1] * len(rows))
+
+
+def _timed_check(monkeypatch, burst: tuple[float, float]):
+    """float32 at 0.03 s a text, bfloat16 3x as fast, onnx int8 2x; onnx float32 cannot load.
+
+    Returns the clock, the engines and a log of every timed pass (engine name, texts) in the order run.
+    """
+    clock = ManualClock(0.0)
+    monkeypatch.setattr(precision, "time", type("FakeTime", (), {"perf_counter": staticmethod(clock)}))
+    engines = {
+        precision.REFERENCE: _TimedEngine(precision.REFERENCE, 0.03, clock, burst),
+        BF16: _TimedEngine(BF16, 0.01, clock, burst),
+        ONNX_INT8: _TimedEngine(ONNX_INT8, 0.015, clock, burst),
+    }
+    passes: list[tuple[str, int]] = []
+    timed_passes = precision.timed_passes
+
+    def recorded(classifier, rows, groups):
+        passes.append((classifier.engine.name, len(rows)))
+        return timed_passes(classifier, rows, groups)
+
+    monkeypatch.setattr(precision, "timed_passes", recorded)
+    return clock, engines, passes
+
+
+def _load(engines):
+    def load(engine: Engine):
+        if engine not in engines:
+            raise RuntimeError(f"no graph for {engine.name}")
+        return engines[engine]
+
+    return load
+
+
+def _blocked_ratios(reference, candidates, rows, groups, batch_size):
+    """The old scheme, replayed: each candidate in its own block of paired rounds beside float32."""
+    reference.predict(rows[:batch_size])
+    precision.timed_passes(reference, rows, groups)
+    reference_seconds: list[float] = []
+    fastest = {}
+    for engine, model in candidates.items():
+        precision.timed_passes(model, rows, groups)
+        seconds: list[float] = []
+        for n in range(precision.SPEED_ROUNDS):
+            for classifier in [reference, model] if n % 2 == 0 else [model, reference]:
+                (seconds if classifier is model else reference_seconds).append(
+                    precision.timed_passes(classifier, rows, groups)[1]
+                )
+        fastest[engine] = min(seconds)
+    return {engine: min(reference_seconds) / seconds for engine, seconds in fastest.items()}
+
+
+def test_a_burst_of_load_cannot_decide_the_choice_every_engine_runs_in_every_round_in_rotated_order(monkeypatch):
+    texts, batch_size = [f"text {i}" for i in range(20)], 4
+    clock, engines, passes = _timed_check(monkeypatch, BURST)
+    reference = engines[precision.REFERENCE]
+    rows = [t.ids for t in reference.tokenize(texts)]
+    groups = precision.plan_batches([len(r) for r in rows], batch_size, 16_384)
+    blocked = _blocked_ratios(reference, {BF16: engines[BF16], ONNX_INT8: engines[ONNX_INT8]}, rows, groups, batch_size)
+    assert blocked[BF16] < precision.MIN_SPEEDUP < blocked[ONNX_INT8], "the burst covers bfloat16's block"
+
+    clock.now, passes[:] = 0.0, []
+    with capture_logs() as logs:
+        measurement = precision.measure(
+            reference, _load(engines), [BF16, ONNX_FLOAT32, ONNX_INT8], texts, batch_size, "k" * 64, AMX
+        )
+    assert any(e["event"].endswith("left out") and e["engine"] == "onnx float32" for e in logs)
+    ratios = {m.engine: m.speed_ratio for m in measurement.candidates}
+    assert list(ratios) == [BF16, ONNX_INT8]
+    assert ratios[BF16] == pytest.approx(3.0) and ratios[ONNX_INT8] == pytest.approx(2.0)
+    assert measurement.reference.records_per_s == pytest.approx(20 / 0.6)
+    assert precision.choose(measurement, _router()).engine == BF16
+
+    f32, bf16, int8 = precision.REFERENCE.name, BF16.name, ONNX_INT8.name
+    assert [name for name, _ in passes] == [
+        f32,  # the decisions: every candidate loaded, one pass each over every check text
+        bf16,
+        int8,
+        f32,  # round 0 starts at engine 0
+        bf16,
+        int8,
+        bf16,  # round 1 at engine 1
+        int8,
+        f32,
+        int8,  # round 2 at engine 2
+        f32,
+        bf16,
+    ]
+
+
+def test_the_speed_rounds_are_thinned_to_the_budget_counting_every_engine_in_every_round(monkeypatch):
+    texts, batch_size = [f"text {i}" for i in range(20)], 4
+    _clock, engines, passes = _timed_check(monkeypatch, (0.0, 0.0))
+    # First float32 pass 0.6 s; (1 + 3 candidates) x 3 rounds = 7.2 s of passes against a 3.6 s budget:
+    # every 2nd text by length (the old count, 2 x 3 rounds x 3 candidates = 10.8 s, kept every 3rd).
+    measurement = precision.measure(
+        engines[precision.REFERENCE],
+        _load(engines),
+        [BF16, ONNX_FLOAT32, ONNX_INT8],
+        texts,
+        batch_size,
+        "k" * 64,
+        AMX,
+        budget_s=3.6,
+    )
+    assert [n for _, n in passes] == [20, 20, 20] + [10] * 9
+    assert measurement.reference.records_per_s == pytest.approx(10 / 0.3)
+    assert {m.engine: m.speed_ratio for m in measurement.candidates} == pytest.approx({BF16: 3.0, ONNX_INT8: 2.0})
 
 
 def test_check_texts_come_from_the_operators_file_then_the_model_directory_then_the_built_in_mix(tiny_model, tmp_path):

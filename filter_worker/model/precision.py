@@ -3,10 +3,11 @@
 Which precision is fastest depends on the processor (AMX and AVX-512 BF16 run bfloat16 natively, VNNI
 runs int8 natively, an AVX2-only CPU emulates bfloat16 more slowly than float32; ``capabilities.py``),
 so no fixed default is right everywhere. At start-up the candidates the machine runs natively are
-measured against torch float32 on a small check set: speed (paired rounds, each engine's fastest) and
-decisions under the rules in force (every scope's rules). A candidate qualifies when at least 99.5 %
-of the check records take the same action and none moves between allow and drop; the fastest
-qualifying one that beats float32 by a clear margin is chosen, else float32.
+measured against torch float32 on a small check set: speed (rounds in which every engine runs once, in
+rotated order; each engine's fastest) and decisions under the rules in force (every scope's rules). A
+candidate qualifies when at least 99.5 % of the check records take the same action and none moves
+between allow and drop; the fastest qualifying one that beats float32 by a clear margin is chosen, else
+float32.
 
 The measurement (probabilities and speeds on the check set) is cached by what decides it
 (``precision_cache.py``). The rules are re-applied to the cached probabilities at every start and
@@ -165,17 +166,22 @@ def measure(
     capabilities: frozenset[str],
     budget_s: float = CHECK_BUDGET_S,
 ) -> Measurement:
-    """Each candidate against ``reference`` (float32): decisions on every text, speed in ``SPEED_ROUNDS`` paired rounds.
+    """Each candidate against ``reference`` (float32): decisions on every text, speed in ``SPEED_ROUNDS`` rounds.
 
-    One candidate is loaded at a time beside the reference (peak memory: float32 and one candidate);
-    the chosen one is derived or loaded again afterwards. The probabilities come from one pass over
-    every check text. Speed rounds run the reference and the candidate back to back, alternating which
-    goes first; an engine's speed is its fastest round, and a candidate's ratio is against float32's
-    fastest round of the whole check: other processes only ever slow a pass down, so the fastest pass
-    is the closest to what the machine runs unhindered (at load average 6-10 on 2 cores, the median of
-    paired ratios chose int8 at 2.9x over bfloat16 at 2.2x where bench's interleaved rounds read 2.3x
-    and 5.5x). When the first float32 pass shows that the rounds would take longer than ``budget_s``,
-    they run on a thinned check set (every k-th text by length, so the length mix stays).
+    Every candidate is loaded first (one that cannot load is left out, with a warning), so peak memory
+    is float32 and all candidates at once; the chosen one is derived or loaded again afterwards. Each
+    engine's probabilities come from one pass over every check text, which is also its warm-up. Then
+    every round runs every engine (float32 and each candidate) once over the timed set, round ``r``
+    starting at engine ``r mod n``, so each engine's rounds are spread over the whole check: a burst of
+    other load lasting a few seconds slows some of every engine's rounds instead of all of one
+    candidate's, and cannot decide the choice alone (with one candidate at a time beside float32, such a
+    burst on bfloat16's block made auto choose onnx int8 at 2.28x over bfloat16 at 3.08x). An engine's
+    speed is its fastest round, and a candidate's ratio is against float32's fastest round: other
+    processes only ever slow a pass down, so the fastest pass is the closest to what the machine runs
+    unhindered (at load average 6-10 on 2 cores, the median of paired ratios chose int8 at 2.9x over
+    bfloat16 at 2.2x where bench's interleaved rounds read 2.3x and 5.5x). When the first float32 pass
+    shows that the rounds would take longer than ``budget_s``, they run on a thinned check set (every
+    k-th text by length, so the length mix stays).
     """
     started = time.perf_counter()
     rows = [t.ids for t in reference.tokenize(texts)]
@@ -183,28 +189,31 @@ def measure(
     reference.predict(rows[:batch_size])  # warm-up
     reference_probs, first = timed_passes(reference, rows, groups)
     timed, timed_groups = rows, groups
-    estimate = first * 2 * SPEED_ROUNDS * len(candidates)
+    estimate = first * (1 + len(candidates)) * SPEED_ROUNDS  # float32 and every candidate in every round
     if estimate > budget_s:
         keep = max(batch_size, int(len(rows) * budget_s / estimate))
         by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         timed = [rows[i] for i in sorted(by_length[:: max(1, len(rows) // keep)])]
         timed_groups = plan_batches([len(r) for r in timed], batch_size, 16_384)
-    reference_seconds: list[float] = []
-    fastest: dict[Engine, tuple[float, np.ndarray]] = {}
+    loaded: dict[Engine, Classifier] = {}
+    probabilities: dict[Engine, np.ndarray] = {}
     for engine in candidates:
         try:
-            model = load(engine)
+            loaded[engine] = load(engine)
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot load is left out, with the reason
             log.warning("precision candidate could not load; left out", engine=engine.name, error=str(exc))
             continue
-        probs, _ = timed_passes(model, rows, groups)  # also the warm-up: kernels pick their paths on first use
-        times: list[float] = []
-        for n in range(SPEED_ROUNDS):
-            for classifier in [reference, model] if n % 2 == 0 else [model, reference]:
-                seconds = timed_passes(classifier, timed, timed_groups)[1]
-                (times if classifier is model else reference_seconds).append(seconds)
-        del model  # one candidate in memory at a time
-        fastest[engine] = (min(times), probs)
+        # Also the warm-up: kernels pick their paths on first use.
+        probabilities[engine] = timed_passes(loaded[engine], rows, groups)[0]
+    # Every engine once a round, round n starting at engine n mod len(engines): no candidate loaded, no rounds.
+    engines: list[tuple[Engine, Classifier]] = [(REFERENCE, reference), *loaded.items()] if loaded else []
+    round_seconds: dict[Engine, list[float]] = {engine: [] for engine, _ in engines}
+    for n in range(SPEED_ROUNDS if engines else 0):
+        first_engine = n % len(engines)
+        for engine, classifier in engines[first_engine:] + engines[:first_engine]:
+            round_seconds[engine].append(timed_passes(classifier, timed, timed_groups)[1])
+    reference_seconds = round_seconds.pop(REFERENCE, [])
+    fastest = {engine: (min(times), probabilities[engine]) for engine, times in round_seconds.items()}
     best_reference = min(reference_seconds, default=first * len(timed) / len(rows))
     measured = [
         Measured(engine, probs, len(timed) / seconds, best_reference / seconds)
