@@ -7,6 +7,8 @@ refused with one sentence naming the setting.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -91,3 +93,21 @@ def test_auto_measures_openvino_bfloat16_and_an_explicit_openvino_backend_keeps_
     chosen = next(entry for entry in logs if entry["event"] == "precision chosen")
     assert [row["engine"] for row in chosen["candidates"]] == ["openvino float32", "openvino bfloat16"]
     assert loaded.classifier.backend == "openvino" and chosen["engine"].startswith("openvino ")
+
+
+def test_converting_sends_no_telemetry_and_writes_nothing_to_home(tiny_model, tmp_path):
+    # A fresh interpreter: in this one OpenVINO is already imported. CI variables removed, since the
+    # telemetry package stays quiet in CI by itself.
+    script = (
+        "import sys\n"
+        "from filter_worker.config import ModelSettings\n"
+        "from filter_worker.model.classifier import Classifier\n"
+        f"Classifier.load(ModelSettings(name={str(tiny_model)!r}, backend='openvino', dtype='float32'))\n"
+        "print('telemetry imported:', sys.modules.get('openvino_telemetry') is not None)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    env["HOME"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "telemetry imported: False" in done.stdout
+    assert not (tmp_path / "intel").exists(), sorted(p.name for p in (tmp_path / "intel").iterdir())

@@ -13,6 +13,7 @@ module after the conversion frees its memory and cannot leave the compiled model
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
@@ -27,7 +28,15 @@ _INPUTS = ("input_ids", "attention_mask")
 
 
 def runtime() -> Any:
-    """The ``openvino`` module, or one sentence saying how to install it."""
+    """The ``openvino`` module, or one sentence saying how to install it.
+
+    OpenVINO's converter sends usage telemetry (Google Analytics) from ``convert_model`` unless the
+    user opted out in a file under ``~/intel``, and writes a client id there. A worker must not call
+    out of the cluster nor write to its home directory, so the telemetry package is made unimportable
+    before OpenVINO loads; the converter then takes its own no-op stub (``openvino.tools.ovc``
+    falls back to ``telemetry_stub`` when ``openvino_telemetry`` cannot be imported).
+    """
+    sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]  # None: ImportError on import
     try:
         import openvino  # type: ignore[import-untyped]
     except ImportError:
