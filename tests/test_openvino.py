@@ -74,6 +74,17 @@ def test_without_openvino_installed_the_backend_says_how_to_install_it(monkeypat
         openvino_engine.runtime()
 
 
+def test_an_explicit_openvino_backend_without_openvino_stops_before_loading_anything(tiny_model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("a model was loaded although the backend cannot run")
+
+    monkeypatch.setattr(precision.Classifier, "load", no_loading)
+    with pytest.raises(ConfigError, match=r"^FILTER_MODEL__BACKEND=openvino needs OpenVINO"):
+        precision.load(ModelSettings(name=str(tiny_model), backend="openvino"), RoutingSettings(), 32)
+
+
 def test_auto_measures_openvino_bfloat16_and_an_explicit_openvino_backend_keeps_to_it(
     tiny_model, tmp_path, monkeypatch
 ):

@@ -321,6 +321,8 @@ def load(model: ModelSettings, routing: RoutingSettings, batch_size: int) -> Pre
         backends: tuple[str, ...] = ("torch", "onnx", *(("openvino",) if openvino_engine.available() else ()))
     else:
         backends = (model.backend,)
+    if model.backend == "openvino":
+        openvino_engine.runtime()  # not installed: the sentence saying how, before anything is loaded
     reference = Classifier.load(model.model_copy(update={"backend": "torch", "dtype": "float32"}))
     capabilities = device_capabilities(reference.device)
     graphs = onnx_graphs(model) if "onnx" in backends and Path(model.name).is_dir() else []
