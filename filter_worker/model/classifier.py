@@ -297,7 +297,8 @@ class Classifier:
         if not isinstance(self.engine, TorchEngine) or self.dtype != "float32":
             raise ValueError(f"precisions are derived from a torch float32 classifier, not {self.backend} {self.dtype}")
         resolve_dtype(dtype, self.device, backend)
-        module = self.engine.module if backend == "openvino" else copy.deepcopy(self.engine.module)  # it copies
+        # OpenVINO's conversion copies the weights itself; torch's conversions change the module in place.
+        module = self.engine.module if backend == "openvino" else copy.deepcopy(self.engine.module)
         return Classifier(
             self.tokenizer,
             _engine(module, backend, dtype, self.device),

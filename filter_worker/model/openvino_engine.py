@@ -21,8 +21,7 @@ import numpy as np
 
 from filter_worker.config import ConfigError
 
-DTYPES: tuple[str, ...] = ("float32", "bfloat16")
-# OpenVINO's name for each precision (its INFERENCE_PRECISION_HINT).
+# The precisions the CPU plugin computes in, by OpenVINO's name for each (its INFERENCE_PRECISION_HINT).
 _HINTS = {"float32": "f32", "bfloat16": "bf16"}
 _INPUTS = ("input_ids", "attention_mask")
 
@@ -68,10 +67,10 @@ def resolve_device(requested: str) -> str:
 
 def resolve_dtype(requested: str) -> str:
     """float32 (``auto`` too) or bfloat16: the precisions OpenVINO's CPU plugin computes in."""
-    if requested in ("auto", "float32"):
+    if requested == "auto":
         return "float32"
-    if requested == "bfloat16":
-        return "bfloat16"
+    if requested in _HINTS:
+        return requested
     raise ConfigError(
         f"FILTER_MODEL__DTYPE={requested}: the openvino backend runs float32 and bfloat16; "
         f"use FILTER_MODEL__BACKEND=torch or onnx for {requested}"
