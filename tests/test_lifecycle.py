@@ -8,9 +8,10 @@ calls (which is what a transactional producer's state machine cares about) is wh
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -649,6 +650,17 @@ def test_a_copy_for_review_refused_before_queueing_is_dropped_without_an_abort()
     assert rig.metrics.review_records.labels("refused")._value.get() == 1  # noqa: SLF001
 
 
+@contextlib.contextmanager
+def hung(producer: object, call: str) -> Iterator[None]:
+    """``producer.<call>`` blocks until the block ends: a broker that never answers that call."""
+    released = threading.Event()
+    setattr(producer, call, lambda *_args: released.wait())
+    try:
+        yield
+    finally:
+        released.set()
+
+
 def test_a_call_that_outlives_its_timeout_leaves_the_loop_turning_and_a_stuck_one_replaces_the_producer():
     """Issue 25, item 2: librdkafka 2.16 was seen blocking in send_offsets_to_transaction for good.
 
@@ -657,9 +669,7 @@ def test_a_call_that_outlives_its_timeout_leaves_the_loop_turning_and_a_stuck_on
     one's transaction) and re-reads from the last commit. Before, the loop itself blocked in the call.
     """
     rig = Rig(exactly_once=True)
-    stuck = threading.Event()
-    rig.producer.send_offsets_to_transaction = lambda *_args: stuck.wait()  # type: ignore[method-assign,assignment,return-value]
-    try:
+    with hung(rig.producer, "send_offsets_to_transaction"):
         rig.consume(0, 1, 2)
         rig.decide(0, 1, 2)
         started = time.monotonic()
@@ -682,15 +692,11 @@ def test_a_call_that_outlives_its_timeout_leaves_the_loop_turning_and_a_stuck_on
         rig.lifecycle.poll(caught_up=True)
         assert committed_offset(rig) == 3 and rig.health.publishing
         assert fresh.calls == ["init", "begin", "produce", "produce", "produce", "send_offsets:3", "commit"]
-    finally:
-        stuck.set()
 
 
 def test_a_stop_right_after_the_producer_was_replaced_registers_it_and_commits():
     rig = Rig(exactly_once=True)
-    stuck = threading.Event()
-    rig.producer.send_offsets_to_transaction = lambda *_args: stuck.wait()  # type: ignore[method-assign,assignment,return-value]
-    try:
+    with hung(rig.producer, "send_offsets_to_transaction"):
         rig.consume(0, 1)
         rig.decide(0, 1)
         rig.lifecycle.poll(caught_up=True)
@@ -700,24 +706,18 @@ def test_a_stop_right_after_the_producer_was_replaced_registers_it_and_commits()
         rig.decide(0, 1)
         assert rig.lifecycle.stop(deadline=rig.clock.now + 10)
         assert committed_offset(rig) == 2 and rig.replacements[0].calls[0] == "init"
-    finally:
-        stuck.set()
 
 
 def test_a_commit_of_unknown_outcome_is_never_given_up():
     """A commit may have committed: replacing its producer and re-reading would repeat its records."""
     rig = Rig(exactly_once=True)
-    stuck = threading.Event()
-    rig.producer.commit_transaction = lambda *_args: stuck.wait()  # type: ignore[method-assign,assignment,return-value]
-    try:
+    with hung(rig.producer, "commit_transaction"):
         rig.consume(0, 1)
         rig.decide(0, 1)
         rig.lifecycle.poll(caught_up=True)
         rig.clock.now += 120
         rig.lifecycle.poll(caught_up=True)
         assert rig.committer.phase is Phase.COMMITTING and not rig.replacements
-    finally:
-        stuck.set()
     rig.lifecycle.poll(caught_up=True)
     assert committed_offset(rig) == 2
 
