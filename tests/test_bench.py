@@ -11,6 +11,7 @@ import pytest
 
 from filter_worker.tools.bench import BenchOptions
 from filter_worker.tools.bench.report import judge_end_to_end
+from filter_worker.tools.bench.throughput import where_the_time_goes
 from filter_worker.tools.bench.variants import variant_list
 from tests.test_cli import cli
 
@@ -59,6 +60,12 @@ def test_bench_runs_every_phase_and_writes_the_report(tiny_model, bootstrap_serv
     # The reported run is the lower-median round, and the ratio is that round's.
     assert report["end_to_end"] == min(rounds, key=lambda r: r["vs_model_only"])
     assert report["ratios"]["end_to_end_vs_model_only"] == report["end_to_end"]["vs_model_only"]
+    for r in rounds:  # every pass of the worker was recorded and replayed; the shares multiply to the round's ratio
+        assert r["recorded_passes"] == r["forward_passes"] > 0 and r["passes_alone_s"] > 0
+        shares = r["where_the_time_goes"]
+        assert shares["keep_up"] == pytest.approx(r["vs_model_only"])
+        assert shares["model_busy"] == pytest.approx(r["passes_inside_s"] / r["seconds"])
+    assert "where the time goes (median round)" in result.stdout
 
     latency = report["latency"]
     assert latency["messages"] == 20 and latency["offered_rate"] == 20
@@ -245,6 +252,20 @@ def test_latency_and_naive_phases_scale_down_with_the_messages():
     assert (options.scaled_naive_count(20), options.scaled_latency_seconds(20)) == (5, 2.0)
     given = BenchOptions(naive_count=7, latency_seconds=1.5)
     assert (given.scaled_naive_count(20), given.scaled_latency_seconds(20)) == (7, 1.5)
+
+
+def test_where_the_time_goes_splits_a_known_gap_into_its_three_shares():
+    # 100 records; sorted batches would take 1.0 s (ceiling 100 msg/s). The worker's batches take 1.25 s
+    # alone, 1.5 s inside the worker, and the run 2.0 s to its last commit: 50 msg/s, half the ceiling.
+    shares = where_the_time_goes(messages=100, seconds=2.0, ceiling=100.0, passes_inside_s=1.5, passes_alone_s=1.25)
+    assert shares["batches"] == pytest.approx(0.8)
+    assert shares["passes"] == pytest.approx(1.25 / 1.5)
+    assert shares["model_busy"] == pytest.approx(0.75)
+    assert shares["keep_up"] == pytest.approx(0.5)
+    # Nothing lost anywhere: the worker's batches are the sorted ones, unslowed, and the model never waits.
+    assert where_the_time_goes(100, 1.0, 100.0, 1.0, 1.0) == pytest.approx(
+        {"batches": 1.0, "passes": 1.0, "model_busy": 1.0, "keep_up": 1.0}
+    )
 
 
 def test_end_to_end_target_is_not_judged_when_the_broker_sets_the_pace():

@@ -28,6 +28,8 @@ T = TypeVar("T")
 # beside a busy Python thread (one intra-op thread, 16 rows, bfloat16 on AMX): 4.4x the pass time
 # alone at 5 ms, 1.7x at 0.2 ms (docs/performance.md).
 GIL_SWITCH_INTERVAL_S = 0.0002
+# The model thread's name: what profiles and the bench tell it by.
+INFERENCE_THREAD = "inference"
 Predict = Callable[[Sequence[Sequence[int]]], np.ndarray]
 # Called after every forward pass with (rows, padded tokens, real tokens, seconds): metrics.
 Observe = Callable[[int, int, int, float], None]
@@ -117,7 +119,7 @@ class InferenceThread(Generic[T]):
         self._in_flight = 0  # batches submitted minus those whose last pass was collected; submitting thread only
         # Process-wide, set where the thread that needs it starts.
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
-        self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=INFERENCE_THREAD, daemon=True)
         self._thread.start()
 
     @property

@@ -150,6 +150,12 @@ def format_table(report: dict[str, Any]) -> str:
             for r in report["end_to_end_rounds"]
         ),
     ]
+    shares = report["end_to_end"]["where_the_time_goes"]
+    lines.append(
+        f"  where the time goes (median round): batches {shares['batches']:.2f} (the worker's batches alone / "
+        f"sorted) x passes {shares['passes']:.2f} (the same passes alone / inside the worker) x model busy "
+        f"{shares['model_busy']:.2f} (share of the run in a pass) = {shares['keep_up']:.2f}"
+    )
     if "plumbing_capacity" in report:
         capacity = report["plumbing_capacity"]
         lines.append(

@@ -18,7 +18,7 @@ from filter_worker.tools.bench.naive import naive
 from filter_worker.tools.bench.options import BenchOptions, load_texts
 from filter_worker.tools.bench.plumbing import plumbing_capacity, run_plumbing
 from filter_worker.tools.bench.report import GOAL_CPU, GOAL_GPU, format_table, targets
-from filter_worker.tools.bench.throughput import end_to_end, latency, model_only
+from filter_worker.tools.bench.throughput import end_to_end, latency, model_only, where_the_time_goes
 from filter_worker.tools.bench.variants import REFERENCE, Models, precision_report, variants
 
 # Cache size for the "with cache" run of --duplicate-ratio when FILTER_CACHE__SIZE is 0.
@@ -89,6 +89,13 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
             ceilings.append(model_only(classifier, ids, by_length, batch.max_size))
             run["ceiling_messages_per_s"] = [c["messages_per_s"] for c in ceilings[-2:]]
             run["vs_model_only"] = run["messages_per_s"] / np.mean(run["ceiling_messages_per_s"])
+            run["where_the_time_goes"] = where_the_time_goes(
+                run["messages"],
+                run["seconds"],
+                float(np.mean(run["ceiling_messages_per_s"])),
+                run["passes_inside_s"],
+                run["passes_alone_s"],
+            )
             rounds.append(run)
         # The median round (the lower one of an even count): one drift burst does not decide the ratio.
         report["end_to_end"] = last = sorted(rounds, key=lambda r: r["vs_model_only"])[(len(rounds) - 1) // 2]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +14,7 @@ from confluent_kafka import Producer
 from filter_worker.config import Settings
 from filter_worker.model.classifier import Classifier
 from filter_worker.pipeline.batching import padded_tokens
+from filter_worker.pipeline.inference import INFERENCE_THREAD
 from filter_worker.tools.bench.harness import (
     Broker,
     Run,
@@ -48,6 +51,62 @@ def model_only(classifier: Classifier, ids: Sequence[list[int]], order: list[int
     }
 
 
+class PassRecorder:
+    """The worker's classifier with every forward pass kept (its token rows and its time inside the worker).
+
+    What the worker ran can then be run again with nothing else going on (``replay``): the same
+    batches, alone. That splits the end-to-end gap into what the batches cost against sorted ones and
+    what running beside the worker's own work cost the same passes (``where_the_time_goes``). Only
+    the passes of the worker's model thread are kept: its start-up warm-up pass runs on the loop's.
+    """
+
+    def __init__(self, classifier: Classifier) -> None:
+        self._classifier = classifier
+        self.passes: list[tuple[list[list[int]], float]] = []
+        self.worker_classifier = copy.copy(classifier)  # the same tokenizer, head and engine
+        self.worker_classifier.predict = self._predict  # type: ignore[method-assign]
+
+    def _predict(self, batch: Sequence[Sequence[int]]) -> Any:
+        started = time.perf_counter()
+        scores = self._classifier.predict(batch)
+        if threading.current_thread().name == INFERENCE_THREAD:
+            self.passes.append(([list(row) for row in batch], time.perf_counter() - started))
+        return scores
+
+    def seconds_inside(self) -> float:
+        return sum(seconds for _, seconds in self.passes)
+
+    def replay(self) -> float:
+        """Seconds the recorded passes take alone, on the model thread, in the order the worker ran them."""
+
+        def passes() -> float:
+            started = time.perf_counter()
+            for rows, _ in self.passes:
+                self._classifier.predict(rows)
+            return time.perf_counter() - started
+
+        return on_model_thread(passes)
+
+
+def where_the_time_goes(
+    messages: int, seconds: float, ceiling: float, passes_inside_s: float, passes_alone_s: float
+) -> dict[str, float]:
+    """The round's keep-up (``messages / seconds`` against ``ceiling`` msg/s) as the product of three shares.
+
+    ``batches``: the worker's own batches run alone, against sorted batches (the ceiling): what
+    forming batches from what has arrived costs against sorting every text first. ``passes``: the
+    same passes alone against inside the worker: what sharing the machine with the Kafka loop,
+    librdkafka and the broker costs the model. ``model_busy``: the share of the run the model was
+    computing: start, hand-offs and the wait for the last commit. The three multiply to the keep-up.
+    """
+    shares = {
+        "batches": messages / passes_alone_s / ceiling,
+        "passes": passes_alone_s / passes_inside_s,
+        "model_busy": passes_inside_s / seconds,
+    }
+    return shares | {"keep_up": shares["batches"] * shares["passes"] * shares["model_busy"]}
+
+
 def end_to_end(
     settings: Settings,
     classifier: Classifier,
@@ -57,8 +116,12 @@ def end_to_end(
     cache_size: int,
     filled: tuple[str, dict[int, int]] | None = None,
 ) -> dict[str, Any]:
-    """The worker through every record of a fresh topic (or of ``filled``: a topic and its end offsets)."""
-    run = Run(settings, classifier, broker, partitions, cache_size, topic=filled[0] if filled else None)
+    """The worker through every record of a fresh topic (or of ``filled``: a topic and its end offsets).
+
+    Its forward passes are recorded and, after the run, timed again alone (``PassRecorder``).
+    """
+    recorder = PassRecorder(classifier)
+    run = Run(settings, recorder.worker_classifier, broker, partitions, cache_size, topic=filled[0] if filled else None)
     ends = filled[1] if filled else produce_texts(broker, run.topic, texts)
     run.start()
     try:
@@ -75,6 +138,7 @@ def end_to_end(
     finally:
         run.stop()
     seconds = committed - started
+    passes_alone_s = recorder.replay()
     real = run.metric("filter_forward_tokens_total", kind="real")
     padded = run.metric("filter_forward_tokens_total", kind="padded")
     forward = run.metric("filter_forward_seconds_sum")
@@ -93,6 +157,9 @@ def end_to_end(
         "partitions": partitions,
         "commit_interval_ms": settings.kafka.commit_interval_ms,
         "cpu_us_per_record": cpu,
+        "recorded_passes": len(recorder.passes),
+        "passes_inside_s": recorder.seconds_inside(),
+        "passes_alone_s": passes_alone_s,
     }
 
 
