@@ -98,9 +98,9 @@ class Classify:
         return not len(self._buffer) and not self._inference.in_flight and not self._collected
 
     def dispatchable(self) -> bool:
-        """The model can take a batch now, and one is ready for it."""
+        """The model can take a batch now, and one is ready for it (busy: every model thread has a pass)."""
         inference = self._inference
-        return inference.has_capacity() and self._buffer.ready(model_busy=inference.in_flight > 0)
+        return inference.has_capacity() and self._buffer.ready(model_busy=inference.in_flight >= inference.workers)
 
     def full(self) -> bool:
         return self._buffer.full()

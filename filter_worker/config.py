@@ -424,6 +424,12 @@ class ModelSettings(_Section):
     # same module converted in memory at start-up (CPU; float32 or bfloat16; needs the ``openvino``
     # extra). auto: torch, or with FILTER_MODEL__DTYPE=auto whichever engine the measurement chooses.
     backend: Literal["auto", "torch", "onnx", "openvino"] = "auto"
+    # Forward passes at once, each on a model thread of its own: the openvino engine compiles this many
+    # streams and splits its threads between them (OpenVINO's throughput mode). One pass on every
+    # thread waits at each step for the slowest of them, so when the Kafka loop takes a core for a
+    # moment the whole pass waits; streams run on. On 2 vCPUs with AMX two streams moved 1.07x the
+    # records end to end at the same p99 (docs/performance.md). 1: one pass on all threads.
+    streams: int = Field(1, ge=1, le=64)
     # The check set of FILTER_MODEL__DTYPE=auto: one text per line. Default: the model directory's
     # check-texts.txt, else a built-in multilingual mix.
     precision_check_file: Text | None = None
@@ -456,6 +462,15 @@ class ModelSettings(_Section):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
+
+    @model_validator(mode="after")
+    def _streams(self) -> ModelSettings:
+        if self.streams > 1 and self.backend != "openvino":
+            raise ValueError(
+                f"FILTER_MODEL__STREAMS={self.streams} runs on the openvino engine only: "
+                "set FILTER_MODEL__BACKEND=openvino, or leave FILTER_MODEL__STREAMS at 1"
+            )
+        return self
 
 
 class BatchSettings(_Section):

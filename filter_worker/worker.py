@@ -267,7 +267,12 @@ class Worker:
         gate = DeadLetterGate(settings.dead_letter, committer.publish)
         batch = settings.batch
         inference: InferenceThread[Pending] = InferenceThread(
-            self._classifier.predict, lambda p: p.ids, batch.max_size, batch.max_tokens, observe=self._observe_forward
+            self._classifier.predict,
+            lambda p: p.ids,
+            batch.max_size,
+            batch.max_tokens,
+            observe=self._observe_forward,
+            workers=self._classifier.streams,
         )
         routing = settings.routing
         classify = Classify(

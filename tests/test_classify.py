@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import orjson
+import pytest
 
 from filter_worker.classify import Classify
 from filter_worker.config import load_settings
@@ -36,6 +37,7 @@ class ScriptedModel:
     while ``hold`` is set, when ``release`` is called; passes may also be handed in ready-made."""
 
     max_size = 4
+    workers = 1
 
     def __init__(self) -> None:
         self.results: deque[Result[Pending]] = deque()
@@ -120,6 +122,18 @@ def test_passes_decided_together_are_emitted_pass_by_pass_dead_letters_first():
     stage.poll()
     assert offsets(emitted) == [[0], [1, 2], [3], [4], [5]]
     assert [group[0].action for group in emitted] == ["dead_letter", "allow", "dead_letter", "dead_letter", "allow"]
+
+
+@pytest.mark.parametrize(("workers", "submitted"), [(1, [[0, 1, 2, 3]]), (2, [[0, 1, 2, 3], [4, 5]])])
+def test_a_model_thread_without_a_pass_takes_a_due_partial_batch(workers, submitted):
+    # One model thread busy: a partial batch waits for records to fill it while the pass runs. Two
+    # threads (FILTER_MODEL__STREAMS=2) with one busy: the idle one takes it now.
+    model, emitted = ScriptedModel(), []
+    model.workers, model.hold = workers, True
+    stage = _stage(model, emitted)
+    stage.submit([(_record(o), 1) for o in range(6)])
+    stage.poll()
+    assert model.submitted == submitted
 
 
 def test_finish_classifies_the_holes_below_a_decided_record_and_leaves_the_rest_buffered():

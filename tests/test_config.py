@@ -67,6 +67,8 @@ def test_env_overrides_toml_file(tmp_path, monkeypatch):
         ("FILTER_TOPICS__ALLOW", "messages", "must not also be output topics"),
         ("FILTER_SHUTDOWN_TIMEOUT_S", "-1", "FILTER_SHUTDOWN_TIMEOUT_S"),
         ("FILTER_MODEL__VERIFY", "maybe", "FILTER_MODEL__VERIFY (model.verify): must be auto, true or"),
+        ("FILTER_MODEL__STREAMS", "0", "FILTER_MODEL__STREAMS"),
+        ("FILTER_MODEL__STREAMS", "2", "FILTER_MODEL__STREAMS=2 runs on the openvino engine only"),
     ],
 )
 def test_bad_settings_stop_startup_naming_the_setting(monkeypatch, var, value, named):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 
 import numpy as np
 import pytest
@@ -106,3 +107,26 @@ def test_the_model_thread_gets_the_gil_back_quickly_between_ops():
         assert sys.getswitchinterval() == pytest.approx(0.0001, rel=0.02)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_with_two_workers_two_batches_are_in_the_model_at_once():
+    # Each pass waits until another is inside the model too: one worker at a time would never get there.
+    both_inside = threading.Barrier(2, timeout=5)
+
+    def predict(rows):
+        both_inside.wait()
+        return np.full((len(rows), 2), 0.5, dtype=np.float32)
+
+    thread: InferenceThread[list[int]] = InferenceThread(predict, lambda r: r, max_size=4, max_tokens=100, workers=2)
+    try:
+        assert thread.has_capacity()
+        thread.submit([[1], [2]])
+        thread.submit([[3]])
+        results = []
+        while thread.in_flight:
+            results += thread.completed(timeout_s=10)
+        assert sorted(r[0] for result in results for r in result.items) == [1, 2, 3]
+        assert all(result.probs is not None and result.errors == [None] * len(result.items) for result in results)
+    finally:
+        thread.close()
+    assert not any(t.name == "inference" and t.is_alive() for t in threading.enumerate()), "close stops every worker"

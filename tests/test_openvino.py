@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
+import torch
 from structlog.testing import capture_logs
 
 from filter_worker.config import ConfigError, ModelSettings, RoutingSettings
@@ -65,6 +67,42 @@ def test_what_openvino_does_not_run_is_refused_naming_the_setting(tiny_model, up
         Classifier.load(ModelSettings(name=str(tiny_model), backend="openvino", **update))
     message = str(refused.value)
     assert message.startswith(setting) and "openvino" in message and "\n" not in message
+
+
+@pytest.fixture
+def two_threads():
+    """One torch (and OpenVINO) thread per stream of two, whatever this machine's default."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_streams_run_two_passes_at_once_and_score_as_one_stream_does(tiny_model, float32, two_threads):
+    streams = Classifier.load(ModelSettings(name=str(tiny_model), backend="openvino", dtype="float32", streams=2))
+    assert streams.streams == 2 and float32.streams == 1
+    rows = [t.ids for t in float32.tokenize(TEXTS)]
+    batches = [rows[:2], rows[2:4], rows[4:]]
+    # Every pass waits until another is inside the engine too: one at a time, none would get past.
+    both_inside = threading.Barrier(2, timeout=10)
+    logits = streams.engine.logits
+
+    def together(ids, mask):
+        if len(ids) == 2:  # the two batches of two rows; the last one runs alone
+            both_inside.wait()
+        return logits(ids, mask)
+
+    streams.engine.logits = together  # type: ignore[method-assign]
+    scores = streams.predict_many(batches)
+    for got, batch in zip(scores, batches, strict=True):
+        np.testing.assert_allclose(got, float32.predict(batch), atol=1e-5)
+
+
+def test_more_streams_than_threads_is_refused_naming_the_setting(tiny_model):
+    with pytest.raises(ConfigError) as refused:
+        Classifier.load(ModelSettings(name=str(tiny_model), backend="openvino", dtype="float32", streams=64))
+    message = str(refused.value)
+    assert message.startswith("FILTER_MODEL__STREAMS=64 is more than the") and "\n" not in message
 
 
 def test_without_openvino_installed_the_backend_says_how_to_install_it(monkeypatch):

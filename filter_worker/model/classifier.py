@@ -15,6 +15,7 @@ import os
 import socket
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -96,13 +97,23 @@ def resolve_dtype(requested: str, device: str, backend: str = "torch") -> str:
 
 class Engine(Protocol):
     """What runs the forward pass: padded token ids and attention mask (int64, rows x width) in,
-    logits (float32, rows x labels, the config's label order) out; the head turns them into scores."""
+    logits (float32, rows x labels, the config's label order) out; the head turns them into scores.
+
+    ``streams``: how many passes it runs at once, each called from a thread of its own.
+    """
+
+    streams: int
 
     def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray: ...
 
 
 class TorchEngine:
-    """Eager PyTorch: the model as transformers loads it (int8: dynamically quantized)."""
+    """Eager PyTorch: the model as transformers loads it (int8: dynamically quantized).
+
+    One pass at a time: an eager pass takes the GIL back between its ops, so two at once contend for it.
+    """
+
+    streams = 1
 
     def __init__(self, module: Any, device: str) -> None:
         self.module = module
@@ -136,14 +147,17 @@ def pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.nda
     return ids, real.astype(np.int64)
 
 
-def _engine(module: Any, backend: str, dtype: str, device: str) -> Engine:
-    """The engine that runs a float32 (or, for torch, already ``dtype``) module at ``dtype``."""
+def _engine(module: Any, backend: str, dtype: str, device: str, streams: int = 1) -> Engine:
+    """The engine that runs a float32 (or, for torch, already ``dtype``) module at ``dtype``.
+
+    ``streams`` (FILTER_MODEL__STREAMS) is for the openvino engine; the settings refuse it elsewhere.
+    """
     import torch
 
     if backend == "openvino":
         from filter_worker.model import openvino_engine
 
-        return openvino_engine.OpenVinoEngine(module, dtype, torch.get_num_threads())
+        return openvino_engine.OpenVinoEngine(module, dtype, torch.get_num_threads(), streams)
     floating = {"bfloat16": torch.bfloat16, "float16": torch.float16}
     module = _quantize_dynamic(module) if dtype == "int8" else module.to(floating.get(dtype, torch.float32))
     return TorchEngine(module, device)
@@ -263,7 +277,7 @@ class Classifier:
 
             model.to(device).eval()
             torch.set_grad_enabled(False)
-            engine = _engine(model, backend, dtype, device)
+            engine = _engine(model, backend, dtype, device, settings.streams)
         log.info(
             "model loaded",
             model=name,
@@ -274,6 +288,7 @@ class Classifier:
             device=device,
             dtype=dtype,
             backend=backend,
+            streams=engine.streams,
             labels=list(head.labels),
             score_function=head.describe(),
         )
@@ -284,13 +299,13 @@ class Classifier:
         """The head's labels in output order (``FILTER_MODEL__LABELS`` where set), as rules and outputs name them."""
         return list(self.head.labels)
 
-    def at_precision(self, dtype: str, backend: str = "torch") -> Classifier:
+    def at_precision(self, dtype: str, backend: str = "torch", streams: int = 1) -> Classifier:
         """This torch float32 classifier's weights at ``dtype`` (bfloat16, float16, int8), without reading them again.
 
         What the start-up precision check measures (``model/precision.py``): converting the loaded
         float32 module gives the same weights ``from_pretrained`` would at that dtype, in a fraction of
         a load's time, and needs no second tokenizer load. ``backend="openvino"`` converts the module
-        for OpenVINO instead, as a load with that backend does.
+        for OpenVINO instead, as a load with that backend does, compiled for ``streams`` passes at once.
         """
         import copy
 
@@ -301,7 +316,7 @@ class Classifier:
         module = self.engine.module if backend == "openvino" else copy.deepcopy(self.engine.module)
         return Classifier(
             self.tokenizer,
-            _engine(module, backend, dtype, self.device),
+            _engine(module, backend, dtype, self.device, streams),
             self.head,
             self.name,
             self.revision,
@@ -340,9 +355,25 @@ class Classifier:
             for original, e in zip(texts, encodings, strict=True)
         ]
 
+    @property
+    def streams(self) -> int:
+        """Forward passes the engine runs at once (FILTER_MODEL__STREAMS; 1 for torch and onnx)."""
+        return self.engine.streams
+
     def predict(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         """One forward pass over token-id rows (padded here); returns scores, shape (rows, labels)."""
         return self.head.scores(self.engine.logits(*pad(batch, self.pad_id)))
+
+    def predict_many(self, batches: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
+        """``predict`` over every batch, ``streams`` passes at a time as the worker runs them; in order.
+
+        What measures the engine (the start-up check, bench's ceiling) runs it this way: a multi-stream
+        engine timed one pass at a time would run each on its share of the threads only.
+        """
+        if self.streams == 1:
+            return [self.predict(batch) for batch in batches]
+        with ThreadPoolExecutor(max_workers=self.streams, thread_name_prefix="predict") as pool:
+            return list(pool.map(self.predict, batches))
 
     def classify(
         self, texts: Sequence[str], max_size: int = 32, max_tokens: int = 16_384

@@ -79,6 +79,8 @@ def resolve_dtype(requested: str, device: str) -> str:
 class OnnxEngine:
     """One ONNX Runtime session returning logits; ``run`` releases the GIL for the whole forward pass."""
 
+    streams = 1  # concurrent runs on one session share its intra-op threads; not measured here
+
     def __init__(self, session: Any) -> None:
         self._session = session
 

@@ -14,6 +14,7 @@ module after the conversion frees its memory and cannot leave the compiled model
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
 from typing import Any
 
@@ -78,14 +79,22 @@ def resolve_dtype(requested: str) -> str:
 
 
 class OpenVinoEngine:
-    """One compiled model and its infer request, returning logits in the config's label order.
+    """One compiled model and an infer request per calling thread, returning logits in the config's label order.
 
-    ``threads`` is the intra-op thread count (torch's, so every engine of a worker uses the same cores);
-    one stream with the latency hint: a worker runs one pass at a time, on its model thread.
+    ``threads`` is the intra-op thread count (torch's, so every engine of a worker uses the same cores).
+    With one stream, the latency hint: every thread works on each pass. With ``streams`` > 1, the
+    throughput hint with that many streams sharing the threads: the worker then runs as many passes at
+    once, one per model thread, each through its own infer request (a request runs one pass at a time).
     """
 
-    def __init__(self, module: Any, dtype: str, threads: int) -> None:
+    def __init__(self, module: Any, dtype: str, threads: int, streams: int = 1) -> None:
         import torch
+
+        if streams > threads:
+            raise ConfigError(
+                f"FILTER_MODEL__STREAMS={streams} is more than the {threads} threads the model runs on here "
+                "(OMP_NUM_THREADS, else the CPUs): each stream needs one"
+            )
 
         ov = runtime()
 
@@ -106,12 +115,17 @@ class OpenVinoEngine:
             )
         config = {
             "INFERENCE_PRECISION_HINT": _HINTS[dtype],
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": "1",
+            "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
+            "NUM_STREAMS": str(streams),
             "INFERENCE_NUM_THREADS": str(threads),
         }
-        self._request = ov.Core().compile_model(converted, "CPU", config).create_infer_request()
+        self.streams = streams
+        self._compiled = ov.Core().compile_model(converted, "CPU", config)
+        self._requests = threading.local()
 
     def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        outputs = self._request.infer({"input_ids": ids, "attention_mask": mask})
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self._compiled.create_infer_request()
+        outputs = request.infer({"input_ids": ids, "attention_mask": mask})
         return np.asarray(outputs[0], dtype=np.float32)  # infer() copies its outputs (share_outputs=False)

@@ -148,12 +148,18 @@ def check_texts(model: ModelSettings) -> tuple[list[str], str]:
 def timed_passes(
     classifier: Classifier, rows: Sequence[Sequence[int]], groups: Sequence[Sequence[int]]
 ) -> tuple[np.ndarray, float]:
-    """Probabilities of ``rows`` passed in ``groups`` (length-sorted batches), and the seconds it took."""
+    """Probabilities of ``rows`` passed in ``groups`` (length-sorted batches), and the seconds it took.
+
+    An engine with several streams runs that many passes at once, as the worker does: timed one at a
+    time, each would run on its share of the threads only.
+    """
     probs = np.zeros((len(rows), len(classifier.labels)), dtype=np.float32)
     started = time.perf_counter()
-    for group in groups:
-        probs[list(group)] = classifier.predict([rows[i] for i in group])
-    return probs, time.perf_counter() - started
+    scores = classifier.predict_many([[rows[i] for i in group] for group in groups])
+    seconds = time.perf_counter() - started
+    for group, group_scores in zip(groups, scores, strict=True):
+        probs[list(group)] = group_scores
+    return probs, seconds
 
 
 def measure(
@@ -341,12 +347,21 @@ def load(model: ModelSettings, routing: RoutingSettings, batch_size: int) -> Pre
         return Precision(reference, "auto", None, model)
     texts, origin = check_texts(model)
     key = cache_key(
-        capabilities, reference.device, reference.weights_sha256, reference.head.function, candidates, texts, batch_size
+        capabilities,
+        reference.device,
+        reference.weights_sha256,
+        reference.head.function,
+        candidates,
+        texts,
+        batch_size,
+        model.streams,
     )
 
     def load_engine(engine: Engine) -> Classifier:
-        if engine.backend in ("torch", "openvino"):
-            return reference.at_precision(engine.dtype, engine.backend)  # no second read of the weights
+        if engine.backend == "torch":
+            return reference.at_precision(engine.dtype)  # no second read of the weights
+        if engine.backend == "openvino":
+            return reference.at_precision(engine.dtype, "openvino", model.streams)
         return Classifier.load(model.model_copy(update={"backend": engine.backend, "dtype": engine.dtype}))
 
     measurement = read_cached(model, key)

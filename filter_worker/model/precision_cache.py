@@ -94,9 +94,11 @@ def cache_key(
     candidates: Sequence[Engine],
     texts: Sequence[str],
     batch_size: int,
+    streams: int = 1,
 ) -> str:
     """What decides a measurement: the CPU (or GPU), the weights and the function that makes their scores
-    (FILTER_MODEL__SCORE_FUNCTION can change it), the candidates, the check set, the libraries."""
+    (FILTER_MODEL__SCORE_FUNCTION can change it), the candidates and their streams, the check set, the
+    libraries."""
     import torch
     import transformers
 
@@ -109,6 +111,7 @@ def cache_key(
         "candidates": [c.name for c in candidates],
         "texts": hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest(),
         "batch_size": batch_size,
+        "streams": streams,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "onnxruntime": _version("onnxruntime"),

@@ -1,8 +1,10 @@
-"""Forward passes on their own thread, with failures isolated to the records that cause them.
+"""Forward passes on their own threads, with failures isolated to the records that cause them.
 
 The Kafka loop must keep polling while the model computes (heartbeats, delivery reports, the next
-batch's decoding and tokenization), so forward passes run on one background thread fed by a bounded
-queue. torch releases the GIL inside its kernels, so the two really overlap.
+batch's decoding and tokenization), so forward passes run on background threads fed by a queue:
+one, or one per stream of an engine that runs several passes at once (FILTER_MODEL__STREAMS). torch
+releases the GIL inside its kernels, and ONNX Runtime and OpenVINO for a whole pass, so the loop and
+the passes really overlap.
 """
 
 from __future__ import annotations
@@ -92,11 +94,13 @@ class Result(Generic[T]):
 
 
 class InferenceThread(Generic[T]):
-    """Runs submitted batches through the model, one at a time, in order.
+    """Runs submitted batches through the model: ``workers`` at a time, each batch on one thread.
 
     A submitted batch may take several forward passes (cut by length, see ``plan_batches``); each
     pass's result is handed back as soon as it ends, so short records are published while the long
-    ones of the same batch are still in the model.
+    ones of the same batch are still in the model. With one worker, batches run in submission order;
+    with several, a batch's passes stay in order but batches may finish out of order, as records of a
+    batch cut by length already do: offsets are tracked per record.
     """
 
     def __init__(
@@ -107,20 +111,26 @@ class InferenceThread(Generic[T]):
         max_tokens: int,
         capacity: int = 2,
         observe: Observe | None = None,
+        workers: int = 1,
     ) -> None:
+        """``capacity``: batches in flight per worker thread, the running one included."""
         self._predict = predict
         self._observe = observe
         self._ids_of = ids_of
         self._max_size = max_size
         self._max_tokens = max_tokens
-        self._capacity = capacity
+        self._capacity = capacity * workers
+        self.workers = workers
         self._inbox: queue.Queue[list[T] | None] = queue.Queue()
         self._outbox: queue.Queue[Result[T] | BaseException] = queue.Queue()
         self._in_flight = 0  # batches submitted minus those whose last pass was collected; submitting thread only
         # Process-wide, set where the thread that needs it starts.
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
-        self._thread = threading.Thread(target=self._serve, name=INFERENCE_THREAD, daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._serve, name=INFERENCE_THREAD, daemon=True) for _ in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def in_flight(self) -> int:
@@ -157,8 +167,10 @@ class InferenceThread(Generic[T]):
         return finished
 
     def close(self) -> None:
-        self._inbox.put(None)
-        self._thread.join(timeout=5)
+        for _ in self._threads:
+            self._inbox.put(None)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     def _serve(self) -> None:
         while (items := self._inbox.get()) is not None:

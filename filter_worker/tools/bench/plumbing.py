@@ -69,6 +69,8 @@ class _ConstantEngine:
     the model still run; only the forward pass does not.
     """
 
+    streams = 1
+
     def __init__(self, labels: int) -> None:
         self._row = np.zeros((1, labels), dtype=np.float32)
 

@@ -88,7 +88,9 @@ def format_table(report: dict[str, Any]) -> str:
     env, work = report["environment"], report["workload"]
     lines = [
         "",
-        f"{env['model']} | {env['backend']} {env['dtype']} on {env['device']} | torch {env['torch']}, "
+        f"{env['model']} | {env['backend']} {env['dtype']} on {env['device']}"
+        + (f", {env['streams']} streams" if env["streams"] > 1 else "")
+        + f" | torch {env['torch']}, "
         f"{env['torch_threads']} threads"
         + (f", onnxruntime {env['onnxruntime']}, {env['onnxruntime_threads']} threads" if "onnxruntime" in env else "")
         + f" | {env['cpu']} ({' '.join(env['cpu_flags'])})",

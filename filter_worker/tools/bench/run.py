@@ -84,7 +84,7 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
         rounds = []
         for n in range(1, options.rounds + 1):
             say(f"end to end, round {n} of {options.rounds}: {len(texts)} records (cache size {cache_size}) ...")
-            run = end_to_end(settings, classifier, texts, broker, options.partitions, cache_size)
+            run = end_to_end(settings, classifier, texts, broker, options.partitions, cache_size, replay=True)
             say("model only again (brackets the round against machine drift) ...")
             ceilings.append(model_only(classifier, ids, by_length, batch.max_size))
             run["ceiling_messages_per_s"] = [c["messages_per_s"] for c in ceilings[-2:]]

@@ -31,15 +31,14 @@ def model_only(classifier: Classifier, ids: Sequence[list[int]], order: list[int
     lengths = [len(row) for row in ids]
     batches = [order[i : i + size] for i in range(0, len(order), size)]
 
-    def passes() -> list[float]:
-        times = []
-        for batch in batches:
-            started = time.perf_counter()
-            classifier.predict([ids[i] for i in batch])
-            times.append(time.perf_counter() - started)
-        return times
+    rows = [[ids[i] for i in batch] for batch in batches]
 
-    seconds = sum(on_model_thread(passes))
+    def passes() -> float:
+        started = time.perf_counter()
+        classifier.predict_many(rows)
+        return time.perf_counter() - started
+
+    seconds = on_model_thread(passes)
     padded = padded_tokens(lengths, batches)
     return {
         "messages": len(order),
@@ -52,7 +51,7 @@ def model_only(classifier: Classifier, ids: Sequence[list[int]], order: list[int
 
 
 class PassRecorder:
-    """The worker's classifier with every forward pass kept (its token rows and its time inside the worker).
+    """Holds a copy of a classifier for the worker that keeps every forward pass (its token rows and its time).
 
     What the worker ran can then be run again with nothing else going on (``replay``): the same
     batches, alone. That splits the end-to-end gap into what the batches cost against sorted ones and
@@ -62,27 +61,30 @@ class PassRecorder:
 
     def __init__(self, classifier: Classifier) -> None:
         self._classifier = classifier
-        self.passes: list[tuple[list[list[int]], float]] = []
+        self.passes: list[tuple[list[Sequence[int]], float]] = []
         self.worker_classifier = copy.copy(classifier)  # the same tokenizer, head and engine
         self.worker_classifier.predict = self._predict  # type: ignore[method-assign]
 
-    def _predict(self, batch: Sequence[Sequence[int]]) -> Any:
+    def _predict(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         started = time.perf_counter()
         scores = self._classifier.predict(batch)
         if threading.current_thread().name == INFERENCE_THREAD:
-            self.passes.append(([list(row) for row in batch], time.perf_counter() - started))
+            # The rows themselves, not copies: the worker never changes a record's token ids, and a
+            # copy here would be time on the model thread outside the pass.
+            self.passes.append((list(batch), time.perf_counter() - started))
         return scores
 
     def seconds_inside(self) -> float:
-        return sum(seconds for _, seconds in self.passes)
+        """The passes' time inside the worker, per model thread (several run at once with streams)."""
+        return sum(seconds for _, seconds in self.passes) / self._classifier.streams
 
     def replay(self) -> float:
-        """Seconds the recorded passes take alone, on the model thread, in the order the worker ran them."""
+        """Seconds the recorded passes take alone, in the order the worker ran them, as many at once as it ran."""
+        batches = [rows for rows, _ in list(self.passes)]
 
         def passes() -> float:
             started = time.perf_counter()
-            for rows, _ in self.passes:
-                self._classifier.predict(rows)
+            self._classifier.predict_many(batches)
             return time.perf_counter() - started
 
         return on_model_thread(passes)
@@ -92,6 +94,9 @@ def where_the_time_goes(
     messages: int, seconds: float, ceiling: float, passes_inside_s: float, passes_alone_s: float
 ) -> dict[str, float]:
     """The round's keep-up (``messages / seconds`` against ``ceiling`` msg/s) as the product of three shares.
+
+    ``messages`` is every record of the round, as in the keep-up itself: with the decision cache on,
+    records answered without a pass would count in ``batches``, so the bench splits only runs without it.
 
     ``batches``: the worker's own batches run alone, against sorted batches (the ceiling): what
     forming batches from what has arrived costs against sorting every text first. ``passes``: the
@@ -115,13 +120,16 @@ def end_to_end(
     partitions: int,
     cache_size: int,
     filled: tuple[str, dict[int, int]] | None = None,
+    replay: bool = False,
 ) -> dict[str, Any]:
     """The worker through every record of a fresh topic (or of ``filled``: a topic and its end offsets).
 
-    Its forward passes are recorded and, after the run, timed again alone (``PassRecorder``).
+    With ``replay``, its forward passes are recorded and, after the run, timed again alone
+    (``PassRecorder``): what ``where_the_time_goes`` needs.
     """
-    recorder = PassRecorder(classifier)
-    run = Run(settings, recorder.worker_classifier, broker, partitions, cache_size, topic=filled[0] if filled else None)
+    recorder = PassRecorder(classifier) if replay else None
+    worker_classifier = recorder.worker_classifier if recorder else classifier
+    run = Run(settings, worker_classifier, broker, partitions, cache_size, topic=filled[0] if filled else None)
     ends = filled[1] if filled else produce_texts(broker, run.topic, texts)
     run.start()
     try:
@@ -138,12 +146,11 @@ def end_to_end(
     finally:
         run.stop()
     seconds = committed - started
-    passes_alone_s = recorder.replay()
     real = run.metric("filter_forward_tokens_total", kind="real")
     padded = run.metric("filter_forward_tokens_total", kind="padded")
     forward = run.metric("filter_forward_seconds_sum")
     hits = run.metric("filter_cache_records_total", result="hit")
-    return {
+    result = {
         "messages": len(texts),
         "published": int(run.published()),
         "seconds": seconds,
@@ -157,10 +164,14 @@ def end_to_end(
         "partitions": partitions,
         "commit_interval_ms": settings.kafka.commit_interval_ms,
         "cpu_us_per_record": cpu,
-        "recorded_passes": len(recorder.passes),
-        "passes_inside_s": recorder.seconds_inside(),
-        "passes_alone_s": passes_alone_s,
     }
+    if recorder is not None:
+        result |= {
+            "recorded_passes": len(recorder.passes),
+            "passes_inside_s": recorder.seconds_inside(),
+            "passes_alone_s": recorder.replay(),
+        }
+    return result
 
 
 def latency(
