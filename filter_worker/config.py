@@ -757,8 +757,12 @@ class CandidateSettings(_Section):
     sample_rate: float = Field(0.0, ge=0.0, le=1.0)
 
     def model_settings(self, live: ModelSettings) -> ModelSettings:
-        """The candidate loads as the live model does (device, dtype, backend, lock), from its own name."""
-        return live.model_copy(update={"name": self.name, "revision": None})
+        """The candidate loads as the live model does (device, dtype, backend, lock), from its own name.
+
+        One stream: its passes run on the Kafka loop's thread, one at a time (FILTER_MODEL__STREAMS
+        would give each of them a share of the threads only).
+        """
+        return live.model_copy(update={"name": self.name, "revision": None, "streams": 1})
 
 
 class HealthSettings(_Section):

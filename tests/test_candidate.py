@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 
-from filter_worker.config import ConfigError, MessageSettings, RoutingSettings, Rule, Settings
+from filter_worker.config import ConfigError, MessageSettings, RoutingSettings, Rule, Settings, load_settings
 from filter_worker.exit_codes import ExitCode
 from filter_worker.model.head import Head
 from filter_worker.pipeline.candidate import (
@@ -191,3 +191,16 @@ def test_run_refuses_a_candidate_the_routing_in_force_cannot_decide(keyword_mode
     assert error.startswith("filter-worker: FILTER_CANDIDATE__NAME=")
     assert "cannot be decided under the routing in force" in error
     assert "Traceback" not in result.stderr
+
+
+def test_the_candidate_loads_as_the_live_model_does_but_one_pass_at_a_time(tmp_path):
+    # Its passes run on the Kafka loop's thread, one after the other: a share of the threads each would
+    # hold the loop up that many times longer.
+    live = load_settings(model={"backend": "openvino", "dtype": "bfloat16", "streams": 2}).model
+    settings = load_settings(candidate={"name": str(tmp_path)}).candidate.model_settings(live)
+    assert (settings.name, settings.backend, settings.dtype, settings.streams) == (
+        str(tmp_path),
+        "openvino",
+        "bfloat16",
+        1,
+    )

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 
 import numpy as np
 import pytest
 
+from filter_worker.pipeline import inference
 from filter_worker.pipeline.inference import InferenceThread, infer_resilient
 
 
@@ -130,3 +132,21 @@ def test_with_two_workers_two_batches_are_in_the_model_at_once():
     finally:
         thread.close()
     assert not any(t.name == "inference" and t.is_alive() for t in threading.enumerate()), "close stops every worker"
+
+
+def test_close_waits_for_every_model_thread_within_one_deadline(monkeypatch):
+    monkeypatch.setattr(inference, "_CLOSE_WAIT_S", 0.5)
+    release = threading.Event()
+
+    def stuck(rows):
+        release.wait(30)
+        return np.zeros((len(rows), 2), dtype=np.float32)
+
+    thread: InferenceThread[list[int]] = InferenceThread(stuck, lambda r: r, max_size=4, max_tokens=100, workers=3)
+    for n in range(3):
+        thread.submit([[n]])
+    started = time.monotonic()
+    thread.close()  # three passes stuck: one deadline for all of them, not one each
+    waited = time.monotonic() - started
+    release.set()
+    assert waited < 1.4, f"close waited {waited:.1f}s for three stuck threads with a 0.5 s deadline"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -103,3 +105,34 @@ def test_precisions_a_device_cannot_run_are_refused_naming_the_setting(dtype, de
 def test_float16_on_cpu_is_refused_at_load(tiny_model):
     with pytest.raises(ConfigError, match="FILTER_MODEL__DTYPE=float16"):
         Classifier.load(ModelSettings(name=str(tiny_model), dtype="float16", device="cpu"))
+
+
+def test_a_one_stream_engine_runs_one_pass_at_a_time_whatever_threads_call(model):
+    # What a rule reload's fallback leaves a worker started with FILTER_MODEL__STREAMS=2: two model
+    # threads and a torch engine. Two eager passes at once would each run on every intra-op thread.
+    inside, most = [0], [0]
+    lock = threading.Lock()
+    logits = model.engine.logits
+
+    def counted(ids, mask):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.01)  # long enough for the other thread to arrive while this pass runs
+        try:
+            return logits(ids, mask)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    model.engine.logits = counted
+    try:
+        rows = [t.ids for t in model.tokenize(["you idiot", "a fine day"])]
+        threads = [threading.Thread(target=lambda: [model.predict(rows) for _ in range(10)]) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        del model.engine.logits
+    assert model.streams == 1 and most[0] == 1

@@ -96,6 +96,10 @@ def test_two_streams_run_two_passes_at_once_and_score_as_one_stream_does(tiny_mo
     scores = streams.predict_many(batches)
     for got, batch in zip(scores, batches, strict=True):
         np.testing.assert_allclose(got, float32.predict(batch), atol=1e-5)
+    del streams.engine.logits
+    for _ in range(3):  # new calling threads every time: the engine's infer requests stay one per stream
+        streams.predict_many(batches)
+    assert streams.engine._requests.qsize() == 2  # type: ignore[attr-defined]
 
 
 def test_more_streams_than_threads_is_refused_naming_the_setting(tiny_model):

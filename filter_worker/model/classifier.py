@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import threading
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -196,6 +197,7 @@ class Classifier:
         self.dtype = dtype
         self.backend = backend
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._one_pass = threading.Lock()
 
     @classmethod
     def load(cls, settings: ModelSettings) -> Classifier:
@@ -361,8 +363,17 @@ class Classifier:
         return self.engine.streams
 
     def predict(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        """One forward pass over token-id rows (padded here); returns scores, shape (rows, labels)."""
-        return self.head.scores(self.engine.logits(*pad(batch, self.pad_id)))
+        """One forward pass over token-id rows (padded here); returns scores, shape (rows, labels).
+
+        Passes beyond the engine's streams wait for one to end: after a rule reload's fallback swaps a
+        one-stream torch engine in (``Precision.recheck``), the worker's model threads, one per stream
+        of the engine it started with, take turns instead of running eager passes on every thread at once.
+        """
+        ids, mask = pad(batch, self.pad_id)
+        if self.engine.streams > 1:
+            return self.head.scores(self.engine.logits(ids, mask))
+        with self._one_pass:
+            return self.head.scores(self.engine.logits(ids, mask))
 
     def predict_many(self, batches: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
         """``predict`` over every batch, ``streams`` passes at a time as the worker runs them; in order.
@@ -382,8 +393,9 @@ class Classifier:
         tokens = self.tokenize(texts)
         lengths = [len(t.ids) for t in tokens]
         probs = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        for group in plan_batches(lengths, max_size, max_tokens):
-            probs[group] = self.predict([tokens[i].ids for i in group])
+        groups = plan_batches(lengths, max_size, max_tokens)
+        for group, scores in zip(groups, self.predict_many([[tokens[i].ids for i in g] for g in groups]), strict=True):
+            probs[group] = scores
         return probs, [t.truncated for t in tokens]
 
 

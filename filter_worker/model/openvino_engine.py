@@ -13,8 +13,8 @@ module after the conversion frees its memory and cannot leave the compiled model
 
 from __future__ import annotations
 
+import queue
 import sys
-import threading
 import warnings
 from typing import Any
 
@@ -78,24 +78,30 @@ def resolve_dtype(requested: str) -> str:
     )
 
 
+def check_streams(streams: int, threads: int) -> None:
+    """Each stream needs a thread of its own; said before anything is loaded or measured."""
+    if streams > threads:
+        raise ConfigError(
+            f"FILTER_MODEL__STREAMS={streams} is more than the {threads} threads the model runs on here "
+            "(OMP_NUM_THREADS, else the CPUs): each stream needs one"
+        )
+
+
 class OpenVinoEngine:
-    """One compiled model and an infer request per calling thread, returning logits in the config's label order.
+    """One compiled model and one infer request per stream, returning logits in the config's label order.
 
     ``threads`` is the intra-op thread count (torch's, so every engine of a worker uses the same cores).
     With one stream, the latency hint: every thread works on each pass. With ``streams`` > 1, the
     throughput hint with that many streams sharing the threads: the worker then runs as many passes at
-    once, one per model thread, each through its own infer request (a request runs one pass at a time).
+    once, one per model thread. A request runs one pass at a time, so a pass takes a free one from the
+    pool and gives it back: callers beyond ``streams`` wait, and the requests (each holding buffers for
+    the largest batch it ran) stay ``streams`` whatever threads call.
     """
 
     def __init__(self, module: Any, dtype: str, threads: int, streams: int = 1) -> None:
         import torch
 
-        if streams > threads:
-            raise ConfigError(
-                f"FILTER_MODEL__STREAMS={streams} is more than the {threads} threads the model runs on here "
-                "(OMP_NUM_THREADS, else the CPUs): each stream needs one"
-            )
-
+        check_streams(streams, threads)
         ov = runtime()
 
         class Logits(torch.nn.Module):  # the model's output object is not a tensor OpenVINO can return
@@ -120,12 +126,15 @@ class OpenVinoEngine:
             "INFERENCE_NUM_THREADS": str(threads),
         }
         self.streams = streams
-        self._compiled = ov.Core().compile_model(converted, "CPU", config)
-        self._requests = threading.local()
+        compiled = ov.Core().compile_model(converted, "CPU", config)
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(streams):
+            self._requests.put(compiled.create_infer_request())
 
     def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        request = getattr(self._requests, "request", None)
-        if request is None:
-            request = self._requests.request = self._compiled.create_infer_request()
-        outputs = request.infer({"input_ids": ids, "attention_mask": mask})
+        request = self._requests.get()
+        try:
+            outputs = request.infer({"input_ids": ids, "attention_mask": mask})
+        finally:
+            self._requests.put(request)
         return np.asarray(outputs[0], dtype=np.float32)  # infer() copies its outputs (share_outputs=False)

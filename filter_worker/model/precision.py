@@ -317,6 +317,10 @@ def load(model: ModelSettings, routing: RoutingSettings, batch_size: int) -> Pre
     An explicit dtype always wins (with a warning when the device only emulates it); an explicit
     backend limits the candidates to its own engines.
     """
+    if model.streams > 1:
+        import torch
+
+        openvino_engine.check_streams(model.streams, torch.get_num_threads())  # before any load or measurement
     if model.dtype != "auto":
         classifier = Classifier.load(model)
         warning = emulation_warning(classifier.dtype, classifier.device, device_capabilities(classifier.device))

@@ -30,6 +30,8 @@ T = TypeVar("T")
 # beside a busy Python thread (one intra-op thread, 16 rows, bfloat16 on AMX): 4.4x the pass time
 # alone at 5 ms, 1.7x at 0.2 ms (docs/performance.md).
 GIL_SWITCH_INTERVAL_S = 0.0002
+# How long ``close`` waits for the model threads to finish their passes, all of them together.
+_CLOSE_WAIT_S = 5.0
 # The model thread's name: what profiles and the bench tell it by.
 INFERENCE_THREAD = "inference"
 Predict = Callable[[Sequence[Sequence[int]]], np.ndarray]
@@ -113,13 +115,15 @@ class InferenceThread(Generic[T]):
         observe: Observe | None = None,
         workers: int = 1,
     ) -> None:
-        """``capacity``: batches in flight per worker thread, the running one included."""
+        """``capacity``: batches in flight with one worker, the running one included; each further worker
+        adds one. Not ``capacity`` each: a pass on one stream of several takes that many times as long,
+        and what is queued must be finished when partitions are revoked or the worker stops."""
         self._predict = predict
         self._observe = observe
         self._ids_of = ids_of
         self._max_size = max_size
         self._max_tokens = max_tokens
-        self._capacity = capacity * workers
+        self._capacity = capacity + workers - 1
         self.workers = workers
         self._inbox: queue.Queue[list[T] | None] = queue.Queue()
         self._outbox: queue.Queue[Result[T] | BaseException] = queue.Queue()
@@ -167,10 +171,12 @@ class InferenceThread(Generic[T]):
         return finished
 
     def close(self) -> None:
+        """Stop every worker thread after its current pass; waits at most ``_CLOSE_WAIT_S`` in all."""
         for _ in self._threads:
             self._inbox.put(None)
+        deadline = time.monotonic() + _CLOSE_WAIT_S
         for thread in self._threads:
-            thread.join(timeout=5)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _serve(self) -> None:
         while (items := self._inbox.get()) is not None:

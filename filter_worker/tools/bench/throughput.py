@@ -75,7 +75,8 @@ class PassRecorder:
         return scores
 
     def seconds_inside(self) -> float:
-        """The passes' time inside the worker, per model thread (several run at once with streams)."""
+        """The passes' time inside the worker, per model thread (several run at once with streams): the
+        sum over the threads, so with streams it reads as if every thread had a pass all the time."""
         return sum(seconds for _, seconds in self.passes) / self._classifier.streams
 
     def replay(self) -> float:
