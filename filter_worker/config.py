@@ -427,8 +427,9 @@ class ModelSettings(_Section):
     # Forward passes at once, each on a model thread of its own: the openvino engine compiles this many
     # streams and splits its threads between them (OpenVINO's throughput mode). One pass on every
     # thread waits at each step for the slowest of them, so when the Kafka loop takes a core for a
-    # moment the whole pass waits; streams run on. On 2 vCPUs with AMX two streams moved 1.07x the
-    # records end to end at the same p99 (docs/performance.md). 1: one pass on all threads.
+    # moment the whole pass waits; streams run on. On 2 vCPUs with AMX two streams moved 1.10x the
+    # records end to end in alternated rounds, at about the same p99 (docs/performance.md). 1: one
+    # pass on all threads.
     streams: int = Field(1, ge=1, le=64)
     # The check set of FILTER_MODEL__DTYPE=auto: one text per line. Default: the model directory's
     # check-texts.txt, else a built-in multilingual mix.
