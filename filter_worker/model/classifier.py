@@ -10,6 +10,7 @@ identity) is the same for both, so the two backends cannot disagree on what a sc
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -370,9 +371,7 @@ class Classifier:
         of the engine it started with, take turns instead of running eager passes on every thread at once.
         """
         ids, mask = pad(batch, self.pad_id)
-        if self.engine.streams > 1:
-            return self.head.scores(self.engine.logits(ids, mask))
-        with self._one_pass:
+        with self._one_pass if self.engine.streams == 1 else contextlib.nullcontext():
             return self.head.scores(self.engine.logits(ids, mask))
 
     def predict_many(self, batches: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:

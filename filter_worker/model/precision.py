@@ -362,10 +362,8 @@ def load(model: ModelSettings, routing: RoutingSettings, batch_size: int) -> Pre
     )
 
     def load_engine(engine: Engine) -> Classifier:
-        if engine.backend == "torch":
-            return reference.at_precision(engine.dtype)  # no second read of the weights
-        if engine.backend == "openvino":
-            return reference.at_precision(engine.dtype, "openvino", model.streams)
+        if engine.backend in ("torch", "openvino"):  # no second read of the weights
+            return reference.at_precision(engine.dtype, engine.backend, model.streams)
         return Classifier.load(model.model_copy(update={"backend": engine.backend, "dtype": engine.dtype}))
 
     measurement = read_cached(model, key)

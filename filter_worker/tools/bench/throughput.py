@@ -26,19 +26,23 @@ from filter_worker.tools.bench.harness import (
 )
 
 
+def timed_on_model_thread(classifier: Classifier, batches: Sequence[Sequence[Sequence[int]]]) -> float:
+    """Seconds ``classifier`` takes over ``batches`` on the bench's model thread, as many at once as it runs."""
+
+    def passes() -> float:
+        started = time.perf_counter()
+        classifier.predict_many(batches)
+        return time.perf_counter() - started
+
+    return on_model_thread(passes)
+
+
 def model_only(classifier: Classifier, ids: Sequence[list[int]], order: list[int], size: int) -> dict[str, Any]:
     """Forward passes over ``order`` cut into consecutive batches of ``size``: nothing but the model."""
     lengths = [len(row) for row in ids]
     batches = [order[i : i + size] for i in range(0, len(order), size)]
 
-    rows = [[ids[i] for i in batch] for batch in batches]
-
-    def passes() -> float:
-        started = time.perf_counter()
-        classifier.predict_many(rows)
-        return time.perf_counter() - started
-
-    seconds = on_model_thread(passes)
+    seconds = timed_on_model_thread(classifier, [[ids[i] for i in batch] for batch in batches])
     padded = padded_tokens(lengths, batches)
     return {
         "messages": len(order),
@@ -81,14 +85,7 @@ class PassRecorder:
 
     def replay(self) -> float:
         """Seconds the recorded passes take alone, in the order the worker ran them, as many at once as it ran."""
-        batches = [rows for rows, _ in list(self.passes)]
-
-        def passes() -> float:
-            started = time.perf_counter()
-            self._classifier.predict_many(batches)
-            return time.perf_counter() - started
-
-        return on_model_thread(passes)
+        return timed_on_model_thread(self._classifier, [rows for rows, _ in list(self.passes)])
 
 
 def where_the_time_goes(
