@@ -116,3 +116,15 @@ def test_extract_removes_matching_items_and_their_tokens():
     assert len(buf) == 2 and not buf.due()  # 20 tokens left: below the budget
     assert buf.extract(lambda x: x == "z") == []
     assert buf.take() == ["a", "b"]
+
+
+def test_take_chooses_the_batch_around_the_oldest_from_the_whole_buffer():
+    """A record of the oldest's length far behind in the buffer still joins it, instead of a short one near."""
+    clock = ManualClock()
+    buf: BatchBuffer[str] = BatchBuffer(max_size=2, max_tokens=10**6, max_wait_s=1.0, clock=clock)
+    buf.add("long-old", 200)
+    for i in range(20):
+        buf.add(f"short{i}", 10)
+    buf.add("long-new", 200)
+    assert buf.take() == ["long-old", "long-new"]
+    assert buf.take() == ["short0", "short1"]

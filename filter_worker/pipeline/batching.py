@@ -16,9 +16,6 @@ import numpy as np
 
 T = TypeVar("T")
 
-# How many batches' worth of the oldest buffered items ``BatchBuffer.take`` chooses a batch from.
-_CHOICE_BATCHES = 4
-
 
 def plan_batches(
     lengths: Sequence[int], max_size: int, max_tokens: int, min_efficiency: float = 0.5
@@ -138,17 +135,20 @@ class BatchBuffer(Generic[T]):
         from the buffer's own length order would let a long message wait forever. Including the
         oldest item bounds every item's wait by the buffer's length in batches.
 
-        The choice is made among the oldest ``_CHOICE_BATCHES`` batches' worth of items, not the whole
-        backlog: a pass over thousands of buffered items per batch cost more than the padding it saved.
+        The choice is made among everything buffered, which the caller bounds (the worker: 32 batches'
+        worth). Choosing among the oldest few batches' worth only left the worker's padding, and so its
+        keep-up, well below the whole buffer's at a backlog (docs/performance.md, "Batches chosen from
+        the whole buffer"); the numpy choice over a thousand items takes tens of microseconds of the
+        loop thread, beside passes of tens of milliseconds on the model's.
         """
         size = self._max_size
-        window = self._items[: size * _CHOICE_BATCHES]
-        chosen: Sequence[int] = range(len(window))
-        if len(window) > size:
-            chosen = sorted(choose_bucket([p.tokens for p in window], size))
+        items = self._items
+        chosen: Sequence[int] = range(len(items))
+        if len(items) > size:
+            chosen = sorted(choose_bucket([p.tokens for p in items], size))
         picked = set(chosen)
-        taken = [window[i] for i in chosen]
-        self._items = [p for i, p in enumerate(window) if i not in picked] + self._items[len(window) :]
+        taken = [items[i] for i in chosen]
+        self._items = [p for i, p in enumerate(items) if i not in picked]
         self._tokens -= sum(p.tokens for p in taken)
         return [p.item for p in taken]
 
