@@ -6,7 +6,7 @@ end the process silently under Python's default.
 
 import sys
 
-from filter_worker.signals import Requests, take_reloads
+from filter_worker.service.signals import Requests, take_reloads
 
 
 def main() -> int:

@@ -36,7 +36,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from filter_worker import redaction, tls
+from filter_worker.security import redaction, tls
 
 ENV_PREFIX = "FILTER_"
 DEFAULT_MODEL = "tabularisai/multilingual-sentiment-analysis"

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import structlog
 
-from filter_worker import redaction
 from filter_worker.config import LogSettings
+from filter_worker.security import redaction
 
 # What librdkafka appends to a line and changes at every repeat: "(after 3ms in state CONNECT)",
 # ", 4 identical error(s) suppressed". Left in the key, every repeat was a new line: a name that does

@@ -13,11 +13,10 @@ import numpy as np
 import orjson
 import pytest
 
-from filter_worker.classify import Classify
 from filter_worker.config import load_settings
-from filter_worker.metrics import Metrics
 from filter_worker.model.head import Head
-from filter_worker.observe import Observer
+from filter_worker.moderation.observe import Observer
+from filter_worker.monitoring.metrics import Metrics
 from filter_worker.pipeline.batching import BatchBuffer
 from filter_worker.pipeline.cache import DecisionCache
 from filter_worker.pipeline.decide import Decider
@@ -25,6 +24,7 @@ from filter_worker.pipeline.inference import Result
 from filter_worker.pipeline.intake import Pending
 from filter_worker.pipeline.records import InputRecord, Outgoing
 from filter_worker.pipeline.routing import Router
+from filter_worker.service.classify import Classify
 from tests.clock import ManualClock
 
 LABELS = ["Very Negative", "Negative", "Neutral", "Positive", "Very Positive"]

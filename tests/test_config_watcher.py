@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
-from filter_worker.config_watcher import ConfigWatcher
+from filter_worker.service.config_watcher import ConfigWatcher
 from tests.k8s_config import ConfigMapVolume
 
 _INTERVAL_S = 0.02

@@ -440,7 +440,7 @@ def test_compose_feedback_healthcheck_probes_the_feedback_port(defaults: Setting
     """The healthcheck as the container runs it, against a real health server: 0 while the loop turns, 1 once not."""
     from prometheus_client import CollectorRegistry
 
-    from filter_worker.health import Health, HealthServer
+    from filter_worker.monitoring.health import Health, HealthServer
 
     kind, program, *args = compose()["services"]["feedback"]["healthcheck"]["test"]
     assert (kind, program) == ("CMD", "python")  # the image's virtualenv python (PATH in deploy/Dockerfile)
@@ -1013,8 +1013,8 @@ def exposition_names(registry) -> set[str]:
 
 def test_metric_lists_match_the_registries():
     """The lists the dashboard and alerts are checked against are what each process's registry exports."""
-    from filter_worker.metrics import FeedbackMetrics, Metrics
     from filter_worker.moderation.verdicts import INVALID_REASONS
+    from filter_worker.monitoring.metrics import FeedbackMetrics, Metrics
 
     for registry, listed in (
         (Metrics().registry, WORKER_METRICS),

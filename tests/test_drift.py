@@ -16,7 +16,6 @@ import yaml
 from prometheus_client import generate_latest
 
 from filter_worker.config import MIN_DRIFT_REFERENCE, MIN_DRIFT_WINDOW, ConfigError, RoutingSettings, load_settings
-from filter_worker.metrics import Metrics
 from filter_worker.model.head import Head
 from filter_worker.moderation.drift import (
     QUANTILES,
@@ -30,7 +29,8 @@ from filter_worker.moderation.drift import (
     reference_of,
 )
 from filter_worker.moderation.drift_metrics import DriftExporter, thresholds_of
-from filter_worker.observe import FLUSH_INTERVAL_S, FLUSH_RECORDS, Observer
+from filter_worker.moderation.observe import FLUSH_INTERVAL_S, FLUSH_RECORDS, Observer
+from filter_worker.monitoring.metrics import Metrics
 from filter_worker.pipeline.routing import Router
 from tests.clock import ManualClock
 

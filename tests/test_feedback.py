@@ -6,9 +6,9 @@ import orjson
 import pytest
 
 from filter_worker.config import RoutingSettings
-from filter_worker.moderation.feedback import RuleIndex
 from filter_worker.moderation.verdicts import INVALID_REASONS, Invalid, Verdict, latest_per_source, parse_verdict
 from filter_worker.moderation.windows import Key, ModelRoster, PrecisionWindows
+from filter_worker.service.feedback import RuleIndex
 
 ROUTING = RoutingSettings.model_validate(
     {

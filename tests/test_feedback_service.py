@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from filter_worker.config import ConfigError, RoutingSettings, load_settings
-from filter_worker.moderation.feedback import FeedbackService, RuleIndex
 from filter_worker.moderation.sequential import Cusum, design, run_length
 from filter_worker.moderation.stats import clopper_pearson
 from filter_worker.pipeline.records import InputRecord
+from filter_worker.service.feedback import FeedbackService, RuleIndex
 from tests.clock import ManualClock
 
 MODEL = "acme/m@0123#sha256:00112233aabbccdd"

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from filter_worker.health import Health
+from filter_worker.monitoring.health import Health
 from tests.clock import ManualClock
 
 

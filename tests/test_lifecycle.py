@@ -27,8 +27,8 @@ from filter_worker.delivery.pausing import Pausing
 from filter_worker.delivery.publisher import Publisher
 from filter_worker.delivery.transactional import Phase, Transactional
 from filter_worker.exit_codes import FailureSlot, FatalError
-from filter_worker.health import Health
-from filter_worker.metrics import Metrics
+from filter_worker.monitoring.health import Health
+from filter_worker.monitoring.metrics import Metrics
 from filter_worker.pipeline.records import InputRecord, Outgoing, OutputRecord
 from tests.clock import ManualClock
 

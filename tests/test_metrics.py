@@ -7,8 +7,8 @@ import math
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from filter_worker.config import TopicSettings
-from filter_worker.health import Health
-from filter_worker.metrics import DEAD_LETTER_ERRORS, Metrics, observe_many
+from filter_worker.monitoring.health import Health
+from filter_worker.monitoring.metrics import DEAD_LETTER_ERRORS, Metrics, observe_many
 
 
 def samples(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str], ...], float]:

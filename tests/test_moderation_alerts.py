@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from filter_worker.metrics import FeedbackMetrics, Metrics
 from filter_worker.moderation.verdicts import INVALID_REASONS
+from filter_worker.monitoring.metrics import FeedbackMetrics, Metrics
 
 PROMETHEUS = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 RULES = PROMETHEUS / "moderation-alerts.yml"

@@ -7,7 +7,7 @@ from confluent_kafka import KafkaError, Producer
 from filter_worker.delivery.publisher import Publisher, next_fallback
 from filter_worker.exit_codes import FailureSlot
 from filter_worker.logs import librdkafka_logger
-from filter_worker.metrics import Metrics
+from filter_worker.monitoring.metrics import Metrics
 from filter_worker.pipeline.decode import DecodeFailure
 from filter_worker.pipeline.records import InputRecord, Outgoing, OutputRecord
 

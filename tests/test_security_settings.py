@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from filter_worker import redaction
 from filter_worker.config import ConfigError, KafkaSettings, load_settings
 from filter_worker.kafka import clients
 from filter_worker.kafka.client_check import check_clients
+from filter_worker.security import redaction
 from tests.test_cli import cli
 from tests.tls_certs import KEY_PASSWORD, Pki, make_pki
 

@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from filter_worker.config import ConfigError, KafkaSettings
-from filter_worker.health import Health
-from filter_worker.service import CLIENT_ERROR_LOG_INTERVAL_S, ServiceShell
+from filter_worker.monitoring.health import Health
+from filter_worker.service.shell import CLIENT_ERROR_LOG_INTERVAL_S, ServiceShell
 from tests.clock import ManualClock
 
 

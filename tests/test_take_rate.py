@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from filter_worker.config import RoutingSettings
-from filter_worker.metrics import Metrics
 from filter_worker.model.head import Head
 from filter_worker.moderation.drift import DriftMonitor, reference_of
 from filter_worker.moderation.drift_metrics import DriftExporter
 from filter_worker.moderation.stats import two_proportion_z
 from filter_worker.moderation.take_rate import FEWEST_MINUTES, DayCounts, day_z
+from filter_worker.monitoring.metrics import Metrics
 from filter_worker.pipeline.routing import Router
 from tests.clock import ManualClock
 from tests.test_drift import take_rate_alert_numbers

@@ -16,8 +16,8 @@ from filter_worker.cli import bench, broker, calibrate, classify, demo, drift, e
 from filter_worker.config import ConfigError
 from filter_worker.exit_codes import ExitCode, ModelLoadError
 from filter_worker.model.lockfile import LockError
-from filter_worker.redaction import redact
-from filter_worker.signals import Requests, release_reloads
+from filter_worker.security.redaction import redact
+from filter_worker.service.signals import Requests, release_reloads
 from filter_worker.tools.broker import BrokerError
 
 # Commands that serve until stopped: SIGHUP reloads them, so it never ends them, even while they start

@@ -11,7 +11,7 @@ from typing import Any
 
 from filter_worker.cli.common import subcommand
 from filter_worker.config import load_settings
-from filter_worker.config_watcher import ConfigWatcher
+from filter_worker.service.config_watcher import ConfigWatcher
 
 
 def add_parser(commands: Any) -> None:
@@ -26,8 +26,8 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from filter_worker.kafka.client_check import check_clients
     from filter_worker.logs import configure
-    from filter_worker.moderation.feedback import FeedbackService
-    from filter_worker.service import serve
+    from filter_worker.service.feedback import FeedbackService
+    from filter_worker.service.shell import serve
 
     # The baseline is the content the settings are loaded from, as in ``run``.
     watcher = ConfigWatcher(args.config, lambda: service.request_reload()) if args.config else None

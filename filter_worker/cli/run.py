@@ -11,8 +11,8 @@ from typing import Any
 
 from filter_worker.cli.common import model_argument, settings_with_model, subcommand
 from filter_worker.config import load_settings
-from filter_worker.config_watcher import ConfigWatcher
-from filter_worker.signals import Requests, take_reloads, take_stops
+from filter_worker.service.config_watcher import ConfigWatcher
+from filter_worker.service.signals import Requests, take_reloads, take_stops
 
 
 def add_parser(commands: Any) -> None:
@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from filter_worker.model import precision
     from filter_worker.model.classifier import Classifier
     from filter_worker.pipeline.candidate import check_candidate_rules
-    from filter_worker.service import serve
-    from filter_worker.worker import Worker
+    from filter_worker.service.shell import serve
+    from filter_worker.service.worker import Worker
 
     check_clients(settings.kafka)  # before the (slow) model load
     loaded = precision.load(settings.model, settings.routing, settings.batch.max_size)

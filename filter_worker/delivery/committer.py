@@ -24,9 +24,9 @@ from filter_worker.config import KafkaSettings
 from filter_worker.delivery.offsets import OffsetTracker
 from filter_worker.delivery.publisher import RECORD_REFUSALS, Publisher
 from filter_worker.exit_codes import FailureSlot
-from filter_worker.health import Health
 from filter_worker.logs import get_logger
-from filter_worker.metrics import Metrics
+from filter_worker.monitoring.health import Health
+from filter_worker.monitoring.metrics import Metrics
 from filter_worker.pipeline.records import InputRecord, Outgoing
 
 TP = tuple[str, int]

@@ -50,7 +50,7 @@ log = get_logger(__name__)
 
 
 class Finishing(Protocol):
-    """What the lifecycle asks of the stage before delivery (``classify.py``)."""
+    """What the lifecycle asks of the stage before delivery (``service/classify.py``)."""
 
     def finish(
         self,

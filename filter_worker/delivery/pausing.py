@@ -13,7 +13,7 @@ from confluent_kafka import Consumer, TopicPartition
 from filter_worker.delivery.budget import InFlightBudget
 from filter_worker.delivery.committer import TP, Committer
 from filter_worker.logs import get_logger
-from filter_worker.metrics import Metrics
+from filter_worker.monitoring.metrics import Metrics
 
 log = get_logger(__name__)
 

@@ -23,7 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from filter_worker.exit_codes import FailureSlot, FatalError
 from filter_worker.logs import get_logger
-from filter_worker.metrics import Metrics
+from filter_worker.monitoring.metrics import Metrics
 from filter_worker.pipeline.decode import DecodeFailure
 from filter_worker.pipeline.records import Outgoing, dead_letter, fitted_dead_letter, omitted_dead_letter
 

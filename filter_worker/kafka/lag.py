@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from confluent_kafka import Consumer, IsolationLevel, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from filter_worker.metrics import Metrics
+from filter_worker.monitoring.metrics import Metrics
 
 TP = tuple[str, int]
 # How long one ListOffsets request may take; an answer not read by then is given up and asked again.

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from confluent_kafka import KafkaError
 from confluent_kafka.admin import ClusterMetadata
 
-from filter_worker import tls
 from filter_worker.config import KafkaSettings
 from filter_worker.exit_codes import FatalError
 from filter_worker.kafka.diagnosis import KafkaDiagnosis
 from filter_worker.logs import get_logger, librdkafka_logger
+from filter_worker.security import tls
 
 log = get_logger("filter_worker.kafka.startup")
 

@@ -1,1 +1,1 @@
-"""The moderation numbers: reviewers' verdicts, feedback windows and service, drift, statistics."""
+"""The moderation numbers: reviewers' verdicts, feedback windows, drift, statistics, decisions observed."""

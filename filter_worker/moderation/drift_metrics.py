@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from prometheus_client import Gauge
 
-from filter_worker.metrics import Metrics
 from filter_worker.moderation.drift import DriftMonitor
+from filter_worker.monitoring.metrics import Metrics
 from filter_worker.pipeline.routing import Router
 
 

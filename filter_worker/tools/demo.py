@@ -23,8 +23,8 @@ from filter_worker.logs import configure
 from filter_worker.model.classifier import Classifier
 from filter_worker.model.onnx_export import ensure_graph
 from filter_worker.model.samples import sample_messages
+from filter_worker.service.worker import Worker
 from filter_worker.tools.broker import EmbeddedBroker
-from filter_worker.worker import Worker
 
 INPUT_PARTITIONS = 3
 

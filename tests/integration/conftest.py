@@ -9,7 +9,7 @@ import pytest
 from filter_worker.config import ModelSettings, Settings
 from filter_worker.exit_codes import ExitCode
 from filter_worker.model.classifier import Classifier
-from filter_worker.worker import Worker
+from filter_worker.service.worker import Worker
 from tests.integration.worker_thread import worker_thread
 
 

@@ -16,8 +16,8 @@ import pytest
 from confluent_kafka import Consumer, KafkaError
 from structlog.testing import capture_logs
 
-from filter_worker import worker as worker_module
 from filter_worker.exit_codes import ExitCode
+from filter_worker.service import worker as worker_module
 from filter_worker.tools.broker import EmbeddedBroker, free_port
 from tests.integration.classifiers import SlowClassifier
 from tests.integration.committed_log import read_committed_outputs

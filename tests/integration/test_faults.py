@@ -17,8 +17,8 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from filter_worker import worker as worker_module
 from filter_worker.exit_codes import ExitCode
+from filter_worker.service import worker as worker_module
 from filter_worker.tools.broker import EmbeddedBroker, free_port
 from tests.integration.classifiers import FailingClassifier, SlowClassifier
 from tests.integration.faulty_producers import CommitFailsOnce, NonIdempotentProducer

@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 from filter_worker.config import Rule, Settings, load_settings
 from filter_worker.exit_codes import ExitCode
 from filter_worker.kafka import clients
-from filter_worker.moderation.feedback import FeedbackService
+from filter_worker.service.feedback import FeedbackService
 from tests.integration.processes import wait_until
 
 MODEL_A = "acme/keyword@0123456789abcdef0123456789abcdef01234567#sha256:00112233aabbccdd"

@@ -14,7 +14,7 @@ from filter_worker.model.capabilities import Engine
 from filter_worker.model.classifier import Classifier
 from filter_worker.model.precision_cache import Measured, Measurement
 from filter_worker.pipeline.routing import Router
-from filter_worker.worker import Worker
+from filter_worker.service.worker import Worker
 from tests.integration.kafka_helpers import create_topics, produce, read_outputs, worker_settings
 
 

@@ -23,9 +23,9 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from filter_worker import tls
 from filter_worker.config import Settings
 from filter_worker.kafka import clients
+from filter_worker.security import tls
 from filter_worker.tools.broker import EmbeddedBroker, free_port
 from tests.integration.kafka_helpers import (
     create_topics,

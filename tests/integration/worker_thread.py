@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from filter_worker.config import Settings
 from filter_worker.model.classifier import Classifier
-from filter_worker.worker import Worker
+from filter_worker.service.worker import Worker
 
 
 @contextmanager

@@ -24,9 +24,9 @@ from filter_worker.exit_codes import ExitCode
 from filter_worker.kafka import clients
 from filter_worker.model.classifier import Classifier
 from filter_worker.pipeline.inference import INFERENCE_THREAD
+from filter_worker.service.worker import Worker
 from filter_worker.tools.bench.options import BenchOptions
 from filter_worker.tools.broker import EmbeddedBroker
-from filter_worker.worker import Worker
 
 POLL_S = 0.005
 

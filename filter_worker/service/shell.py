@@ -20,14 +20,14 @@ from confluent_kafka.admin import ClusterMetadata
 from prometheus_client import CollectorRegistry
 
 from filter_worker.config import ConfigError, KafkaSettings
-from filter_worker.config_watcher import ConfigWatcher
 from filter_worker.exit_codes import FailureSlot, FatalError
-from filter_worker.health import Health, HealthServer
 from filter_worker.kafka.startup import StartupWatch, embedded_broker_hint
 from filter_worker.logs import RateLimit, get_logger, repeated_line
-from filter_worker.signals import Requests
+from filter_worker.monitoring.health import Health, HealthServer
+from filter_worker.service.config_watcher import ConfigWatcher
+from filter_worker.service.signals import Requests
 
-log = get_logger("filter_worker.service")
+log = get_logger("filter_worker.service.shell")
 
 # While waiting for Kafka at start-up: how long one metadata request may take, and how often to log.
 METADATA_TIMEOUT_S = 2.0

@@ -20,8 +20,8 @@ import numpy as np
 
 from filter_worker.config import MessageSettings
 from filter_worker.logs import get_logger
-from filter_worker.metrics import Metrics
-from filter_worker.observe import Observer
+from filter_worker.moderation.observe import Observer
+from filter_worker.monitoring.metrics import Metrics
 from filter_worker.pipeline.batching import BatchBuffer
 from filter_worker.pipeline.cache import DecisionCache
 from filter_worker.pipeline.candidate import Candidate
@@ -32,7 +32,7 @@ from filter_worker.pipeline.intake import Answered, Pending, Tokenize, take_in
 from filter_worker.pipeline.records import InputRecord, Outgoing
 from filter_worker.pipeline.routing import Decision
 
-log = get_logger("filter_worker.classify")
+log = get_logger("filter_worker.service.classify")
 
 TP = tuple[str, int]
 # Whether a record's partition generation is still the owned one (revoked or rewound records are not).

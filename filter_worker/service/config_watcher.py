@@ -13,7 +13,7 @@ from pathlib import Path
 
 from filter_worker.logs import get_logger
 
-log = get_logger("filter_worker.config_watcher")
+log = get_logger("filter_worker.service.config_watcher")
 
 # How often the --config file is read for changes. Reading a small file every few seconds costs
 # nothing, and the kubelet itself takes up to a minute or so to project a ConfigMap change.

@@ -1,11 +1,11 @@
 """``filter-worker feedback``: reviewers' verdicts become live precision, recall and prevalence.
 
-The verdict format is ``verdicts``'s. Per (scope, rule, action, model) the service keeps the last
+The verdict format is ``moderation/verdicts.py``'s. Per (scope, rule, action, model) the service keeps the last
 ``FILTER_FEEDBACK__WINDOW`` verdicts on quarantine and drop decisions, keyed by source (a repeated or
 revised verdict replaces the earlier one), and exports their share of "abuse" as the rule's precision,
 with its Clopper–Pearson interval: the alerts page on the interval, not on the point estimate. Verdicts
 on randomly drawn records (``FILTER_REVIEW__*``) go, per (scope, model), into a second window that
-gives prevalence and each rule's recall by inverse-probability weighting (``windows``).
+gives prevalence and each rule's recall by inverse-probability weighting (``moderation/windows.py``).
 
 Series mean what they say or go: only configured scopes, named rules and configured models become
 labels; a rule removed or renamed by a reload loses its series; a raised ``min_score`` keeps only the
@@ -31,11 +31,9 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from filter_worker.config import DEFAULT_SCOPE, ConfigError, RoutingSettings, Settings
 from filter_worker.exit_codes import ExitCode, FatalError
-from filter_worker.health import Health
 from filter_worker.kafka import clients
 from filter_worker.kafka.clients import to_input_record
 from filter_worker.logs import get_logger, librdkafka_logger
-from filter_worker.metrics import FeedbackMetrics
 from filter_worker.moderation.sequential import design
 from filter_worker.moderation.verdicts import INVALID_REASONS, MODERATED, VERDICTS, Invalid, Verdict, parse_verdict
 from filter_worker.moderation.windows import (
@@ -47,11 +45,13 @@ from filter_worker.moderation.windows import (
     RuleOrder,
     SampleWindows,
 )
+from filter_worker.monitoring.health import Health
+from filter_worker.monitoring.metrics import FeedbackMetrics
 from filter_worker.pipeline.records import InputRecord
 from filter_worker.pipeline.routing import DEFAULT_RULE, scope_rules
-from filter_worker.service import ServiceShell
+from filter_worker.service.shell import ServiceShell
 
-log = get_logger("filter_worker.moderation.feedback")
+log = get_logger("filter_worker.service.feedback")
 
 _POLL_S = 0.1
 

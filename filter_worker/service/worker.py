@@ -8,7 +8,7 @@ stage decides it (``classify.py``), the gate holds a dead letter while its run m
 the worker (``delivery/gate.py``), the committer publishes it and commits its offset
 (``delivery/committer.py``). What happens to each stage on assign, revoke, lost, stop and close, and in
 which order, is the lifecycle's (``delivery/lifecycle.py``); the HTTP endpoint, waiting for Kafka and
-client errors are the service shell's (``service.py``).
+client errors are the service shell's (``shell.py``).
 
 One thread owns the consumer, the producer's callbacks and every stage, so none of them needs a lock;
 forward passes run on the model's thread. (Closing the consumer runs on a thread of its own, bounded,
@@ -32,7 +32,6 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from filter_worker.classify import Classify
 from filter_worker.config import ConfigError, RoutingSettings, Settings
 from filter_worker.delivery.at_least_once import AtLeastOnce
 from filter_worker.delivery.budget import InFlightBudget
@@ -43,15 +42,15 @@ from filter_worker.delivery.pausing import Pausing
 from filter_worker.delivery.publisher import Publisher
 from filter_worker.delivery.transactional import Transactional
 from filter_worker.exit_codes import ExitCode, FatalError
-from filter_worker.health import Health
 from filter_worker.kafka import clients
 from filter_worker.kafka.lag import LagMeter
 from filter_worker.kafka.topics import prepare_topics
 from filter_worker.logs import get_logger, librdkafka_logger
-from filter_worker.metrics import Metrics
 from filter_worker.model.classifier import Classifier
 from filter_worker.model.precision import Precision
-from filter_worker.observe import Observer
+from filter_worker.moderation.observe import Observer
+from filter_worker.monitoring.health import Health
+from filter_worker.monitoring.metrics import Metrics
 from filter_worker.pipeline.batching import BatchBuffer
 from filter_worker.pipeline.cache import DecisionCache
 from filter_worker.pipeline.candidate import PAIRS, Candidate
@@ -61,9 +60,10 @@ from filter_worker.pipeline.intake import Pending
 from filter_worker.pipeline.records import InputRecord
 from filter_worker.pipeline.routing import Router
 from filter_worker.pipeline.sampling import ReviewSampler
-from filter_worker.service import Requests, ServiceShell
+from filter_worker.service.classify import Classify
+from filter_worker.service.shell import Requests, ServiceShell
 
-log = get_logger("filter_worker.worker")
+log = get_logger("filter_worker.service.worker")
 
 # The longest the loop blocks in one wait: commits, lag, probes and reloads run at least this often.
 _IDLE_POLL_S = 0.1

@@ -15,12 +15,12 @@ import numpy as np
 
 from filter_worker.config import Settings
 from filter_worker.logs import get_logger
-from filter_worker.metrics import Metrics, observe_many
 from filter_worker.moderation.drift import DriftMonitor, expected_noise, load_reference
 from filter_worker.moderation.drift_metrics import DriftExporter
+from filter_worker.monitoring.metrics import Metrics, observe_many
 from filter_worker.pipeline.routing import Decision, Outputs, Router, ScopeMatcher
 
-log = get_logger("filter_worker.observe")
+log = get_logger("filter_worker.moderation.observe")
 
 
 # Score histograms and the drift index take the rows of this many records, or of this long, at once.
