@@ -16,6 +16,12 @@ import numpy as np
 
 T = TypeVar("T")
 
+# What a forward pass on a CPU costs beyond its padded tokens, in tokens: fitted from passes of 1-64
+# rows x 8-256 tokens, it was 48 (torch float32), 94 (torch bfloat16) and 68-102 (OpenVINO bfloat16) on
+# an AMX Xeon; the batches chosen with it were within 5 % of each other for any value from 16 to 272
+# in a simulation of the bench mix (docs/performance.md, "Batches of the oldest record's length").
+CPU_PASS_OVERHEAD_TOKENS = 64.0
+
 
 def plan_batches(
     lengths: Sequence[int], max_size: int, max_tokens: int, min_efficiency: float = 0.5
@@ -46,13 +52,17 @@ def plan_batches(
     return batches
 
 
-def choose_bucket(lengths: Sequence[int], size: int) -> list[int]:
-    """Indices of ``size`` items, contiguous in length order, that include item 0 and waste the least padding.
+def choose_bucket(lengths: Sequence[int], size: int, pass_overhead: float | None = None) -> list[int]:
+    """Indices of at most ``size`` items, contiguous in length order, that include item 0 and cost the least.
 
-    Item 0 is the oldest. Among the windows of ``size`` consecutive items (by length) that contain
-    it, the one with the fewest padded-but-empty tokens (rows x longest row - real tokens) wins;
-    ties go to the shorter lengths (cheaper passes first keeps latency low). In numpy: it runs on
-    every batch taken from a backlog of thousands.
+    Item 0 is the oldest. Without ``pass_overhead``, the batch is ``size`` items and the window with
+    the fewest padded-but-empty tokens (rows x longest row - real tokens) wins. With it (what a pass
+    costs beyond its padded tokens, in tokens), a window of any size up to ``size`` may win: the one
+    whose cost (overhead + rows x longest row) is the smallest multiple of what its rows would cost
+    in sorted full batches (overhead / size + its own length each). An old long message then goes
+    with the few of its length instead of padding thirty short ones to its width, and short ones
+    still fill whole batches, because a small batch pays the overhead for few rows. Ties go to the
+    shorter lengths, then to the larger batch. In numpy: it runs on every batch taken from a backlog.
     """
     widths = np.asarray(lengths, dtype=np.int64)
     order = np.argsort(widths, kind="stable")  # by length, then by age
@@ -60,12 +70,23 @@ def choose_bucket(lengths: Sequence[int], size: int) -> list[int]:
         return [int(i) for i in order]
     position = int(np.flatnonzero(order == 0)[0])
     ordered = widths[order]
-    prefix = np.concatenate(([0], np.cumsum(ordered)))
-    starts = np.arange(max(0, position - size + 1), min(position, len(order) - size) + 1)
-    ends = starts + size
-    waste = size * ordered[ends - 1] - (prefix[ends] - prefix[starts])
-    best = int(starts[int(np.argmin(waste))])  # the first minimum: the shorter lengths
-    return [int(i) for i in order[best : best + size]]
+    if pass_overhead is None:
+        prefix = np.concatenate(([0], np.cumsum(ordered)))
+        starts = np.arange(max(0, position - size + 1), min(position, len(order) - size) + 1)
+        ends = starts + size
+        waste = size * ordered[ends - 1] - (prefix[ends] - prefix[starts])
+        best = int(starts[int(np.argmin(waste))])  # the first minimum: the shorter lengths
+        return [int(i) for i in order[best : best + size]]
+    ideal = np.concatenate(([0.0], np.cumsum(pass_overhead / size + ordered)))
+    best_ratio, best_start, best_rows = np.inf, position, 1
+    for rows in range(size, 0, -1):  # larger batches first: they win ties
+        starts = np.arange(max(0, position - rows + 1), min(position, len(order) - rows) + 1)
+        ends = starts + rows
+        ratios = (pass_overhead + rows * ordered[ends - 1]) / (ideal[ends] - ideal[starts])
+        i = int(np.argmin(ratios))
+        if ratios[i] < best_ratio * (1 - 1e-9):
+            best_ratio, best_start, best_rows = float(ratios[i]), int(starts[i]), rows
+    return [int(i) for i in order[best_start : best_start + best_rows]]
 
 
 def padded_tokens(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
@@ -84,10 +105,20 @@ class BatchBuffer(Generic[T]):
     """Collects items until a batch is due: ``max_size`` items, ``max_tokens`` tokens, or ``max_wait_s``.
 
     The wait is measured from the oldest item, which bounds the latency a quiet stream adds.
+    ``pass_overhead`` (see ``choose_bucket``) lets a batch taken from a backlog be smaller than
+    ``max_size`` where that costs less per record.
     """
 
-    def __init__(self, max_size: int, max_tokens: int, max_wait_s: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        max_size: int,
+        max_tokens: int,
+        max_wait_s: float,
+        clock: Callable[[], float],
+        pass_overhead: float | None = None,
+    ) -> None:
         self._max_size = max_size
+        self._pass_overhead = pass_overhead
         self._max_tokens = max_tokens
         self._max_wait_s = max_wait_s
         self._clock = clock
@@ -129,8 +160,8 @@ class BatchBuffer(Generic[T]):
         """Remove and return up to ``max_size`` items of similar length, always including the oldest.
 
         When more than a batch is buffered (a backlog: the model is the bottleneck), the batch is
-        the run of ``max_size`` items, in length order, around the oldest item that wastes the
-        fewest padded tokens. Without this, batches cut in arrival order mix a dozen-token chat line
+        the run of items, in length order, around the oldest item that costs least
+        (``choose_bucket``). Without this, batches cut in arrival order mix a dozen-token chat line
         with a few-hundred-token message and pay for its padding thirty times over; choosing only
         from the buffer's own length order would let a long message wait forever. Including the
         oldest item bounds every item's wait by the buffer's length in batches.
@@ -138,14 +169,14 @@ class BatchBuffer(Generic[T]):
         The choice is made among everything buffered, which the caller bounds (the worker: 32 batches'
         worth). Choosing among the oldest few batches' worth only left the worker's padding, and so its
         keep-up, well below the whole buffer's at a backlog (docs/performance.md, "Batches chosen from
-        the whole buffer"); the numpy choice over a thousand items takes tens of microseconds of the
+        the whole buffer"); the numpy choice over a thousand items takes well under a millisecond of the
         loop thread, beside passes of tens of milliseconds on the model's.
         """
         size = self._max_size
         items = self._items
         chosen: Sequence[int] = range(len(items))
         if len(items) > size:
-            chosen = sorted(choose_bucket([p.tokens for p in items], size))
+            chosen = sorted(choose_bucket([p.tokens for p in items], size, self._pass_overhead))
         picked = set(chosen)
         taken = [items[i] for i in chosen]
         self._items = [p for i, p in enumerate(items) if i not in picked]
