@@ -427,10 +427,11 @@ class ModelSettings(_Section):
     # Forward passes at once, each on a model thread of its own: the openvino engine compiles this many
     # streams and splits its threads between them (OpenVINO's throughput mode). One pass on every
     # thread waits at each step for the slowest of them, so when the Kafka loop takes a core for a
-    # moment the whole pass waits; streams run on. On 2 vCPUs with AMX two streams moved 1.10x the
-    # records end to end in alternated rounds, at about the same p99 (docs/performance.md). 1: one
-    # pass on all threads.
-    streams: int = Field(1, ge=1, le=64)
+    # moment the whole pass waits; streams run on. On 2 vCPUs with AMX two streams moved 1.14x the
+    # records end to end in alternated rounds, keep-up 0.953 against 0.847 (docs/performance.md).
+    # auto: 2 on the openvino engine where the model has two threads or more, else 1; 1: one pass on
+    # all threads.
+    streams: int | Literal["auto"] = "auto"
     # The check set of FILTER_MODEL__DTYPE=auto: one text per line. Default: the model directory's
     # check-texts.txt, else a built-in multilingual mix.
     precision_check_file: Text | None = None
@@ -464,12 +465,23 @@ class ModelSettings(_Section):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 
+    @field_validator("streams", mode="before")
+    @classmethod
+    def _stream_count(cls, value: Any) -> Any:
+        # One clear message instead of one per member of the union.
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if not text.isdigit() or not 1 <= int(text) <= 64:
+            raise ValueError("must be auto or a whole number from 1 to 64")
+        return int(text)
+
     @model_validator(mode="after")
     def _streams(self) -> ModelSettings:
-        if self.streams > 1 and self.backend != "openvino":
+        if self.streams != "auto" and self.streams > 1 and self.backend != "openvino":
             raise ValueError(
                 f"FILTER_MODEL__STREAMS={self.streams} runs on the openvino engine only: "
-                "set FILTER_MODEL__BACKEND=openvino, or leave FILTER_MODEL__STREAMS at 1"
+                "set FILTER_MODEL__BACKEND=openvino, or FILTER_MODEL__STREAMS to 1 or auto"
             )
         return self
 

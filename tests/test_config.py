@@ -67,7 +67,8 @@ def test_env_overrides_toml_file(tmp_path, monkeypatch):
         ("FILTER_TOPICS__ALLOW", "messages", "must not also be output topics"),
         ("FILTER_SHUTDOWN_TIMEOUT_S", "-1", "FILTER_SHUTDOWN_TIMEOUT_S"),
         ("FILTER_MODEL__VERIFY", "maybe", "FILTER_MODEL__VERIFY (model.verify): must be auto, true or"),
-        ("FILTER_MODEL__STREAMS", "0", "FILTER_MODEL__STREAMS"),
+        ("FILTER_MODEL__STREAMS", "0", "FILTER_MODEL__STREAMS (model.streams): must be auto or a whole number"),
+        ("FILTER_MODEL__STREAMS", "two", "FILTER_MODEL__STREAMS (model.streams): must be auto or a whole number"),
         ("FILTER_MODEL__STREAMS", "2", "FILTER_MODEL__STREAMS=2 runs on the openvino engine only"),
     ],
 )

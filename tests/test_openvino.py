@@ -102,6 +102,20 @@ def test_two_streams_run_two_passes_at_once_and_score_as_one_stream_does(tiny_mo
     assert streams.engine._requests.qsize() == 2  # type: ignore[attr-defined]
 
 
+def test_auto_streams_are_two_where_the_model_has_two_threads_and_a_number_is_kept():
+    assert [openvino_engine.resolve_streams("auto", threads) for threads in (1, 2, 16)] == [1, 2, 2]
+    assert openvino_engine.resolve_streams(3, 4) == 3
+    with pytest.raises(ConfigError, match="FILTER_MODEL__STREAMS=3 is more than the 2 threads"):
+        openvino_engine.resolve_streams(3, 2)
+
+
+def test_by_default_the_openvino_engine_runs_two_streams_and_torch_one(tiny_model, two_threads):
+    assert ModelSettings(name=str(tiny_model)).streams == "auto"
+    openvino = Classifier.load(ModelSettings(name=str(tiny_model), backend="openvino", dtype="float32"))
+    torch_engine = Classifier.load(ModelSettings(name=str(tiny_model), backend="torch", dtype="float32"))
+    assert (openvino.streams, torch_engine.streams) == (2, 1)
+
+
 def test_more_streams_than_threads_is_refused_naming_the_setting(tiny_model):
     with pytest.raises(ConfigError) as refused:
         Classifier.load(ModelSettings(name=str(tiny_model), backend="openvino", dtype="float32", streams=64))

@@ -149,10 +149,11 @@ def pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.nda
     return ids, real.astype(np.int64)
 
 
-def _engine(module: Any, backend: str, dtype: str, device: str, streams: int = 1) -> Engine:
+def _engine(module: Any, backend: str, dtype: str, device: str, streams: int | str = 1) -> Engine:
     """The engine that runs a float32 (or, for torch, already ``dtype``) module at ``dtype``.
 
-    ``streams`` (FILTER_MODEL__STREAMS) is for the openvino engine; the settings refuse it elsewhere.
+    ``streams`` (FILTER_MODEL__STREAMS) is for the openvino engine: the settings refuse more than one
+    elsewhere, and ``auto`` is one stream on every other engine.
     """
     import torch
 
@@ -302,7 +303,7 @@ class Classifier:
         """The head's labels in output order (``FILTER_MODEL__LABELS`` where set), as rules and outputs name them."""
         return list(self.head.labels)
 
-    def at_precision(self, dtype: str, backend: str = "torch", streams: int = 1) -> Classifier:
+    def at_precision(self, dtype: str, backend: str = "torch", streams: int | str = 1) -> Classifier:
         """This torch float32 classifier's weights at ``dtype`` (bfloat16, float16, int8), without reading them again.
 
         What the start-up precision check measures (``model/precision.py``): converting the loaded

@@ -24,6 +24,8 @@ from filter_worker.config import ConfigError
 
 # The precisions the CPU plugin computes in, by OpenVINO's name for each (its INFERENCE_PRECISION_HINT).
 _HINTS = {"float32": "f32", "bfloat16": "bf16"}
+# Streams FILTER_MODEL__STREAMS=auto compiles, where the model has that many threads (resolve_streams).
+AUTO_STREAMS = 2
 _INPUTS = ("input_ids", "attention_mask")
 
 
@@ -78,6 +80,19 @@ def resolve_dtype(requested: str) -> str:
     )
 
 
+def resolve_streams(requested: int | str, threads: int) -> int:
+    """FILTER_MODEL__STREAMS as the engine runs it: ``auto`` is two streams where there are two threads.
+
+    Two streams moved 1.10-1.14x the records of one end to end on 2 vCPUs with AMX, in alternated
+    rounds at 12f99d3 and at 586a259 (docs/performance.md): one pass on both threads stalls whenever
+    the Kafka loop takes a core. More streams than two are not measured here, so auto does not go further.
+    """
+    if requested == "auto":
+        return min(AUTO_STREAMS, threads)
+    check_streams(int(requested), threads)
+    return int(requested)
+
+
 def check_streams(streams: int, threads: int) -> None:
     """Each stream needs a thread of its own; said before anything is loaded or measured."""
     if streams > threads:
@@ -90,18 +105,19 @@ def check_streams(streams: int, threads: int) -> None:
 class OpenVinoEngine:
     """One compiled model and one infer request per stream, returning logits in the config's label order.
 
-    ``threads`` is the intra-op thread count (torch's, so every engine of a worker uses the same cores).
-    With one stream, the latency hint: every thread works on each pass. With ``streams`` > 1, the
-    throughput hint with that many streams sharing the threads: the worker then runs as many passes at
-    once, one per model thread. A request runs one pass at a time, so a pass takes a free one from the
-    pool and gives it back: callers beyond ``streams`` wait, and the requests (each holding buffers for
-    the largest batch it ran) stay ``streams`` whatever threads call.
+    ``threads`` is the intra-op thread count (torch's, so every engine of a worker uses the same cores);
+    ``streams`` is FILTER_MODEL__STREAMS (``resolve_streams``). With one stream, the latency hint: every
+    thread works on each pass. With ``streams`` > 1, the throughput hint with that many streams sharing
+    the threads: the worker then runs as many passes at once, one per model thread. A request runs one
+    pass at a time, so a pass takes a free one from the pool and gives it back: callers beyond
+    ``streams`` wait, and the requests (each holding buffers for the largest batch it ran) stay
+    ``streams`` whatever threads call.
     """
 
-    def __init__(self, module: Any, dtype: str, threads: int, streams: int = 1) -> None:
+    def __init__(self, module: Any, dtype: str, threads: int, streams: int | str = 1) -> None:
         import torch
 
-        check_streams(streams, threads)
+        streams = resolve_streams(streams, threads)
         ov = runtime()
 
         class Logits(torch.nn.Module):  # the model's output object is not a tensor OpenVINO can return

@@ -317,7 +317,7 @@ def load(model: ModelSettings, routing: RoutingSettings, batch_size: int) -> Pre
     An explicit dtype always wins (with a warning when the device only emulates it); an explicit
     backend limits the candidates to its own engines.
     """
-    if model.streams > 1:
+    if model.streams != "auto" and model.streams > 1:
         import torch
 
         openvino_engine.check_streams(model.streams, torch.get_num_threads())  # before any load or measurement
@@ -384,6 +384,7 @@ def load(model: ModelSettings, routing: RoutingSettings, batch_size: int) -> Pre
     log.info(
         "precision chosen",
         engine=engine.name,
+        streams=classifier.streams,
         capabilities=sorted(capabilities),
         float32_records_per_s=round(measurement.reference.records_per_s, 1),
         candidates=choice.summary(),
