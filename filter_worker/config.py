@@ -472,7 +472,7 @@ class ModelSettings(_Section):
         text = str(value).strip().lower()
         if text == "auto":
             return "auto"
-        if not text.isdigit() or not 1 <= int(text) <= 64:
+        if not re.fullmatch(r"[0-9]+", text) or not 1 <= int(text) <= 64:
             raise ValueError("must be auto or a whole number from 1 to 64")
         return int(text)
 

@@ -2,7 +2,14 @@ from __future__ import annotations
 
 import random
 
-from filter_worker.pipeline.batching import BatchBuffer, choose_bucket, padded_tokens, plan_batches
+from filter_worker.pipeline.batching import (
+    CPU_PASS_OVERHEAD_TOKENS,
+    BatchBuffer,
+    choose_bucket,
+    padded_tokens,
+    pass_overhead,
+    plan_batches,
+)
 from tests.clock import ManualClock
 
 
@@ -131,9 +138,10 @@ def test_take_chooses_the_batch_around_the_oldest_from_the_whole_buffer():
 
 
 def test_with_a_pass_overhead_an_old_long_message_goes_with_the_few_of_its_length():
-    lengths = [200] + [10] * 40 + [190, 210]
-    assert sorted(choose_bucket(lengths, 32)) == [0, *range(11, 41), 41]  # 30 short rows padded to 200
-    assert sorted(choose_bucket(lengths, 32, pass_overhead=64.0)) == [0, 41, 42]
+    lengths = [200] + [10] * 40 + [190, 205, 210]
+    whole = choose_bucket(lengths, 32)
+    assert len(whole) == 32 and sum(lengths[i] == 10 for i in whole) == 28  # 28 short rows padded to 200+
+    assert sorted(choose_bucket(lengths, 32, pass_overhead=64.0)) == [0, 41, 42, 43]
 
 
 def test_with_a_pass_overhead_short_messages_still_fill_whole_batches():
@@ -165,3 +173,17 @@ def test_a_pass_overhead_lowers_the_cost_of_a_backlog_and_keeps_every_wait_bound
     assert variable < 0.9 * fixed
     assert sorted(taken_in) == list(range(1024))
     assert all(taken_in[i] <= i for i in range(1024)), "the oldest item is always in the next batch"
+
+
+def test_with_a_pass_overhead_a_batch_of_one_is_the_oldest_and_a_buffer_of_one_batch_goes_whole():
+    assert choose_bucket([50, 10, 60], 1, pass_overhead=64.0) == [0]
+    clock = ManualClock()
+    buf: BatchBuffer[str] = BatchBuffer(max_size=3, max_tokens=10**6, max_wait_s=1.0, clock=clock, pass_overhead=64.0)
+    for name, tokens in [("long", 300), ("s1", 10), ("s2", 10)]:
+        buf.add(name, tokens)
+    assert buf.take() == ["long", "s1", "s2"]  # exactly a batch: nothing to choose between
+
+
+def test_smaller_batches_are_for_cpus_only():
+    assert pass_overhead("cpu") == CPU_PASS_OVERHEAD_TOKENS
+    assert pass_overhead("cuda") is None and pass_overhead("cuda:1") is None

@@ -317,10 +317,11 @@ def load(model: ModelSettings, routing: RoutingSettings, batch_size: int) -> Pre
     An explicit dtype always wins (with a warning when the device only emulates it); an explicit
     backend limits the candidates to its own engines.
     """
-    if model.streams != "auto" and model.streams > 1:
-        import torch
+    import torch
 
-        openvino_engine.check_streams(model.streams, torch.get_num_threads())  # before any load or measurement
+    # Too many streams is refused before any load or measurement; the number is also the cache key's:
+    # auto and the number it stands for measure the same.
+    streams = openvino_engine.resolve_streams(model.streams, torch.get_num_threads())
     if model.dtype != "auto":
         classifier = Classifier.load(model)
         warning = emulation_warning(classifier.dtype, classifier.device, device_capabilities(classifier.device))
@@ -358,12 +359,12 @@ def load(model: ModelSettings, routing: RoutingSettings, batch_size: int) -> Pre
         candidates,
         texts,
         batch_size,
-        model.streams,
+        streams,
     )
 
     def load_engine(engine: Engine) -> Classifier:
         if engine.backend in ("torch", "openvino"):  # no second read of the weights
-            return reference.at_precision(engine.dtype, engine.backend, model.streams)
+            return reference.at_precision(engine.dtype, engine.backend, streams)
         return Classifier.load(model.model_copy(update={"backend": engine.backend, "dtype": engine.dtype}))
 
     measurement = read_cached(model, key)

@@ -94,7 +94,7 @@ def cache_key(
     candidates: Sequence[Engine],
     texts: Sequence[str],
     batch_size: int,
-    streams: int | str = 1,
+    streams: int = 1,
 ) -> str:
     """What decides a measurement: the CPU (or GPU), the weights and the function that makes their scores
     (FILTER_MODEL__SCORE_FUNCTION can change it), the candidates and their streams, the check set, the

@@ -51,7 +51,7 @@ from filter_worker.model.precision import Precision
 from filter_worker.moderation.observe import Observer
 from filter_worker.monitoring.health import Health
 from filter_worker.monitoring.metrics import Metrics
-from filter_worker.pipeline.batching import CPU_PASS_OVERHEAD_TOKENS, BatchBuffer
+from filter_worker.pipeline.batching import BatchBuffer, pass_overhead
 from filter_worker.pipeline.cache import DecisionCache
 from filter_worker.pipeline.candidate import PAIRS, Candidate
 from filter_worker.pipeline.decide import Decider
@@ -281,9 +281,7 @@ class Worker:
                 batch.max_tokens,
                 batch.max_wait_ms / 1000,
                 self._clock,
-                # Smaller batches where they cost less per record: measured on CPUs only. On a GPU a
-                # pass of a few thousand tokens costs mostly its launch, so batches stay whole there.
-                pass_overhead=CPU_PASS_OVERHEAD_TOKENS if self._classifier.device == "cpu" else None,
+                pass_overhead=pass_overhead(self._classifier.device),
             ),
             inference=inference,
             tokenize=self._classifier.tokenize,
