@@ -303,7 +303,7 @@ class Classifier:
         """The head's labels in output order (``FILTER_MODEL__LABELS`` where set), as rules and outputs name them."""
         return list(self.head.labels)
 
-    def at_precision(self, dtype: str, backend: str = "torch", streams: int | str = 1) -> Classifier:
+    def at_precision(self, dtype: str, backend: str = "torch", streams: int = 1) -> Classifier:
         """This torch float32 classifier's weights at ``dtype`` (bfloat16, float16, int8), without reading them again.
 
         What the start-up precision check measures (``model/precision.py``): converting the loaded

@@ -16,10 +16,10 @@ import numpy as np
 
 T = TypeVar("T")
 
-# What a forward pass on a CPU costs beyond its padded tokens, in tokens: fitted from passes of 1-64
-# rows x 8-256 tokens, it was 48 (torch float32), 94 (torch bfloat16) and 68-102 (OpenVINO bfloat16) on
-# an AMX Xeon; the batches chosen with it were within 5 % of each other for any value from 16 to 272
-# in a simulation of the bench mix (docs/performance.md, "Batches of the oldest record's length").
+# What a forward pass on a CPU costs beyond its padded tokens, in tokens: fitted from passes of up to
+# 64 rows x 256 tokens, it was 48 (torch float32), 94 (torch bfloat16) and 68-102 (OpenVINO bfloat16)
+# on an AMX Xeon; the batches chosen with it cost within 4 % of each other for any value from 16 to
+# 272 in a simulation of the bench mix (docs/performance.md, "Batches of the oldest record's length").
 CPU_PASS_OVERHEAD_TOKENS = 64.0
 
 
